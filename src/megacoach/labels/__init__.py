@@ -1,0 +1,1 @@
+"""The durable label store (SQLAlchemy), label import/export, and mock labelers."""

@@ -1,0 +1,247 @@
+"""The label store's tables (SQLAlchemy 2 typed declarative models).
+
+These ORM classes stay inside `megacoach.labels` (store.py, io.py, and the web app's
+assignment module); everything else gets plain dataclass records from `LabelStore`.
+
+Tables
+- ``queries``      prompts shown to the Apprentice (policy): text and token ids.
+- ``samples``      one continuation of a query, with its provenance (policy checkpoint, iteration,
+                   seed, run id).
+- ``items``        one thing to label: a query and K >= 2 samples in a canonical order.
+- ``comparisons``  the labels: which canonical sample a human evaluator (or a mock labeler) chose,
+                   in which shown order, under which guideline version. Unique (item, labeler).
+- ``skips``        an item a labeler skipped, with the reason.
+- ``labelers``     people and programs; role admin | labeler | program.
+- ``guidelines``   versioned labeling instructions (markdown).
+- ``audit_log``    append-only log of who did what.
+- ``andon_pulls``  the Andon cord: a labeler flags that training produces bad output.
+- ``run_status``   written by the trainer, read by the app: running | paused | halted | finished.
+- ``alembic_version`` (Alembic's own) holds the schema version.
+
+Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
+too-fast flag, confidence, Andon cord and run status). Another module may add its own tables to
+``Base.metadata`` and append an Alembic revision whose ``down_revision`` is the current head; the
+store always migrates to head.
+
+Times are stored as naive UTC in the database and returned as timezone-aware UTC datetimes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    false,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+SPLITS = ("train", "valid")
+LABELER_KINDS = ("person", "program")
+ROLES = ("admin", "labeler", "program")
+RUN_STATUSES = ("running", "paused", "halted", "finished")
+
+# Deterministic constraint names, so migrations (and SQLite batch mode) can refer to them.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    """The current time, timezone-aware UTC."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores naive UTC; returns aware UTC (same behaviour on SQLite and PostgreSQL)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: Optional[dt.datetime], dialect: Any) -> Optional[dt.datetime]:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("UTCDateTime needs a timezone-aware datetime")
+        return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+    def process_result_value(self, value: Optional[dt.datetime], dialect: Any) -> Optional[dt.datetime]:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class QueryRow(Base):
+    __tablename__ = "queries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[int]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SampleRow(Base):
+    __tablename__ = "samples"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), index=True)
+    text: Mapped[str] = mapped_column(Text)
+    token_ids: Mapped[list[int]] = mapped_column(JSON)
+    policy: Mapped[str] = mapped_column(String(500), default="")  # checkpoint path or name
+    iteration: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    seed: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    run_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ItemRow(Base):
+    """One thing to label: a query and K samples (``sample_ids`` in canonical order)."""
+
+    __tablename__ = "items"
+    __table_args__ = (
+        CheckConstraint("k >= 2", name="k_at_least_2"),
+        CheckConstraint(_in("split", SPLITS), name="split"),
+        CheckConstraint("overlap >= 1", name="overlap_positive"),
+        Index("ix_items_batch_split", "batch", "split"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    query_id: Mapped[int] = mapped_column(ForeignKey("queries.id"), index=True)
+    k: Mapped[int] = mapped_column(Integer)
+    sample_ids: Mapped[list[int]] = mapped_column(JSON)
+    batch: Mapped[str] = mapped_column(String(200), default="")
+    split: Mapped[str] = mapped_column(String(10), default="train")
+    source: Mapped[str] = mapped_column(String(50), default="offline")  # offline|online|import|canary|...
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    gold_choice: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    is_calibration: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # rev 0002
+    overlap: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # rev 0002
+    run_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LabelerRow(Base):
+    __tablename__ = "labelers"
+    __table_args__ = (
+        CheckConstraint(_in("kind", LABELER_KINDS), name="kind"),
+        CheckConstraint(_in("role", ROLES), name="role"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    role: Mapped[str] = mapped_column(String(10))
+    password_hash: Mapped[Optional[str]] = mapped_column(String(500), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ComparisonRow(Base):
+    """A label: ``chosen`` is a canonical index 0..K-1; ``shown_order[p]`` is the canonical index
+    shown at position p. ``split`` is copied from the item. One label per (item, labeler)."""
+
+    __tablename__ = "comparisons"
+    __table_args__ = (
+        UniqueConstraint("item_id", "labeler_id", name="uq_comparisons_item_labeler"),
+        CheckConstraint("chosen >= 0", name="chosen_nonnegative"),
+        CheckConstraint(_in("labeler_kind", LABELER_KINDS), name="labeler_kind"),
+        CheckConstraint(_in("split", SPLITS), name="split"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    chosen: Mapped[int] = mapped_column(Integer)
+    shown_order: Mapped[list[int]] = mapped_column(JSON)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    labeler_kind: Mapped[str] = mapped_column(String(10))
+    guideline_version: Mapped[str] = mapped_column(String(100), default="")
+    time_taken_s: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
+    too_fast: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # rev 0002
+    confidence: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # rev 0002, e.g. 1..5
+    split: Mapped[str] = mapped_column(String(10))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class SkipRow(Base):
+    __tablename__ = "skips"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class GuidelineRow(Base):
+    __tablename__ = "guidelines"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[str] = mapped_column(String(100), unique=True)
+    markdown: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(200), default="")
+
+
+class AuditRow(Base):
+    """Append-only: the store offers append and read, never update or delete."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class AndonPullRow(Base):
+    """Revision 0002. Any labeler may pull the Andon cord on a run (or on all runs: run_id NULL)."""
+
+    __tablename__ = "andon_pulls"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True, index=True)
+    labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
+    reason: Mapped[str] = mapped_column(Text, default="")
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RunStatusRow(Base):
+    """Revision 0002. One row per training run; written by the trainer, read by the app."""
+
+    __tablename__ = "run_status"
+    __table_args__ = (CheckConstraint(_in("status", RUN_STATUSES), name="status"),)
+
+    run_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    status: Mapped[str] = mapped_column(String(10))
+    iteration: Mapped[int] = mapped_column(Integer, default=0)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # e.g. guard alarms
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
