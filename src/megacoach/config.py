@@ -1,0 +1,284 @@
+"""Typed, validated configuration for every megacoach run.
+
+Every field has a documented default. Where megacoach's built-in default differs from the paper
+(Ziegler et al. 2019, ORIG = openai/lm-human-preferences), the field's description gives the paper's value,
+and the preset `paper-sentiment` restores it (`--preset paper-sentiment`).
+
+Load from YAML or TOML (`--config run.yaml`); override any field from the CLI with a dotted path
+(`--set ppo.learning_rate=3e-5`) or the dedicated flags; the resolved config is saved beside every run's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from megacoach.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The base model: the Apprentice starts as an exact copy; the Values Coach and the Coherence Coach's
+    reference are made from it too."""
+
+    name_or_path: str = Field("builtin", description="'builtin' (the shipped Shakespeare GPT-2), a local "
+                              "Hugging Face model folder, or a hub name such as 'gpt2' where a hub is reachable.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype. float32: on CPUs without AVX-512 bf16 matmul is ~100x slower.")
+
+
+class TaskConfig(_Section):
+    """Query/response settings: the paper's book-style (sentiment, descriptiveness) task."""
+
+    query_source: str = Field("builtin", description="'builtin' (excerpts of the held-in Shakespeare plays), a "
+                              ".txt file (one query per line), a .jsonl file (field 'text'), or 'hf:NAME[:SPLIT[:FIELD]]'.")
+    query_length: int = Field(64, ge=1, description="Query tokens (left-padded with the pad token). Paper: 64.")
+    query_min_tokens: int = Field(24, ge=1, description="Built-in excerpts are at least this many tokens.")
+    response_length: int = Field(24, ge=1, description="Sampled response tokens; always exactly this many. Paper: 24.")
+    temperature: float = Field(0.7, gt=0, description="Logits are divided by this before sampling. Paper: 0.7.")
+    truncate_token: str | None = Field(".", description="Text is cut after the first occurrence of this token "
+                                       "(kept), after `truncate_after`. None: no truncation. Paper: '.'.")
+    truncate_after: int = Field(16, ge=0, description="The truncate token counts only at response positions >= this. "
+                                "Paper: 16.")
+    penalty_reward: float = Field(-1.0, description="Score given instead of the Values Coach's to a response "
+                                  "without the truncate token (invalid). Paper: -1.")
+
+
+class LabelsConfig(_Section):
+    """Human evaluators and mock labelers, and the durable label store."""
+
+    db: str | None = Field(None, description="SQLAlchemy URL of the label store. None: sqlite file labels.db in the "
+                           "run folder.")
+    labeler: str = Field("vader", description="Mock labeler standing in for people: 'vader', 'vader:invert', "
+                         "'vader:noise=0.7', or 'package.module:callable'.")
+    num_comparisons: int = Field(2000, ge=0, description="Comparisons collected from the initial policy before "
+                                 "the Values Coach is trained (offline variant). Paper: ~5,000.")
+    k: int = Field(4, ge=2, description="Continuations per comparison (best of K). Paper: 4.")
+    valid_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons held out for validation.")
+    guideline_version: str = Field("v1", description="Guideline version stored with every label.")
+
+
+class RewardConfig(_Section):
+    """The Values Coach: base LM + scalar head, trained on best-of-K comparisons."""
+
+    learning_rate: float = Field(5e-5, gt=0, description="Adam learning rate, decayed linearly to 0. Paper: 5e-5.")
+    batch_size: int = Field(32, ge=1, description="Comparisons per step. Paper: 32.")
+    epochs: int = Field(1, ge=1, description="Passes over the labels. Paper: exactly 1.")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon. Paper: 1e-5.")
+    normalize_samples: int = Field(256, ge=16, description="Initial-policy samples used to set gain and bias so "
+                                   "rewards have mean 0, std 1 (before and after training).")
+    path: str | None = Field(None, description="Use an already trained Values Coach from this folder instead of "
+                             "training one.")
+
+
+class KLConfig(_Section):
+    """The Coherence Coach: the KL penalty to the frozen original model."""
+
+    adaptive: bool = Field(True, description="Adaptive (style tasks) or fixed coefficient. Paper style: adaptive.")
+    init_kl_coef: float = Field(0.15, ge=0, description="beta at start (the fixed value if not adaptive). Paper: 0.15.")
+    target: float = Field(6.0, description="Adaptive target KL in nats per response. Paper: 6.")
+    horizon: int = Field(1000, description="Adaptive horizon in episodes. Paper: 10,000 — with runs this short beta "
+                         "would hardly move, so the built-in default is 1,000.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.adaptive and self.target <= 0:
+            raise ValueError("kl.target must be > 0 for the adaptive controller")
+        if self.adaptive and self.horizon <= 0:
+            raise ValueError("kl.horizon must be > 0 for the adaptive controller")
+        return self
+
+
+class PPOConfig(_Section):
+    """The Apprentice's training by PPO, as ORIG/DET do it."""
+
+    total_episodes: int = Field(3072, ge=1, description="Episodes (query+response) to train on. Paper: 1M.")
+    batch_size: int = Field(64, ge=1, description="Episodes per rollout batch. Paper: 512.")
+    mini_batch_size: int = Field(16, ge=1, description="Episodes per optimiser step. Paper: 512 (1 minibatch).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per minibatch step.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch. Paper: 4.")
+    learning_rate: float = Field(3e-5, gt=0, description="Decays linearly to 0 over the run. Paper: 1e-5.")
+    lr_decay: bool = Field(True, description="Linear learning-rate decay to 0. Paper: yes.")
+    optimizer: Literal["adam", "tf_adam"] = Field("adam", description="'tf_adam' = TF1-style Adam (DET) whose "
+                                                  "epsilon is not bias-corrected.")
+    adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon. DET: 1e-5.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. Paper: 0.2.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip. Paper: 0.2.")
+    vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient. Paper: 0.1.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount. Paper: 1.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda. Paper: 0.95.")
+    whiten_rewards: bool = Field(True, description="Scale rewards per minibatch (mean kept). Paper: yes.")
+    separate_value_model: bool = Field(False, description="False: value head on the policy's trunk (ORIG). "
+                                       "True: a separate value network.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.batch_size % self.mini_batch_size:
+            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.mini_batch_size "
+                             f"({self.mini_batch_size})")
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
+                             f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        return self
+
+
+class GuardsConfig(_Section):
+    """Guards against the section 4.4 incident. See megacoach/guards/ for each check."""
+
+    enabled: bool = Field(True, description="Run preflight and live monitors.")
+    confidence: float = Field(0.99, gt=0.5, lt=1, description="Preflight confidence that the full reward ranks "
+                              "labeled preferences better than chance.")
+    kl_budget: float = Field(25.0, gt=0, description="Halt when KL to the original model exceeds this (nats).")
+    divergence_window: int = Field(4, ge=2, description="Iterations over which score-up/labeler-down is checked.")
+    fresh_labels_per_iteration: int = Field(8, ge=0, description="Current-policy comparisons labeled each iteration "
+                                            "to watch the Values Coach against the labelers.")
+    agreement_floor: float = Field(0.3, ge=0, le=1, description="Halt when Values Coach agreement with fresh labels "
+                                   "(running) falls below this (chance = 1/K).")
+    winrate_floor: float = Field(0.35, ge=0, le=1, description="Halt when labelers prefer current over initial samples "
+                                 "less often than this (running).")
+    min_evidence: int = Field(24, ge=1, description="Fresh judgements needed before a labeler-based monitor may halt.")
+
+
+class RunConfig(_Section):
+    """Where and how: seeds, threads, logging, checkpoints."""
+
+    out: str = Field("runs/latest", description="Run folder: config, metrics, checkpoints, report.")
+    seed: int = Field(1, description="Seed for torch, numpy and python.")
+    threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    checkpoint_every: int = Field(10, ge=1, description="Iterations between checkpoints (and at the end).")
+    sample_table_every: int = Field(5, ge=1, description="Iterations between logged sample tables.")
+    eval_queries: int = Field(200, ge=1, description="Held-out queries for the before/after comparison.")
+    wandb: bool = Field(False, description="Also log to Weights & Biases (if installed).")
+    max_iterations: int | None = Field(None, ge=1, description="Stop after this many PPO iterations (for tests).")
+
+
+class Config(_Section):
+    """A whole megacoach run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    ppo: PPOConfig = Field(default_factory=PPOConfig)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's book-style sentiment task exactly (ORIG / DET launch settings).
+    "paper-sentiment": {
+        "task": {"query_length": 64, "response_length": 24, "temperature": 0.7, "truncate_token": ".",
+                 "truncate_after": 16, "penalty_reward": -1.0},
+        "labels": {"num_comparisons": 5000, "k": 4},
+        "reward": {"learning_rate": 5e-5, "batch_size": 32, "epochs": 1},
+        "kl": {"adaptive": True, "init_kl_coef": 0.15, "target": 6.0, "horizon": 10000},
+        "ppo": {"total_episodes": 1_000_000, "batch_size": 512, "mini_batch_size": 512, "ppo_epochs": 4,
+                "learning_rate": 1e-5, "optimizer": "tf_adam"},
+    },
+    # A tiny run for tests and smoke checks.
+    "tiny": {
+        "task": {"query_length": 8, "response_length": 6, "truncate_after": 2, "query_min_tokens": 4},
+        "labels": {"num_comparisons": 16},
+        "reward": {"batch_size": 4, "normalize_samples": 16},
+        "ppo": {"total_episodes": 16, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1},
+        "run": {"eval_queries": 4, "checkpoint_every": 1},
+        "guards": {"fresh_labels_per_iteration": 2, "min_evidence": 4},
+    },
+}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; `megacoach config show` lists every field)"
+        elif "input" in e and e["type"] != "value_error":
+            msg += f" (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return "invalid config: " + "; ".join(parts)
+
+
+def build_config(data: dict | None = None) -> Config:
+    try:
+        return Config.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def read_config_file(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (expected a .yaml, .yml or .toml file)")
+    try:
+        text = p.read_text("utf-8")
+        if p.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"config file {p}: unknown extension {p.suffix!r} (expected .yaml, .yml or .toml)")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {p} cannot be parsed: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of sections at the top level")
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """'ppo.learning_rate=3e-5' -> {'ppo': {'learning_rate': 3e-5}} (values parsed as YAML scalars)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. ppo.learning_rate=3e-5")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    return {parts[0]: {parts[1]: value}}
+
+
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[dict] | None = None) -> Config:
+    """Defaults <- preset <- config file <- overrides (CLI flags), validated once at the end."""
+    data: dict = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r} (expected one of: {', '.join(PRESETS)})")
+        data = _deep_merge(data, PRESETS[preset])
+    if path:
+        data = _deep_merge(data, read_config_file(path))
+    for o in overrides or []:
+        data = _deep_merge(data, o)
+    return build_config(data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False))
+
+
+def describe_fields(config_cls: type[BaseModel] = Config) -> list[tuple[str, str, str]]:
+    """(dotted name, default, description) for every field: used by `megacoach config show` and the docs."""
+    rows = []
+    for sec_name, sec_field in config_cls.model_fields.items():
+        sec_cls = sec_field.default_factory().__class__
+        for name, f in sec_cls.model_fields.items():
+            rows.append((f"{sec_name}.{name}", repr(f.default), f.description or ""))
+    return rows

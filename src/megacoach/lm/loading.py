@@ -1,0 +1,72 @@
+"""Loading any causal LM + tokenizer with one code path: the built-in model, a local folder, or a hub name.
+
+`from_pretrained(name_or_path)` is the only loader; 'builtin' resolves to the folder shipped in the package.
+The pad token is a dedicated token (never EOS): if a tokenizer has none, `<|pad|>` is added and the
+embeddings are resized (the new row is never sampled: sampling masks it out).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from megacoach.errors import ConfigError, DataError
+
+PAD_TOKEN = "<|pad|>"
+
+
+def builtin_model_path() -> Path:
+    return Path(str(resources.files("megacoach") / "lm" / "builtin_model"))
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == "builtin":
+        p = builtin_model_path()
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: the built-in model is missing at {p}; rebuild it with "
+                              "`megacoach pretrain --out src/megacoach/lm/builtin_model`")
+        return str(p)
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and Path(name_or_path).exists()
+    if looks_local and not Path(name_or_path).expanduser().is_dir():
+        raise ConfigError(f"model.name_or_path: no model folder at {name_or_path!r} (expected a Hugging Face "
+                          "model folder with config.json, 'builtin', or a hub name)")
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many types for a corrupt or missing tokenizer
+        raise DataError(f"tokenizer at {name_or_path!r} cannot be loaded: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]} (expected tokenizer.json / tokenizer_config.json)") from None
+    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    tok.padding_side = "left"
+    return tok
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None):
+    """(model, tokenizer). The model is in eval mode, dropout disabled (the paper uses none)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    tok = tokenizer or load_tokenizer(name_or_path)
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout"):
+            if hasattr(cfg, attr):
+                setattr(cfg, attr, 0.0)
+        model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:
+        raise DataError(f"model at {name_or_path!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok

@@ -1,0 +1,146 @@
+"""The task: where queries come from, and the truncation / validity rules applied to responses.
+
+Rules, as the paper's reference code does them (see TaskConfig for the defaults):
+- A response is sampled for exactly `response_length` tokens.
+- Truncation: the first token at response position >= `truncate_after` whose text contains `truncate_token`
+  is kept, and everything after it is replaced by the pad token. The Values Coach scores the truncated text.
+- Validity: a response that contains no such token is invalid and gets `penalty_reward` instead of a score.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megacoach.config import TaskConfig
+from megacoach.errors import ConfigError, DataError
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+# ----------------------------------------------------------------------------------------------- queries
+@dataclass(frozen=True)
+class Query:
+    text: str
+    token_ids: list[int]
+
+
+def _builtin_texts(split: str) -> list[str]:
+    from megacoach.lm.corpus import split_plays
+
+    train, held = split_plays()
+    plays = train if split == "train" else held
+    return [s for p in plays for s in p.speeches]
+
+
+def builtin_excerpts(tokenizer, split: str, n: int, min_tokens: int, max_tokens: int, seed: int) -> list[Query]:
+    """Excerpts of Shakespeare speeches that start and end at sentence boundaries (like the paper's book
+    passages), each between `min_tokens` and `max_tokens` tokens. split: 'train' (held-in plays) or 'eval'
+    (held-out plays, never seen in pretraining)."""
+    rng = random.Random(seed)
+    speeches = _builtin_texts(split)
+    out: list[Query] = []
+    seen: set[str] = set()
+    tries = 0
+    while len(out) < n and tries < n * 50:
+        tries += 1
+        sentences = [s for s in _SENTENCE_END.split(rng.choice(speeches)) if s]
+        start = rng.randrange(len(sentences))
+        text = ""
+        for s in sentences[start:]:
+            cand = (text + " " + s).strip() if text else s
+            if len(tokenizer(cand)["input_ids"]) > max_tokens:
+                break
+            text = cand
+        ids = tokenizer(text)["input_ids"] if text else []
+        if len(ids) >= min_tokens and text not in seen:
+            seen.add(text)
+            out.append(Query(text, ids))
+    if len(out) < n:
+        raise DataError(f"the built-in corpus gave only {len(out)} of {n} excerpts of {min_tokens}-{max_tokens} "
+                        "tokens; lower task.query_min_tokens or raise task.query_length")
+    return out
+
+
+def _file_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ConfigError(f"task.query_source: no such file {str(path)!r} (expected a .txt or .jsonl file)")
+    lines = path.read_text("utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{i}: not valid JSON ({err.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise DataError(f"{path}:{i}: expected an object with a string field 'text'")
+            texts.append(rec["text"])
+    else:
+        texts = [ln for ln in lines if ln.strip()]
+    if not texts:
+        raise DataError(f"task.query_source: {path} contains no queries (expected one per line)")
+    return texts
+
+
+def _hf_texts(spec: str) -> list[str]:
+    from datasets import load_dataset
+
+    parts = spec.split(":")  # hf:NAME[:SPLIT[:FIELD]]
+    name, split, field = parts[1], (parts[2] if len(parts) > 2 else "train"), (parts[3] if len(parts) > 3 else "text")
+    try:
+        ds = load_dataset(name, split=split)
+    except Exception as err:
+        raise DataError(f"task.query_source: dataset {name!r} cannot be loaded: {str(err).splitlines()[0][:200]}") from None
+    if field not in ds.column_names:
+        raise DataError(f"task.query_source: dataset {name!r} has no field {field!r} (has {ds.column_names})")
+    return [t for t in ds[field] if isinstance(t, str) and t.strip()]
+
+
+def load_queries(task: TaskConfig, tokenizer, split: str, n: int, seed: int) -> list[Query]:
+    """`n` queries for `split` ('train' or 'eval'), tokenised and cut to the last `query_length` tokens."""
+    src = task.query_source
+    if src == "builtin":
+        return builtin_excerpts(tokenizer, split, n, task.query_min_tokens, task.query_length,
+                                seed + (0 if split == "train" else 7919))
+    texts = _hf_texts(src) if src.startswith("hf:") else _file_texts(Path(src))
+    rng = random.Random(seed + (0 if split == "train" else 7919))
+    # files have no natural split: the last 10% (at least one) is the eval split
+    n_eval = max(1, len(texts) // 10) if len(texts) > 1 else 0
+    pool = texts[-n_eval:] if split == "eval" and n_eval else texts[: len(texts) - n_eval] or texts
+    chosen = [pool[rng.randrange(len(pool))] for _ in range(n)] if len(pool) < n else rng.sample(pool, n)
+    return [Query(t, tokenizer(t)["input_ids"][-task.query_length:]) for t in chosen]
+
+
+# ------------------------------------------------------------------------------------- truncation rules
+def stop_token_ids(tokenizer, truncate_token: str | None) -> torch.Tensor:
+    """Ids of every vocabulary token whose text contains the truncate token (BPE may merge '.' with others)."""
+    if truncate_token is None:
+        return torch.zeros(0, dtype=torch.long)
+    ids = [i for i in range(len(tokenizer)) if truncate_token in tokenizer.decode([i])]
+    if not ids:
+        raise ConfigError(f"task.truncate_token {truncate_token!r} occurs in no token of the tokenizer")
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def truncate_responses(responses: torch.Tensor, stop_ids: torch.Tensor, truncate_after: int,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(truncated [B,T], valid [B] bool). Keeps the first stop token at position >= truncate_after, pads after it.
+
+    With no truncate token (empty stop_ids) every response is valid and kept whole."""
+    B, T = responses.shape
+    if stop_ids.numel() == 0:
+        return responses.clone(), torch.ones(B, dtype=torch.bool)
+    is_stop = torch.isin(responses, stop_ids)
+    is_stop[:, :truncate_after] = False
+    valid = is_stop.any(dim=1)
+    first = torch.where(valid, is_stop.float().argmax(dim=1), torch.full((B,), T - 1))
+    keep = torch.arange(T).unsqueeze(0) <= first.unsqueeze(1)
+    return torch.where(keep, responses, torch.full_like(responses, pad_id)), valid
