@@ -1,0 +1,85 @@
+"""Sampling continuations with the task's settings: K responses per query, truncated and flagged valid/invalid.
+
+Used by `megacoach sample`, by the mock labelers' data collection (`label auto`) and by reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megacoach.config import Config, TaskConfig
+from megacoach.lm.padding import left_pad
+from megacoach.sampling import HFGenerator, ResponseGenerator, sample_in_batches
+from megacoach.tasks import Query, stop_token_ids, truncate_responses
+
+
+@dataclass
+class Continuation:
+    query: Query
+    response_ids: list[int]  # truncated, without padding
+    text: str  # decoded truncated response
+    valid: bool  # contains the truncate token after the minimum position
+    sampled_ids: list[int]  # exactly response_length sampled tokens
+
+
+class TaskSampler:
+    """Queries -> truncated continuations, with one generator, one tokenizer and the task's rules."""
+
+    def __init__(self, generator: ResponseGenerator, tokenizer, task: TaskConfig):
+        self.gen, self.tok, self.task = generator, tokenizer, task
+        self.stop_ids = stop_token_ids(tokenizer, task.truncate_token)
+
+    def query_tensor(self, queries: list[Query]) -> torch.Tensor:
+        return left_pad([q.token_ids for q in queries], self.tok.pad_token_id, self.task.query_length)
+
+    def continuations(self, queries: list[Query], k: int, generator: torch.Generator | None,
+                      batch_size: int = 64) -> list[list[Continuation]]:
+        """k continuations of each query (queries repeated k times in one batch of sampling)."""
+        rep = [q for q in queries for _ in range(k)]
+        q_ids = self.query_tensor(rep)
+        roll = sample_in_batches(self.gen, q_ids, self.task.response_length, self.task.temperature, generator,
+                                 batch_size)
+        truncated, valid = truncate_responses(roll.responses, self.stop_ids, self.task.truncate_after,
+                                              self.tok.pad_token_id)
+        out: list[list[Continuation]] = []
+        for i, q in enumerate(queries):
+            group = []
+            for j in range(k):
+                r = i * k + j
+                ids = [t for t in truncated[r].tolist() if t != self.tok.pad_token_id]
+                group.append(Continuation(q, ids, self.tok.decode(ids), bool(valid[r]), roll.responses[r].tolist()))
+            out.append(group)
+        return out
+
+
+def print_samples(cfg: Config, n: int, n_queries: int, prompt: str | None, console) -> None:
+    from rich.panel import Panel
+
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.tasks import load_queries
+
+    torch.manual_seed(cfg.run.seed)
+    torch.set_num_threads(cfg.run.threads)
+    model, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    if prompt is not None:
+        if not prompt.strip():
+            from megacoach.errors import DataError
+
+            raise DataError("--prompt is empty (expected some text to continue)")
+        queries = [Query(prompt, tok(prompt)["input_ids"][-cfg.task.query_length:])]
+    else:
+        queries = load_queries(cfg.task, tok, "eval", n_queries, cfg.run.seed)
+    sampler = TaskSampler(HFGenerator(model, tok.pad_token_id), tok, cfg.task)
+    groups = sampler.continuations(queries, n, torch.Generator().manual_seed(cfg.run.seed))
+    console.print(f"[dim]Apprentice: {cfg.model.name_or_path} | response {cfg.task.response_length} tokens, "
+                  f"temperature {cfg.task.temperature}, truncate after {cfg.task.truncate_token!r} "
+                  f"(position >= {cfg.task.truncate_after})[/]")
+    for q, group in zip(queries, groups):
+        console.print(Panel(q.text, title="query", title_align="left"))
+        for j, c in enumerate(group, 1):
+            flag = "[green]valid[/]" if c.valid else f"[red]invalid: no {cfg.task.truncate_token!r} -> penalty {cfg.task.penalty_reward}[/]"
+            trunc = " [dim](truncated)[/]" if c.valid and len(c.response_ids) < cfg.task.response_length else ""
+            console.print(f"[bold]{j}.[/] {flag}{trunc}")
+            console.print("   " + c.text.replace("\n", "\n   "), markup=False, highlight=False)
