@@ -1,0 +1,102 @@
+"""Optimiser pieces for the Apprentice: a TensorFlow-style Adam and the linear learning-rate decay.
+
+Why a TF-style Adam: ORIG trained with TF1's ``tf.train.AdamOptimizer``; DET found that PyTorch's
+``torch.optim.Adam`` with the same hyper-parameters gives about 6x the approximate KL early in PPO.
+The two differ only in where epsilon sits relative to the bias correction (t = step, from 1)::
+
+    TF style (this module):  lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)
+                             p   -= lr_t * m / (sqrt(v) + eps)
+    torch.optim.Adam:        p   -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+                                  = lr_t * m / (sqrt(v) + eps * sqrt(1 - b2^t))
+
+so torch's Adam behaves like TF's with an effective epsilon ``eps * sqrt(1 - b2^t)``, which is
+about 32x smaller at t = 1 (b2 = 0.999). When gradients are tiny compared with eps (|g| ~ eps),
+TF's first steps are therefore much smaller; for |g| >> eps the two agree.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, Callable
+
+import torch
+
+from megacoach.errors import ConfigError
+
+__all__ = ["AdamTFStyle", "linear_decay"]
+
+
+class AdamTFStyle(torch.optim.Optimizer):
+    """Adam as TF1 computes it (see the module docstring). No weight decay, no amsgrad.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate (> 0; schedules such as ``LambdaLR`` change ``param_groups[i]['lr']``).
+        betas: (b1, b2), each in [0, 1).
+        eps: 1e-5 by default, as ORIG's Adam (TF's own default is 1e-8).
+
+    State per parameter: ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v); ``state_dict()`` /
+    ``load_state_dict()`` come from ``torch.optim.Optimizer``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-5,
+    ) -> None:
+        if not lr > 0:
+            raise ConfigError(f"lr: expected > 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ConfigError(f"betas: expected two numbers in [0, 1), got {betas}")
+        if not eps >= 0:
+            raise ConfigError(f"eps: expected >= 0, got {eps}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = group["lr"]
+            b1, b2 = group["betas"]
+            eps = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError("AdamTFStyle does not support sparse gradients")
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] = int(state["step"]) + 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(g, alpha=1.0 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
+                lr_t = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+                denom = v.sqrt().add_(eps)  # eps NOT scaled by the bias correction
+                p.addcdiv_(m, denom, value=-lr_t)
+        return loss
+
+
+def linear_decay(step: int, total_steps: int) -> float:
+    """Learning-rate multiplier decaying linearly from 1 (step 0) to 0 (step ``total_steps``), then 0.
+
+    ORIG/DET: ``lr_now = lr * (1 - (update - 1) / n_updates)`` with updates counted from 1, i.e.
+    ``linear_decay(update - 1, n_updates)``. Use with ``torch.optim.lr_scheduler.LambdaLR``:
+    ``LambdaLR(opt, functools.partial(linear_decay, total_steps=n_updates))``.
+
+    Raises:
+        ConfigError: ``total_steps`` <= 0.
+    """
+    if total_steps <= 0:
+        raise ConfigError(f"total_steps: expected > 0, got {total_steps}")
+    return min(1.0, max(0.0, 1.0 - step / total_steps))
