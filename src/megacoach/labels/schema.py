@@ -127,7 +127,6 @@ class ItemRow(Base):
     __table_args__ = (
         CheckConstraint("k >= 2", name="k_at_least_2"),
         CheckConstraint(_in("split", SPLITS), name="split"),
-        CheckConstraint("overlap >= 1", name="overlap_positive"),
         Index("ix_items_batch_split", "batch", "split"),
     )
 
@@ -141,7 +140,7 @@ class ItemRow(Base):
     is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
     gold_choice: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     is_calibration: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # rev 0002
-    overlap: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # rev 0002
+    overlap: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # rev 0002; >= 1 (checked by the store)
     run_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
