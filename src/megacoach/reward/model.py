@@ -1,0 +1,197 @@
+"""The Values Coach (reward model): the base LM's trunk plus a scalar head, read at the last real token.
+
+As in the paper's reference code (ORIG):
+- the trunk is the base language model without its LM head; no dropout anywhere;
+- the head is Linear(d_model, 1) with weight ~ N(0, 1/sqrt(d_model + 1)) and bias 0;
+- the raw reward of a query + response sequence is the head applied to the hidden state of its LAST REAL
+  (non-pad) token; queries are left-padded and responses right-padded with the pad token, so with the
+  attention mask and shifted position ids of `lm_inputs` padding changes nothing;
+- the output is normalised: score = gain * raw + bias, with gain and bias non-trainable buffers set so that
+  samples of the initial policy score mean 0, std 1 (normalize.py). Training uses the normalised output.
+
+Saved in the Hugging Face style (`save_pretrained` / `RewardModel.from_pretrained`):
+  config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel)
+  tokenizer files                   the tokenizer, so the Apprentice's can be checked against it
+  reward_head.safetensors           head.weight, head.bias, gain, bias
+  reward_config.json                base model, d_model, pad id, gain/bias and normalisation stats
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from megacoach.errors import ConfigError, DataError
+from megacoach.lm.padding import lm_inputs
+
+HEAD_FILE = "reward_head.safetensors"
+CONFIG_FILE = "reward_config.json"
+FORMAT = "megacoach-values-coach"
+FORMAT_VERSION = 1
+_DROPOUT_ATTRS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout",
+                  "summary_first_dropout")
+
+
+def _no_dropout(module: nn.Module) -> None:
+    cfg = getattr(module, "config", None)
+    for attr in _DROPOUT_ATTRS:
+        if cfg is not None and hasattr(cfg, attr):
+            setattr(cfg, attr, 0.0)
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def last_real_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[B] index of the last non-pad token of each row (0 for a row of pads only)."""
+    mask = (input_ids != pad_id).long()
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (mask * positions).argmax(dim=1)
+
+
+def check_same_tokenizer(reward_tokenizer, policy_tokenizer) -> None:
+    """ConfigError unless the two tokenizers map the same strings to the same ids (pad token included)."""
+    if policy_tokenizer is None or reward_tokenizer is None:
+        return
+    if (reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab()
+            or reward_tokenizer.pad_token_id != policy_tokenizer.pad_token_id):
+        raise ConfigError(
+            "the Values Coach's tokenizer differs from the Apprentice's "
+            f"(vocabulary sizes {len(reward_tokenizer)} vs {len(policy_tokenizer)}, pad ids "
+            f"{reward_tokenizer.pad_token_id} vs {policy_tokenizer.pad_token_id}); train the Values Coach "
+            "from the Apprentice's base model (reward.path must match model.name_or_path)")
+
+
+class RewardModel(nn.Module):
+    """The Values Coach. `forward(input_ids)` -> normalised scores [B]; `raw(input_ids)` -> raw rewards [B]."""
+
+    def __init__(self, trunk: nn.Module, pad_id: int, base_model: str = "", tokenizer=None,
+                 seed: int | None = None):
+        super().__init__()
+        _no_dropout(trunk)
+        self.trunk = trunk
+        self.d_model = int(trunk.config.hidden_size)
+        self.pad_id = int(pad_id)
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.normalisation: dict = {}
+        dtype = next(trunk.parameters()).dtype
+        self.head = nn.Linear(self.d_model, 1, dtype=dtype)
+        self.reset_head(seed)
+        self.register_buffer("gain", torch.tensor(1.0))
+        self.register_buffer("bias", torch.tensor(0.0))
+
+    # ------------------------------------------------------------------------------------------ building
+    @classmethod
+    def from_base(cls, name_or_path: str, dtype: str = "float32", tokenizer=None, seed: int | None = None) -> "RewardModel":
+        """A fresh Values Coach on the base LM `name_or_path` ('builtin', a folder, or a hub name)."""
+        from megacoach.lm.loading import load_causal_lm
+
+        lm, tok = load_causal_lm(name_or_path, dtype=dtype, tokenizer=tokenizer)
+        return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed)
+
+    def reset_head(self, seed: int | None = None) -> None:
+        """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = 1.0 / math.sqrt(self.d_model + 1)
+        with torch.no_grad():
+            w = torch.randn(self.head.weight.shape, generator=gen, dtype=torch.float32) * std
+            self.head.weight.copy_(w.to(self.head.weight.dtype))
+            self.head.bias.zero_()
+
+    def set_normalisation(self, gain: float, bias: float) -> None:
+        with torch.no_grad():
+            self.gain.fill_(float(gain))
+            self.bias.fill_(float(bias))
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def raw(self, input_ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+        """[B] float32 raw rewards of query+response sequences [B, T] (any padding with the pad token)."""
+        pad = self.pad_id if pad_id is None else pad_id
+        input_ids = input_ids.to(self.device)
+        hidden = self.trunk(**lm_inputs(input_ids, pad), use_cache=False).last_hidden_state  # [B, T, d]
+        idx = last_real_index(input_ids, pad)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, d]
+        return self.head(last).squeeze(-1).float()
+
+    def forward(self, input_ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+        """[B] normalised scores gain * raw + bias (what PPO adds on the last response token)."""
+        return self.gain * self.raw(input_ids, pad_id) + self.bias
+
+    def score(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
+        """[B] normalised scores of left-padded queries [B, Q] and (truncated, right-padded) responses [B, R]."""
+        return self(torch.cat([queries, responses], dim=1))
+
+    # ------------------------------------------------------------------------------------------ saving
+    def reward_config(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model,
+                "d_model": self.d_model, "pad_token_id": self.pad_id, "gain": float(self.gain),
+                "bias": float(self.bias), "head_init_std": 1.0 / math.sqrt(self.d_model + 1),
+                "normalisation": self.normalisation}
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.trunk.save_pretrained(out)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(out)
+        tensors = {"head.weight": self.head.weight.detach().cpu().contiguous(),
+                   "head.bias": self.head.bias.detach().cpu().contiguous(),
+                   "gain": self.gain.detach().cpu().reshape(1), "bias": self.bias.detach().cpu().reshape(1)}
+        save_file(tensors, str(out / HEAD_FILE), metadata={"format": FORMAT})
+        (out / CONFIG_FILE).write_text(json.dumps(self.reward_config(), indent=2))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, policy_tokenizer=None, dtype: str = "float32") -> "RewardModel":
+        """Load a saved Values Coach; ConfigError if its tokenizer differs from `policy_tokenizer`."""
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, AutoModel
+
+        from megacoach.lm.loading import load_tokenizer
+
+        p = Path(path)
+        if not (p / CONFIG_FILE).is_file() or not (p / HEAD_FILE).is_file():
+            raise DataError(f"reward.path: {str(p)!r} is not a saved Values Coach (expected {CONFIG_FILE} and "
+                            f"{HEAD_FILE} beside the trunk's config.json)")
+        try:
+            meta = json.loads((p / CONFIG_FILE).read_text("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"{p / CONFIG_FILE}: not valid JSON ({err})") from None
+        if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise DataError(f"{p / CONFIG_FILE}: format {meta.get('format')!r} v{meta.get('format_version')} "
+                            f"(expected {FORMAT!r} v{FORMAT_VERSION} or older)")
+        tok = load_tokenizer(str(p))
+        check_same_tokenizer(tok, policy_tokenizer)
+        try:
+            cfg = AutoConfig.from_pretrained(str(p))
+            for attr in _DROPOUT_ATTRS:
+                if hasattr(cfg, attr):
+                    setattr(cfg, attr, 0.0)
+            trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype))
+            tensors = load_file(str(p / HEAD_FILE))
+        except (OSError, ValueError) as err:
+            raise DataError(f"Values Coach at {str(p)!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
+        model = cls(trunk, meta.get("pad_token_id", tok.pad_token_id), base_model=meta.get("base_model", ""),
+                    tokenizer=tok)
+        try:
+            with torch.no_grad():
+                model.head.weight.copy_(tensors["head.weight"])
+                model.head.bias.copy_(tensors["head.bias"])
+                model.set_normalisation(tensors["gain"].item(), tensors["bias"].item())
+        except (KeyError, RuntimeError) as err:
+            raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
+                            f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
+        model.normalisation = meta.get("normalisation", {})
+        model.eval()
+        return model

@@ -1,0 +1,158 @@
+"""Training the Values Coach on best-of-K comparisons, as the paper does it.
+
+- exactly `cfg.epochs` pass(es) over the training comparisons (paper: 1), in a seeded random order;
+- Adam (eps `cfg.adam_eps`, paper 1e-5), learning rate `cfg.learning_rate` decayed linearly to 0:
+  step i of n uses lr * (1 - i / n); batches of `cfg.batch_size` comparisons (the last may be smaller);
+- all K sequences of a batch go through the model in one forward pass; loss = softmax cross-entropy over
+  the K normalised rewards (loss.py); no dropout;
+- normalisation before and after training on samples of the initial policy (normalize.py);
+- held-out accuracy and loss measured at the end, on the normalised model as it is saved.
+
+`retrain_from_scratch` is the online variant's one call: a fresh Values Coach (the base LM's weights and
+a fresh head) trained on all labels so far.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from megacoach.config import RewardConfig
+from megacoach.errors import DataError
+from megacoach.reward.data import Comparison, as_comparisons, comparison_batch, validate_comparisons
+from megacoach.reward.loss import best_of_k_loss
+from megacoach.reward.model import RewardModel
+from megacoach.reward.normalize import normalise
+
+Log = Callable[[str], None]
+
+
+def _vocab_size(model: RewardModel) -> int | None:
+    emb = model.trunk.get_input_embeddings() if hasattr(model.trunk, "get_input_embeddings") else None
+    return emb.num_embeddings if emb is not None else None
+
+
+def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised rewards [B, K], chosen [B]) of a batch, all B*K sequences in one forward pass."""
+    ids, chosen = comparison_batch(comparisons, pad_id)
+    rewards = model(ids, pad_id).view(len(comparisons), -1)
+    return rewards, chosen.to(rewards.device)
+
+
+@torch.no_grad()
+def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int | None = None) -> dict:
+    """{'accuracy', 'loss', 'n'} of the (normalised) Values Coach on comparisons; None values if there are none."""
+    comps = as_comparisons(comparisons)
+    if not comps:
+        return {"accuracy": None, "loss": None, "n": 0}
+    validate_comparisons(comps, _vocab_size(model), "valid comparisons")
+    pad = model.pad_id if pad_id is None else pad_id
+    was_training = model.training
+    model.eval()
+    loss_sum, acc_sum = 0.0, 0.0
+    for i in range(0, len(comps), batch_size):
+        part = comps[i:i + batch_size]
+        rewards, chosen = batch_rewards(model, part, pad)
+        loss, acc = best_of_k_loss(rewards, chosen)
+        loss_sum += loss.item() * len(part)
+        acc_sum += acc.item() * len(part)
+    model.train(was_training)
+    return {"accuracy": acc_sum / len(comps), "loss": loss_sum / len(comps), "n": len(comps)}
+
+
+def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons, cfg: RewardConfig,
+                       pad_id: int | None = None, normalisation_samples=None, seed: int = 1,
+                       log: Log | None = print, eval_batch_size: int = 64) -> dict:
+    """Train `model` in place; return metrics.
+
+    normalisation_samples: query + (sampled, truncated) response token sequences of the INITIAL policy,
+    a LongTensor [N, T] (queries left-padded, pad after truncation) or a list of token-id lists; used to set
+    gain and bias before and after training. None: keep the current gain and bias (not the paper's method).
+
+    Metrics: train_loss / train_accuracy (mean over the epoch's batches), valid_loss / valid_accuracy,
+    num_train, num_valid, k, steps, train_examples_per_s (training comparisons per second of optimisation,
+    each = K sequences), seconds, normalisation {'before', 'after'} (raw mean/std, gain, bias).
+    """
+    log = log or (lambda _msg: None)
+    pad = model.pad_id if pad_id is None else int(pad_id)
+    train = as_comparisons(train_comparisons)
+    valid = as_comparisons(valid_comparisons or [])
+    k = validate_comparisons(train, _vocab_size(model), "train comparisons")
+    t_start = time.perf_counter()
+    metrics: dict = {"num_train": len(train), "num_valid": len(valid), "k": k, "normalisation": {}}
+
+    if normalisation_samples is not None:
+        metrics["normalisation"]["before"] = normalise(model, normalisation_samples, batch_size=eval_batch_size)
+        n = metrics["normalisation"]["before"]
+        log(f"Values Coach: normalised before training on {n['n']} initial-policy samples "
+            f"(raw mean {n['mean']:+.4f}, std {n['std']:.4f} -> gain {n['gain']:.4f}, bias {n['bias']:+.4f})")
+
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate, eps=cfg.adam_eps)
+    model.train()
+    step, loss_sum, acc_sum, seen = 0, 0.0, 0.0, 0
+    t_train = time.perf_counter()
+    log_every = max(1, total_steps // 10)
+    for epoch in range(cfg.epochs):
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for b in range(steps_per_epoch):
+            part = [train[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
+            lr = cfg.learning_rate * (1.0 - step / total_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            rewards, chosen = batch_rewards(model, part, pad)
+            loss, acc = best_of_k_loss(rewards, chosen)
+            if not torch.isfinite(loss):
+                raise DataError(f"Values Coach training diverged: loss {loss.item()} at step {step + 1}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += len(part)
+            loss_sum += loss.item() * len(part)
+            acc_sum += acc.item() * len(part)
+            if step % log_every == 0 or step == total_steps:
+                el = time.perf_counter() - t_train
+                log(f"Values Coach: step {step}/{total_steps} epoch {epoch + 1} loss {loss.item():.4f} "
+                    f"acc {acc.item():.3f} lr {lr:.2e} ({seen / el:.1f} comparisons/s)")
+    train_seconds = time.perf_counter() - t_train
+    model.eval()
+
+    if normalisation_samples is not None:
+        metrics["normalisation"]["after"] = normalise(model, normalisation_samples, batch_size=eval_batch_size)
+        n = metrics["normalisation"]["after"]
+        log(f"Values Coach: normalised after training (raw mean {n['mean']:+.4f}, std {n['std']:.4f} -> "
+            f"gain {n['gain']:.4f}, bias {n['bias']:+.4f})")
+    model.normalisation = metrics["normalisation"]
+
+    ev = evaluate(model, valid, eval_batch_size, pad)
+    metrics.update({
+        "train_loss": loss_sum / max(seen, 1), "train_accuracy": acc_sum / max(seen, 1),
+        "valid_loss": ev["loss"], "valid_accuracy": ev["accuracy"], "steps": step,
+        "train_examples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
+        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
+    })
+    if ev["n"]:
+        log(f"Values Coach: held-out accuracy {ev['accuracy']:.3f} (chance {1 / k:.3f}), loss {ev['loss']:.4f} "
+            f"on {ev['n']} comparisons")
+    return metrics
+
+
+def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons, cfg: RewardConfig,
+                         normalisation_samples=None, seed: int = 1, log: Log | None = print,
+                         dtype: str = "float32", tokenizer=None) -> tuple[RewardModel, dict]:
+    """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
+
+    base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
+    tokenizer as `tokenizer` so both share it. Returns (model, metrics)."""
+    torch.manual_seed(seed)
+    model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    metrics = train_reward_model(model, train_comparisons, valid_comparisons, cfg, model.pad_id,
+                                 normalisation_samples, seed, log)
+    return model, metrics
