@@ -1,0 +1,166 @@
+"""The PPO loop around the trainer: metrics, checkpoints, resume, the guards, halting and the Andon cord.
+
+Every iteration: honour an Andon pull (RUN_DIR/ANDON.json, or a pause set in the label store by the
+labeling app), run one PPO iteration (the guards see the batch before the update), score the samples with
+the labelers (`labeler/score`, the "true" measure of mock runs), let the guards' monitors judge, write one
+line to metrics.jsonl, and checkpoint every `run.checkpoint_every` iterations and at the end.
+A halt (guard or Andon) saves a checkpoint, writes HALTED.json and the report, and raises HaltError.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from megacoach.errors import HaltError
+from megacoach.report import Loggers, write_before_after, write_report
+
+
+class PPOLoop:
+    def __init__(self, cfg, run, trainer, store, labeler, sampler, run_id: str, console, guards=None):
+        self.cfg, self.run, self.trainer, self.store = cfg, run, trainer, store
+        self.labeler, self.sampler, self.run_id, self.console = labeler, sampler, run_id, console
+        self.guards = guards
+        self.loggers = Loggers(run.path, cfg.run.wandb, cfg.model_dump(mode="json"))
+
+    # ---------------------------------------------------------------- resume
+    def restore(self) -> None:
+        state = self.run.latest_checkpoint()
+        if state is None:
+            return
+        self.trainer.load_state_dict(state["trainer"])
+        if self.guards is not None and "guards" in state:
+            self.guards.load_state_dict(state["guards"])
+        self.run.truncate_metrics(self.trainer.iteration_no)
+        self.console.print(f"resumed from iteration {self.trainer.iteration_no} "
+                           f"(label store position {state.get('store_position')})")
+
+    def checkpoint(self) -> None:
+        state = {"trainer": self.trainer.state_dict(), "store_position": self.store.position(),
+                 "guards": self.guards.state_dict() if self.guards is not None else None}
+        self.run.save_checkpoint(state, self.trainer.iteration_no)
+
+    # ---------------------------------------------------------------- stopping
+    def andon_pull(self) -> dict | None:
+        pull = self.run.andon()
+        if pull:
+            return pull
+        status = self.store.get_run_status(self.run_id)
+        if status is not None and status.status == "paused":
+            return {"reason": status.detail.get("reason", "paused from the labeling app"),
+                    "who": status.detail.get("who", "labeling app")}
+        return None
+
+    def halt(self, reason: str, evidence: dict, source: str) -> None:
+        it = self.trainer.iteration_no
+        self.checkpoint()
+        record = {"reason": reason, "source": source, "iteration": it, "episodes": self.trainer.episodes,
+                  "time": time.time(), "evidence": evidence}
+        self.run.write_halt(record)
+        self.run.set_status("halted", it, reason=reason)
+        self.store.set_run_status(self.run_id, "halted", it, {"reason": reason, "source": source})
+        write_report(self.run.path, self.run.read_metrics(), [], self.summary(), halted=record)
+        self.loggers.close()
+        raise HaltError(f"{reason} (iteration {it}); evidence in {self.run.halted_path}. "
+                        f"Fix the cause, then `megacoach train --resume {self.run.path}`")
+
+    # ---------------------------------------------------------------- the loop
+    def labeler_scores(self, batch) -> np.ndarray:
+        return np.array([self.labeler.score(q.text, t) for q, t in zip(batch.queries, batch.texts)], dtype=float)
+
+    def sample_rows(self, batch, n: int = 4) -> list[dict]:
+        kl = batch.path.kl.sum(1)
+        return [{"query": batch.queries[i].text, "response": batch.texts[i], "score": float(batch.path.scores[i]),
+                 "kl": float(kl[i])} for i in range(min(n, len(batch.texts)))]
+
+    def run(self) -> dict:
+        cfg, tr = self.cfg, self.trainer
+        self.run.set_status("running", tr.iteration_no)
+        self.store.set_run_status(self.run_id, "running", tr.iteration_no, {})
+        if self.guards is not None and tr.iteration_no == 0:
+            self.guards.preflight()  # raises GuardFailure (a ConfigError) naming the component
+        cols = [TextColumn("[bold]PPO[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[figures]}")]
+        with Progress(*cols, console=self.console, transient=False) as progress:
+            task = progress.add_task("ppo", total=tr.n_iterations, completed=tr.iteration_no, figures="")
+            while tr.iteration_no < tr.n_iterations:
+                pull = self.andon_pull()
+                if pull:
+                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+                try:
+                    before = self.guards.before_update if self.guards is not None else None
+                    batch, metrics = tr.iteration(before_update=before)
+                except FloatingPointError as err:
+                    self.halt(f"non-finite values: {err}", {}, "guard/nonfinite")
+                ls = self.labeler_scores(batch)
+                metrics["labeler/score"] = float(ls.mean())
+                metrics["labeler/score_std"] = float(ls.std())
+                alarms = []
+                if self.guards is not None:
+                    guard_metrics, alarms = self.guards.after_iteration(batch, metrics, ls)
+                    metrics.update(guard_metrics)
+                self.run.append_metrics(metrics)
+                self.loggers.log(metrics, tr.iteration_no)
+                if tr.iteration_no % cfg.run.sample_table_every == 0 or tr.iteration_no == 1:
+                    rows = self.sample_rows(batch)
+                    self.loggers.log_samples(rows, tr.iteration_no)
+                    with (self.run.path / "samples.jsonl").open("a") as f:
+                        for r in rows:
+                            f.write(json.dumps({"iteration": tr.iteration_no, **r}) + "\n")
+                progress.update(task, advance=1, figures=(
+                    f"score {metrics['objective/score']:+.2f}  KL {metrics['objective/kl']:.2f}  "
+                    f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics['labeler/score']:+.3f}  "
+                    f"{metrics['time/iteration_s']:.1f}s/it"))
+                self.store.set_run_status(self.run_id, "running", tr.iteration_no,
+                                          {"alarms": [a.as_dict() for a in alarms]})
+                for a in alarms:
+                    if a.action == "warn":
+                        self.console.print(f"[yellow]guard warning[/] {a.name}: {a.message}")
+                halts = [a for a in alarms if a.action in ("halt", "pause")]
+                if halts:
+                    a = halts[0]
+                    self.halt(f"guard {a.name}: {a.message}", {"alarms": [x.as_dict() for x in halts],
+                                                                "samples": self.sample_rows(batch, 8),
+                                                                "metrics": metrics}, f"guard/{a.name}")
+                if tr.iteration_no % cfg.run.checkpoint_every == 0:
+                    self.checkpoint()
+        self.checkpoint()
+        self.run.set_status("finished", tr.iteration_no)
+        self.store.set_run_status(self.run_id, "finished", tr.iteration_no, {})
+        return self.summary()
+
+    def summary(self) -> dict:
+        m = self.run.read_metrics()
+        if not m:
+            return {"iterations": 0}
+        first, last = m[0], m[-1]
+        return {"iterations": last["iteration"], "episodes": last["episodes"],
+                "labeler/score first→last": f"{first['labeler/score']:+.3f} → {last['labeler/score']:+.3f}",
+                "objective/score first→last": f"{first['objective/score']:+.3f} → {last['objective/score']:+.3f}",
+                "objective/kl last": round(last["objective/kl"], 3), "objective/kl_coef last": round(last["objective/kl_coef"], 4)}
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, eval_queries, coach_metrics) -> dict:
+        initial = [json.loads(line) for line in (self.run.path / "initial_samples.jsonl").read_text().splitlines()]
+        final = [g[0] for g in self.sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(self.cfg.run.seed + 29))]
+        rows = []
+        for q, ini, fin in zip(eval_queries, initial, final):
+            rows.append({"query": q.text, "initial": ini["response"], "final": fin.text,
+                         "initial_labeler_score": self.labeler.score(q.text, ini["response"]),
+                         "final_labeler_score": self.labeler.score(q.text, fin.text)})
+        write_before_after(self.run.path / "before_after.jsonl", rows)
+        extra = {"held-out labeler score initial": round(float(np.mean([r["initial_labeler_score"] for r in rows])), 4),
+                 "held-out labeler score final": round(float(np.mean([r["final_labeler_score"] for r in rows])), 4)}
+        if coach_metrics:
+            extra["Values Coach held-out accuracy"] = round(coach_metrics.get("valid_accuracy", float("nan")), 4)
+        self.trainer.apprentice.lm.save_pretrained(self.run.path / "apprentice")
+        self.sampler.tok.save_pretrained(self.run.path / "apprentice")
+        summary = {**self.summary(), **extra}
+        (self.run.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(self.run.path, self.run.read_metrics(), rows, summary)
+        self.loggers.close()
+        return extra

@@ -1,0 +1,178 @@
+"""`megacoach train`: the paper's offline RLHF loop, from the base model to the report.
+
+  1. the Apprentice starts as an exact copy of the base model; a frozen copy is the Coherence Coach's reference;
+  2. the human evaluators (here: a mock labeler) compare K continuations of the initial Apprentice (best of K);
+  3. the Values Coach is trained on those comparisons (normalised on initial-policy samples);
+  4. PPO on the Megacoach reward, score - beta * KL, with the guards watching every iteration;
+  5. initial vs final samples on held-out queries, and RUN_DIR/report.html.
+Every stage is resumable: labels live in the store, the Values Coach in RUN_DIR/values_coach, PPO in checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megacoach.config import Config
+from megacoach.errors import ConfigError, HaltError
+from megacoach.runs import RunDir
+
+STAGES = "Human evaluators (mock) -> Values Coach -> Apprentice (PPO under the Coherence Coach)"
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+
+
+def store_url(cfg: Config, run: RunDir) -> str:
+    return cfg.labels.db or f"sqlite:///{(run.path / 'labels.db').resolve()}"
+
+
+# ------------------------------------------------------------------------------------------ labels
+def collect_offline_labels(cfg: Config, store, sampler, labeler, run_id: str, log) -> int:
+    """Stage 2: `num_comparisons` best-of-K comparisons of the initial Apprentice, labeled into the store."""
+    from megacoach.labels.labelers import label_contents
+    from megacoach.labels.store import NewSample
+    from megacoach.tasks import load_queries
+
+    have = len([c for c in store.comparisons() if c.batch == f"{run_id}/offline"])
+    want = cfg.labels.num_comparisons - have
+    if want <= 0:
+        log(f"human evaluators: {have} comparisons already in the store")
+        return have
+    t0 = time.time()
+    queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons, cfg.run.seed + 11)[have:]
+    gen = torch.Generator().manual_seed(cfg.run.seed + 13 + have)
+    rng = random.Random(cfg.run.seed + 17 + have)
+    specs = []
+    for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
+        split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
+        specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=f"{run_id}/offline",
+                          source="offline", run_id=run_id,
+                          samples=[NewSample(c.text, c.response_ids, policy="initial", iteration=0,
+                                             seed=cfg.run.seed, run_id=run_id) for c in group]))
+    t_sample = time.time() - t0
+    contents = store.create_items(specs)
+    n = label_contents(store, labeler, contents, rng, guideline_version=cfg.labels.guideline_version)
+    log(f"human evaluators ({labeler.name}): labeled {n} best-of-{cfg.labels.k} comparisons "
+        f"(sampling {t_sample:.0f}s, total {time.time() - t0:.0f}s)")
+    return have + n
+
+
+def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_length: int) -> torch.Tensor:
+    """Query + truncated response sequences of the INITIAL Apprentice, from the offline labels."""
+    from megacoach.lm.padding import left_pad
+
+    seqs = []
+    for c in store.comparisons():
+        if c.batch != f"{run_id}/offline":
+            continue
+        for s in c.samples:
+            seqs.append(left_pad([c.query_token_ids], pad_id, query_length)[0].tolist() + list(s.token_ids))
+            if len(seqs) >= n:
+                break
+        if len(seqs) >= n:
+            break
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
+
+
+def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log):
+    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far."""
+    from megacoach.reward.model import RewardModel
+    from megacoach.reward.train import retrain_from_scratch
+
+    path = Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
+    if (path / "reward_config.json").is_file():
+        log(f"Values Coach: loaded from {path}")
+        return RewardModel.from_pretrained(path, policy_tokenizer=tok), None
+    if cfg.reward.path:
+        raise ConfigError(f"reward.path: no Values Coach at {path} (expected reward_config.json)")
+    train = store.comparisons(split="train")
+    valid = store.comparisons(split="valid")
+    norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id, cfg.task.query_length)
+    model, metrics = retrain_from_scratch(cfg.model.name_or_path, train, valid, cfg.reward, normalisation_samples=norm,
+                                          seed=cfg.run.seed, log=log, dtype=cfg.model.dtype, tokenizer=tok)
+    model.save_pretrained(path)
+    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+    return model, metrics
+
+
+# ------------------------------------------------------------------------------------------ the run
+def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) -> dict:
+    """Run (or resume) the whole offline loop. Returns a summary; raises HaltError when halted."""
+    from rich.console import Console
+
+    from megacoach.labels.labelers import load_labeler
+    from megacoach.labels.store import LabelStore
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.ppo.policy import frozen_reference
+    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.rollout import TaskSampler
+    from megacoach.sampling import HFGenerator
+    from megacoach.tasks import load_queries
+
+    console = console or Console()
+    log = console.print
+    run = RunDir(cfg.run.out)
+    if resume:
+        if not (run.path / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run.path}: not a megacoach run folder (no config.yaml)")
+        run.clear_for_resume()
+    elif (run.ckpt_dir / "latest.json").is_file() or (run.path / "values_coach").exists():
+        raise ConfigError(f"run.out {run.path} already holds a run; pass --resume {run.path} to continue it, "
+                          "or choose another --out")
+    run.create(cfg)
+    seed_everything(cfg.run.seed, cfg.run.threads)
+    run_id = run.path.resolve().name
+    log(f"[bold]megacoach[/] run {run.path}: {STAGES}")
+
+    # 1. the Apprentice and the original model
+    policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    ref_lm = frozen_reference(policy_lm)
+    labeler = load_labeler(cfg.labels.labeler)
+    store = LabelStore(store_url(cfg, run))
+    sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
+
+    # 2-3. the human evaluators and the Values Coach
+    collect_offline_labels(cfg, store, sampler, labeler, run_id, log)
+    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log)
+    coach.eval()
+
+    # held-out queries and the initial Apprentice's samples of them (kept for the before/after report)
+    eval_queries = load_queries(cfg.task, tok, "eval", cfg.run.eval_queries, cfg.run.seed + 23)
+    initial_path = run.path / "initial_samples.jsonl"
+    if not initial_path.is_file():
+        initial = [g[0] for g in sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(cfg.run.seed + 29))]
+        initial_path.write_text("".join(json.dumps({"query": c.query.text, "response": c.text, "valid": c.valid}) + "\n"
+                                        for c in initial))
+    train_queries = load_queries(cfg.task, tok, "train", max(cfg.ppo.batch_size * 8, 512), cfg.run.seed + 31)
+
+    # 4. PPO
+    trainer = PPOTrainer(cfg, policy_lm, ref_lm, tok, coach, train_queries)
+    from megacoach.loop import PPOLoop
+
+    loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console,
+                   guards=guards_factory(cfg, trainer, store, labeler) if guards_factory else None)
+    if resume:
+        loop.restore()
+    summary = loop.run()  # raises HaltError after saving everything when a guard or the Andon cord stops it
+
+    # 5. before/after and the report
+    summary.update(loop.finish(eval_queries, coach_metrics))
+    log(f"[bold green]done[/]: report at {run.path / 'report.html'}")
+    return summary
+
+
+def assert_not_halted(run: RunDir) -> None:
+    if run.halted_path.is_file():
+        rec = json.loads(run.halted_path.read_text())
+        raise HaltError(f"run {run.path} was halted: {rec.get('reason')}; fix the cause and pass --resume")

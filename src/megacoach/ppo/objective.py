@@ -1,0 +1,79 @@
+"""The reward path: from the Values Coach's score to the advantages PPO pushes up.
+
+This is the ONE implementation of "what PPO maximises". The trainer calls it, and the guards'
+preflight calls the very same functions (never a re-implementation), so a sign slip anywhere along
+the path is seen by the guards exactly as the optimiser sees it.
+
+    score_b      = Values Coach (normalised)  if the response is valid,  else penalty_reward
+    kl_bt        = logp_policy - logp_ref                        (the Coherence Coach's measure)
+    reward_bt    = -beta * kl_bt  (+ score_b on the last token)  (the Megacoach reward)
+    reward_bt    = whiten_rewards(reward_bt)                     (scale only, mean kept; optional)
+    adv, returns = GAE(reward, values)  ;  adv = whiten(adv)
+    loss         = policy_loss(new_logp, old_logp, adv) + vf_coef * value_loss(...)   (MINIMISED)
+
+Every function is looked up through this module at call time (`objective.episode_scores(...)`), so the
+incident's bug variants (megacoach.guards.bugs) can patch one link and both training and guards see it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megacoach.ppo import maths
+
+
+def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward: float) -> torch.Tensor:
+    """The Values Coach's normalised score for valid responses; the fixed penalty for invalid ones."""
+    return torch.where(valid, raw_scores.float(), torch.full_like(raw_scores.float(), penalty_reward))
+
+
+def megacoach_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float,
+                      whiten: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token rewards used for advantages, per-token kl, per-token non-score reward -beta*kl)."""
+    kl = maths.kl_per_token(logprobs, ref_logprobs)
+    rewards, non_score = maths.assemble_rewards(scores, kl, kl_coef)
+    if whiten:
+        rewards = maths.whiten_rewards(rewards)
+    return rewards, kl, non_score
+
+
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float,
+                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    adv, returns = maths.gae(rewards, values, gamma, lam)
+    return maths.whiten(adv), returns
+
+
+def ppo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+             vpred: torch.Tensor | None, old_values: torch.Tensor, returns: torch.Tensor, cliprange: float,
+             cliprange_value: float, vf_coef: float) -> tuple[torch.Tensor, dict]:
+    """The loss the optimiser MINIMISES: clipped policy loss + vf_coef * clipped value loss."""
+    pg_loss, pg_stats = maths.policy_loss(new_logprobs, old_logprobs, advantages, cliprange)
+    stats = {"pg_loss": pg_loss.detach(), **pg_stats}
+    if vpred is None:
+        return pg_loss, stats
+    vf_loss, vf_stats = maths.value_loss(vpred, old_values, returns, cliprange_value)
+    stats.update({"vf_loss": vf_loss.detach(), **vf_stats})
+    return pg_loss + vf_coef * vf_loss, stats
+
+
+@dataclass
+class RewardPath:
+    """Everything the reward path produced for one batch (all [B] or [B, T], detached)."""
+
+    scores: torch.Tensor
+    kl: torch.Tensor
+    non_score: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: float, penalty_reward: float,
+                    whiten_rewards: bool, gamma: float, lam: float) -> RewardPath:
+    """The whole path, in the order the trainer uses it."""
+    scores = episode_scores(raw_scores, valid, penalty_reward)
+    rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards)
+    adv, returns = advantages_and_returns(rewards, values, gamma, lam)
+    return RewardPath(scores, kl, non_score, rewards, adv, returns)

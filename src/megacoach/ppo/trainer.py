@@ -1,0 +1,253 @@
+"""PPO for the Apprentice: the flat loop of the paper's reference code, one iteration at a time.
+
+One iteration (read top to bottom in `PPOTrainer.iteration`):
+  1. a batch of queries;  2. the Apprentice samples responses (fixed length, temperature);
+  3. truncation and validity;  4. the Values Coach scores the truncated text;
+  5. one forward of the Apprentice (old log-probs, values) and of the original model (reference log-probs);
+  6. the reward path (ppo/objective.py): score - beta * KL, whitening, GAE;
+  7. the guards look at what is about to be optimised;
+  8. `ppo_epochs` x minibatches of clipped PPO updates (with gradient accumulation);
+  9. the Coherence Coach's beta is updated from the batch KL;  10. metrics, checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from megacoach.config import Config
+from megacoach.errors import DataError
+from megacoach.lm.padding import left_pad
+from megacoach.ppo import maths, objective
+from megacoach.ppo.kl_control import AdaptiveKLController, FixedKLController
+from megacoach.ppo.optim import AdamTFStyle, linear_decay
+from megacoach.ppo.policy import Apprentice, reference_logits
+from megacoach.sampling import HFGenerator, ResponseGenerator
+from megacoach.tasks import Query, stop_token_ids, truncate_responses
+
+
+@dataclass
+class Batch:
+    """One rollout batch: everything the update and the guards need (detached tensors)."""
+
+    queries: list[Query]
+    query_ids: torch.Tensor  # [B, Q] left-padded
+    responses: torch.Tensor  # [B, T] as sampled
+    truncated: torch.Tensor  # [B, T] padded after the stop token
+    valid: torch.Tensor  # [B] bool
+    raw_scores: torch.Tensor  # [B] Values Coach (normalised) on the truncated text
+    logprobs: torch.Tensor  # [B, T] old log-probs
+    ref_logprobs: torch.Tensor  # [B, T]
+    values: torch.Tensor  # [B, T]
+    path: objective.RewardPath | None = None
+    texts: list[str] = field(default_factory=list)  # decoded truncated responses
+
+    @property
+    def query_responses(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.responses], dim=1)
+
+    @property
+    def query_truncated(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.truncated], dim=1)
+
+
+def make_kl_controller(cfg: Config):
+    if cfg.kl.adaptive:
+        return AdaptiveKLController(cfg.kl.init_kl_coef, target=cfg.kl.target, horizon=cfg.kl.horizon)
+    return FixedKLController(cfg.kl.init_kl_coef)
+
+
+def rng_state(generators: dict[str, torch.Generator]) -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            **{f"gen_{k}": g.get_state() for k, g in generators.items()}}
+
+
+def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    for k, g in generators.items():
+        g.set_state(state[f"gen_{k}"])
+
+
+class PPOTrainer:
+    """Holds the models, optimiser and controllers; `iteration()` runs one PPO iteration."""
+
+    def __init__(self, cfg: Config, policy_lm, ref_lm, tokenizer, values_coach,
+                 train_queries: list[Query], generator: ResponseGenerator | None = None):
+        self.cfg, self.tok = cfg, tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model)
+        self.ref_lm = ref_lm
+        self.values_coach = values_coach
+        if not train_queries:
+            raise DataError("no training queries (task.query_source gave none)")
+        self.train_queries = train_queries
+        self.generator = generator or HFGenerator(policy_lm, self.pad_id)
+        self.stop_ids = stop_token_ids(tokenizer, cfg.task.truncate_token)
+        self.kl_ctl = make_kl_controller(cfg)
+        p = cfg.ppo
+        self.n_iterations = max(1, p.total_episodes // p.batch_size)
+        if cfg.run.max_iterations:
+            self.n_iterations = min(self.n_iterations, cfg.run.max_iterations)
+        self.n_minibatches = p.batch_size // p.mini_batch_size
+        total_updates = max(1, p.total_episodes // p.batch_size) * p.ppo_epochs * self.n_minibatches
+        params = [q for q in self.apprentice.parameters() if q.requires_grad]
+        if p.optimizer == "tf_adam":
+            self.optimizer = AdamTFStyle(params, lr=p.learning_rate, eps=p.adam_eps)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=p.learning_rate, eps=p.adam_eps)
+        decay = (lambda step: linear_decay(step, total_updates)) if p.lr_decay else (lambda step: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
+        self.gens = {"sample": torch.Generator().manual_seed(cfg.run.seed),
+                     "queries": torch.Generator().manual_seed(cfg.run.seed + 1),
+                     "minibatch": torch.Generator().manual_seed(cfg.run.seed + 2)}
+        self.iteration_no = 0
+        self.episodes = 0
+
+    # ------------------------------------------------------------------ rollout (steps 1-6)
+    def next_queries(self) -> list[Query]:
+        idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size,), generator=self.gens["queries"])
+        return [self.train_queries[i] for i in idx.tolist()]
+
+    @torch.inference_mode()
+    def score(self, query_ids: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+        """The Values Coach's normalised score of query + truncated response, read at the last real token."""
+        return self.values_coach(torch.cat([query_ids, truncated], dim=1), self.pad_id).float()
+
+    @torch.inference_mode()
+    def forward_old(self, query_responses: torch.Tensor):
+        """Old log-probs and values (Apprentice) and reference log-probs (original model), one forward each."""
+        T, temp = self.cfg.task.response_length, self.cfg.task.temperature
+        responses = query_responses[:, -T:]
+        out = self.apprentice(query_responses, self.pad_id, T, temp)
+        logprobs = maths.logprobs_from_logits(out.logits, responses)
+        entropy = maths.entropy_from_logits(out.logits)
+        ref_logprobs = maths.logprobs_from_logits(
+            reference_logits(self.ref_lm, query_responses, self.pad_id, T, temp), responses)
+        return logprobs, ref_logprobs, out.values, entropy
+
+    def rollout(self, queries: list[Query]) -> Batch:
+        t = self.cfg.task
+        query_ids = left_pad([q.token_ids for q in queries], self.pad_id, t.query_length)
+        self.apprentice.eval()
+        roll = self.generator.generate(query_ids, t.response_length, t.temperature, self.gens["sample"])
+        truncated, valid = truncate_responses(roll.responses, self.stop_ids, t.truncate_after, self.pad_id)
+        raw_scores = self.score(query_ids, truncated)
+        logprobs, ref_logprobs, values, entropy = self.forward_old(torch.cat([query_ids, roll.responses], 1))
+        texts = [self.tok.decode([x for x in row if x != self.pad_id]) for row in truncated.tolist()]
+        batch = Batch(queries, query_ids, roll.responses, truncated, valid, raw_scores, logprobs, ref_logprobs,
+                      values, texts=texts)
+        batch.entropy = entropy
+        batch.path = self.reward_path(batch)
+        return batch
+
+    def reward_path(self, batch: Batch) -> objective.RewardPath:
+        c = self.cfg
+        return objective.run_reward_path(batch.raw_scores, batch.valid, batch.logprobs, batch.ref_logprobs,
+                                         batch.values, self.kl_ctl.value, c.task.penalty_reward,
+                                         c.ppo.whiten_rewards, c.ppo.gamma, c.ppo.lam)
+
+    # ------------------------------------------------------------------ update (step 8)
+    def update(self, batch: Batch) -> dict[str, float]:
+        p, T, temp = self.cfg.ppo, self.cfg.task.response_length, self.cfg.task.temperature
+        qr = batch.query_responses
+        B = qr.shape[0]
+        micro = p.mini_batch_size // p.gradient_accumulation_steps
+        self.apprentice.train()
+        acc: dict[str, list[float]] = {}
+        for _epoch in range(p.ppo_epochs):
+            order = torch.randperm(B, generator=self.gens["minibatch"])
+            for mb_start in range(0, B, p.mini_batch_size):
+                mb = order[mb_start:mb_start + p.mini_batch_size]
+                self.optimizer.zero_grad(set_to_none=True)
+                for mi in range(0, len(mb), micro):
+                    idx = mb[mi:mi + micro]
+                    out = self.apprentice(qr[idx], self.pad_id, T, temp)
+                    new_logp = maths.logprobs_from_logits(out.logits, batch.responses[idx])
+                    loss, stats = objective.ppo_loss(new_logp, batch.logprobs[idx], batch.path.advantages[idx],
+                                                     out.values, batch.values[idx], batch.path.returns[idx],
+                                                     p.cliprange, p.cliprange_value, p.vf_coef)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite PPO loss ({loss.item()}) at iteration {self.iteration_no}")
+                    (loss / p.gradient_accumulation_steps).backward()
+                    with torch.no_grad():
+                        stats["entropy"] = maths.entropy_from_logits(out.logits).mean()
+                        stats["total_loss"] = loss.detach()
+                    for k, v in stats.items():
+                        acc.setdefault(k, []).append(float(v))
+                self.optimizer.step()
+                self.scheduler.step()
+        self.apprentice.eval()
+        return {k: float(np.mean(v)) for k, v in acc.items()}
+
+    # ------------------------------------------------------------------ one whole iteration
+    def iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
+        t0 = time.time()
+        batch = self.rollout(self.next_queries())
+        t_roll = time.time() - t0
+        path = batch.path
+        for name, tensor in (("scores", path.scores), ("kl", path.kl), ("advantages", path.advantages),
+                             ("values", batch.values)):
+            if not torch.isfinite(tensor).all():
+                raise FloatingPointError(f"non-finite {name} in the rollout of iteration {self.iteration_no + 1}")
+        if before_update is not None:
+            before_update(batch)
+        kl_coef = self.kl_ctl.value
+        stats = self.update(batch)
+        mean_kl = float(path.kl.sum(1).mean())
+        self.kl_ctl.update(mean_kl, self.cfg.ppo.batch_size)
+        self.iteration_no += 1
+        self.episodes += self.cfg.ppo.batch_size
+        non_score = float(path.non_score.sum(1).mean())
+        metrics = {
+            "iteration": self.iteration_no,
+            "episodes": self.episodes,
+            "objective/score": float(path.scores.mean()),
+            "objective/score_raw_valid": float(batch.raw_scores[batch.valid].mean()) if batch.valid.any() else 0.0,
+            "objective/valid_frac": float(batch.valid.float().mean()),
+            "objective/kl": mean_kl,
+            "objective/kl_coef": float(kl_coef),
+            "objective/non_score_reward": non_score,
+            "objective/score_total": float(path.scores.mean()) + non_score,
+            "objective/entropy": float(-batch.logprobs.sum(1).mean()),
+            "ppo/policy/approxkl": stats["approxkl"],
+            "ppo/policy/clipfrac": stats["clipfrac"],
+            "ppo/policy/entropy": stats["entropy"],
+            "ppo/loss/policy": stats["pg_loss"],
+            "ppo/loss/value": stats.get("vf_loss", 0.0),
+            "ppo/loss/total": stats["total_loss"],
+            "ppo/val/vpred": stats.get("vpred", 0.0),
+            "ppo/val/error": stats.get("error", 0.0),
+            "ppo/val/clipfrac": stats.get("vf_clipfrac", 0.0),
+            "ppo/val/var_explained": float(maths.explained_variance(batch.values, path.returns)),
+            "ppo/returns/mean": float(path.returns.mean()),
+            "ppo/returns/var": float(path.returns.var(unbiased=False)),
+            "ppo/lr": float(self.scheduler.get_last_lr()[0]),
+            "time/rollout_s": t_roll,
+            "time/iteration_s": time.time() - t0,
+        }
+        for k, v in metrics.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise FloatingPointError(f"non-finite metric {k} at iteration {self.iteration_no}")
+        return batch, metrics
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        return {"apprentice": self.apprentice.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                "iteration": self.iteration_no, "episodes": self.episodes, "rng": rng_state(self.gens)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.apprentice.load_state_dict(state["apprentice"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.iteration_no, self.episodes = state["iteration"], state["episodes"]
+        set_rng_state(state["rng"], self.gens)
