@@ -929,7 +929,7 @@ class LabelStore:
         with self._read("read labels") as s:
             if labeler is not None:
                 stmt = stmt.where(ComparisonRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
-            rows = [(c, it, name) for c, it, name in s.execute(stmt).tuples()]
+            rows = [(c, it, name) for c, it, name in s.execute(stmt)]
             return self._comparison_records(s, rows)
 
     def count_comparisons(self, split: Optional[str] = None, *, labeler_kind: Optional[str] = None) -> int:
@@ -1055,7 +1055,7 @@ class LabelStore:
         if since is not None:
             stmt = stmt.where(AndonPullRow.at >= since)
         with self._read("read Andon pulls") as s:
-            return [AndonPull(r.id, r.run_id, r.labeler_id, name, r.reason, r.at) for r, name in s.execute(stmt).tuples()]
+            return [AndonPull(r.id, r.run_id, r.labeler_id, name, r.reason, r.at) for r, name in s.execute(stmt)]
 
     def set_run_status(self, run_id: str, status: str, iteration: Optional[int] = None,
                        detail: Optional[dict[str, Any]] = None) -> RunStatus:
