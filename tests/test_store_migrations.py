@@ -1,0 +1,137 @@
+"""Schema versions: a store written at revision 0001 upgrades with its data; newer -> refused; models
+match the migrations."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect, text
+
+from megacoach.errors import StoreError
+from megacoach.labels.schema import Base
+from megacoach.labels.store import LabelStore, NewSample
+
+
+def _engine(path):
+    return create_engine(f"sqlite:///{path}")
+
+
+def _upgrade(path, revision):
+    engine = _engine(path)
+    cfg = LabelStore._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+    engine.dispose()
+
+
+def _fill_v1(path):
+    """Data as the 0001 code wrote it (raw SQL: that code no longer exists)."""
+    engine = _engine(path)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO queries (id, text, token_ids, source, created_at) "
+                       "VALUES (1, 'Once upon', '[5, 6]', 'books', '2026-01-01 10:00:00')"))
+        for sid, (t, ids) in enumerate([("a", "[1]"), ("b", "[2, 3]")], start=1):
+            c.execute(text("INSERT INTO samples (id, query_id, text, token_ids, policy, iteration, seed, run_id, "
+                           "created_at) VALUES (:id, 1, :t, :ids, 'ckpt-0', 0, 1, 'r0', '2026-01-01 10:00:00')"),
+                      {"id": sid, "t": t, "ids": ids})
+        c.execute(text("INSERT INTO items (id, query_id, k, sample_ids, batch, split, source, is_gold, gold_choice, "
+                       "run_id, created_at) VALUES (1, 1, 2, '[1, 2]', 'b0', 'train', 'offline', 0, NULL, 'r0', "
+                       "'2026-01-01 10:00:00')"))
+        c.execute(text("INSERT INTO labelers (id, name, kind, role, password_hash, active, created_at) "
+                       "VALUES (1, 'alice', 'person', 'labeler', NULL, 1, '2026-01-01 10:00:00')"))
+        c.execute(text("INSERT INTO comparisons (id, item_id, chosen, shown_order, labeler_id, labeler_kind, "
+                       "guideline_version, time_taken_s, flagged, note, split, created_at) VALUES "
+                       "(1, 1, 1, '[1, 0]', 1, 'person', 'v1', 3.5, 0, 'ok', 'train', '2026-01-01 10:01:00')"))
+    engine.dispose()
+
+
+def test_store_from_previous_schema_upgrades_and_keeps_data(tmp_path):
+    path = tmp_path / "old.db"
+    _upgrade(path, "0001")
+    _fill_v1(path)
+    cols = {c["name"] for c in inspect(_engine(path)).get_columns("comparisons")}
+    assert "too_fast" not in cols and "confidence" not in cols
+
+    with LabelStore(f"sqlite:///{path}") as store:
+        assert store.schema_version() == LabelStore.code_schema_version()
+        [c] = store.comparisons()
+        assert (c.chosen, c.shown_order, c.note, c.guideline_version, c.time_taken_s) == (1, [1, 0], "ok", "v1", 3.5)
+        assert c.query_token_ids == [5, 6] and c.sample_token_ids == [[1], [2, 3]]
+        assert c.samples[0].policy == "ckpt-0" and c.labeler_name == "alice"
+        assert c.too_fast is False and c.confidence is None  # new columns, defaults for old rows
+        assert c.created_at.year == 2026 and c.created_at.tzinfo is not None
+        item = store.get_item(1)
+        assert item.is_calibration is False and item.overlap == 1
+        # the new columns and tables are usable
+        content = store.create_item("q", [1], [NewSample("x", [1]), NewSample("y", [2])], is_calibration=True,
+                                    overlap=2)
+        rec = store.add_comparison(content.item.id, 0, "alice", too_fast=True, confidence=4)
+        assert rec.too_fast and rec.confidence == 4 and store.get_item(content.item.id).is_calibration
+        store.pull_andon("alice", "looks wrong")
+        store.set_run_status("r0", "paused")
+        assert store.position() == rec.id == 2
+
+
+def test_newer_schema_refused_nothing_written(tmp_path):
+    path = tmp_path / "new.db"
+    with LabelStore(f"sqlite:///{path}") as store:
+        store.add_query("q", [1])
+    engine = _engine(path)
+    with engine.begin() as c:
+        c.execute(text("UPDATE alembic_version SET version_num = '9999_future'"))
+    engine.dispose()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(StoreError) as e:
+        LabelStore(f"sqlite:///{path}")
+    msg = str(e.value)
+    assert "9999_future" in msg and LabelStore.code_schema_version() in msg and "newer" in msg
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+def test_foreign_database_refused(tmp_path):
+    path = tmp_path / "foreign.db"
+    engine = _engine(path)
+    with engine.begin() as c:
+        c.execute(text("CREATE TABLE comparisons (x INTEGER)"))
+    engine.dispose()
+    with pytest.raises(StoreError, match="no schema version"):
+        LabelStore(f"sqlite:///{path}")
+
+
+def test_models_match_migrations(tmp_path):
+    path = tmp_path / "head.db"
+    LabelStore(f"sqlite:///{path}").close()
+    ours = set(Base.metadata.tables)
+    engine = _engine(path)
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={
+            "compare_type": True, "compare_server_default": False,
+            # other modules (the app) add their own tables in their own revisions
+            "include_object": lambda obj, name, type_, reflected, compare_to: (
+                type_ != "table" or name in ours) and (type_ == "table" or obj.table.name in ours),
+        })
+        diff = compare_metadata(ctx, Base.metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_downgrade_0002_to_0001(tmp_path):
+    path = tmp_path / "down.db"
+    _upgrade(path, "0002")
+    _fill_v1(path)
+    engine = _engine(path)
+    cfg = LabelStore._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    insp = inspect(engine)
+    assert "andon_pulls" not in insp.get_table_names()
+    assert "too_fast" not in {c["name"] for c in insp.get_columns("comparisons")}
+    with engine.connect() as c:
+        assert c.execute(text("SELECT chosen FROM comparisons")).scalar() == 1
+    engine.dispose()
