@@ -186,7 +186,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # A tiny run for tests and smoke checks.
     "tiny": {
-        "task": {"query_length": 8, "response_length": 6, "truncate_after": 2, "query_min_tokens": 4},
+        "task": {"query_length": 24, "response_length": 8, "truncate_after": 2, "query_min_tokens": 4},
         "labels": {"num_comparisons": 16},
         "reward": {"batch_size": 4, "normalize_samples": 16},
         "ppo": {"total_episodes": 16, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1},

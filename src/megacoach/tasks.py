@@ -50,13 +50,18 @@ def builtin_excerpts(tokenizer, split: str, n: int, min_tokens: int, max_tokens:
     while len(out) < n and tries < n * 50:
         tries += 1
         sentences = [s for s in _SENTENCE_END.split(rng.choice(speeches)) if s]
-        start = rng.randrange(len(sentences))
-        text = ""
-        for s in sentences[start:]:
+        starts = [i for i, s in enumerate(sentences) if s[0].isupper()]
+        if not starts:
+            continue
+        text, best = "", ""
+        for s in sentences[rng.choice(starts):]:
             cand = (text + " " + s).strip() if text else s
             if len(tokenizer(cand)["input_ids"]) > max_tokens:
                 break
             text = cand
+            if text[-1] in ".!?":
+                best = text  # the longest prefix that ends at a sentence boundary
+        text = best
         ids = tokenizer(text)["input_ids"] if text else []
         if len(ids) >= min_tokens and text not in seen:
             seen.add(text)
