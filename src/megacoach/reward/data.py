@@ -42,7 +42,8 @@ def _first_attr(record, names: tuple[str, ...]):
 
 
 def as_comparison(record) -> Comparison:
-    """A `Comparison` from any record (dataclass, object or dict) of the label store or a label file."""
+    """A `Comparison` from any record (dataclass, object or dict): the label store's `ComparisonRecord`
+    (query_token_ids, sample_token_ids, chosen), OpenAI-style dicts (query, samples, best), or our own."""
     if isinstance(record, Comparison):
         return record
     q = _first_attr(record, ("query_ids", "query_token_ids", "query"))
@@ -53,6 +54,12 @@ def as_comparison(record) -> Comparison:
 
 def as_comparisons(records: Iterable) -> list[Comparison]:
     return [as_comparison(r) for r in records]
+
+
+def labels_from_store(store, labeler_kind: str | None = None) -> tuple[list[Comparison], list[Comparison]]:
+    """(train, valid) comparisons: all labels so far in a `LabelStore` (its 'train' and 'valid' splits)."""
+    return (as_comparisons(store.comparisons(split="train", labeler_kind=labeler_kind)),
+            as_comparisons(store.comparisons(split="valid", labeler_kind=labeler_kind)))
 
 
 def validate_comparisons(comparisons: Sequence[Comparison], vocab_size: int | None = None,

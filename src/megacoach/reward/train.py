@@ -22,7 +22,8 @@ import torch
 
 from megacoach.config import RewardConfig
 from megacoach.errors import DataError
-from megacoach.reward.data import Comparison, as_comparisons, comparison_batch, validate_comparisons
+from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, labels_from_store,
+                                   validate_comparisons)
 from megacoach.reward.loss import best_of_k_loss
 from megacoach.reward.model import RewardModel
 from megacoach.reward.normalize import normalise
@@ -144,13 +145,19 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     return metrics
 
 
-def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons, cfg: RewardConfig,
+def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=None, cfg: RewardConfig | None = None,
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
                          dtype: str = "float32", tokenizer=None) -> tuple[RewardModel, dict]:
     """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
-    tokenizer as `tokenizer` so both share it. Returns (model, metrics)."""
+    tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
+    'train' split, and its 'valid' split unless valid_comparisons is given). Returns (model, metrics)."""
+    if hasattr(train_comparisons, "comparisons"):
+        store_train, store_valid = labels_from_store(train_comparisons)
+        train_comparisons = store_train
+        valid_comparisons = store_valid if valid_comparisons is None else valid_comparisons
+    cfg = cfg or RewardConfig()
     torch.manual_seed(seed)
     model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
     metrics = train_reward_model(model, train_comparisons, valid_comparisons, cfg, model.pad_id,
