@@ -20,33 +20,42 @@ from megacoach.errors import HaltError
 from megacoach.report import Loggers, write_before_after, write_report
 
 
+def labeler_scores(labeler, queries: list[str], texts: list[str]) -> np.ndarray:
+    """The labelers' score of each response (mock labelers: e.g. VADER compound); NaN if they only rank."""
+    out = []
+    for q, t in zip(queries, texts):
+        s = labeler.scores(q, [t])
+        out.append(float(s[0]) if s else float("nan"))
+    return np.array(out, dtype=float)
+
+
 class PPOLoop:
     def __init__(self, cfg, run, trainer, store, labeler, sampler, run_id: str, console, guards=None):
-        self.cfg, self.run, self.trainer, self.store = cfg, run, trainer, store
+        self.cfg, self.rundir, self.trainer, self.store = cfg, run, trainer, store
         self.labeler, self.sampler, self.run_id, self.console = labeler, sampler, run_id, console
         self.guards = guards
         self.loggers = Loggers(run.path, cfg.run.wandb, cfg.model_dump(mode="json"))
 
     # ---------------------------------------------------------------- resume
     def restore(self) -> None:
-        state = self.run.latest_checkpoint()
+        state = self.rundir.latest_checkpoint()
         if state is None:
             return
         self.trainer.load_state_dict(state["trainer"])
         if self.guards is not None and "guards" in state:
             self.guards.load_state_dict(state["guards"])
-        self.run.truncate_metrics(self.trainer.iteration_no)
+        self.rundir.truncate_metrics(self.trainer.iteration_no)
         self.console.print(f"resumed from iteration {self.trainer.iteration_no} "
                            f"(label store position {state.get('store_position')})")
 
     def checkpoint(self) -> None:
         state = {"trainer": self.trainer.state_dict(), "store_position": self.store.position(),
                  "guards": self.guards.state_dict() if self.guards is not None else None}
-        self.run.save_checkpoint(state, self.trainer.iteration_no)
+        self.rundir.save_checkpoint(state, self.trainer.iteration_no)
 
     # ---------------------------------------------------------------- stopping
     def andon_pull(self) -> dict | None:
-        pull = self.run.andon()
+        pull = self.rundir.andon()
         if pull:
             return pull
         status = self.store.get_run_status(self.run_id)
@@ -60,17 +69,17 @@ class PPOLoop:
         self.checkpoint()
         record = {"reason": reason, "source": source, "iteration": it, "episodes": self.trainer.episodes,
                   "time": time.time(), "evidence": evidence}
-        self.run.write_halt(record)
-        self.run.set_status("halted", it, reason=reason)
+        self.rundir.write_halt(record)
+        self.rundir.set_status("halted", it, reason=reason)
         self.store.set_run_status(self.run_id, "halted", it, {"reason": reason, "source": source})
-        write_report(self.run.path, self.run.read_metrics(), [], self.summary(), halted=record)
+        write_report(self.rundir.path, self.rundir.read_metrics(), [], self.summary(), halted=record)
         self.loggers.close()
-        raise HaltError(f"{reason} (iteration {it}); evidence in {self.run.halted_path}. "
-                        f"Fix the cause, then `megacoach train --resume {self.run.path}`")
+        raise HaltError(f"{reason} (iteration {it}); evidence in {self.rundir.halted_path}. "
+                        f"Fix the cause, then `megacoach train --resume {self.rundir.path}`")
 
     # ---------------------------------------------------------------- the loop
     def labeler_scores(self, batch) -> np.ndarray:
-        return np.array([self.labeler.score(q.text, t) for q, t in zip(batch.queries, batch.texts)], dtype=float)
+        return labeler_scores(self.labeler, [q.text for q in batch.queries], batch.texts)
 
     def sample_rows(self, batch, n: int = 4) -> list[dict]:
         kl = batch.path.kl.sum(1)
@@ -79,7 +88,7 @@ class PPOLoop:
 
     def run(self) -> dict:
         cfg, tr = self.cfg, self.trainer
-        self.run.set_status("running", tr.iteration_no)
+        self.rundir.set_status("running", tr.iteration_no)
         self.store.set_run_status(self.run_id, "running", tr.iteration_no, {})
         if self.guards is not None and tr.iteration_no == 0:
             self.guards.preflight()  # raises GuardFailure (a ConfigError) naming the component
@@ -103,12 +112,12 @@ class PPOLoop:
                 if self.guards is not None:
                     guard_metrics, alarms = self.guards.after_iteration(batch, metrics, ls)
                     metrics.update(guard_metrics)
-                self.run.append_metrics(metrics)
+                self.rundir.append_metrics(metrics)
                 self.loggers.log(metrics, tr.iteration_no)
                 if tr.iteration_no % cfg.run.sample_table_every == 0 or tr.iteration_no == 1:
                     rows = self.sample_rows(batch)
                     self.loggers.log_samples(rows, tr.iteration_no)
-                    with (self.run.path / "samples.jsonl").open("a") as f:
+                    with (self.rundir.path / "samples.jsonl").open("a") as f:
                         for r in rows:
                             f.write(json.dumps({"iteration": tr.iteration_no, **r}) + "\n")
                 progress.update(task, advance=1, figures=(
@@ -129,12 +138,12 @@ class PPOLoop:
                 if tr.iteration_no % cfg.run.checkpoint_every == 0:
                     self.checkpoint()
         self.checkpoint()
-        self.run.set_status("finished", tr.iteration_no)
+        self.rundir.set_status("finished", tr.iteration_no)
         self.store.set_run_status(self.run_id, "finished", tr.iteration_no, {})
         return self.summary()
 
     def summary(self) -> dict:
-        m = self.run.read_metrics()
+        m = self.rundir.read_metrics()
         if not m:
             return {"iterations": 0}
         first, last = m[0], m[-1]
@@ -145,22 +154,22 @@ class PPOLoop:
 
     # ---------------------------------------------------------------- the end
     def finish(self, eval_queries, coach_metrics) -> dict:
-        initial = [json.loads(line) for line in (self.run.path / "initial_samples.jsonl").read_text().splitlines()]
+        initial = [json.loads(line) for line in (self.rundir.path / "initial_samples.jsonl").read_text().splitlines()]
         final = [g[0] for g in self.sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(self.cfg.run.seed + 29))]
         rows = []
         for q, ini, fin in zip(eval_queries, initial, final):
             rows.append({"query": q.text, "initial": ini["response"], "final": fin.text,
-                         "initial_labeler_score": self.labeler.score(q.text, ini["response"]),
-                         "final_labeler_score": self.labeler.score(q.text, fin.text)})
-        write_before_after(self.run.path / "before_after.jsonl", rows)
+                         "initial_labeler_score": float(labeler_scores(self.labeler, [q.text], [ini["response"]])[0]),
+                         "final_labeler_score": float(labeler_scores(self.labeler, [q.text], [fin.text])[0])})
+        write_before_after(self.rundir.path / "before_after.jsonl", rows)
         extra = {"held-out labeler score initial": round(float(np.mean([r["initial_labeler_score"] for r in rows])), 4),
                  "held-out labeler score final": round(float(np.mean([r["final_labeler_score"] for r in rows])), 4)}
-        if coach_metrics:
-            extra["Values Coach held-out accuracy"] = round(coach_metrics.get("valid_accuracy", float("nan")), 4)
-        self.trainer.apprentice.lm.save_pretrained(self.run.path / "apprentice")
-        self.sampler.tok.save_pretrained(self.run.path / "apprentice")
+        if coach_metrics and coach_metrics.get("valid_accuracy") is not None:
+            extra["Values Coach held-out accuracy"] = round(coach_metrics["valid_accuracy"], 4)
+        self.trainer.apprentice.lm.save_pretrained(self.rundir.path / "apprentice")
+        self.sampler.tok.save_pretrained(self.rundir.path / "apprentice")
         summary = {**self.summary(), **extra}
-        (self.run.path / "summary.json").write_text(json.dumps(summary, indent=2))
-        write_report(self.run.path, self.run.read_metrics(), rows, summary)
+        (self.rundir.path / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_report(self.rundir.path, self.rundir.read_metrics(), rows, summary)
         self.loggers.close()
         return extra

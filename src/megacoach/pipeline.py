@@ -39,7 +39,7 @@ def store_url(cfg: Config, run: RunDir) -> str:
 # ------------------------------------------------------------------------------------------ labels
 def collect_offline_labels(cfg: Config, store, sampler, labeler, run_id: str, log) -> int:
     """Stage 2: `num_comparisons` best-of-K comparisons of the initial Apprentice, labeled into the store."""
-    from megacoach.labels.labelers import label_contents
+    from megacoach.labels.labelers import label_items
     from megacoach.labels.store import NewSample
     from megacoach.tasks import load_queries
 
@@ -61,7 +61,7 @@ def collect_offline_labels(cfg: Config, store, sampler, labeler, run_id: str, lo
                                              seed=cfg.run.seed, run_id=run_id) for c in group]))
     t_sample = time.time() - t0
     contents = store.create_items(specs)
-    n = label_contents(store, labeler, contents, rng, guideline_version=cfg.labels.guideline_version)
+    n = len(label_items(store, labeler, contents, rng=rng, guideline_version=cfg.labels.guideline_version).written)
     log(f"human evaluators ({labeler.name}): labeled {n} best-of-{cfg.labels.k} comparisons "
         f"(sampling {t_sample:.0f}s, total {time.time() - t0:.0f}s)")
     return have + n
