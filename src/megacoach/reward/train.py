@@ -147,12 +147,13 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
 
 def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=None, cfg: RewardConfig | None = None,
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
-                         dtype: str = "float32", tokenizer=None) -> tuple[RewardModel, dict]:
+                         dtype: str = "float32", tokenizer=None, device: str | None = None) -> tuple[RewardModel, dict]:
     """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
     tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
-    'train' split, and its 'valid' split unless valid_comparisons is given). Returns (model, metrics)."""
+    'train' split, and its 'valid' split unless valid_comparisons is given). device: e.g. 'cuda' (default: CPU).
+    Returns (model, metrics)."""
     if hasattr(train_comparisons, "comparisons"):
         store_train, store_valid = labels_from_store(train_comparisons)
         train_comparisons = store_train
@@ -160,6 +161,8 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
     cfg = cfg or RewardConfig()
     torch.manual_seed(seed)
     model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    if device is not None:
+        model.to(device)
     metrics = train_reward_model(model, train_comparisons, valid_comparisons, cfg, model.pad_id,
                                  normalisation_samples, seed, log)
     return model, metrics
