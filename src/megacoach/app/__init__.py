@@ -1,0 +1,23 @@
+"""The human evaluators' labeling web app (FastAPI, server-rendered pages, a JSON API).
+
+``create_app(db_url, settings)`` builds it; ``serve(db_url, host, port)`` runs it with uvicorn.
+Imported lazily so that ``megacoach.app.models`` (tables) does not pull in the web stack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["create_app", "serve", "create_admin", "AppSettings"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("create_app", "serve", "create_admin"):
+        from megacoach.app import server
+
+        return getattr(server, name)
+    if name == "AppSettings":
+        from megacoach.app.settings import AppSettings
+
+        return AppSettings
+    raise AttributeError(name)

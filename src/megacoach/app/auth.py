@@ -1,0 +1,354 @@
+"""People and access: log-in sessions, invitations, API tokens, roles and permissions.
+
+Who may do what (``PERMISSIONS``):
+- ``label``        take items and submit labels/skips: labelers, admins, programs (mock labelers);
+- ``andon``        pull the Andon cord: people (labelers and admins);
+- ``read_labels``  read every label (export, the trainer's pulls): admins and programs (API tokens);
+- ``admin``        people, invitations, tokens, guidelines, audit log, dashboard: admins only.
+
+Sessions and tokens are random secrets; only their SHA-256 is stored. Sessions end after
+``session_ttl_s`` or ``session_idle_s`` without a request; every session has its own CSRF token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+import unicodedata
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Optional
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+
+from megacoach.app.errors import AppError, BadInput, Conflict, Forbidden, NotFound, NotLoggedIn, TooMany
+from megacoach.app.models import ApiTokenRow, InvitationRow, WebSessionRow
+from megacoach.app.security import Passwords, hash_secret, new_api_token, new_secret, password_problem
+from megacoach.app.settings import AppSettings
+from megacoach.labels.schema import LabelerRow, utcnow
+from megacoach.labels.store import LabelStore
+
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "label": frozenset({"admin", "labeler", "program"}),
+    "andon": frozenset({"admin", "labeler"}),
+    "read_labels": frozenset({"admin", "program"}),
+    "admin": frozenset({"admin"}),
+}
+INVITABLE_ROLES = ("labeler", "admin")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is making a request."""
+
+    id: int
+    name: str
+    role: str  # admin | labeler | program
+    kind: str  # person | program
+    via: str  # session | token
+    csrf: Optional[str] = None  # the session's CSRF token (sessions only)
+    session_id: Optional[int] = None
+    token_id: Optional[int] = None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def can(self, permission: str) -> bool:
+        return self.role in PERMISSIONS[permission]
+
+    def require(self, permission: str) -> "Principal":
+        if not self.can(permission):
+            what = {
+                "admin": "admin pages and data are for admins only",
+                "read_labels": "reading all labels needs an admin account or an API token",
+                "andon": "only people can pull the Andon cord",
+                "label": "this account cannot label",
+            }[permission]
+            raise Forbidden(f"{self.name} ({self.role}): {what}")
+        return self
+
+
+def clean_name(name: object, what: str = "name", max_chars: int = 200) -> str:
+    """A display/account name: trimmed, 1..max_chars printable characters."""
+    if not isinstance(name, str):
+        raise BadInput(f"{what}: expected text")
+    name = unicodedata.normalize("NFC", name).strip()
+    if not name:
+        raise BadInput(f"{what}: must not be empty")
+    if len(name) > max_chars:
+        raise BadInput(f"{what}: at most {max_chars} characters")
+    if any(unicodedata.category(ch).startswith("C") for ch in name):
+        raise BadInput(f"{what}: control characters are not allowed")
+    return name
+
+
+class Auth:
+    """Sessions, invitations and API tokens on top of the label store."""
+
+    def __init__(self, store: LabelStore, settings: AppSettings, passwords: Optional[Passwords] = None) -> None:
+        self.store = store
+        self.settings = settings
+        self.passwords = passwords or Passwords.from_settings(settings)
+        self.throttle = LoginThrottle(settings.login_failures_before_lock, settings.login_lock_s)
+
+    # ----- passwords and log-in ---------------------------------------------------------------
+    def authenticate(self, name: str, password: str) -> Principal:
+        """The person with this name and password; AppError (401/429) otherwise."""
+        key = name.strip().lower()
+        self.throttle.check(key)
+        with self.store.session(write=False) as s:
+            row = s.scalar(select(LabelerRow).where(LabelerRow.name == name.strip()))
+            stored = row.password_hash if row is not None else None
+            ok = self.passwords.verify(stored, password)
+            if not ok or row is None or row.kind != "person" or not row.active:
+                self.throttle.fail(key)
+                raise AppError("wrong name or password (or the account is deactivated)", 401)
+            principal = Principal(row.id, row.name, row.role, row.kind, "session")
+            needs_rehash = self.passwords.needs_rehash(stored or "")
+        if needs_rehash:
+            self.store.update_labeler(principal.id, password_hash=self.passwords.hash(password))
+        self.throttle.success(key)
+        return principal
+
+    def start_session(self, who: Principal) -> tuple[str, Principal]:
+        """A new log-in for ``who``: the cookie value (secret) and the principal with its CSRF token."""
+        secret = new_secret()
+        csrf = new_secret()
+        now = utcnow()
+        with self.store.session() as s, s.begin():
+            # Expired sessions of this person are dropped on the way.
+            s.execute(delete(WebSessionRow).where(WebSessionRow.labeler_id == who.id, WebSessionRow.expires_at <= now))
+            row = WebSessionRow(
+                token_hash=hash_secret(secret),
+                labeler_id=who.id,
+                csrf_token=csrf,
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + dt.timedelta(seconds=self.settings.session_ttl_s),
+            )
+            s.add(row)
+            s.flush()
+            sid = row.id
+        return secret, Principal(who.id, who.name, who.role, who.kind, "session", csrf=csrf, session_id=sid)
+
+    def resolve_session(self, secret: str) -> Principal:
+        """The principal of a session cookie; NotLoggedIn(expired=True) when it ended."""
+        if not secret or len(secret) > 200:
+            raise NotLoggedIn("your session has ended; log in again", expired=True)
+        now = utcnow()
+        with self.store.session(write=False) as s:
+            found = s.execute(
+                select(WebSessionRow, LabelerRow)
+                .join(LabelerRow, LabelerRow.id == WebSessionRow.labeler_id)
+                .where(WebSessionRow.token_hash == hash_secret(secret))
+            ).first()
+            if found is None:
+                raise NotLoggedIn("your session has ended (logged out or expired); log in again", expired=True)
+            sess, lab = found
+            idle = (now - sess.last_seen_at).total_seconds()
+            expired = sess.expires_at <= now or idle > self.settings.session_idle_s
+            principal = Principal(lab.id, lab.name, lab.role, lab.kind, "session", csrf=sess.csrf_token,
+                                  session_id=sess.id)
+            active = bool(lab.active)
+            touch = idle > 60
+        if expired or not active:
+            self.end_session(principal.session_id)
+            if not active:
+                raise NotLoggedIn("this account is deactivated", expired=True)
+            raise NotLoggedIn("your session expired; log in again", expired=True)
+        if touch:
+            with self.store.session() as s, s.begin():
+                s.execute(
+                    WebSessionRow.__table__.update()
+                    .where(WebSessionRow.id == principal.session_id)
+                    .values(last_seen_at=now)
+                )
+        return principal
+
+    def end_session(self, session_id: Optional[int]) -> None:
+        if session_id is None:
+            return
+        with self.store.session() as s, s.begin():
+            s.execute(delete(WebSessionRow).where(WebSessionRow.id == session_id))
+
+    def end_all_sessions(self, labeler_id: int) -> None:
+        with self.store.session() as s, s.begin():
+            s.execute(delete(WebSessionRow).where(WebSessionRow.labeler_id == labeler_id))
+
+    # ----- API tokens --------------------------------------------------------------------------
+    def resolve_token(self, raw: str) -> Principal:
+        if not raw or len(raw) > 200:
+            raise NotLoggedIn("API token missing or malformed (Authorization: Bearer <token>)")
+        now = utcnow()
+        with self.store.session(write=False) as s:
+            found = s.execute(
+                select(ApiTokenRow, LabelerRow)
+                .join(LabelerRow, LabelerRow.id == ApiTokenRow.labeler_id)
+                .where(ApiTokenRow.token_hash == hash_secret(raw))
+            ).first()
+            if found is None:
+                raise NotLoggedIn("API token unknown")
+            tok, lab = found
+            if tok.revoked_at is not None:
+                raise NotLoggedIn("API token revoked")
+            if not lab.active:
+                raise NotLoggedIn(f"API token owner {lab.name!r} is deactivated")
+            principal = Principal(lab.id, lab.name, lab.role, lab.kind, "token", token_id=tok.id)
+            touch = tok.last_used_at is None or (now - tok.last_used_at).total_seconds() > 60
+        if touch:
+            with self.store.session() as s, s.begin():
+                s.execute(ApiTokenRow.__table__.update().where(ApiTokenRow.id == principal.token_id).values(last_used_at=now))
+        return principal
+
+    def create_api_token(self, owner: str, token_name: str, kind: Optional[str] = None) -> tuple[str, dict]:
+        """A new API token for account ``owner``. A missing owner is created as a program account
+        (for the trainer, scripts and mock labelers). Returns the token (shown once) and its info."""
+        owner = clean_name(owner, "account")
+        token_name = clean_name(token_name or owner, "token name")
+        existing = self.store.get_labeler(owner)
+        if existing is None:
+            existing = self.store.get_or_create_labeler(owner, kind=kind or "program")
+        if not existing.active:
+            raise Conflict(f"account {owner!r} is deactivated")
+        raw = new_api_token()
+        with self.store.session() as s, s.begin():
+            row = ApiTokenRow(token_hash=hash_secret(raw), name=token_name, labeler_id=existing.id)
+            s.add(row)
+            s.flush()
+            info = dict(id=row.id, name=token_name, owner=existing.name, role=existing.role)
+        return raw, info
+
+    def revoke_api_token(self, token_id: int) -> dict:
+        with self.store.session() as s, s.begin():
+            row = s.get(ApiTokenRow, token_id)
+            if row is None:
+                raise NotFound(f"API token {token_id}: no such token")
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return dict(id=row.id, name=row.name)
+
+    def api_tokens(self) -> list[dict]:
+        with self.store.session(write=False) as s:
+            rows = s.execute(
+                select(ApiTokenRow, LabelerRow.name).join(LabelerRow, LabelerRow.id == ApiTokenRow.labeler_id)
+                .order_by(ApiTokenRow.id)
+            ).all()
+            return [
+                dict(id=t.id, name=t.name, owner=owner, created_at=t.created_at, last_used_at=t.last_used_at,
+                     revoked=t.revoked_at is not None)
+                for t, owner in rows
+            ]
+
+    # ----- invitations -------------------------------------------------------------------------
+    def create_invitation(self, name: str, role: str, created_by: str) -> tuple[str, dict]:
+        """An invitation for a new person; returns the secret token (for the link) and its info."""
+        name = clean_name(name)
+        if role not in INVITABLE_ROLES:
+            raise BadInput(f"role: expected one of {', '.join(INVITABLE_ROLES)}, got {role!r}")
+        if self.store.get_labeler(name) is not None:
+            raise Conflict(f"an account called {name!r} already exists")
+        raw = new_secret()
+        now = utcnow()
+        with self.store.session() as s, s.begin():
+            row = InvitationRow(token_hash=hash_secret(raw), name=name, role=role, created_by=created_by,
+                                created_at=now, expires_at=now + dt.timedelta(seconds=self.settings.invite_ttl_s))
+            s.add(row)
+            s.flush()
+            info = dict(id=row.id, name=name, role=role, expires_at=row.expires_at)
+        return raw, info
+
+    def invitation(self, raw: str) -> dict:
+        """The open invitation behind a link; 404 unknown, 410 used or expired."""
+        with self.store.session(write=False) as s:
+            row = s.scalar(select(InvitationRow).where(InvitationRow.token_hash == hash_secret(raw or "")))
+            if row is None:
+                raise NotFound("this invitation link is not valid (mistyped, or never issued)")
+            if row.used_at is not None:
+                raise AppError("this invitation was already used; log in instead", 410)
+            if row.expires_at <= utcnow():
+                raise AppError("this invitation expired; ask an admin for a new one", 410)
+            return dict(id=row.id, name=row.name, role=row.role, expires_at=row.expires_at)
+
+    def accept_invitation(self, raw: str, password: str) -> Principal:
+        """Create the invited person's account with this password (the invitation is used up)."""
+        info = self.invitation(raw)
+        problem = password_problem(password, info["name"], self.settings.min_password_chars)
+        if problem:
+            raise BadInput(problem)
+        pw_hash = self.passwords.hash(password)
+        now = utcnow()
+        try:
+            with self.store.session() as s, s.begin():
+                row = s.get(InvitationRow, info["id"])
+                if row is None or row.used_at is not None:
+                    raise AppError("this invitation was already used; log in instead", 410)
+                if s.scalar(select(LabelerRow.id).where(LabelerRow.name == row.name)) is not None:
+                    raise Conflict(f"an account called {row.name!r} already exists")
+                lab = LabelerRow(name=row.name, kind="person", role=row.role, password_hash=pw_hash, active=True)
+                s.add(lab)
+                s.flush()
+                row.used_at = now
+                row.labeler_id = lab.id
+                principal = Principal(lab.id, lab.name, lab.role, lab.kind, "session")
+        except IntegrityError:
+            raise Conflict(f"an account called {info['name']!r} already exists") from None
+        return principal
+
+    def invitations(self) -> list[dict]:
+        with self.store.session(write=False) as s:
+            rows = s.scalars(select(InvitationRow).order_by(InvitationRow.id.desc()).limit(200)).all()
+            now = utcnow()
+            return [
+                dict(id=r.id, name=r.name, role=r.role, created_by=r.created_by, created_at=r.created_at,
+                     state="used" if r.used_at else ("expired" if r.expires_at <= now else "open"))
+                for r in rows
+            ]
+
+    def admin_exists(self) -> bool:
+        with self.store.session(write=False) as s:
+            n = s.scalar(select(func.count(LabelerRow.id)).where(
+                LabelerRow.role == "admin", LabelerRow.active, LabelerRow.password_hash.is_not(None)))
+            return bool(n)
+
+    def set_password(self, name: str, password: str) -> None:
+        problem = password_problem(password, name, self.settings.min_password_chars)
+        if problem:
+            raise BadInput(problem)
+        self.store.update_labeler(name, password_hash=self.passwords.hash(password))
+
+
+class LoginThrottle:
+    """Refuses log-ins for an account name after too many recent failures (in memory, per process)."""
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._fails: dict[str, deque[float]] = defaultdict(deque)
+        self._lock = threading.Lock()
+
+    def _prune(self, key: str, now: float) -> deque[float]:
+        q = self._fails[key]
+        while q and now - q[0] > self.window_s:
+            q.popleft()
+        return q
+
+    def check(self, key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            q = self._prune(key, now)
+            if len(q) >= self.max_failures:
+                wait = int(self.window_s - (now - q[0])) + 1
+                raise TooMany(f"too many failed log-ins for this account; try again in {wait} s")
+
+    def fail(self, key: str) -> None:
+        with self._lock:
+            self._prune(key, time.monotonic()).append(time.monotonic())
+            if len(self._fails) > 10_000:  # bound memory against name spraying
+                self._fails.clear()
+
+    def success(self, key: str) -> None:
+        with self._lock:
+            self._fails.pop(key, None)

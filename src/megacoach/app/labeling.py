@@ -1,0 +1,147 @@
+"""What a human evaluator does: get the next item, label it, skip it; their own progress."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from sqlalchemy import func, select
+
+from megacoach.app.auth import Principal
+from megacoach.app.errors import BadInput, Conflict, NotFound
+from megacoach.app.metrics import quantile
+from megacoach.app.settings import AppSettings
+from megacoach.errors import DataError
+from megacoach.labels.assignment import Assigner, shown_order
+from megacoach.labels.schema import ComparisonRow, SkipRow, utcnow
+from megacoach.labels.store import DuplicateLabelError, LabelStore
+
+
+@dataclass(frozen=True)
+class ShownItem:
+    """An item as one labeler sees it: continuations in their shown order."""
+
+    item_id: int
+    k: int
+    prompt: str
+    continuations: list[str]  # in shown order (position 1..K)
+    shown_order: list[int]  # shown position -> canonical index
+    expires_at: dt.datetime
+
+
+class Labeling:
+    def __init__(self, store: LabelStore, settings: AppSettings, assigner: Assigner) -> None:
+        self.store = store
+        self.settings = settings
+        self.assigner = assigner
+
+    def next_item(self, who: Principal) -> Optional[ShownItem]:
+        got = self.assigner.next_item(who.id)
+        if got is None:
+            return None
+        (content,) = self.store.item_contents([got.item_id])
+        texts = [content.samples[c].text for c in got.shown_order]
+        return ShownItem(got.item_id, got.k, content.query.text, texts, got.shown_order, got.expires_at)
+
+    def submit(self, who: Principal, item_id: int, position: int, *, client_elapsed_s: Optional[float] = None,
+               flagged: bool = False, note: Optional[str] = None, confidence: Optional[int] = None) -> dict:
+        """Record a label: ``position`` is the 1-based position the labeler picked in their shown order."""
+        note = self._text(note, "note")
+        if confidence is not None and not 1 <= confidence <= 5:
+            raise BadInput("confidence: expected 1..5")
+        item = self.store.get_item(item_id)
+        if item is None:
+            raise NotFound(f"item {item_id}: no such item")
+        if not 1 <= position <= item.k:
+            raise BadInput(f"choice: expected a position 1..{item.k}, got {position}")
+        now = utcnow()
+        with self.store.session(write=False) as s:
+            lock = self.assigner.current_lock(s, who.id, item_id)
+            locked_at = lock.locked_at if lock is not None else None
+            done = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
+                                                          ComparisonRow.labeler_id == who.id))
+        if done is not None:
+            raise Conflict(f"item {item_id}: you already labeled it (label {done}); take the next item")
+        if locked_at is None:
+            raise Conflict(f"item {item_id} is not assigned to you (its hold may have been released); "
+                           "take the next item")
+        server_s = max(0.0, (now - locked_at).total_seconds())
+        taken = server_s
+        if client_elapsed_s is not None and math.isfinite(client_elapsed_s) and client_elapsed_s >= 0:
+            taken = min(client_elapsed_s, server_s + 1.0)  # the page's own clock, never beyond the server's
+        too_fast = taken < self.settings.too_fast_s
+        order = shown_order(who.id, item_id, item.k)
+        chosen = order[position - 1]
+        try:
+            with self.store.transaction():
+                rec = self.store.add_comparison(
+                    item_id, chosen, who.id, shown_order=order, time_taken_s=round(taken, 3), flagged=flagged,
+                    note=note, too_fast=too_fast, confidence=confidence)
+                detail = dict(item_id=item_id, comparison_id=rec.id, chosen=chosen, position=position,
+                              time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version)
+                self.store.append_audit(who.name, "label", detail)
+                if flagged:
+                    self.store.append_audit(who.name, "flag", dict(item_id=item_id, comparison_id=rec.id, note=note))
+        except DuplicateLabelError:
+            raise Conflict(f"item {item_id}: you already labeled it; take the next item") from None
+        except DataError as e:
+            raise BadInput(str(e)) from None
+        with self.store.session() as s, s.begin():
+            self.assigner.release(s, who.id, item_id)
+        return dict(comparison_id=rec.id, item_id=item_id, chosen=chosen, position=position, too_fast=too_fast,
+                    time_taken_s=round(taken, 3), flagged=flagged, guideline_version=rec.guideline_version)
+
+    def skip(self, who: Principal, item_id: int, reason: str) -> dict:
+        """Skip an item with a reason: it goes back to the queue for someone else."""
+        reason = self._text(reason, "reason") or ""
+        if not reason.strip():
+            raise BadInput("reason: say why you skip (choose a reason or type one)")
+        if self.store.get_item(item_id) is None:
+            raise NotFound(f"item {item_id}: no such item")
+        with self.store.session(write=False) as s:
+            if self.assigner.current_lock(s, who.id, item_id) is None:
+                raise Conflict(f"item {item_id} is not assigned to you; take the next item")
+            if s.scalar(select(SkipRow.id).where(SkipRow.item_id == item_id, SkipRow.labeler_id == who.id)):
+                raise Conflict(f"item {item_id}: you already skipped it")
+        try:
+            with self.store.transaction():
+                rec = self.store.add_skip(item_id, who.id, reason)
+                self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason))
+        except DataError as e:
+            raise BadInput(str(e)) from None
+        with self.store.session() as s, s.begin():
+            self.assigner.release(s, who.id, item_id)
+        return dict(skip_id=rec.id, item_id=item_id, reason=reason)
+
+    def progress(self, who: Principal) -> dict:
+        now = utcnow()
+        with self.store.session(write=False) as s:
+            mine = ComparisonRow.labeler_id == who.id
+            total = s.scalar(select(func.count(ComparisonRow.id)).where(mine)) or 0
+            last_hour = s.scalar(select(func.count(ComparisonRow.id)).where(
+                mine, ComparisonRow.created_at > now - dt.timedelta(hours=1))) or 0
+            today = s.scalar(select(func.count(ComparisonRow.id)).where(
+                mine, ComparisonRow.created_at > now - dt.timedelta(hours=24))) or 0
+            flagged = s.scalar(select(func.count(ComparisonRow.id)).where(mine, ComparisonRow.flagged)) or 0
+            too_fast = s.scalar(select(func.count(ComparisonRow.id)).where(mine, ComparisonRow.too_fast)) or 0
+            times = [t for t in s.scalars(select(ComparisonRow.time_taken_s).where(mine).order_by(
+                ComparisonRow.id.desc()).limit(500)) if t is not None]
+            skips = s.scalar(select(func.count(SkipRow.id)).where(SkipRow.labeler_id == who.id)) or 0
+            available = self.assigner.available_count(who.id, session=s)
+        return dict(labeler=who.name, labels_total=int(total), labels_last_hour=int(last_hour),
+                    labels_today=int(today), flagged_total=int(flagged), too_fast_total=int(too_fast),
+                    skips_total=int(skips), median_time_s=quantile(times, 0.5), available=int(available))
+
+    def _text(self, value: Optional[str], what: str) -> Optional[str]:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise BadInput(f"{what}: expected text")
+        if len(value) > self.settings.max_text_chars:
+            raise BadInput(f"{what}: at most {self.settings.max_text_chars} characters")
+        if "\x00" in value:
+            raise BadInput(f"{what}: NUL characters are not allowed")
+        value = value.strip()
+        return value or None

@@ -1,0 +1,146 @@
+"""ASGI middleware: a request body limit, same-origin checks on writes, and security headers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+UNSAFE = {"POST", "PUT", "PATCH", "DELETE"}
+
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
+
+
+async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
+    """A plain 4xx answer (JSON for /api and scripts, a short HTML page for browsers)."""
+    path = scope.get("path", "")
+    accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
+    if path.startswith("/api/") or "text/html" not in accept:
+        body = json.dumps({"detail": message}).encode()
+        ctype = b"application/json"
+    else:
+        from markupsafe import escape
+
+        body = (f"<!doctype html><meta charset=utf-8><title>{status}</title>"
+                f"<h1>Request refused ({status})</h1><p>{escape(message)}</p><p><a href=\"/\">Home</a></p>").encode()
+        ctype = b"text/html; charset=utf-8"
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413 (declared or streamed), before the app
+    parses anything. The body is buffered (it is small) and replayed to the app."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        too_big = f"request body too large: at most {self.max_bytes} bytes"
+        if declared is not None:
+            try:
+                if int(declared) > self.max_bytes:
+                    await _refuse(scope, send, 413, too_big)
+                    return
+            except ValueError:
+                await _refuse(scope, send, 400, "bad Content-Length header")
+                return
+        if scope.get("method") not in UNSAFE:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await _refuse(scope, send, 413, too_big)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        data = b"".join(chunks)
+        sent = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": data, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class SameOrigin:
+    """Refuses cross-site writes: an unsafe method whose Origin (or Sec-Fetch-Site) says another site.
+    Requests without those headers (scripts, the trainer) pass; they still need a token or CSRF."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope.get("method") in UNSAFE:
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
+            origin = headers.get(b"origin", b"").decode("latin-1")
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            if site == "cross-site":
+                await _refuse(scope, send, 403, "cross-site request refused")
+                return
+            if origin and origin != "null":
+                if urlsplit(origin).netloc.lower() != host:
+                    await _refuse(scope, send, 403, f"cross-origin request from {origin} refused")
+                    return
+            elif origin == "null":
+                await _refuse(scope, send, 403, "request from an opaque origin refused")
+                return
+        await self.app(scope, receive, send)
+
+
+class SecurityHeaders:
+    """Adds CSP, no-sniff, frame and referrer headers to every response; no caching of pages."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = scope.get("path", "").startswith("/static/")
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                present = {k.lower() for k, _ in headers}
+                extra = [
+                    (b"content-security-policy", CSP.encode()),
+                    (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"),
+                    (b"referrer-policy", b"same-origin"),
+                    (b"cross-origin-opener-policy", b"same-origin"),
+                ]
+                if not static:
+                    extra.append((b"cache-control", b"no-store"))
+                headers += [(k, v) for k, v in extra if k not in present]
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

@@ -1,0 +1,428 @@
+"""Server-rendered pages for people: log-in, invitation, labeling, progress, Andon cord, admin."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Optional
+
+from fastapi import APIRouter, Depends, Form, Path, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
+from markupsafe import Markup
+
+from megacoach.app import andon as andon_mod
+from megacoach.app.auth import Principal, clean_name
+from megacoach.app.core import (
+    MAX_ID,
+    PRE_COOKIE,
+    SESSION_COOKIE,
+    check_csrf,
+    check_pre_csrf,
+    guideline_view,
+    page_admin,
+    page_labeler,
+    page_user,
+    render,
+    render_pre,
+    safe_next,
+    session_principal,
+    state_of,
+)
+from megacoach.app.dashboard import dashboard, sparkline
+from megacoach.app.errors import AppError, BadInput, NotLoggedIn
+from megacoach.app.export import export_lines
+from megacoach.errors import DataError
+
+router = APIRouter(include_in_schema=False)
+
+ID = Path(..., ge=1, le=MAX_ID)
+
+
+def _redirect(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _set_session_cookie(request: Request, resp: RedirectResponse, secret: str) -> None:
+    s = state_of(request).settings
+    resp.set_cookie(SESSION_COOKIE, secret, httponly=True, samesite="lax", secure=s.secure_cookies, path="/",
+                    max_age=s.session_ttl_s)
+    resp.delete_cookie(PRE_COOKIE, path="/")
+
+
+# ----- entry, log-in, invitation ------------------------------------------------------------------
+
+@router.get("/")
+def home(request: Request) -> RedirectResponse:
+    try:
+        who = session_principal(request)
+    except NotLoggedIn:
+        who = None
+    if who is None:
+        return _redirect("/login")
+    return _redirect("/admin" if who.is_admin else "/label")
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = Query("/", max_length=500), expired: int = Query(0, ge=0, le=1)):
+    try:
+        if session_principal(request) is not None:
+            return _redirect(safe_next(next))
+    except NotLoggedIn:
+        expired = 1
+    flash = dict(kind="err", text="Your session expired or ended; log in again.") if expired else None
+    resp = render_pre(request, "login.html", dict(title="Log in", next_url=safe_next(next), name=""), flash=flash)
+    if expired:
+        resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+@router.post("/login")
+def login_submit(request: Request, name: str = Form("", max_length=200), password: str = Form("", max_length=1024),
+                 csrf_token: str = Form("", max_length=200), next: str = Form("/", max_length=500)):
+    st = state_of(request)
+    check_pre_csrf(request, csrf_token)
+    try:
+        who = st.auth.authenticate(name, password)
+    except AppError as e:
+        st.store.append_audit(name.strip()[:200] or "?", "login_failed", dict(reason=e.message))
+        return render_pre(request, "login.html", dict(title="Log in", next_url=safe_next(next), name=name),
+                          status=e.status, flash=dict(kind="err", text=e.message))
+    secret, who = st.auth.start_session(who)
+    st.store.append_audit(who.name, "login", dict(via="password"))
+    resp = _redirect(safe_next(next))
+    _set_session_cookie(request, resp, secret)
+    return resp
+
+
+@router.post("/logout")
+def logout(request: Request, who: Principal = Depends(page_user), csrf_token: str = Form("", max_length=200)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    st.auth.end_session(who.session_id)
+    st.store.append_audit(who.name, "logout", {})
+    resp = _redirect("/login")
+    resp.delete_cookie(SESSION_COOKIE, path="/")
+    return resp
+
+
+@router.get("/invite/{token}")
+def invite_page(request: Request, token: str = Path(..., max_length=200)):
+    st = state_of(request)
+    info = st.auth.invitation(token)
+    return render_pre(request, "invite.html", dict(title="Accept invitation", invite_name=info["name"],
+                                                    invite_role=info["role"], token=token,
+                                                    min_chars=st.settings.min_password_chars))
+
+
+@router.post("/invite/{token}")
+def invite_submit(request: Request, token: str = Path(..., max_length=200), password: str = Form("", max_length=1024),
+                  password2: str = Form("", max_length=1024), csrf_token: str = Form("", max_length=200)):
+    st = state_of(request)
+    check_pre_csrf(request, csrf_token)
+    info = st.auth.invitation(token)
+    if password != password2:
+        return render_pre(request, "invite.html", dict(title="Accept invitation", invite_name=info["name"],
+                                                        invite_role=info["role"], token=token,
+                                                        min_chars=st.settings.min_password_chars),
+                          status=422, flash=dict(kind="err", text="the two passwords differ"))
+    try:
+        who = st.auth.accept_invitation(token, password)
+    except BadInput as e:
+        return render_pre(request, "invite.html", dict(title="Accept invitation", invite_name=info["name"],
+                                                        invite_role=info["role"], token=token,
+                                                        min_chars=st.settings.min_password_chars),
+                          status=422, flash=dict(kind="err", text=e.message))
+    st.store.append_audit(who.name, "invite_accept", dict(invitation_id=info["id"], role=who.role))
+    secret, who = st.auth.start_session(who)
+    st.store.append_audit(who.name, "login", dict(via="invitation"))
+    resp = _redirect("/")
+    _set_session_cookie(request, resp, secret)
+    return resp
+
+
+# ----- labeling -------------------------------------------------------------------------------------
+
+def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) -> Optional[dict]:
+    if saved:
+        return dict(kind="ok", text="Label saved." + (" (That was quick: labels under the time threshold are "
+                                                      "marked too fast.)" if result == "fast" else ""))
+    if skipped:
+        return dict(kind="ok", text="Skipped; the item goes to someone else.")
+    if andon:
+        return dict(kind="ok", text="Thank you: your Andon pull is recorded.")
+    return None
+
+
+@router.get("/label", response_class=HTMLResponse)
+def label_page(request: Request, who: Principal = Depends(page_labeler), saved: int = Query(0, ge=0, le=1),
+               skipped: int = Query(0, ge=0, le=1), result: Optional[str] = Query(None, max_length=10)):
+    st = state_of(request)
+    shown = st.labeling.next_item(who)
+    progress = st.labeling.progress(who)
+    guideline, guideline_html = guideline_view(st)
+    ctx = dict(title="Label", item=shown, prompt=shown.prompt if shown else "",
+               choices=shown.continuations if shown else [], progress=progress, guideline=guideline,
+               guideline_html=guideline_html, skip_reasons=st.settings.skip_reasons,
+               max_chars=st.settings.max_text_chars)
+    return render(request, "label.html", ctx, who=who, flash=_label_flash(saved, skipped, 0, result))
+
+
+def _elapsed(elapsed_ms: str) -> Optional[float]:
+    try:
+        v = float(elapsed_ms)
+    except (TypeError, ValueError):
+        return None
+    return v / 1000.0 if 0 <= v < 1e9 else None
+
+
+@router.post("/label")
+def label_submit(request: Request, who: Principal = Depends(page_labeler), csrf_token: str = Form("", max_length=200),
+                 item_id: int = Form(..., ge=1, le=MAX_ID), choice: int = Form(..., ge=1, le=100),
+                 elapsed_ms: str = Form("", max_length=30), flagged: str = Form("", max_length=10),
+                 note: str = Form("", max_length=100_000)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    out = st.labeling.submit(who, item_id, choice, client_elapsed_s=_elapsed(elapsed_ms),
+                             flagged=flagged in ("1", "on", "true"), note=note or None)
+    return _redirect("/label?saved=1" + ("&result=fast" if out["too_fast"] else ""))
+
+
+@router.post("/skip")
+def skip_submit(request: Request, who: Principal = Depends(page_labeler), csrf_token: str = Form("", max_length=200),
+                item_id: int = Form(..., ge=1, le=MAX_ID), reason_choice: str = Form("", max_length=10),
+                reason_text: str = Form("", max_length=100_000)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    reasons = st.settings.skip_reasons
+    parts = []
+    if reason_choice:
+        try:
+            idx = int(reason_choice)
+        except ValueError:
+            raise BadInput("reason_choice: expected a number") from None
+        if not 1 <= idx <= len(reasons):
+            raise BadInput(f"reason_choice: expected 1..{len(reasons)}")
+        parts.append(reasons[idx - 1])
+    if reason_text.strip():
+        parts.append(reason_text.strip())
+    st.labeling.skip(who, item_id, ": ".join(parts))
+    return _redirect("/label?skipped=1")
+
+
+@router.get("/guidelines", response_class=HTMLResponse)
+def guidelines_page(request: Request, who: Principal = Depends(page_user)):
+    guideline, html = guideline_view(state_of(request))
+    return render(request, "guidelines.html", dict(title="Guidelines", guideline=guideline, guideline_html=html), who=who)
+
+
+@router.get("/progress", response_class=HTMLResponse)
+def progress_page(request: Request, who: Principal = Depends(page_user)):
+    p = state_of(request).labeling.progress(who)
+    return render(request, "progress.html", dict(title="My progress", p=p), who=who)
+
+
+# ----- Andon cord -------------------------------------------------------------------------------------
+
+@router.get("/andon", response_class=HTMLResponse)
+def andon_page(request: Request, who: Principal = Depends(page_user), pulled: int = Query(0, ge=0, le=1)):
+    st = state_of(request)
+    who.require("andon")
+    s = andon_mod.state(st.store, st.settings)
+    flash = dict(kind="ok", text="Thank you: your pull is recorded. Admins have been alerted.") if pulled else None
+    return render(request, "andon.html", dict(title="Andon cord", run_id=s.run_id, pulls=s.people, needed=s.needed,
+                                             max_chars=st.settings.max_text_chars), who=who, flash=flash)
+
+
+@router.post("/andon")
+def andon_submit(request: Request, who: Principal = Depends(page_user), csrf_token: str = Form("", max_length=200),
+                 reason: str = Form("", max_length=100_000)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    who.require("andon")
+    reason = st.labeling._text(reason, "reason") or ""
+    if not reason:
+        raise BadInput("reason: say what is wrong with the output")
+    andon_mod.pull(st.store, st.settings, who, reason)
+    return _redirect("/andon?pulled=1")
+
+
+# ----- admin ------------------------------------------------------------------------------------------
+
+@router.get("/admin", response_class=HTMLResponse)
+def admin_dashboard(request: Request, who: Principal = Depends(page_admin), cleared: int = Query(0, ge=0, le=1)):
+    st = state_of(request)
+    d = dashboard(st.store, st.settings, st.assigner)
+    charts = dict(
+        hourly=Markup(sparkline([float(x) for x in d["labels_per_hour_24h"]])),
+        wins=Markup(sparkline([w["pct"] for w in d["win_rate"]], hi=100.0, half_line=50.0)) if d["win_rate"] else "",
+        canary=Markup(sparkline([c["pct"] for c in d["canary"]], hi=100.0)) if d["canary"] else "",
+    )
+    flash = dict(kind="ok", text="Andon pulls cleared.") if cleared else None
+    return render(request, "admin_dashboard.html", dict(title="Dashboard", d=d, charts=charts), who=who, flash=flash)
+
+
+def _people_page(request: Request, who: Principal, created: Optional[dict] = None, status: int = 200,
+                 flash: Optional[dict] = None) -> HTMLResponse:
+    st = state_of(request)
+    return render(request, "admin_people.html", dict(
+        title="People", labelers=st.store.labelers(), invitations=st.auth.invitations(), tokens=st.auth.api_tokens(),
+        created=created, max_chars=200), who=who, status=status, flash=flash)
+
+
+@router.get("/admin/people", response_class=HTMLResponse)
+def admin_people(request: Request, who: Principal = Depends(page_admin)):
+    return _people_page(request, who)
+
+
+def _public_base(request: Request) -> str:
+    s = state_of(request).settings
+    return (s.public_url or str(request.base_url)).rstrip("/")
+
+
+@router.post("/admin/invites", response_class=HTMLResponse)
+def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                 name: str = Form("", max_length=1000), role: str = Form("labeler", max_length=20)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    token, info = st.auth.create_invitation(name, role, who.name)
+    st.store.append_audit(who.name, "invite", dict(name=info["name"], role=info["role"], invitation_id=info["id"]))
+    link = f"{_public_base(request)}/invite/{token}"
+    return _people_page(request, who, created=dict(kind="invite", name=info["name"], secret=link,
+                                                   expires_at=info["expires_at"]))
+
+
+@router.post("/admin/labelers/{labeler_id}/active")
+def admin_set_active(request: Request, labeler_id: int = ID, who: Principal = Depends(page_admin),
+                     csrf_token: str = Form("", max_length=200), active: int = Form(..., ge=0, le=1)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    _set_active(st, who, labeler_id, bool(active))
+    return _redirect("/admin/people")
+
+
+def _set_active(st, who: Principal, labeler_id: int, active: bool) -> dict:
+    from megacoach.app.errors import Conflict, NotFound
+
+    lab = st.store.get_labeler(labeler_id)
+    if lab is None:
+        raise NotFound(f"labeler {labeler_id}: no such labeler")
+    if lab.id == who.id and not active:
+        raise Conflict("you cannot deactivate your own account")
+    rec = st.store.update_labeler(labeler_id, active=active)
+    if not active:
+        st.auth.end_all_sessions(labeler_id)
+    st.store.append_audit(who.name, "activate" if active else "deactivate", dict(labeler=rec.name))
+    return dict(id=rec.id, name=rec.name, active=rec.active)
+
+
+@router.post("/admin/tokens", response_class=HTMLResponse)
+def admin_token(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                owner: str = Form("", max_length=1000), token_name: str = Form("", max_length=1000)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    raw, info = st.auth.create_api_token(owner, token_name or owner)
+    st.store.append_audit(who.name, "token_create", dict(owner=info["owner"], name=info["name"], token_id=info["id"]))
+    return _people_page(request, who, created=dict(kind="token", name=f"{info['name']} ({info['owner']})", secret=raw))
+
+
+@router.post("/admin/tokens/{token_id}/revoke")
+def admin_token_revoke(request: Request, token_id: int = ID, who: Principal = Depends(page_admin),
+                       csrf_token: str = Form("", max_length=200)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    info = st.auth.revoke_api_token(token_id)
+    st.store.append_audit(who.name, "token_revoke", dict(token_id=token_id, name=info["name"]))
+    return _redirect("/admin/people")
+
+
+@router.get("/admin/guidelines", response_class=HTMLResponse)
+def admin_guidelines(request: Request, who: Principal = Depends(page_admin), saved: int = Query(0, ge=0, le=1)):
+    st = state_of(request)
+    current, html = guideline_view(st)
+    flash = dict(kind="ok", text="New guideline version published.") if saved else None
+    return render(request, "admin_guidelines.html", dict(
+        title="Edit guidelines", current=current, current_html=html, versions=list(reversed(st.store.guidelines())),
+        suggested=_next_version(current.version if current else None), max_chars=st.settings.max_guideline_chars),
+        who=who, flash=flash)
+
+
+def _next_version(v: Optional[str]) -> str:
+    if not v:
+        return "1"
+    head, _, tail = v.rpartition(".")
+    if tail.isdigit():
+        return f"{head}.{int(tail) + 1}" if head else str(int(tail) + 1)
+    return v + ".1"
+
+
+def publish_guideline(st, who: Principal, version: str, markdown: str) -> dict:
+    version = clean_name(version, "version", 100)
+    if not isinstance(markdown, str) or not markdown.strip():
+        raise BadInput("markdown: the guidelines must not be empty")
+    if len(markdown) > st.settings.max_guideline_chars:
+        raise BadInput(f"markdown: at most {st.settings.max_guideline_chars} characters")
+    if "\x00" in markdown:
+        raise BadInput("markdown: NUL characters are not allowed")
+    if st.store.get_guideline(version) is not None:
+        from megacoach.app.errors import Conflict
+
+        raise Conflict(f"guideline version {version!r} exists already; versions never change, choose a new one")
+    try:
+        rec = st.store.set_guideline(version, markdown, created_by=who.name)
+    except DataError as e:
+        raise BadInput(str(e)) from None
+    st.store.append_audit(who.name, "guideline", dict(version=rec.version, chars=len(markdown)))
+    return dict(version=rec.version, created_at=rec.created_at.isoformat(), created_by=rec.created_by)
+
+
+@router.post("/admin/guidelines")
+def admin_guidelines_submit(request: Request, who: Principal = Depends(page_admin),
+                            csrf_token: str = Form("", max_length=200), version: str = Form("", max_length=1000),
+                            markdown: str = Form("", max_length=1_000_000)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    publish_guideline(st, who, version, markdown)
+    return _redirect("/admin/guidelines?saved=1")
+
+
+@router.get("/admin/audit", response_class=HTMLResponse)
+def admin_audit(request: Request, who: Principal = Depends(page_admin),
+                action: Optional[str] = Query(None, max_length=200), before_id: Optional[int] = Query(None, ge=1, le=MAX_ID)):
+    st = state_of(request)
+    entries = recent_audit(st, action, before_id, 200)
+    return render(request, "admin_audit.html", dict(title="Audit log", entries=entries, action=action or ""), who=who)
+
+
+def recent_audit(st, action: Optional[str], before_id: Optional[int], limit: int) -> list:
+    """The newest audit entries (before ``before_id``), newest first."""
+    from sqlalchemy import select
+
+    from megacoach.labels.schema import AuditRow
+
+    with st.store.session(write=False) as s:
+        q = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+        if action:
+            q = q.where(AuditRow.action == action)
+        if before_id:
+            q = q.where(AuditRow.id < before_id)
+        return [dict(id=r.id, at=r.at, actor=r.actor, action=r.action, detail=r.detail) for r in s.scalars(q)]
+
+
+@router.get("/admin/export.jsonl")
+def admin_export(request: Request, who: Principal = Depends(page_admin),
+                 kind: Optional[str] = Query(None, pattern="^(person|program)$"),
+                 split: Optional[str] = Query(None, pattern="^(train|valid)$")):
+    st = state_of(request)
+    st.store.append_audit(who.name, "export", dict(via="page", labeler_kind=kind, split=split))
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return StreamingResponse(export_lines(st.store, labeler_kind=kind, split=split), media_type="application/x-ndjson",
+                             headers={"content-disposition": f'attachment; filename="labels-{stamp}.jsonl"'})
+
+
+@router.post("/admin/andon/clear")
+def admin_andon_clear(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                      note: str = Form("", max_length=100_000), resume: str = Form("", max_length=10)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    note = st.labeling._text(note, "note") or ""
+    andon_mod.clear(st.store, st.settings, who, note, resume in ("1", "on", "true"))
+    return _redirect("/admin?cleared=1")
