@@ -847,6 +847,32 @@ class LabelStore:
 
     # -- comparisons (labels) ----------------------------------------------------------------------
 
+    @staticmethod
+    def _check_label_extras(where: str, time_taken_s: Any, note: Any, confidence: Any, created_at: Any) -> None:
+        if time_taken_s is not None and (not isinstance(time_taken_s, numbers.Real) or isinstance(time_taken_s, bool)
+                                         or not math.isfinite(time_taken_s) or time_taken_s < 0):
+            raise DataError(f"{where}time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
+        if confidence is not None:
+            _check_int(confidence, f"{where}confidence", 0)
+        if note is not None and not isinstance(note, str):
+            raise DataError(f"{where}note: expected a string or None, got {type(note).__name__}")
+        if created_at is not None and (not isinstance(created_at, dt.datetime) or created_at.tzinfo is None):
+            raise DataError(f"{where}created_at: expected a timezone-aware datetime, got {created_at!r}")
+
+    @staticmethod
+    def _label_values(item: ItemRow, lab: LabelerRow, where: str, chosen: Any, shown_order: Any,
+                      guideline_version: str, time_taken_s: Any, flagged: Any, note: Any, too_fast: Any,
+                      confidence: Any, created_at: Optional[dt.datetime]) -> dict[str, Any]:
+        values = dict(
+            item_id=item.id, chosen=_check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
+            shown_order=check_shown_order(shown_order, item.k, f"{where}item {item.id}: shown_order"),
+            labeler_id=lab.id, labeler_kind=lab.kind, guideline_version=str(guideline_version),
+            time_taken_s=None if time_taken_s is None else float(time_taken_s), flagged=bool(flagged), note=note,
+            too_fast=bool(too_fast), confidence=None if confidence is None else int(confidence), split=item.split)
+        if created_at is not None:
+            values["created_at"] = created_at
+        return values
+
     def add_comparison(self, item_id: int, chosen: int, labeler: LabelerRef, *,
                        shown_order: Optional[Sequence[int]] = None, guideline_version: Optional[str] = None,
                        time_taken_s: Optional[float] = None, flagged: bool = False, note: Optional[str] = None,
@@ -855,33 +881,23 @@ class LabelStore:
 
         shown_order: shown position -> canonical index (identity if None). guideline_version: defaults
         to the latest guideline ("" if none). A second label by the same labeler -> DuplicateLabelError."""
-        if time_taken_s is not None and (not isinstance(time_taken_s, numbers.Real) or isinstance(time_taken_s, bool)
-                                         or not math.isfinite(time_taken_s) or time_taken_s < 0):
-            raise DataError(f"time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
-        if confidence is not None:
-            _check_int(confidence, "confidence", 0)
-        if note is not None and not isinstance(note, str):
-            raise DataError(f"note: expected a string or None, got {type(note).__name__}")
+        self._check_label_extras("", time_taken_s, note, confidence, None)
         with self._write("add a label") as s:
             item = s.get(ItemRow, item_id)
             if item is None:
                 raise DataError(f"item {item_id}: no such item")
-            chosen = _check_int(chosen, f"item {item_id}: chosen", 0, item.k - 1)
-            order = check_shown_order(shown_order, item.k, f"item {item_id}: shown_order")
             lab = self._labeler_row(s, labeler)
+            if guideline_version is None:
+                latest = self._latest_guideline_row(s)
+                guideline_version = latest.version if latest is not None else ""
+            values = self._label_values(item, lab, "", chosen, shown_order, guideline_version, time_taken_s, flagged,
+                                        note, too_fast, confidence, None)
             prior = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
                                                             ComparisonRow.labeler_id == lab.id))
             if prior is not None:
                 raise DuplicateLabelError(f"item {item_id} already has a label from labeler {lab.name!r} "
                                           f"(comparison {prior}); one label per item and labeler")
-            if guideline_version is None:
-                latest = self._latest_guideline_row(s)
-                guideline_version = latest.version if latest is not None else ""
-            row = ComparisonRow(item_id=item_id, chosen=chosen, shown_order=order, labeler_id=lab.id,
-                                labeler_kind=lab.kind, guideline_version=str(guideline_version),
-                                time_taken_s=None if time_taken_s is None else float(time_taken_s),
-                                flagged=bool(flagged), note=note, too_fast=bool(too_fast), confidence=confidence,
-                                split=item.split)
+            row = ComparisonRow(**values)
             try:
                 with s.begin_nested():
                     s.add(row)
@@ -889,6 +905,67 @@ class LabelStore:
                 raise DuplicateLabelError(f"item {item_id} already has a label from labeler {lab.name!r}; "
                                           f"one label per item and labeler ({e.orig})") from e
             return self._comparison_records(s, [(row, item, lab.name)])[0]
+
+    def add_comparisons(self, labels: Sequence[dict[str, Any]]) -> list[int]:
+        """Many labels in one transaction with a bulk insert (importers). Each dict has add_comparison's
+        argument names (item_id, chosen, labeler, shown_order, ...) plus an optional aware `created_at`.
+        Any bad or doubled label -> DataError / DuplicateLabelError naming it, and nothing is written.
+        Returns the new comparison ids in order."""
+        allowed = {"item_id", "chosen", "labeler", "shown_order", "guideline_version", "time_taken_s", "flagged",
+                   "note", "too_fast", "confidence", "created_at"}
+        for i, spec in enumerate(labels):
+            unknown = set(spec) - allowed
+            if unknown:
+                raise DataError(f"label {i}: unknown field(s) {', '.join(sorted(unknown))}")
+            for req in ("item_id", "chosen", "labeler"):
+                if req not in spec:
+                    raise DataError(f"label {i}: missing field {req!r}")
+            self._check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
+                                     spec.get("confidence"), spec.get("created_at"))
+        if not labels:
+            return []
+        with self._write("add labels") as s:
+            item_ids = sorted({_check_int(x["item_id"], f"label {i}: item_id", 1) for i, x in enumerate(labels)})
+            items: dict[int, ItemRow] = {}
+            taken: set[tuple[int, int]] = set()
+            for chunk in _chunks(item_ids):
+                items.update({r.id: r for r in s.scalars(select(ItemRow).where(ItemRow.id.in_(chunk)))})
+                taken.update((a, b) for a, b in s.execute(
+                    select(ComparisonRow.item_id, ComparisonRow.labeler_id).where(ComparisonRow.item_id.in_(chunk))))
+            latest = self._latest_guideline_row(s)
+            default_version = latest.version if latest is not None else ""
+            labelers: dict[Any, LabelerRow] = {}
+            params = []
+            for i, x in enumerate(labels):
+                where = f"label {i}: "
+                item = items.get(x["item_id"])
+                if item is None:
+                    raise DataError(f"{where}item {x['item_id']}: no such item")
+                ref = x["labeler"]
+                key = ref.id if isinstance(ref, LabelerRecord) else ref
+                if key not in labelers:
+                    try:
+                        labelers[key] = self._labeler_row(s, ref)
+                    except DataError as e:
+                        raise DataError(f"{where}{e}") from None
+                lab = labelers[key]
+                if (item.id, lab.id) in taken:
+                    raise DuplicateLabelError(f"{where}item {item.id} already has a label from labeler {lab.name!r}; "
+                                              "one label per item and labeler")
+                taken.add((item.id, lab.id))
+                version = x.get("guideline_version")
+                params.append(self._label_values(
+                    item, lab, where, x["chosen"], x.get("shown_order"),
+                    default_version if version is None else version, x.get("time_taken_s"), x.get("flagged", False),
+                    x.get("note"), x.get("too_fast", False), x.get("confidence"), x.get("created_at")))
+            now = utcnow()
+            for p in params:
+                p.setdefault("created_at", now)
+            try:
+                return list(s.scalars(insert(ComparisonRow).returning(ComparisonRow.id, sort_by_parameter_order=True),
+                                      params))
+            except sa_exc.IntegrityError as e:
+                raise DuplicateLabelError(f"labels: one label per item and labeler ({e.orig})") from e
 
     def _comparison_records(self, s: Session, rows: list[tuple[ComparisonRow, ItemRow, str]]) -> list[ComparisonRecord]:
         queries = self._queries_by_id(s, {it.query_id for _, it, _ in rows})
