@@ -22,9 +22,22 @@ is refused. Every write is one transaction; plain dataclass records (never ORM o
     with store.transaction():                                   # several writes, all or nothing
         ...
 
-Lower-level pieces: add_query / add_samples / add_item; add_skip; items_without_labels /
-item_contents; append_audit / audit_entries (append-only); pull_andon / andon_pulls;
-set_run_status / get_run_status; set_guideline / latest_guideline.
+    store.create_items([dict(query_text=..., query_token_ids=..., samples=[...], batch=...), ...])  # bulk
+    store.add_comparisons([dict(item_id=..., chosen=..., labeler="alice", shown_order=...), ...])  # bulk
+
+Lower-level pieces: add_query / add_samples / add_item; add_skip / skips; items / get_item /
+items_without_labels / item_contents; labelers / get_labeler / update_labeler; append_audit /
+audit_entries (append-only); pull_andon / andon_pulls; set_run_status / get_run_status /
+run_statuses; set_guideline / latest_guideline / get_guideline; session() for in-package queries.
+
+The CLI's `megacoach label auto / export / import`:
+
+    from megacoach.labels.labelers import load_labeler, label_items
+    from megacoach.labels.io import export_jsonl, export_dataset, import_labels
+    label_items(store, load_labeler("vader:noise=0.7"), batch=None, seed=0)   # -> AutoLabelResult
+    export_jsonl(store, "labels.jsonl", split=None)                            # -> rows written
+    export_dataset(store, "labels_ds")                                         # datasets.Dataset
+    import_labels(store, "offline_5k.json", tokenizer)   # OpenAI best-of-K (.json) or our .jsonl
 
 Errors: bad input -> `DataError` (a doubled label -> `DuplicateLabelError`, a DataError); the database
 cannot be opened / is locked / is newer than this code -> `StoreError`. Nothing is half-written.
