@@ -57,7 +57,7 @@ def _active_pulls(s, run_id: Optional[str]) -> list[tuple[AndonPullRow, str]]:
          .where(run_cond).order_by(AndonPullRow.id))
     if last_clear is not None:
         q = q.where(AndonPullRow.at > last_clear)
-    return list(s.execute(q).tuples())
+    return [tuple(r) for r in s.execute(q)]
 
 
 def state(store: LabelStore, settings: AppSettings) -> AndonState:

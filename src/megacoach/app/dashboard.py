@@ -33,7 +33,7 @@ def label_facts(store: LabelStore, person_only: bool = True, limit: int = MAX_FA
              .order_by(ComparisonRow.id.desc()).limit(limit))
         if person_only:
             q = q.where(ComparisonRow.labeler_kind == "person")
-        rows = s.execute(q).tuples().all()
+        rows = [tuple(r) for r in s.execute(q)]
         sample_ids = sorted({sid for _, it in rows for sid in it.sample_ids})
         samples: dict[int, tuple[Optional[int], dt.datetime]] = {}
         for i in range(0, len(sample_ids), 500):
@@ -66,7 +66,7 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
         labelers = {r.id: r for r in s.scalars(select(LabelerRow))}
         n_items = s.scalar(select(func.count(ItemRow.id))) or 0
         n_labels_all = s.scalar(select(func.count(ComparisonRow.id))) or 0
-        skips_by = dict(s.execute(select(SkipRow.labeler_id, func.count(SkipRow.id)).group_by(SkipRow.labeler_id)).tuples().all())
+        skips_by = dict(s.execute(select(SkipRow.labeler_id, func.count(SkipRow.id)).group_by(SkipRow.labeler_id)).all())
         queue = assigner.queue_length(session=s)
     hourly = per_hour((f.created_at for f in facts), now, 24)
     lat = latencies_s([f for f in facts if (now - f.created_at) <= dt.timedelta(days=7)])
