@@ -150,3 +150,32 @@ def test_load_rejects_other_tokenizer(rm, tiny_model_dir, tmp_path):
 def test_load_bad_folder(tmp_path):
     with pytest.raises(DataError, match="not a saved Values Coach"):
         RewardModel.from_pretrained(tmp_path)
+
+
+def test_shared_query_equals_full_sequences(rm):
+    """best_of_k computes each query once for its K responses: same rewards and gradients as the full pass."""
+    import random
+
+    from megacoach.reward.data import Comparison, comparison_batch, comparison_tensors
+
+    rng = random.Random(0)
+    comps = [Comparison([rng.randrange(2, 300) for _ in range(rng.randint(3, 9))],
+                        [[rng.randrange(2, 300) for _ in range(rng.randint(1, 6))] for _ in range(4)], 0)
+             for _ in range(5)]
+    comps.append(Comparison([5, 6, 7], [[8], [], [9, 10], [11]], 0))  # an empty response: read at the query's end
+    ids, _ = comparison_batch(comps, rm.pad_id)
+    queries, responses, _ = comparison_tensors(comps, rm.pad_id)
+    assert responses.shape[:2] == (6, 4)
+    w = rm.trunk.h[0].attn.c_attn.weight
+    full = rm.raw(ids).view(6, 4)
+    shared = rm.raw_best_of_k(queries, responses)
+    assert torch.allclose(full, shared, atol=1e-5)
+    g_full = torch.autograd.grad(full.sum(), w)[0]
+    g_shared = torch.autograd.grad(rm.raw_best_of_k(queries, responses).sum(), w)[0]
+    assert torch.allclose(g_full, g_shared, atol=1e-4)
+    with torch.no_grad():
+        rm.set_normalisation(2.0, 1.0)
+        try:
+            assert torch.allclose(rm.best_of_k(queries, responses), 2.0 * shared.detach() + 1.0, atol=1e-5)
+        finally:
+            rm.set_normalisation(1.0, 0.0)

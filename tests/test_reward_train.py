@@ -11,6 +11,7 @@ from megacoach.config import RewardConfig
 from megacoach.errors import DataError
 from megacoach.reward import (Comparison, RewardModel, as_comparison, comparison_batch, evaluate,
                               retrain_from_scratch, train_reward_model)
+from megacoach.reward.train import batch_rewards
 
 GOOD = 77  # the "preferred" token: the chosen sample ends with it, no other sample contains it
 
@@ -44,6 +45,14 @@ def test_comparison_batch_layout():
     assert ids2.tolist() == [[5, 6, 7, 1], [5, 6, 8, 9]]
 
 
+def test_batch_rewards_shared_query_matches_full(model):
+    comps = synthetic(6, seed=11)
+    with torch.no_grad():
+        a, ca = batch_rewards(model, comps, 1, share_query=True)
+        b, cb = batch_rewards(model, comps, 1, share_query=False)
+    assert torch.allclose(a, b, atol=1e-5) and torch.equal(ca, cb)
+
+
 def test_as_comparison_adapts_records():
     c = as_comparison({"query": [1, 2], "samples": [[3], [4]], "best": 1})
     assert c == Comparison([1, 2], [[3], [4]], 1)
@@ -66,8 +75,8 @@ def test_training_learns_and_reports(model):
     finally:
         hook.remove()
     assert m["steps"] == 8 and m["num_train"] == 96 and m["k"] == 4  # exactly one epoch
-    # training passes: one forward of B*K = 48 sequences per step (after the normalisation passes)
-    assert calls.count(48) >= 8
+    # training passes: per step, one forward of the B = 12 queries, then one of all B*K = 48 responses
+    assert calls.count(12) >= 8 and calls.count(48) >= 8
     assert m["valid_accuracy"] > 0.6 > before["accuracy"] + 0.1  # chance is 0.25
     assert m["valid_loss"] < before["loss"]
     assert m["train_examples_per_s"] > 0 and 0 <= m["train_accuracy"] <= 1

@@ -113,6 +113,25 @@ def sequences_tensor(queries: Sequence[Sequence[int]], responses: Sequence[Seque
     return out
 
 
+def comparison_tensors(comparisons: Sequence[Comparison], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(queries [B, Q] left-padded, responses [B, K, R] right-padded, chosen [B]): the shared-query layout."""
+    qs = [_strip(c.query_ids, pad_id, "left") for c in comparisons]
+    rs = [[_strip(s, pad_id, "right") for s in c.sample_ids] for c in comparisons]
+    k = max((len(c.sample_ids) for c in comparisons), default=0)
+    tq = max((len(q) for q in qs), default=0)
+    tr = max((len(s) for group in rs for s in group), default=0)
+    queries = torch.full((len(qs), tq), pad_id, dtype=torch.long)
+    responses = torch.full((len(qs), k, tr), pad_id, dtype=torch.long)
+    for b, (q, group) in enumerate(zip(qs, rs)):
+        if q:
+            queries[b, tq - len(q):] = torch.tensor(q, dtype=torch.long)
+        for j, s in enumerate(group):
+            if s:
+                responses[b, j, :len(s)] = torch.tensor(s, dtype=torch.long)
+    chosen = torch.tensor([c.chosen for c in comparisons], dtype=torch.long)
+    return queries, responses, chosen
+
+
 def comparison_batch(comparisons: Sequence[Comparison], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids [B*K, T], chosen [B]) with rows ordered comparison-major: row b*K + k is sample k of b."""
     queries = [c.query_ids for c in comparisons for _ in c.sample_ids]

@@ -8,6 +8,8 @@ As in the paper's reference code (ORIG):
   attention mask and shifted position ids of `lm_inputs` padding changes nothing;
 - the output is normalised: score = gain * raw + bias, with gain and bias non-trainable buffers set so that
   samples of the initial policy score mean 0, std 1 (normalize.py). Training uses the normalised output.
+- `best_of_k(queries, responses)` scores K responses per query computing each query once (a KV cache
+  repeated K times, differentiably): the same rewards as the full sequences at about half the cost.
 
 Saved in the Hugging Face style (`save_pretrained` / `RewardModel.from_pretrained`):
   config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel)
@@ -26,12 +28,13 @@ import torch
 from torch import nn
 
 from megacoach.errors import ConfigError, DataError
-from megacoach.lm.padding import lm_inputs
+from megacoach.lm.padding import lm_inputs, position_ids_from_mask
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 FORMAT = "megacoach-values-coach"
 FORMAT_VERSION = 1
+_CACHE_KW = "cache"  # transformers >= 5.2x names the KV cache `cache` (formerly `past_key_values`)
 _DROPOUT_ATTRS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout",
                   "summary_first_dropout")
 
@@ -122,9 +125,42 @@ class RewardModel(nn.Module):
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, d]
         return self.head(last).squeeze(-1).float()
 
+    def raw_best_of_k(self, queries: torch.Tensor, responses: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+        """[B, K] raw rewards of K responses per query, the query computed ONCE and shared by its K responses.
+
+        queries [B, Q] left-padded; responses [B, K, R] right-padded (pad after truncation). Equal to `raw`
+        on the concatenated sequences (tested), at about half the cost for 64-token queries and 24-token
+        responses: the query's keys and values are computed once and repeated K times (differentiably)."""
+        pad = self.pad_id if pad_id is None else pad_id
+        queries, responses = queries.to(self.device), responses.to(self.device)
+        B, K, R = responses.shape
+        qmask = (queries != pad).long()
+        out = self.trunk(input_ids=queries, attention_mask=qmask, position_ids=position_ids_from_mask(qmask),
+                         use_cache=True)
+        cache = out.get("cache", out.get("past_key_values"))
+        cache.batch_repeat_interleave(K)
+        r = responses.reshape(B * K, R)
+        rmask = (r != pad).long()
+        qlen = qmask.sum(dim=1).repeat_interleave(K)
+        rpos = qlen[:, None] + rmask.cumsum(dim=1) - rmask
+        mask = torch.cat([qmask.repeat_interleave(K, dim=0), rmask], dim=1)
+        hidden = self.trunk(input_ids=r, attention_mask=mask, position_ids=rpos, use_cache=True,
+                            **{_CACHE_KW: cache}).last_hidden_state  # [B*K, R, d]
+        rows = torch.arange(B * K, device=hidden.device)
+        last = hidden[rows, last_real_index(r, pad)]
+        empty = rmask.sum(dim=1) == 0  # no response token: the last real token is the query's last
+        if empty.any():
+            q_last = out.last_hidden_state[:, -1].repeat_interleave(K, dim=0)
+            last = torch.where(empty[:, None], q_last, last)
+        return self.head(last).squeeze(-1).float().view(B, K)
+
     def forward(self, input_ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """[B] normalised scores gain * raw + bias (what PPO adds on the last response token)."""
         return self.gain * self.raw(input_ids, pad_id) + self.bias
+
+    def best_of_k(self, queries: torch.Tensor, responses: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+        """[B, K] normalised scores of K responses [B, K, R] per left-padded query [B, Q] (query computed once)."""
+        return self.gain * self.raw_best_of_k(queries, responses, pad_id) + self.bias
 
     def score(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """[B] normalised scores of left-padded queries [B, Q] and (truncated, right-padded) responses [B, R]."""

@@ -3,7 +3,8 @@
 - exactly `cfg.epochs` pass(es) over the training comparisons (paper: 1), in a seeded random order;
 - Adam (eps `cfg.adam_eps`, paper 1e-5), learning rate `cfg.learning_rate` decayed linearly to 0:
   step i of n uses lr * (1 - i / n); batches of `cfg.batch_size` comparisons (the last may be smaller);
-- all K sequences of a batch go through the model in one forward pass; loss = softmax cross-entropy over
+- all K sequences of a batch go through the model in one forward pass (each query computed once and
+  shared by its K responses: `RewardModel.best_of_k`); loss = softmax cross-entropy over
   the K normalised rewards (loss.py); no dropout;
 - normalisation before and after training on samples of the initial policy (normalize.py);
 - held-out accuracy and loss measured at the end, on the normalised model as it is saved.
@@ -22,7 +23,7 @@ import torch
 
 from megacoach.config import RewardConfig
 from megacoach.errors import DataError
-from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, labels_from_store,
+from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, comparison_tensors, labels_from_store,
                                    validate_comparisons)
 from megacoach.reward.loss import best_of_k_loss
 from megacoach.reward.model import RewardModel
@@ -36,10 +37,16 @@ def _vocab_size(model: RewardModel) -> int | None:
     return emb.num_embeddings if emb is not None else None
 
 
-def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(normalised rewards [B, K], chosen [B]) of a batch, all B*K sequences in one forward pass."""
-    ids, chosen = comparison_batch(comparisons, pad_id)
-    rewards = model(ids, pad_id).view(len(comparisons), -1)
+def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id: int,
+                  share_query: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normalised rewards [B, K], chosen [B]) of a batch: all B*K sequences in one forward pass; with
+    share_query (default) each query is computed once for its K responses (same rewards, ~half the cost)."""
+    if share_query:
+        queries, responses, chosen = comparison_tensors(comparisons, pad_id)
+        rewards = model.best_of_k(queries, responses, pad_id)
+    else:
+        ids, chosen = comparison_batch(comparisons, pad_id)
+        rewards = model(ids, pad_id).view(len(comparisons), -1)
     return rewards, chosen.to(rewards.device)
 
 
