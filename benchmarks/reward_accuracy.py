@@ -65,7 +65,7 @@ def collect(policy, tok, task, n: int, k: int, labeler_spec: str, seed: int, sam
     gen = torch.Generator().manual_seed(seed + 13)
     rng = random.Random(seed + 17)
     sampler.continuations(queries[:1], 1, torch.Generator().manual_seed(0))  # warm-up (first calls are slow), untimed
-    comps, t_sample, t_label = [], 0.0, 0.0
+    comps, t_sample, t_label, ceiling = [], 0.0, 0.0, []
     chunk = 512
     for start in range(0, n, chunk):
         part = queries[start:start + chunk]
@@ -73,14 +73,18 @@ def collect(policy, tok, task, n: int, k: int, labeler_spec: str, seed: int, sam
         groups = sampler.continuations(part, k, gen, batch_size=sample_batch)
         t1 = time.perf_counter()
         for q, group in zip(part, groups):
-            chosen = labeler.choose(q.text, [c.text for c in group], rng)
+            texts = [c.text for c in group]
+            chosen = labeler.choose(q.text, texts, rng)
             comps.append(Comparison(list(q.token_ids), [list(c.response_ids) for c in group], int(chosen)))
+            scores = labeler.scores(q.text, texts) if hasattr(labeler, "scores") else None
+            if scores is not None:  # ties at the top are a coin flip: no model can beat 1/(number tied)
+                ceiling.append(1.0 / sum(x == max(scores) for x in scores))
         t2 = time.perf_counter()
         t_sample += t1 - t0
         t_label += t2 - t1
         log(f"human evaluators ({labeler.name}): {len(comps)}/{n} comparisons "
             f"({len(comps) / (t_sample + t_label):.1f}/s: sampling {t_sample:.0f}s, labeling {t_label:.1f}s)")
-    return comps, t_sample, t_label
+    return comps, t_sample, t_label, (sum(ceiling) / len(ceiling) if ceiling else None)
 
 
 def main(argv=None) -> int:
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
     try:
         task_kw = {k: v for k, v in {"query_length": args.query_length, "response_length": args.response_length}.items()
                    if v is not None}
+        if "query_length" in task_kw:  # built-in excerpts must fit: at least half the query length
+            task_kw["query_min_tokens"] = min(TaskConfig().query_min_tokens, max(1, task_kw["query_length"] // 2))
         task = TaskConfig(**task_kw)
         rcfg = RewardConfig(**{k: v for k, v in {"learning_rate": args.lr, "batch_size": args.batch_size,
                                                  "epochs": args.epochs,
@@ -113,9 +119,12 @@ def main(argv=None) -> int:
             f"held-out {args.valid}, sizes {sizes}; task: query {task.query_length}, response {task.response_length}, "
             f"temperature {task.temperature}, truncate {task.truncate_token!r} after {task.truncate_after}; "
             f"reward: lr {rcfg.learning_rate}, batch {rcfg.batch_size}, epochs {rcfg.epochs}")
-        comps, t_sample, t_label = collect(policy, tok, task, n_total, args.k, args.labeler, args.seed,
+        comps, t_sample, t_label, ceiling = collect(policy, tok, task, n_total, args.k, args.labeler, args.seed,
                                            args.sample_batch, say)
         labels_per_s = len(comps) / (t_sample + t_label)
+        if ceiling is not None:
+            say(f"labeler ties: a Values Coach that knew the labeler's scores exactly would reach {ceiling:.3f} "
+                "(exact ties at the top are broken at random)")
         valid, pool = comps[:args.valid], comps[args.valid:]
         # normalisation samples: query + truncated response of the initial policy (one sample per comparison)
         norm_src = pool[-rcfg.normalize_samples:] if len(pool) >= rcfg.normalize_samples else pool
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     for r in results:
         say(f"{r['comparisons']:>11}  {r['valid_accuracy']:>8.3f}  {r['valid_loss']:>7.4f}  {r['train_loss']:>10.4f}  "
             f"{r['train_examples_per_s']:>7.1f}")
-    say(f"chance {1 / args.k:.3f}; held-out {len(valid)}; labels/s {labels_per_s:.2f} (sampling {t_sample:.0f}s, "
+    say(f"chance {1 / args.k:.3f}; ceiling {ceiling if ceiling is None else round(ceiling, 3)}; held-out {len(valid)}; labels/s {labels_per_s:.2f} (sampling {t_sample:.0f}s, "
         f"VADER {t_label:.1f}s for {len(comps)}); training comparisons/s {train_eps:.1f}")
     summary = {"comparisons": [r["comparisons"] for r in results],
                "accuracy": [round(r["valid_accuracy"], 4) for r in results],
@@ -153,7 +162,7 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**summary, "per_size": results, "args": vars(args), "held_out": len(valid),
-                       "sampling_seconds": t_sample, "labeling_seconds": t_label, "torch": torch.__version__}, f, indent=2)
+                       "ceiling": ceiling, "sampling_seconds": t_sample, "labeling_seconds": t_label, "torch": torch.__version__}, f, indent=2)
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -1,0 +1,33 @@
+"""Smoke test of benchmarks/reward_accuracy.py on the tiny model: it runs end to end and its last line is
+the one JSON object the lead's tooling reads."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+
+def test_benchmark_smoke(tiny_model_dir, capsys, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
+    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--model", str(tiny_model_dir), "--sizes", "8,4", "--valid", "4", "--k", "3",
+                     "--normalize-samples", "16", "--batch-size", "4", "--query-length", "16",
+                     "--response-length", "6", "--quiet", "--out", str(tmp_path / "r.json")])
+    assert rc == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    summary = json.loads(last)
+    assert list(summary) == ["comparisons", "accuracy", "labels_per_s", "train_examples_per_s"]
+    assert summary["comparisons"] == [4, 8] and len(summary["accuracy"]) == 2
+    assert all(0 <= a <= 1 for a in summary["accuracy"])
+    assert summary["labels_per_s"] > 0 and summary["train_examples_per_s"] > 0
+    assert json.loads((tmp_path / "r.json").read_text())["per_size"][1]["steps"] == 2
+
+
+def test_benchmark_bad_model(tmp_path, capsys):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
+    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tmp_path / "nope"), "--sizes", "4", "--valid", "4"]) == 2
+    assert "error:" in capsys.readouterr().err
