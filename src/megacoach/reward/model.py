@@ -138,8 +138,10 @@ class RewardModel(nn.Module):
         out = self.trunk(input_ids=queries, attention_mask=qmask, position_ids=position_ids_from_mask(qmask),
                          use_cache=True)
         cache = out.get("cache", out.get("past_key_values"))
-        cache.batch_repeat_interleave(K)
         r = responses.reshape(B * K, R)
+        if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # a trunk without a usable KV cache
+            return self.raw(torch.cat([queries.repeat_interleave(K, dim=0), r], dim=1), pad).view(B, K)
+        cache.batch_repeat_interleave(K)
         rmask = (r != pad).long()
         qlen = qmask.sum(dim=1).repeat_interleave(K)
         rpos = qlen[:, None] + rmask.cumsum(dim=1) - rmask
