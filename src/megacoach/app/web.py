@@ -34,7 +34,6 @@ from megacoach.errors import DataError
 
 router = APIRouter(include_in_schema=False)
 
-ID = Path(..., ge=1, le=MAX_ID)
 
 
 def _redirect(url: str) -> RedirectResponse:
@@ -291,7 +290,7 @@ def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_to
 
 
 @router.post("/admin/labelers/{labeler_id}/active")
-def admin_set_active(request: Request, labeler_id: int = ID, who: Principal = Depends(page_admin),
+def admin_set_active(request: Request, labeler_id: int = Path(..., ge=1, le=MAX_ID), who: Principal = Depends(page_admin),
                      csrf_token: str = Form("", max_length=200), active: int = Form(..., ge=0, le=1)):
     st = state_of(request)
     check_csrf(who, csrf_token)
@@ -325,7 +324,7 @@ def admin_token(request: Request, who: Principal = Depends(page_admin), csrf_tok
 
 
 @router.post("/admin/tokens/{token_id}/revoke")
-def admin_token_revoke(request: Request, token_id: int = ID, who: Principal = Depends(page_admin),
+def admin_token_revoke(request: Request, token_id: int = Path(..., ge=1, le=MAX_ID), who: Principal = Depends(page_admin),
                        csrf_token: str = Form("", max_length=200)):
     st = state_of(request)
     check_csrf(who, csrf_token)
