@@ -37,16 +37,19 @@ def store_url(cfg: Config, run: RunDir) -> str:
 
 
 # ------------------------------------------------------------------------------------------ labels
-def collect_offline_labels(cfg: Config, store, sampler, labeler, run_id: str, log) -> int:
-    """Stage 2: `num_comparisons` best-of-K comparisons of the initial Apprentice, labeled into the store."""
+def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str, policy: str, log,
+                   iteration: int = 0) -> int:
+    """`labels.num_comparisons` best-of-K comparisons of `sampler`'s policy in `batch`, labeled into the store.
+
+    Resumable: what the batch already holds is kept and only the rest is collected."""
     from megacoach.labels.labelers import label_items
     from megacoach.labels.store import NewSample
     from megacoach.tasks import load_queries
 
-    have = len([c for c in store.comparisons() if c.batch == f"{run_id}/offline"])
+    have = len(store.comparisons(batch=batch))
     want = cfg.labels.num_comparisons - have
     if want <= 0:
-        log(f"human evaluators: {have} comparisons already in the store")
+        log(f"human evaluators: {have} comparisons already in the store (batch {batch!r})")
         return have
     t0 = time.time()
     queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons, cfg.run.seed + 11)[have:]
@@ -55,9 +58,9 @@ def collect_offline_labels(cfg: Config, store, sampler, labeler, run_id: str, lo
     specs = []
     for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
         split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
-        specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=f"{run_id}/offline",
+        specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=batch,
                           source="offline", run_id=run_id,
-                          samples=[NewSample(c.text, c.response_ids, policy="initial", iteration=0,
+                          samples=[NewSample(c.text, c.response_ids, policy=policy, iteration=iteration,
                                              seed=cfg.run.seed, run_id=run_id) for c in group]))
     t_sample = time.time() - t0
     contents = store.create_items(specs)
@@ -72,9 +75,7 @@ def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_lengt
     from megacoach.lm.padding import left_pad
 
     seqs = []
-    for c in store.comparisons():
-        if c.batch != f"{run_id}/offline":
-            continue
+    for c in store.comparisons(batch=f"{run_id}/offline"):
         for s in c.samples:
             seqs.append(left_pad([c.query_token_ids], pad_id, query_length)[0].tolist() + list(s.token_ids))
             if len(seqs) >= n:
@@ -143,7 +144,7 @@ def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) 
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
 
     # 2-3. the human evaluators and the Values Coach
-    collect_offline_labels(cfg, store, sampler, labeler, run_id, log)
+    collect_labels(cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log)
     coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log)
     coach.eval()
 

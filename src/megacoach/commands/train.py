@@ -15,7 +15,8 @@ from megacoach.errors import ConfigError
 def train(
     config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, model: ModelOpt = None,
     seed: SeedOpt = None, out: OutOpt = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder.")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this folder (its saved config; "
+                                                   "--config/--set may change fields, e.g. after a halt).")] = None,
     labeler: Annotated[Optional[str], typer.Option("--labeler", help="labels.labeler")] = None,
     comparisons: Annotated[Optional[int], typer.Option("--comparisons", help="labels.num_comparisons")] = None,
     episodes: Annotated[Optional[int], typer.Option("--episodes", help="ppo.total_episodes")] = None,
@@ -31,9 +32,15 @@ def train(
         base = run.load_config().model_dump(mode="json")
         from megacoach.config import _deep_merge, build_config
 
-        extra = resolve_config(config, preset, set_).model_dump(mode="json") if (config or set_) else {}
-        cfg = build_config(_deep_merge(base, {k: v for k, v in extra.items() if k != "run"}) if extra else base)
-        cfg.run.out = str(resume)
+        from megacoach.config import parse_override, read_config_file
+
+        data = base
+        if config:
+            data = _deep_merge(data, read_config_file(config))
+        for item in set_ or []:
+            data = _deep_merge(data, parse_override(item))
+        data["run"]["out"] = str(resume)  # a resumed run stays in its folder
+        cfg = build_config(data)
     else:
         cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed,
                              run__out=str(out) if out else "runs/latest", labels__labeler=labeler,
