@@ -118,6 +118,10 @@ class PPOConfig(_Section):
     whiten_rewards: bool = Field(True, description="Scale rewards per minibatch (mean kept). Paper: yes.")
     separate_value_model: bool = Field(False, description="False: value head on the policy's trunk (ORIG). "
                                        "True: a separate value network.")
+    rollout_pass: Literal["sampling", "forward"] = Field(
+        "sampling", description="Where the old log-probs and values come from. 'sampling': kept from the KV-cached "
+        "sampling pass (no second forward of the Apprentice; equal up to float rounding). 'forward': recomputed in a "
+        "separate full forward pass (the straightforward path, as ORIG).")
 
     @model_validator(mode="after")
     def _check(self):

@@ -7,7 +7,10 @@ must honour the same contract:
 - exactly `response_length` tokens are sampled per query (no early stop at EOS), from softmax(logits / T)
   with top_k = 0 and top_p = 1, and the pad token is never sampled;
 - it returns the tokens and the log-probability of each under the temperature-scaled distribution
-  (PPO's old log-probs), computed in float32.
+  (PPO's old log-probs), computed in float32;
+- with `return_hidden=True` it may also return the final hidden state that predicted each token (the
+  trainer then reads values from it); an engine that cannot returns `hidden=None`, and the trainer
+  recomputes log-probs and values in a forward pass of its own.
 """
 
 from __future__ import annotations
@@ -31,46 +34,59 @@ def _cache(out):
 class Rollout:
     responses: torch.Tensor  # [B, T] sampled token ids
     logprobs: torch.Tensor  # [B, T] log p(token) under softmax(logits / temperature)
+    hidden: torch.Tensor | None = None  # [B, T, d] final hidden state that predicted each token (if asked)
 
 
 class ResponseGenerator(Protocol):
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
-                 generator: torch.Generator | None = None) -> Rollout: ...
+                 generator: torch.Generator | None = None, return_hidden: bool = False) -> Rollout: ...
 
 
 class HFGenerator:
-    """KV-cached fixed-length sampling with any Hugging Face causal LM."""
+    """KV-cached fixed-length sampling with any Hugging Face causal LM.
+
+    Runs the model's trunk and applies the LM head only at the positions that are sampled from (the
+    query's other positions never need logits). With `return_hidden`, it also returns the final hidden
+    state that predicted each response token, so a value head on the same trunk needs no second pass."""
 
     def __init__(self, model, pad_id: int):
+        from megacoach.ppo.policy import trunk_of
+
         self.model = model
+        self.trunk = trunk_of(model)
+        self.head = model.get_output_embeddings()
         self.pad_id = pad_id
 
     @torch.inference_mode()
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
-                 generator: torch.Generator | None = None) -> Rollout:
-        B = queries.shape[0]
+                 generator: torch.Generator | None = None, return_hidden: bool = False) -> Rollout:
+        B, T = queries.shape[0], response_length
         mask = (queries != self.pad_id).long()
         pos = position_ids_from_mask(mask)
-        out = self.model(input_ids=queries, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, logits = _cache(out), out.logits[:, -1, :]
+        out = self.trunk(input_ids=queries, attention_mask=mask, position_ids=pos, use_cache=True)
+        past, h = _cache(out), out.last_hidden_state[:, -1, :]
         next_pos = pos[:, -1:] + 1
-        responses = torch.empty(B, response_length, dtype=torch.long)
-        logprobs = torch.empty(B, response_length, dtype=torch.float32)
-        for t in range(response_length):
-            scaled = logits.float() / temperature
+        responses = torch.empty(B, T, dtype=torch.long)
+        logprobs = torch.empty(B, T, dtype=torch.float32)
+        hidden = torch.empty(B, T, h.shape[-1], dtype=h.dtype) if return_hidden else None
+        full_mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype)], dim=1)
+        Q = mask.shape[1]
+        for t in range(T):
+            if hidden is not None:
+                hidden[:, t] = h
+            scaled = self.head(h).float() / temperature
             scaled[:, self.pad_id] = float("-inf")  # the pad token is never sampled
             logp = torch.log_softmax(scaled, dim=-1)
             tok = torch.multinomial(logp.exp(), 1, generator=generator)
             responses[:, t] = tok[:, 0]
             logprobs[:, t] = logp.gather(1, tok)[:, 0]
-            if t == response_length - 1:
+            if t == T - 1:
                 break
-            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype)], dim=1)
-            out = self.model(input_ids=tok, attention_mask=mask, position_ids=next_pos, use_cache=True,
-                             **{_CACHE_KW: past})
-            past, logits = _cache(out), out.logits[:, -1, :]
+            out = self.trunk(input_ids=tok, attention_mask=full_mask[:, :Q + t + 1], position_ids=next_pos,
+                             use_cache=True, **{_CACHE_KW: past})
+            past, h = _cache(out), out.last_hidden_state[:, -1, :]
             next_pos = next_pos + 1
-        return Rollout(responses, logprobs)
+        return Rollout(responses, logprobs, hidden)
 
 
 def sample_in_batches(gen: ResponseGenerator, queries: torch.Tensor, response_length: int, temperature: float,

@@ -133,18 +133,35 @@ class PPOTrainer:
             reference_logits(self.ref_lm, query_responses, self.pad_id, T, temp), responses)
         return logprobs, ref_logprobs, out.values, entropy
 
+    @torch.inference_mode()
+    def reference_logprobs(self, query_responses: torch.Tensor) -> torch.Tensor:
+        T, temp = self.cfg.task.response_length, self.cfg.task.temperature
+        return maths.logprobs_from_logits(
+            reference_logits(self.ref_lm, query_responses, self.pad_id, T, temp), query_responses[:, -T:])
+
     def rollout(self, queries: list[Query]) -> Batch:
         t = self.cfg.task
         query_ids = left_pad([q.token_ids for q in queries], self.pad_id, t.query_length)
         self.apprentice.eval()
-        roll = self.generator.generate(query_ids, t.response_length, t.temperature, self.gens["sample"])
-        truncated, valid = truncate_responses(roll.responses, self.stop_ids, t.truncate_after, self.pad_id)
-        raw_scores = self.score(query_ids, truncated)
-        logprobs, ref_logprobs, values, entropy = self.forward_old(torch.cat([query_ids, roll.responses], 1))
+        from_sampling = self.cfg.ppo.rollout_pass == "sampling" and self.apprentice.value_trunk is None
+        roll = self.generator.generate(query_ids, t.response_length, t.temperature, self.gens["sample"],
+                                       return_hidden=from_sampling)
+        from_sampling = from_sampling and roll.hidden is not None  # an engine may not return hidden states
+        responses = roll.responses.clone()  # out of inference mode: used by autograd in the update
+        truncated, valid = truncate_responses(responses, self.stop_ids, t.truncate_after, self.pad_id)
+        raw_scores = self.score(query_ids, truncated).clone()
+        qr = torch.cat([query_ids, responses], 1)
+        if from_sampling:  # old log-probs and values from the sampling pass itself
+            logprobs = roll.logprobs.clone()
+            with torch.inference_mode():
+                values = self.apprentice.value_head(roll.hidden).squeeze(-1).float()
+            values = values.clone()
+            ref_logprobs = self.reference_logprobs(qr).clone()
+        else:  # the straightforward path: one more full forward of the Apprentice
+            logprobs, ref_logprobs, values, _ = (x.clone() for x in self.forward_old(qr))
         texts = [self.tok.decode([x for x in row if x != self.pad_id]) for row in truncated.tolist()]
-        batch = Batch(queries, query_ids, roll.responses, truncated, valid, raw_scores, logprobs, ref_logprobs,
+        batch = Batch(queries, query_ids, responses, truncated, valid, raw_scores, logprobs, ref_logprobs,
                       values, texts=texts)
-        batch.entropy = entropy
         batch.path = self.reward_path(batch)
         return batch
 
