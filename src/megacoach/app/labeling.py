@@ -62,6 +62,9 @@ class Labeling:
             locked_at = lock.locked_at if lock is not None else None
             done = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
                                                           ComparisonRow.labeler_id == who.id))
+            skipped = s.scalar(select(SkipRow.id).where(SkipRow.item_id == item_id, SkipRow.labeler_id == who.id))
+        if skipped is not None:
+            raise Conflict(f"item {item_id}: you skipped it; take the next item")
         if done is not None:
             raise Conflict(f"item {item_id}: you already labeled it (label {done}); take the next item")
         if locked_at is None:
@@ -88,8 +91,7 @@ class Labeling:
             raise Conflict(f"item {item_id}: you already labeled it; take the next item") from None
         except DataError as e:
             raise BadInput(str(e)) from None
-        with self.store.session() as s, s.begin():
-            self.assigner.release(s, who.id, item_id)
+        # The lock stays until this labeler's next assignment deletes it (it no longer counts).
         return dict(comparison_id=rec.id, item_id=item_id, chosen=chosen, position=position, too_fast=too_fast,
                     time_taken_s=round(taken, 3), flagged=flagged, guideline_version=rec.guideline_version)
 
@@ -105,14 +107,15 @@ class Labeling:
                 raise Conflict(f"item {item_id} is not assigned to you; take the next item")
             if s.scalar(select(SkipRow.id).where(SkipRow.item_id == item_id, SkipRow.labeler_id == who.id)):
                 raise Conflict(f"item {item_id}: you already skipped it")
+            if s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
+                                                       ComparisonRow.labeler_id == who.id)):
+                raise Conflict(f"item {item_id}: you already labeled it")
         try:
             with self.store.transaction():
                 rec = self.store.add_skip(item_id, who.id, reason)
                 self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason))
         except DataError as e:
             raise BadInput(str(e)) from None
-        with self.store.session() as s, s.begin():
-            self.assigner.release(s, who.id, item_id)
         return dict(skip_id=rec.id, item_id=item_id, reason=reason)
 
     def progress(self, who: Principal) -> dict:
