@@ -19,7 +19,7 @@ from megacoach.app.core import MAX_ID, api_admin, api_andon, api_labeler, api_re
 from megacoach.app.dashboard import dashboard
 from megacoach.app.errors import BadInput
 from megacoach.app.export import export_lines, label_json
-from megacoach.app.web import _set_active, publish_guideline, recent_audit
+from megacoach.app.web import _set_active, publish_guideline
 
 router = APIRouter(prefix="/api")
 
@@ -37,11 +37,6 @@ class Me(BaseModel):
     kind: str
     via: str
     csrf_token: Optional[str] = None
-
-
-class Continuation(BaseModel):
-    position: int = Field(description="1-based position on the labeler's screen")
-    text: str
 
 
 class NextItem(BaseModel):

@@ -18,12 +18,14 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 
 
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
-              run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None):
+              run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
+              item_sources: Optional[list[str]] = None):
     from megacoach.app.settings import AppSettings
 
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
-                       ("too_fast_s", too_fast), ("public_url", public_url)):
+                       ("too_fast_s", too_fast), ("public_url", public_url),
+                       ("item_sources", tuple(item_sources) if item_sources else None)):
         if value is not None:
             values[key] = value
     return AppSettings.from_mapping(values)
@@ -43,11 +45,12 @@ def register(label_app: typer.Typer) -> None:
         run_id: Annotated[Optional[str], typer.Option("--run-id", help="The training run to watch (default: latest).")] = None,
         too_fast: Annotated[Optional[float], typer.Option("--too-fast", help="Seconds under which a label is marked too fast.")] = None,
         public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL used in invitation links.")] = None,
+        item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
     ):
         """Run the human evaluators' labeling app (web pages + JSON API)."""
         from megacoach.app.server import serve
 
-        serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url))
+        serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
 
     @label_app.command("create-admin")
     def create_admin_cmd(

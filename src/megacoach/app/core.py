@@ -6,7 +6,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
@@ -42,7 +41,7 @@ class AppState:
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     assigner = Assigner(lambda: store.session(write=True), overlap=settings.overlap,
-                        lock_timeout_s=settings.lock_timeout_s)
+                        lock_timeout_s=settings.lock_timeout_s, sources=settings.item_sources)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     versions = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in (HERE / "static").iterdir() if p.is_file()}
     templates.env.globals["static_url"] = lambda name: f"/static/{name}?v={versions.get(name, '0')}"
@@ -188,11 +187,6 @@ def render_pre(request: Request, name: str, context: dict[str, Any], status: int
 def guideline_view(st: AppState) -> tuple[Optional[Any], Any]:
     g = st.store.latest_guideline()
     return g, (render_markdown(g.markdown) if g else "")
-
-
-def login_url(next_path: str, expired: bool = False) -> str:
-    url = "/login?next=" + quote(next_path, safe="/")
-    return url + ("&expired=1" if expired else "")
 
 
 def safe_next(value: Optional[str]) -> str:

@@ -27,6 +27,7 @@ class AppSettings(BaseModel):
     overlap: int = Field(1, ge=1, le=50)  # minimum labels per ordinary item (items.overlap may ask more)
     andon_pulls_to_pause: int = Field(1, ge=1, le=1000)  # distinct labelers whose pull pauses training
     run_id: Optional[str] = None  # the training run the app watches; default: most recently updated
+    item_sources: Optional[tuple[str, ...]] = None  # serve only items of these sources (None: every item)
     max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413
     max_text_chars: int = Field(2000, ge=10)  # notes, reasons, names
     max_guideline_chars: int = Field(100_000, ge=100)

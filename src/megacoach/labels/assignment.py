@@ -30,7 +30,7 @@ import hashlib
 import random
 import threading
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from sqlalchemy import and_, bindparam, case, delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -75,6 +75,7 @@ class Assigner:
         lock_timeout_s: float = 900.0,
         window: int = 64,
         clock: Callable[[], dt.datetime] = utcnow,
+        sources: Optional[Sequence[str]] = None,
     ) -> None:
         if overlap < 1:
             raise ValueError("overlap must be >= 1")
@@ -83,6 +84,7 @@ class Assigner:
         self.lock_timeout = dt.timedelta(seconds=lock_timeout_s)
         self.window = window
         self.clock = clock
+        self.sources = tuple(sources) if sources else None  # only items of these sources (None: all)
         self._mutex = threading.Lock()
         # Ordinary items below ``_floor`` have all the labels they need. Label counts only grow, so
         # the floor only rises; it never passes items younger than FLOOR_GRACE (on PostgreSQL an
@@ -94,6 +96,9 @@ class Assigner:
     FLOOR_GRACE = dt.timedelta(minutes=10)
 
     # ----- queries -------------------------------------------------------------------------
+    def _source_filter(self) -> list:
+        return [ItemRow.source.in_(self.sources)] if self.sources else []
+
     def _need(self):
         return _greatest(ItemRow.overlap, self.overlap)
 
@@ -132,7 +137,7 @@ class Assigner:
             cond = and_(~is_shared, has_room, ItemRow.id >= floor)
         else:
             cond = or_(is_shared, has_room)
-        stmt = select(ItemRow.id).where(~mine_labeled, ~mine_skipped, cond).order_by(ItemRow.id)
+        stmt = select(ItemRow.id).where(~mine_labeled, ~mine_skipped, cond, *self._source_filter()).order_by(ItemRow.id)
         if limit is not None:
             stmt = stmt.limit(limit)
         self._stmts[key] = stmt
@@ -153,7 +158,8 @@ class Assigner:
         """Ordinary items still short of labels (calibration and gold items not counted)."""
         with _maybe_session(self.session_factory, session) as s:
             q = select(func.count(ItemRow.id)).where(
-                ~ItemRow.is_calibration, ~ItemRow.is_gold, ItemRow.id >= self._floor, self._labels() < self._need())
+                ~ItemRow.is_calibration, ~ItemRow.is_gold, ItemRow.id >= self._floor, self._labels() < self._need(),
+                *self._source_filter())
             return int(s.scalar(q) or 0)
 
     def current_lock(self, session: Session, labeler_id: int, item_id: int) -> Optional[ItemLockRow]:
@@ -165,7 +171,7 @@ class Assigner:
     def _raise_floor(self, s: Session, now: dt.datetime) -> None:
         first_open = s.scalar(
             select(func.min(ItemRow.id)).where(
-                ItemRow.id >= self._floor, ~ItemRow.is_calibration, ~ItemRow.is_gold,
+                ItemRow.id >= self._floor, ~ItemRow.is_calibration, ~ItemRow.is_gold, *self._source_filter(),
                 or_(self._labels() < self._need(), ItemRow.created_at > now - self.FLOOR_GRACE)))
         if first_open is None:
             first_open = (s.scalar(select(func.max(ItemRow.id))) or 0) + 1
