@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from megacoach.config import Config
+from megacoach.distributed import Dist, check_world
 from megacoach.errors import DataError
 from megacoach.lm.padding import left_pad
 from megacoach.ppo import maths, objective
@@ -80,10 +81,13 @@ class PPOTrainer:
     """Holds the models, optimiser and controllers; `iteration()` runs one PPO iteration."""
 
     def __init__(self, cfg: Config, policy_lm, ref_lm, tokenizer, values_coach,
-                 train_queries: list[Query], generator: ResponseGenerator | None = None):
+                 train_queries: list[Query], generator: ResponseGenerator | None = None, dist: Dist | None = None):
         self.cfg, self.tok = cfg, tokenizer
+        self.dist = dist or Dist.single()  # several processes: see megacoach/distributed.py
+        check_world(cfg, self.dist)
         self.pad_id = tokenizer.pad_token_id
         self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model)
+        self.dist.broadcast_module(self.apprentice)  # every replica starts from rank 0's weights
         self.ref_lm = ref_lm
         self.values_coach = values_coach
         if not train_queries:
@@ -105,7 +109,7 @@ class PPOTrainer:
             self.optimizer = torch.optim.Adam(params, lr=p.learning_rate, eps=p.adam_eps)
         decay = (lambda step: linear_decay(step, total_updates)) if p.lr_decay else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
-        self.gens = {"sample": torch.Generator().manual_seed(cfg.run.seed),
+        self.gens = {"sample": torch.Generator().manual_seed(self.dist.seed(cfg.run.seed)),  # seed + rank * 100003
                      "queries": torch.Generator().manual_seed(cfg.run.seed + 1),
                      "minibatch": torch.Generator().manual_seed(cfg.run.seed + 2)}
         self.iteration_no = 0
@@ -141,7 +145,8 @@ class PPOTrainer:
 
     def rollout(self, queries: list[Query]) -> Batch:
         t = self.cfg.task
-        query_ids = left_pad([q.token_ids for q in queries], self.pad_id, t.query_length)
+        all_query_ids = left_pad([q.token_ids for q in queries], self.pad_id, t.query_length)
+        query_ids = self.dist.shard(all_query_ids)  # this process samples its share of the global batch
         self.apprentice.eval()
         from_sampling = self.cfg.ppo.rollout_pass == "sampling" and self.apprentice.value_trunk is None
         roll = self.generator.generate(query_ids, t.response_length, t.temperature, self.gens["sample"],
@@ -159,8 +164,11 @@ class PPOTrainer:
             ref_logprobs = self.reference_logprobs(qr).clone()
         else:  # the straightforward path: one more full forward of the Apprentice
             logprobs, ref_logprobs, values, _ = (x.clone() for x in self.forward_old(qr))
+        # the global batch on every process: the reward path (whitening, KL, advantages) runs on all of it
+        responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values = self.dist.gather(
+            responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values)
         texts = [self.tok.decode([x for x in row if x != self.pad_id]) for row in truncated.tolist()]
-        batch = Batch(queries, query_ids, responses, truncated, valid, raw_scores, logprobs, ref_logprobs,
+        batch = Batch(queries, all_query_ids, responses, truncated, valid, raw_scores, logprobs, ref_logprobs,
                       values, texts=texts)
         batch.path = self.reward_path(batch)
         return batch
@@ -176,13 +184,13 @@ class PPOTrainer:
         p, T, temp = self.cfg.ppo, self.cfg.task.response_length, self.cfg.task.temperature
         qr = batch.query_responses
         B = qr.shape[0]
-        micro = p.mini_batch_size // p.gradient_accumulation_steps
+        micro = p.mini_batch_size // p.gradient_accumulation_steps // self.dist.world_size
         self.apprentice.train()
         acc: dict[str, list[float]] = {}
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.gens["minibatch"])
             for mb_start in range(0, B, p.mini_batch_size):
-                mb = order[mb_start:mb_start + p.mini_batch_size]
+                mb = self.dist.shard(order[mb_start:mb_start + p.mini_batch_size])  # this process's share
                 self.optimizer.zero_grad(set_to_none=True)
                 for mi in range(0, len(mb), micro):
                     idx = mb[mi:mi + micro]
@@ -199,10 +207,11 @@ class PPOTrainer:
                         stats["total_loss"] = loss.detach()
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
+                self.dist.reduce_gradients(self.apprentice.parameters())  # mean over processes = whole minibatch
                 self.optimizer.step()
                 self.scheduler.step()
         self.apprentice.eval()
-        return {k: float(np.mean(v)) for k, v in acc.items()}
+        return self.dist.mean_metrics({k: float(np.mean(v)) for k, v in acc.items()})
 
     # ------------------------------------------------------------------ one whole iteration
     def iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
