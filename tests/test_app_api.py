@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -327,10 +328,21 @@ def test_export_jsonl_has_provenance_and_is_audited(world):
     r = admin.get("/admin/export.jsonl")
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     (line,) = [json.loads(x) for x in r.text.splitlines()]
-    for key in ("item_id", "query", "samples", "chosen", "chosen_sample_id", "shown_order", "labeler", "batch",
-                "split", "guideline_version", "created_at", "time_taken_s", "note", "flagged", "confidence"):
+    for key in ("item", "query", "samples", "chosen", "shown_order", "labeler", "batch", "split", "guideline_version",
+                "labeled_at", "time_taken_s", "note", "flagged", "confidence", "too_fast"):
         assert key in line
     assert line["samples"][0]["policy"] == "ckpt-0" and line["samples"][0]["iteration"] == 0
+    assert line["item"]["id"] == item["item_id"] and line["labeler"] == "alice"
+    # the download imports again into a fresh store (megacoach label import)
+    from megacoach.labels.io import import_labels
+    from test_app_support import make_store
+
+    path = world.store.url.replace("sqlite:///", "").replace("labels.db", "export.jsonl")
+    open(path, "w").write(r.text)
+    fresh = make_store(Path(path).parent, "fresh.db")
+    import_labels(fresh, Path(path))
+    (again,) = fresh.comparisons()
+    assert again.sample_texts == world.store.comparisons()[0].sample_texts and again.labeler_name == "alice"
     assert world.store.audit_entries(action="export")[0].actor == "root"
 
 

@@ -157,16 +157,18 @@ def create_admin(db_url: Optional[str], name: str, password: str, settings: Sett
     """Create (or reset the password of) an admin account directly; returns its id."""
     from megacoach.app.auth import Auth, clean_name
     from megacoach.app.security import password_problem
+    from megacoach.errors import ConfigError
 
     cfg = _settings(settings)
+    try:
+        name = clean_name(name, "admin name")
+    except AppError as e:
+        raise ConfigError(e.message) from None
+    problem = password_problem(password, name, cfg.min_password_chars)
+    if problem:
+        raise ConfigError(f"admin password: {problem}")
     with LabelStore(db_url) as store:
         auth = Auth(store, cfg)
-        name = clean_name(name)
-        problem = password_problem(password, name, cfg.min_password_chars)
-        if problem:
-            from megacoach.errors import ConfigError
-
-            raise ConfigError(f"admin password: {problem}")
         existing = store.get_labeler(name)
         if existing is not None and existing.kind != "person":
             raise DataError(f"account {name!r} is a program, not a person")
