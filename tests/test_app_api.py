@@ -386,12 +386,28 @@ def test_default_single_pull_pauses(world):
     assert world.store.get_run_status("run-x").status == "paused"
 
 
-def test_guard_halt_shows_banner(world):
-    world.store.set_run_status("run-g", "halted", detail=dict(alarms=[dict(message="reward sign flipped")]))
+def test_guard_halt_shows_banner_and_alarms(world):
+    world.store.set_run_status("run-g", "halted", 7, detail=dict(
+        reason="guard sign_flip: reward sign flipped",
+        alarms=[dict(name="sign_flip", action="halt", message="reward sign flipped", figures={"r": -0.9})]))
     c = TestClient(world.app)
     login(c, "alice")
     html = c.get("/label").text
     assert "HALTED" in html and "reward sign flipped" in html
+    admin = TestClient(world.app)
+    login(admin, "root")
+    html = admin.get("/admin").text
+    assert "halt sign_flip: reward sign flipped" in html and 'class="status-halted"' in html
+
+
+def test_pause_detail_is_what_the_trainer_reads(world):
+    world.store.set_run_status("run-t", "running", 2, detail=dict(alarms=[]))
+    c = TestClient(world.app)
+    csrf = login(c, "alice")
+    c.post("/api/andon", json=dict(reason="verse turned to gibberish"), headers={"x-csrf-token": csrf})
+    run = world.store.get_run_status("run-t")
+    assert run.status == "paused" and run.detail["reason"] == "verse turned to gibberish"
+    assert run.detail["who"] == "alice" and run.detail["alarms"] == []  # the trainer's own detail is kept
 
 
 def test_dashboard_numbers(tmp_path):

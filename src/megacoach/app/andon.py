@@ -87,6 +87,9 @@ def pull(store: LabelStore, settings: AppSettings, who: Principal, reason: str) 
                     reason=reason, pulls=people, by=sorted({name for _, name in rows}), at=now.isoformat(),
                     reasons=[p.reason for p, _ in rows][-10:],
                 )
+                # top-level reason/who: what the trainer's loop reads when it finds the run paused
+                detail["reason"] = reason
+                detail["who"] = ", ".join(detail["andon"]["by"])
                 row.status = "paused"
                 row.detail = detail
                 row.updated_at = now
@@ -111,6 +114,8 @@ def clear(store: LabelStore, settings: AppSettings, who: Principal, note: str, r
                 detail = dict(row.detail or {})
                 if "andon" in detail:
                     detail["andon_cleared"] = dict(by=who.name, note=note, at=now.isoformat(), was=detail.pop("andon"))
+                    detail.pop("reason", None)
+                    detail.pop("who", None)
                 row.status = "running"
                 row.detail = detail
                 row.updated_at = now

@@ -54,6 +54,14 @@ def label_facts(store: LabelStore, person_only: bool = True, limit: int = MAX_FA
         return facts
 
 
+def _alarm_line(a: Any) -> str:
+    """A guard alarm (the guards' ``Alarm.as_dict()``, or any value) as one line."""
+    if isinstance(a, dict):
+        head = " ".join(str(a[k]) for k in ("action", "name") if a.get(k))
+        return f"{head}: {a.get('message', '')}" if head else str(a.get("message", a))
+    return str(a)
+
+
 def _pct(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(100.0 * x, 1)
 
@@ -102,8 +110,10 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
     for r in store.run_statuses()[:10]:
         detail = r.detail if isinstance(r.detail, dict) else {}
         alarms = detail.get("alarms") or detail.get("guard_alarms") or []
+        alarms = alarms if isinstance(alarms, list) else [alarms]
         runs.append(dict(run_id=r.run_id, status=r.status, iteration=r.iteration, updated_at=r.updated_at.isoformat(),
-                         alarms=alarms if isinstance(alarms, list) else [alarms], detail=detail))
+                         alarms=[_alarm_line(a) for a in alarms], reason=str(detail.get("reason") or ""),
+                         detail=detail))
     return dict(
         now=now.isoformat(),
         queue_length=int(queue),
