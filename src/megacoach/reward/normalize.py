@@ -45,8 +45,17 @@ def raw_rewards(model, sequences, batch_size: int = 64) -> torch.Tensor:
     return out
 
 
-def normalise(model, sequences, target_mean: float = 0.0, target_std: float = 1.0, batch_size: int = 64) -> dict:
-    """Set the model's gain and bias from its raw rewards on `sequences`; return the raw stats and gain/bias."""
-    gain, bias, stats = gain_bias(raw_rewards(model, sequences, batch_size), target_mean, target_std)
+def normalise(model, sequences, target_mean: float = 0.0, target_std: float = 1.0, batch_size: int = 64,
+              dist=None) -> dict:
+    """Set the model's gain and bias from its raw rewards on `sequences`; return the raw stats and gain/bias.
+    dist (megacoach.distributed.Dist): several processes each score their share of `sequences` (every one
+    passes all of them); the statistics are over all of them, the same on every process."""
+    if dist is not None and dist.distributed:
+        mine = dist.shard(sequences)
+        raw = raw_rewards(model, mine, batch_size) if len(mine) else torch.zeros(0)
+        raw = torch.cat(dist.gather_object(raw))
+    else:
+        raw = raw_rewards(model, sequences, batch_size)
+    gain, bias, stats = gain_bias(raw, target_mean, target_std)
     model.set_normalisation(gain, bias)
     return {**stats, "gain": gain, "bias": bias}

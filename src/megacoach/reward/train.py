@@ -9,6 +9,11 @@
 - normalisation before and after training on samples of the initial policy (normalize.py);
 - held-out accuracy and loss measured at the end, on the normalised model as it is saved.
 
+Several processes (`dist`, megacoach/distributed.py): every process holds the whole model and the same
+comparisons in the same order; each batch is split across the processes, each weights its loss by its
+share and the gradients are summed, which is exactly the single-process gradient of the batch; the
+normalisation statistics and the held-out figures are computed over all processes' shares.
+
 `retrain_from_scratch` is the online variant's one call: a fresh Values Coach (the base LM's weights and
 a fresh head) trained on all labels so far.
 """
@@ -22,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megacoach.config import RewardConfig
+from megacoach.distributed import Dist
 from megacoach.errors import DataError
 from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, comparison_tensors, labels_from_store,
                                    validate_comparisons)
@@ -51,8 +57,10 @@ def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id:
 
 
 @torch.no_grad()
-def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int | None = None) -> dict:
-    """{'accuracy', 'loss', 'n'} of the (normalised) Values Coach on comparisons; None values if there are none."""
+def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int | None = None,
+             dist: Dist | None = None) -> dict:
+    """{'accuracy', 'loss', 'n'} of the (normalised) Values Coach on comparisons; None values if there are none.
+    dist: several processes each evaluate their share; the figures are over all comparisons."""
     comps = as_comparisons(comparisons)
     if not comps:
         return {"accuracy": None, "loss": None, "n": 0}
@@ -61,19 +69,22 @@ def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int 
     was_training = model.training
     model.eval()
     loss_sum, acc_sum = 0.0, 0.0
-    for i in range(0, len(comps), batch_size):
-        part = comps[i:i + batch_size]
+    mine = comps if dist is None else dist.shard(comps)
+    for i in range(0, len(mine), batch_size):
+        part = mine[i:i + batch_size]
         rewards, chosen = batch_rewards(model, part, pad)
         loss, acc = best_of_k_loss(rewards, chosen)
         loss_sum += loss.item() * len(part)
         acc_sum += acc.item() * len(part)
+    if dist is not None and dist.distributed:
+        loss_sum, acc_sum = dist.all_sum(torch.tensor([loss_sum, acc_sum], dtype=torch.float64)).tolist()
     model.train(was_training)
     return {"accuracy": acc_sum / len(comps), "loss": loss_sum / len(comps), "n": len(comps)}
 
 
 def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons, cfg: RewardConfig,
                        pad_id: int | None = None, normalisation_samples=None, seed: int = 1,
-                       log: Log | None = print, eval_batch_size: int = 64) -> dict:
+                       log: Log | None = print, eval_batch_size: int = 64, dist: Dist | None = None) -> dict:
     """Train `model` in place; return metrics.
 
     normalisation_samples: query + (sampled, truncated) response token sequences of the INITIAL policy,
@@ -83,6 +94,7 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     Metrics: train_loss / train_accuracy (mean over the epoch's batches), valid_loss / valid_accuracy,
     num_train, num_valid, k, steps, train_examples_per_s (training comparisons per second of optimisation,
     each = K sequences), seconds, normalisation {'before', 'after'} (raw mean/std, gain, bias).
+    dist: the processes that train together (every one calls this with the same arguments); None: one.
     """
     log = log or (lambda _msg: None)
     pad = model.pad_id if pad_id is None else int(pad_id)
@@ -93,7 +105,7 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     metrics: dict = {"num_train": len(train), "num_valid": len(valid), "k": k, "normalisation": {}}
 
     if normalisation_samples is not None:
-        metrics["normalisation"]["before"] = normalise(model, normalisation_samples, batch_size=eval_batch_size)
+        metrics["normalisation"]["before"] = normalise(model, normalisation_samples, batch_size=eval_batch_size, dist=dist)
         n = metrics["normalisation"]["before"]
         log(f"Values Coach: normalised before training on {n['n']} initial-policy samples "
             f"(raw mean {n['mean']:+.4f}, std {n['std']:.4f} -> gain {n['gain']:.4f}, bias {n['bias']:+.4f})")
@@ -114,32 +126,48 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
             lr = cfg.learning_rate * (1.0 - step / total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            rewards, chosen = batch_rewards(model, part, pad)
-            loss, acc = best_of_k_loss(rewards, chosen)
-            if not torch.isfinite(loss):
-                raise DataError(f"Values Coach training diverged: loss {loss.item()} at step {step + 1}")
+            if dist is None or not dist.distributed:
+                rewards, chosen = batch_rewards(model, part, pad)
+                loss, acc = best_of_k_loss(rewards, chosen)
+                step_loss, step_acc = loss.item(), acc.item()
+            else:  # this process's share, its loss weighted by its share; the gradients are summed below
+                mine = dist.shard(part)
+                loss = None
+                if mine:  # the last, short batch may leave a process nothing
+                    rewards, chosen = batch_rewards(model, mine, pad)
+                    loss, acc = best_of_k_loss(rewards, chosen)
+                    sums = torch.tensor([loss.item() * len(mine), acc.item() * len(mine)], dtype=torch.float64)
+                    loss = loss * (len(mine) / len(part))
+                else:
+                    sums = torch.zeros(2, dtype=torch.float64)
+                step_loss, step_acc = (dist.all_sum(sums) / len(part)).tolist()
+            if not math.isfinite(step_loss):
+                raise DataError(f"Values Coach training diverged: loss {step_loss} at step {step + 1}")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss is not None:
+                loss.backward()
+            if dist is not None:
+                dist.reduce_gradients(params, op="sum")
             opt.step()
             step += 1
             seen += len(part)
-            loss_sum += loss.item() * len(part)
-            acc_sum += acc.item() * len(part)
+            loss_sum += step_loss * len(part)
+            acc_sum += step_acc * len(part)
             if step % log_every == 0 or step == total_steps:
                 el = time.perf_counter() - t_train
-                log(f"Values Coach: step {step}/{total_steps} epoch {epoch + 1} loss {loss.item():.4f} "
-                    f"acc {acc.item():.3f} lr {lr:.2e} ({seen / el:.1f} comparisons/s)")
+                log(f"Values Coach: step {step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
+                    f"acc {step_acc:.3f} lr {lr:.2e} ({seen / el:.1f} comparisons/s)")
     train_seconds = time.perf_counter() - t_train
     model.eval()
 
     if normalisation_samples is not None:
-        metrics["normalisation"]["after"] = normalise(model, normalisation_samples, batch_size=eval_batch_size)
+        metrics["normalisation"]["after"] = normalise(model, normalisation_samples, batch_size=eval_batch_size, dist=dist)
         n = metrics["normalisation"]["after"]
         log(f"Values Coach: normalised after training (raw mean {n['mean']:+.4f}, std {n['std']:.4f} -> "
             f"gain {n['gain']:.4f}, bias {n['bias']:+.4f})")
     model.normalisation = metrics["normalisation"]
 
-    ev = evaluate(model, valid, eval_batch_size, pad)
+    ev = evaluate(model, valid, eval_batch_size, pad, dist=dist)
     metrics.update({
         "train_loss": loss_sum / max(seen, 1), "train_accuracy": acc_sum / max(seen, 1),
         "valid_loss": ev["loss"], "valid_accuracy": ev["accuracy"], "steps": step,
@@ -154,13 +182,14 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
 
 def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=None, cfg: RewardConfig | None = None,
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
-                         dtype: str = "float32", tokenizer=None, device: str | None = None) -> tuple[RewardModel, dict]:
+                         dtype: str = "float32", tokenizer=None, device: str | None = None,
+                         dist: Dist | None = None) -> tuple[RewardModel, dict]:
     """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
     tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
     'train' split, and its 'valid' split unless valid_comparisons is given). device: e.g. 'cuda' (default: CPU).
-    Returns (model, metrics)."""
+    dist: several processes train one model together (each passes the same comparisons). Returns (model, metrics)."""
     if hasattr(train_comparisons, "comparisons"):
         store_train, store_valid = labels_from_store(train_comparisons)
         train_comparisons = store_train
@@ -170,6 +199,8 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
     model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
     if device is not None:
         model.to(device)
+    if dist is not None:
+        dist.broadcast_module(model)  # every replica starts from rank 0's weights
     metrics = train_reward_model(model, train_comparisons, valid_comparisons, cfg, model.pad_id,
-                                 normalisation_samples, seed, log)
+                                 normalisation_samples, seed, log, dist=dist)
     return model, metrics
