@@ -125,3 +125,23 @@ def test_serve_prints_admin_link_and_answers(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_assignment_floor_skips_finished_items_but_not_new_ones(tmp_path):
+    from megacoach.labels.assignment import Assigner
+    from megacoach.labels.schema import utcnow
+    from test_app_support import add_items, make_person, make_store
+
+    store = make_store(tmp_path)
+    who = make_person(store, "alice")
+    add_items(store, 5)
+    later = lambda: utcnow() + dt.timedelta(hours=1)  # every item is older than the floor's grace period
+    asg = Assigner(lambda: store.session(), clock=later)
+    for _ in range(5):
+        got = asg.next_item(who)
+        store.add_comparison(got.item_id, 0, who)
+    assert asg.next_item(who) is None
+    asg._calls = 20  # the next call raises the floor
+    assert asg.next_item(who) is None and asg._floor == 6
+    new = add_items(store, 2, batch="b1")
+    assert asg.next_item(who).item_id in new and asg.queue_length() == 2
