@@ -135,20 +135,61 @@ class PPOConfig(_Section):
 
 
 class GuardsConfig(_Section):
-    """Guards against the section 4.4 incident. See megacoach/guards/ for each check."""
+    """Guards against the section 4.4 incident (megacoach/guards/): preflight, a check of every batch before
+    its update, live monitors, the Andon cord. Halting monitors test at (1 - confidence) / (7 monitors x
+    planned iterations) each, so a clean run halts by chance with probability below 1 - confidence."""
 
-    enabled: bool = Field(True, description="Run preflight and live monitors.")
-    confidence: float = Field(0.99, gt=0.5, lt=1, description="Preflight confidence that the full reward ranks "
-                              "labeled preferences better than chance.")
-    kl_budget: float = Field(25.0, gt=0, description="Halt when KL to the original model exceeds this (nats).")
-    divergence_window: int = Field(4, ge=2, description="Iterations over which score-up/labeler-down is checked.")
-    fresh_labels_per_iteration: int = Field(8, ge=0, description="Current-policy comparisons labeled each iteration "
-                                            "to watch the Values Coach against the labelers.")
-    agreement_floor: float = Field(0.3, ge=0, le=1, description="Halt when Values Coach agreement with fresh labels "
-                                   "(running) falls below this (chance = 1/K).")
-    winrate_floor: float = Field(0.35, ge=0, le=1, description="Halt when labelers prefer current over initial samples "
-                                 "less often than this (running).")
-    min_evidence: int = Field(24, ge=1, description="Fresh judgements needed before a labeler-based monitor may halt.")
+    enabled: bool = Field(True, description="Run the guards (preflight, batch check, live monitors).")
+    preflight: bool = Field(True, description="Run the preflight before the first update, on resume and after "
+                            "every Values Coach (re)load. Switch off only to watch the live monitors work alone.")
+    confidence: float = Field(0.99, gt=0.5, lt=1, description="Preflight: each direction check must beat chance at "
+                              "this confidence. Live monitors: a clean run's probability of a false halt, over all "
+                              "monitors and iterations together, stays below 1 - confidence.")
+    preflight_comparisons: int = Field(256, ge=1, description="At most this many held-out (split 'valid') labeled "
+                                       "comparisons, the most recent, are put through the reward path.")
+    min_heldout: int = Field(8, ge=1, description="Fewer held-out comparisons than this (or than the confidence "
+                             "needs) refuse training: the direction cannot be checked.")
+    probe_queries: int = Field(32, ge=2, description="Training queries for the KL-direction and optimiser-step probes "
+                               "(the optimiser probe updates on twice as many responses).")
+    require_coherence_coach: bool = Field(True, description="Refuse β = 0 (no KL penalty). False allows it: the KL "
+                                          "check then only requires the KL term not to reward leaving the original model.")
+    canaries: str = Field("builtin", description="Canary prompts with known good and bad continuations: 'builtin' "
+                          "(Shakespeare sentiment), 'none', or a JSONL file of {prompt, good, bad}.")
+    baseline_samples: int = Field(256, ge=8, description="Samples of the initial policy (the frozen original model) "
+                                  "that the live monitors compare the current Apprentice with.")
+    kl_budget: float = Field(25.0, gt=0, description="Halt when the KL to the original model exceeds this (nats per "
+                             "response, batch mean); warn at 80%.")
+    divergence_window: int = Field(4, ge=2, description="Window (iterations) of the live monitors; the divergence "
+                                   "alarm looks at trends over twice as many.")
+    fresh_labels_per_iteration: int = Field(8, ge=0, description="Fresh comparisons per iteration: ceil(K/2) samples "
+                                            "of the current Apprentice and the rest from the initial policy, same "
+                                            "query, labeled through the store (split 'valid'). 0: no fresh labels.")
+    agreement_floor: float = Field(0.5, gt=0, lt=1, description="Halt when the Values Coach's pairwise agreement with "
+                                   "fresh labels is confidently below this (0.5 = chance).")
+    winrate_floor: float | None = Field(None, gt=0, lt=1, description="Halt when the labelers pick a current sample "
+                                        "confidently less often than this. None: the no-change rate (ceil(K/2)/K).")
+    min_evidence: int = Field(24, ge=1, description="Judgements (fresh labels, or scored samples) needed before a "
+                              "labeler-based monitor may halt.")
+
+
+class OnlineConfig(_Section):
+    """Online labeling (`megacoach train --online`): current-policy samples go to the human evaluators (the
+    labeling app, mock labelers, or both) while PPO runs, and the Values Coach is retrained on all labels so far."""
+
+    enabled: bool = Field(False, description="Collect labels on current-policy samples during training.")
+    mode: Literal["online", "batched"] = Field("online", description="'online': PPO continues while people label and "
+                                               "the Values Coach retrains in the background; 'batched': collect a batch, "
+                                               "wait for its labels, retrain, continue (the paper's later advice).")
+    collect_every: int = Field(4, ge=1, description="Iterations between batches of items put in the store.")
+    items_per_batch: int = Field(32, ge=1, description="Items (a query and K current-policy continuations) per batch.")
+    retrain_every_labels: int = Field(64, ge=1, description="Retrain the Values Coach (fresh head, all labels so far) "
+                                      "after this many new labels. The paper retrains about 20 times per run.")
+    mock_labeler: str | None = Field("vader", description="A mock labeler that also labels every online item "
+                                     "(labels.labeler syntax); None: people only, through `megacoach label serve`.")
+    min_initial_labels: int = Field(16, ge=1, description="With people only: labels to wait for before the first "
+                                    "Values Coach is trained.")
+    wait_timeout_s: float = Field(3600.0, gt=0, description="Batched mode / first labels: how long to wait for people "
+                                  "before giving up with a clear message (the run is checkpointed, resumable).")
 
 
 class RunConfig(_Section):
@@ -174,6 +215,7 @@ class Config(_Section):
     kl: KLConfig = Field(default_factory=KLConfig)
     ppo: PPOConfig = Field(default_factory=PPOConfig)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
 
@@ -195,7 +237,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reward": {"batch_size": 4, "normalize_samples": 16},
         "ppo": {"total_episodes": 16, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1},
         "run": {"eval_queries": 4, "checkpoint_every": 1},
-        "guards": {"fresh_labels_per_iteration": 2, "min_evidence": 4},
+        # random tiny models cannot pass the preflight (their Values Coach agrees with nobody): tests that
+        # exercise the guards switch them on with a Values Coach built to agree with the labels
+        "guards": {"enabled": False, "fresh_labels_per_iteration": 2, "min_evidence": 4, "probe_queries": 8,
+                   "baseline_samples": 16, "preflight_comparisons": 64},
     },
 }
 

@@ -161,8 +161,16 @@ def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) 
     trainer = PPOTrainer(cfg, policy_lm, ref_lm, tok, coach, train_queries)
     from megacoach.loop import PPOLoop
 
+    online = None
+    if cfg.online.enabled:
+        from megacoach.online import OnlineLabeling
+
+        mock = load_labeler(cfg.online.mock_labeler) if cfg.online.mock_labeler else None
+        norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
+                                       cfg.task.query_length)
+        online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock)
     loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console,
-                   guards=guards_factory(cfg, trainer, store, labeler) if guards_factory else None)
+                   guards=guards_factory(cfg, trainer, store, labeler) if guards_factory else None, online=online)
     if resume:
         loop.restore()
     summary = loop.run()  # raises HaltError after saving everything when a guard or the Andon cord stops it

@@ -22,6 +22,8 @@ def train(
     episodes: Annotated[Optional[int], typer.Option("--episodes", help="ppo.total_episodes")] = None,
     db: Annotated[Optional[str], typer.Option("--db", help="labels.db (SQLAlchemy URL)")] = None,
     no_guards: Annotated[bool, typer.Option("--no-guards", help="guards.enabled = false (not recommended)")] = False,
+    online: Annotated[bool, typer.Option("--online", help="online.enabled: people (and/or a mock labeler) label "
+                                         "current-policy samples while PPO runs; the Values Coach is retrained.")] = False,
 ):
     """Run the RLHF loop: mock human evaluators -> Values Coach -> PPO on the Apprentice -> report."""
     from megacoach.pipeline import train as run_train
@@ -45,7 +47,7 @@ def train(
         cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed,
                              run__out=str(out) if out else "runs/latest", labels__labeler=labeler,
                              labels__num_comparisons=comparisons, ppo__total_episodes=episodes, labels__db=db,
-                             guards__enabled=False if no_guards else None)
+                             guards__enabled=False if no_guards else None, online__enabled=True if online else None)
     run_train(cfg, resume=resume is not None, console=console, guards_factory=_guards_factory(cfg))
 
 
