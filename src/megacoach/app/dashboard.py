@@ -154,5 +154,9 @@ def sparkline(values: list[Optional[float]], width: int = 600, height: int = 150
         parts.append(f'<line class="half" x1="{pad}" x2="{width - pad}" y1="{y:.1f}" y2="{y:.1f}"/>')
     if pts:
         parts.append(f'<polyline class="line" points="{" ".join(xy(i, v) for i, v in pts)}"/>')
+        if len(pts) <= 60:
+            for i, v in pts:
+                x, y = xy(i, v).split(",")
+                parts.append(f'<circle class="dot" cx="{x}" cy="{y}" r="3"/>')
     parts.append(f'<text x="{pad}" y="{pad}">{top:g}</text><text x="{pad}" y="{height - 2}">{lo:g}</text></svg>')
     return "".join(parts)
