@@ -1,0 +1,248 @@
+"""Specification bugs, injected for demonstrations and tests: each is a context manager that patches ONE
+link of the real reward path (or of the Values Coach's training) while it is active, the way a careless
+refactor would. Production code knows nothing about them: there is no `if bug:` anywhere; the trainer
+looks every link up at call time (`objective.x(...)`, `maths.x(...)`), so a patch is seen by training and
+guards alike.
+
+    with inject("incident"):
+        pipeline.train(cfg, guards_factory=make_guards)
+
+R = score - β·KL is what PPO should maximise. The kinds:
+
+| name                | what the "refactor" did                                      | PPO maximises          | outcome             |
+|---------------------|--------------------------------------------------------------|------------------------|---------------------|
+| incident            | flipped the reward's sign and, by the same mistake, the KL   | -score - β·KL          | fluent, as negative |
+|                     | penalty's (paper section 4.4); the logged KL term looks fine |                        | as the labelers can |
+|                     |                                                              |                        | judge               |
+| reward-flip         | flipped the summed per-token reward (ORIG sums score and KL  | -score + β·KL          | gibberish           |
+|                     | term into one tensor) — the reward alone                     |                        |                     |
+| no-coherence-coach  | dropped the KL penalty (β = 0 in the reward)                 | score                  | coach-pleasing      |
+|                     |                                                              |                        | gibberish           |
+| score-sign          | subtracts the score where it is added on the last token      | -score - β·KL          | fluent, negative    |
+| negated-gain        | the Values Coach's normalisation gain applied with the wrong | -score (+ bias)        | fluent, negative    |
+|                     | sign                                                         |                        |                     |
+| inverted-labels     | the Values Coach trained on the label direction inverted     | what labelers liked    | fluent, negative    |
+|                     | (its loss prefers every sample but the chosen one)           | least (per the coach)  |                     |
+| kl-sign             | the KL penalty's sign alone (β·KL becomes a bonus)           | score + β·KL           | drifts to gibberish |
+| advantage-sign      | GAE's advantages negated                                     | -(score - β·KL)        | gibberish           |
+| loss-sign           | the clipped policy loss maximised instead of minimised       | -(score - β·KL)        | gibberish           |
+| optimizer-ascent    | the optimiser steps up the loss's gradient                   | -(score - β·KL)        | gibberish           |
+| reward-scaling-sign | the reward whitening (scale only) returns minus the rewards  | -(score - β·KL)        | gibberish           |
+
+`affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
+the incident command and the benchmark train a separate Values Coach under those.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from megacoach.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Bug:
+    name: str
+    summary: str
+    maximises: str
+    outcome: str
+    patch: Callable[[ExitStack], None]
+    affects_values_coach: bool = False
+
+
+def _setattr(stack: ExitStack, obj, name: str, value) -> None:
+    old = getattr(obj, name)
+    setattr(obj, name, value)
+    stack.callback(setattr, obj, name, old)
+
+
+# ------------------------------------------------------------------------------------------ patches
+def _incident(stack: ExitStack) -> None:
+    from megacoach.ppo import objective
+
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
+        # "-(score + β·KL)": the reward negated, and the KL penalty's sign flipped by the same slip, so the
+        # logged non-score reward still reads -β·KL
+        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten)
+        return -rewards, kl, -non_score
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
+def _reward_flip(stack: ExitStack) -> None:
+    from megacoach.ppo import objective
+
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
+        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+        return -rewards, kl, non_score  # the summed tensor flipped; the logged KL term unchanged
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
+def _no_coherence_coach(stack: ExitStack) -> None:
+    from megacoach.ppo import objective
+
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
+        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, 0.0, whiten)
+        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+        return rewards, kl, non_score  # the logged KL term still shows -β·KL
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
+def _score_sign(stack: ExitStack) -> None:
+    from megacoach.ppo import maths
+
+    orig = maths.assemble_rewards
+
+    def assemble_rewards(score, kl, kl_coef, mask=None):
+        return orig(-score, kl, kl_coef, mask)
+
+    _setattr(stack, maths, "assemble_rewards", assemble_rewards)
+
+
+def _negated_gain(stack: ExitStack) -> None:
+    from megacoach.reward.model import RewardModel
+
+    def forward(self, input_ids, pad_id=None):
+        return -self.gain * self.raw(input_ids, pad_id) + self.bias
+
+    _setattr(stack, RewardModel, "forward", forward)
+
+
+def _inverted_labels(stack: ExitStack) -> None:
+    from megacoach.reward import train as reward_train
+
+    orig = reward_train.best_of_k_loss
+
+    def best_of_k_loss(rewards, chosen):
+        return orig(-rewards, chosen)  # the coach learns to rank the labelers' choice LAST
+
+    _setattr(stack, reward_train, "best_of_k_loss", best_of_k_loss)
+
+
+def _kl_sign(stack: ExitStack) -> None:
+    from megacoach.ppo import objective
+
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
+        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten)
+        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+        return rewards, kl, non_score
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
+def _advantage_sign(stack: ExitStack) -> None:
+    from megacoach.ppo import objective
+
+    orig = objective.advantages_and_returns
+
+    def advantages_and_returns(rewards, values, gamma, lam):
+        adv, returns = orig(rewards, values, gamma, lam)
+        return -adv, returns
+
+    _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
+
+
+def _loss_sign(stack: ExitStack) -> None:
+    from megacoach.ppo import maths
+
+    orig = maths.policy_loss
+
+    def policy_loss(new_logp, old_logp, advantages, clip=0.2, mask=None):
+        loss, stats = orig(new_logp, old_logp, advantages, clip, mask)
+        return -loss, stats
+
+    _setattr(stack, maths, "policy_loss", policy_loss)
+
+
+def _optimizer_ascent(stack: ExitStack) -> None:
+    from megacoach.ppo import trainer as trainer_mod
+
+    cls = trainer_mod.PPOTrainer
+    orig_init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        orig_init(self, *args, **kwargs)
+        opt = self.optimizer
+        base = type(opt)
+
+        class Ascending(base):  # steps UP the gradient: every gradient negated before the step
+            def step(self, closure=None):
+                with torch.no_grad():
+                    for group in self.param_groups:
+                        for p in group["params"]:
+                            if p.grad is not None:
+                                p.grad.neg_()
+                return base.step(self, closure)
+
+        Ascending.__name__ = base.__name__
+        opt.__class__ = Ascending
+        self.optimizer.__dict__.pop("step", None)  # the scheduler's wrapper bound the old method
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(opt, self.scheduler.lr_lambdas[0])
+
+    _setattr(stack, cls, "__init__", __init__)
+
+
+def _reward_scaling_sign(stack: ExitStack) -> None:
+    from megacoach.ppo import maths
+
+    orig = maths.whiten_rewards
+
+    def whiten_rewards(rewards, mask=None):
+        return -orig(rewards, mask)
+
+    _setattr(stack, maths, "whiten_rewards", whiten_rewards)
+
+
+BUGS: dict[str, Bug] = {b.name: b for b in [
+    Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
+        "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
+    Bug("reward-flip", "the summed per-token reward negated (the reward alone)", "-score + β·KL",
+        "gibberish: leaving the original model is rewarded", _reward_flip),
+    Bug("no-coherence-coach", "the KL penalty dropped (β = 0 in the reward)", "score",
+        "coach-pleasing gibberish the Values Coach loves and no person would write", _no_coherence_coach),
+    Bug("score-sign", "the score subtracted where it is added on the last token", "-score - β·KL",
+        "fluent, negative text", _score_sign),
+    Bug("negated-gain", "the Values Coach's normalisation gain applied with the wrong sign", "-score",
+        "fluent, negative text", _negated_gain),
+    Bug("inverted-labels", "the Values Coach trained with the label direction inverted",
+        "what the labelers liked least", "fluent, negative text", _inverted_labels, affects_values_coach=True),
+    Bug("kl-sign", "the KL penalty's sign alone flipped (a bonus for leaving the original model)", "score + β·KL",
+        "drifts into gibberish while the score rises", _kl_sign),
+    Bug("advantage-sign", "the advantages negated after GAE", "-(score - β·KL)", "gibberish", _advantage_sign),
+    Bug("loss-sign", "the clipped policy loss negated (maximised)", "-(score - β·KL)", "gibberish", _loss_sign),
+    Bug("optimizer-ascent", "the optimiser steps up the gradient", "-(score - β·KL)", "gibberish", _optimizer_ascent),
+    Bug("reward-scaling-sign", "the reward scaling (whitening, mean kept) returns minus the rewards",
+        "-(score - β·KL)", "gibberish", _reward_scaling_sign),
+]}
+
+
+def get(name: str) -> Bug:
+    if name not in BUGS:
+        raise ConfigError(f"--bug {name!r}: unknown bug kind (expected one of: {', '.join(BUGS)})")
+    return BUGS[name]
+
+
+@contextmanager
+def inject(name: str | None) -> Iterator[Bug | None]:
+    """Patch the reward path with the named bug while the block runs (None: no bug)."""
+    if name is None or name == "none":
+        yield None
+        return
+    bug = get(name)
+    with ExitStack() as stack:
+        bug.patch(stack)
+        yield bug

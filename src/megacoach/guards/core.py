@@ -1,0 +1,328 @@
+"""The guards object the PPO loop talks to: preflight, a check of every batch before it is optimised,
+live monitors after every iteration, and their state in checkpoints.
+
+    guards.preflight(reason)          before the first update, on resume, after a Values Coach (re)load
+    guards.values_coach_reloaded(vc)  the online loop's hook: swap the Values Coach, rescore, preflight again
+    guards.before_update(batch)       inside the iteration, before PPO's update: raises GuardHalt
+    guards.after_iteration(batch, metrics, labeler_scores) -> (guard/* metrics, alarms)
+
+Fresh labels: every iteration `fresh_labels_per_iteration` items of K samples — ceil(K/2) from the
+current Apprentice, the rest from the initial policy (the frozen reference model), same query — go into
+the label store like any other items (source 'online', batch '<run>/guard-<iteration>', split 'valid' so
+the Values Coach never trains on them). A program labeler labels them at once through `label_items`;
+people's labels are picked up whenever they arrive. Each label gives two verdicts: did the labelers pick
+a current sample (win rate against the initial policy), and does the Values Coach rank their choice first
+(agreement).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megacoach.guards import probe as P
+from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
+from megacoach.guards.canaries import load_canaries
+from megacoach.guards.monitors import MONITORS, Thresholds, judge
+from megacoach.guards.preflight import canary_margins, run_preflight
+from megacoach.guards.stats import alpha_per_check, ols, z_for
+from megacoach.ppo import trainer as trainer_mod
+from megacoach.sampling import HFGenerator, sample_in_batches
+
+
+def _default_log(msg: str) -> None:
+    from rich.console import Console
+
+    Console().print(msg)
+
+
+class Guards:
+    def __init__(self, cfg, trainer, store, labeler, run_dir: str | Path | None = None, run_id: str | None = None,
+                 log=None):
+        self.cfg, self.g, self.trainer, self.store, self.labeler = cfg, cfg.guards, trainer, store, labeler
+        self.run_dir = Path(run_dir if run_dir is not None else cfg.run.out)
+        self.run_id = run_id or self.run_dir.resolve().name
+        self.log = log or _default_log
+        self.alpha = alpha_per_check(self.g.confidence, trainer.n_iterations * len(MONITORS))
+        self.z_halt = z_for(self.alpha)
+        self.th = Thresholds(self.alpha, self.z_halt, self.g.divergence_window, self.g.min_evidence, self.g.kl_budget,
+                             self.g.agreement_floor, self.g.winrate_floor)
+        self.canaries = load_canaries(self.g.canaries, trainer.tok, cfg.task, labeler, self.log)
+        self.ref_generator = HFGenerator(trainer.ref_lm, trainer.pad_id)
+        self.gen = torch.Generator().manual_seed(cfg.run.seed + 7717)
+        self.rng = random.Random(cfg.run.seed + 7719)
+        self.history: list[dict] = []
+        self.fresh: list[dict] = []
+        self.pending: dict[int, dict] = {}
+        self.baseline: dict | None = None
+        self.preflights: list[dict] = []
+        self.seen_id = 0
+        self._before: dict = {}
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _sample(self, generator, queries, k: int) -> dict:
+        """k samples per query: tokens, truncation and validity by the trainer's rule, texts, log-probs."""
+        t, tr = self.cfg.task, self.trainer
+        rep = [q for q in queries for _ in range(k)]
+        q_ids = trainer_mod.left_pad([q.token_ids for q in rep], tr.pad_id, t.query_length)
+        roll = sample_in_batches(generator, q_ids, t.response_length, t.temperature, self.gen, 64)
+        truncated, valid = trainer_mod.truncate_responses(roll.responses, tr.stop_ids, t.truncate_after, tr.pad_id)
+        ids = [[x for x in row if x != tr.pad_id] for row in truncated.tolist()]
+        return {"queries": rep, "query_ids": q_ids, "responses": roll.responses, "truncated": truncated,
+                "valid": valid, "logprobs": roll.logprobs, "ids": ids,
+                "texts": [tr.tok.decode(x) for x in ids]}
+
+    def _episode_scores(self, query_ids, truncated, valid) -> np.ndarray:
+        """The Values Coach's score, or the task's penalty where the response is invalid."""
+        out = []
+        for i in range(0, query_ids.shape[0], 64):
+            out.append(self.trainer.score(query_ids[i:i + 64], truncated[i:i + 64]).float().cpu())
+        raw = torch.cat(out) if out else torch.zeros(0)
+        pen = torch.full_like(raw, float(self.cfg.task.penalty_reward))
+        return torch.where(valid.to(torch.bool), raw, pen).numpy()
+
+    def _labeler_scores(self, queries, texts) -> np.ndarray:
+        from megacoach.loop import labeler_scores
+
+        return labeler_scores(self.labeler, [q.text for q in queries], texts)
+
+    def _write_preflight(self) -> None:
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "guards_preflight.json").write_text(json.dumps(self.preflights, indent=2, default=str))
+        except OSError:
+            pass
+
+    # ---------------------------------------------------------------------------------------- preflight
+    def preflight(self, reason: str = "before the first update") -> dict | None:
+        """Run the preflight checks (GuardFailure on failure) and make sure the initial-policy baseline exists."""
+        t0 = time.time()
+        report = None
+        if self.g.preflight:
+            self.log(f"[bold]guards[/]: preflight {reason} (confidence {self.g.confidence})")
+            qs = self.rng.sample(self.trainer.train_queries, min(self.g.probe_queries, len(self.trainer.train_queries)))
+            entry = {"reason": reason, "iteration": self.trainer.iteration_no, "time": time.time()}
+            try:
+                report = run_preflight(self.trainer, self.store, self.canaries, self.g, self.cfg.run.seed + 4441, qs,
+                                       self.log)
+            except GuardFailure as err:
+                self.preflights.append({**entry, "passed": False, "component": err.component, "message": str(err),
+                                        "checks": err.checks})
+                self._write_preflight()
+                raise
+            self.preflights.append({**entry, **report, "seconds": time.time() - t0})
+            self._write_preflight()
+        else:
+            self.log("[yellow]guards[/]: preflight is switched off (guards.preflight=false): only the live "
+                     "monitors watch this run")
+        if self.baseline is None:
+            self._build_baseline()
+        self.log(f"[bold]guards[/]: ready ({time.time() - t0:.0f}s); live monitors halt at one-sided "
+                 f"alpha {self.alpha:.1e} per check (z {self.z_halt:.2f})")
+        return report
+
+    def _build_baseline(self) -> None:
+        """Samples of the initial policy (the frozen reference model) on training queries: what the live
+        monitors compare the current Apprentice with."""
+        n = self.g.baseline_samples
+        qs = [self.trainer.train_queries[self.rng.randrange(len(self.trainer.train_queries))] for _ in range(n)]
+        s = self._sample(self.ref_generator, qs, 1)
+        self.baseline = {
+            "query_ids": s["query_ids"], "truncated": s["truncated"], "valid": s["valid"],
+            "score": self._episode_scores(s["query_ids"], s["truncated"], s["valid"]),
+            "labeler": self._labeler_scores(s["queries"], s["texts"]),
+            "ref_nll": float(-s["logprobs"].mean()),
+            "texts": s["texts"][:8],
+        }
+
+    def values_coach_reloaded(self, values_coach=None, reason: str = "after the Values Coach was (re)loaded") -> dict | None:
+        """Call after every Values Coach (re)load: swaps it in (if given), rescores what the monitors compare
+        against, and runs the preflight again (GuardFailure if the new coach points the wrong way)."""
+        if values_coach is not None:
+            self.trainer.values_coach = values_coach
+        if self.baseline is not None:
+            b = self.baseline
+            b["score"] = self._episode_scores(b["query_ids"], b["truncated"], b["valid"])
+        for h in self.history:  # old scores came from another coach: not comparable any more
+            h["score"] = None
+        for item in self.pending.values():
+            item["values"] = None
+        return self.preflight(reason)
+
+    # ---------------------------------------------------------------------------------------- before the update
+    def before_update(self, batch) -> None:
+        """The batch PPO is about to optimise: finite everywhere, scored by the Values Coach as the rollout
+        says, and pushed up by the actual loss where the Values Coach's score is high and the KL low."""
+        tr = self.trainer
+        path = batch.path
+        for name, t in (("Values Coach scores", batch.raw_scores), ("log-probs", batch.logprobs),
+                        ("reference log-probs", batch.ref_logprobs), ("values", batch.values),
+                        ("rewards", path.rewards), ("advantages", path.advantages), ("returns", path.returns)):
+            if not torch.isfinite(t).all():
+                raise GuardHalt(Alarm("nonfinite", "halt", f"non-finite {name} in the batch of iteration "
+                                      f"{tr.iteration_no + 1}, before the update"))
+        score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
+        raw_now = torch.as_tensor(score)
+        raw_batch = torch.where(batch.valid, batch.raw_scores.float().cpu(),
+                                torch.full_like(batch.raw_scores.float().cpu(), float(self.cfg.task.penalty_reward)))
+        gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
+        tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
+        k1 = (batch.logprobs.float() - batch.ref_logprobs.float()).sum(1).cpu().numpy()
+        push = P.ppo_push(tr, batch).numpy()
+        fit = ols(push, score, k1)
+        m = {"guard/score_gap": gap}
+        figs = {"score_gap": gap}
+        if fit is not None:
+            m.update({"guard/push_score_t": float(fit.t[1]), "guard/push_kl_t": float(fit.t[2])})
+            figs.update({"push_score_t": float(fit.t[1]), "push_kl_t": float(fit.t[2]), "df": fit.df,
+                         "alpha": self.alpha})
+        self._before = {"iteration": tr.iteration_no + 1, "score": score, "metrics": m}
+        if gap > tol:
+            raise GuardHalt(Alarm("path_direction", "halt", f"the batch's scores differ from the Values Coach's by up "
+                                  f"to {gap:.3g}: the rollout does not carry the Values Coach's verdict", figs))
+        if fit is not None:
+            bad_score = fit.p_negative(1) <= self.alpha
+            bad_kl = fit.p_positive(2) <= self.alpha and float(tr.kl_ctl.value) > 0
+            if bad_score or bad_kl:
+                order = np.argsort(-push)
+                samples = [{"response": batch.texts[i], "values_coach": float(score[i]), "kl": float(k1[i]),
+                            "push": float(push[i])} for i in order[:4]]
+                what = []
+                if bad_score:
+                    what.append(f"DOWN on responses the Values Coach scores higher (t = {fit.t[1]:.1f})")
+                if bad_kl:
+                    what.append(f"UP on responses further from the original model (KL rewarded, t = {fit.t[2]:.1f})")
+                raise GuardHalt(Alarm("path_direction", "halt", "PPO is about to push " + " and ".join(what) +
+                                      " — the reward path is flipped somewhere between the Values Coach and the "
+                                      "optimiser", figs, samples))
+
+    # ---------------------------------------------------------------------------------------- after the iteration
+    def _fresh_items(self, batch, iteration: int) -> None:
+        m = self.g.fresh_labels_per_iteration
+        if m <= 0:
+            return
+        k = self.cfg.labels.k
+        c = (k + 1) // 2
+        queries = list(batch.queries[:m])
+        cur = self._sample(self.trainer.generator, queries, c)
+        ini = self._sample(self.ref_generator, queries, k - c)
+        from megacoach.labels.store import NewSample
+
+        specs, metas = [], []
+        for j, q in enumerate(queries):
+            rows = [("current", cur, j * c + i) for i in range(c)] + [("initial", ini, j * (k - c) + i) for i in range(k - c)]
+            order = list(range(k))
+            self.rng.shuffle(order)  # canonical order mixed, so position says nothing about the source
+            rows = [rows[i] for i in order]
+            samples = [NewSample(src["texts"][r], src["ids"][r],
+                                 policy=f"apprentice@{iteration}" if kind == "current" else "initial",
+                                 iteration=iteration if kind == "current" else 0, seed=self.cfg.run.seed,
+                                 run_id=self.run_id) for kind, src, r in rows]
+            specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, samples=samples, split="valid",
+                              batch=f"{self.run_id}/guard-{iteration}", source="online", run_id=self.run_id))
+            q_ids = torch.cat([src["query_ids"][r:r + 1] for _, src, r in rows])
+            tr_ids = torch.cat([src["truncated"][r:r + 1] for _, src, r in rows])
+            valid = torch.cat([src["valid"][r:r + 1] for _, src, r in rows])
+            metas.append({"iteration": iteration, "current": [i for i, (kind, _, _) in enumerate(rows) if kind == "current"],
+                          "p0": c / k, "values": self._episode_scores(q_ids, tr_ids, valid).tolist()})
+        contents = self.store.create_items(specs)
+        for content, meta in zip(contents, metas):
+            self.pending[content.item.id] = meta
+        if getattr(self.labeler, "kind", "program") == "program":
+            from megacoach.labels.labelers import label_items
+
+            label_items(self.store, self.labeler, contents, rng=self.rng, guideline_version=self.cfg.labels.guideline_version)
+
+    def _collect_labels(self) -> None:
+        if not self.pending:
+            return
+        for comp in self.store.comparisons(split="valid", after_id=self.seen_id):
+            self.seen_id = max(self.seen_id, comp.id)
+            meta = self.pending.pop(comp.item_id, None)
+            if meta is None:
+                continue
+            values = meta["values"]
+            if values is None:  # the Values Coach was reloaded since: score the samples again
+                t, pad = self.cfg.task, self.trainer.pad_id
+                ids = [list(s.token_ids)[:t.response_length] for s in comp.samples]
+                q_ids = trainer_mod.left_pad([comp.query_token_ids] * len(ids), pad, t.query_length)
+                resp = torch.tensor([x + [pad] * (t.response_length - len(x)) for x in ids], dtype=torch.long)
+                _, valid = trainer_mod.truncate_responses(resp, self.trainer.stop_ids, t.truncate_after, pad)
+                values = self._episode_scores(q_ids, resp, valid).tolist()
+            self.fresh.append({"iteration": meta["iteration"], "values": values, "chosen": comp.chosen,
+                               "win": comp.chosen in meta["current"], "p0": meta["p0"]})
+
+    def after_iteration(self, batch, metrics: dict, labeler_scores) -> tuple[dict, list[Alarm]]:
+        tr = self.trainer
+        it = tr.iteration_no
+        alarms: list[Alarm] = []
+        before = self._before if self._before.get("iteration") == it else {}
+        gm = dict(before.get("metrics", {}))
+        # non-finite values anywhere
+        bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)
+               and not k.startswith("labeler/")]
+        bad_params = [n for n, p in tr.apprentice.named_parameters() if not torch.isfinite(p).all()]
+        if bad or bad_params:
+            alarms.append(Alarm("nonfinite", "halt", "non-finite values: " + ", ".join((bad + bad_params)[:6]),
+                                {"metrics": bad, "parameters": bad_params[:20]}))
+        score = before.get("score")
+        if score is None:
+            score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
+        ls = np.asarray(labeler_scores, dtype=float)
+        kl = float((batch.logprobs.float() - batch.ref_logprobs.float()).sum(1).mean())
+        ref_nll = float(-batch.ref_logprobs.float().mean())
+        self.history.append({"iteration": it, "score": np.asarray(score, dtype=float), "labeler": ls,
+                             "score_mean": float(np.mean(score)), "labeler_mean": float(np.nanmean(ls)) if np.isfinite(ls).any() else float("nan"),
+                             "kl": kl})
+        keep = 2 * self.g.divergence_window + 2
+        for h in self.history[:-keep]:
+            h["score"], h["labeler"] = None, None
+        self._fresh_items(batch, it)
+        self._collect_labels()
+        canary = canary_margins(tr, self.canaries) if self.canaries else None
+        m, al = judge(self.history, self.fresh, self.baseline or {}, canary, self.th, kl)
+        gm.update(m)
+        gm["guard/ref_nll"] = ref_nll
+        if self.baseline is not None:
+            gm["guard/ref_nll_initial"] = self.baseline["ref_nll"]
+        alarms += al
+        if alarms:
+            worst = np.argsort(ls if np.isfinite(ls).any() else score)[:4]
+            rows = [{"query": batch.queries[i].text[-120:], "response": batch.texts[i],
+                     "labeler": float(ls[i]) if np.isfinite(ls[i]) else None, "values_coach": float(score[i])}
+                    for i in worst]
+            for a in alarms:
+                if a.action != "warn" and not a.samples:
+                    a.samples = rows
+        return gm, alarms
+
+    # ---------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {"history": self.history, "fresh": self.fresh, "pending": self.pending, "baseline": self.baseline,
+                "preflights": self.preflights, "seen_id": self.seen_id, "gen": self.gen.get_state(),
+                "rng": self.rng.getstate()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        self.history = state.get("history", [])
+        self.fresh = state.get("fresh", [])
+        self.pending = state.get("pending", {})
+        self.baseline = state.get("baseline")
+        self.preflights = state.get("preflights", [])
+        self.seen_id = state.get("seen_id", 0)
+        if "gen" in state:
+            self.gen.set_state(state["gen"])
+        if "rng" in state:
+            self.rng.setstate(state["rng"])
+
+
+def make_guards(cfg, trainer, store, labeler) -> Guards:
+    """The pipeline's guards factory (`guards_factory(cfg, trainer, store, labeler)`)."""
+    return Guards(cfg, trainer, store, labeler)

@@ -1,0 +1,179 @@
+"""Probing the reward path with the trainer's own code: batches of given responses, PPO's push, scratch runs.
+
+Nothing here re-implements the reward path. A probe batch is built the way `PPOTrainer.rollout` builds
+one (the trainer module's padding and truncation rule, `trainer.score`, `trainer.forward_old`,
+`trainer.reward_path`), only with responses we choose (labeled samples, canaries) instead of sampled
+ones. PPO's *push* on a response is read off `objective.ppo_loss` itself: minus the gradient of the
+loss with respect to each token's log-probability, at the rollout's log-probabilities (ratio 1),
+summed over the response. It is the first-order change in that response's log-probability that one
+gradient step makes, so its sign is "PPO will make this response more (or less) likely", whatever
+sits between the Values Coach and the loss.
+
+`scratch(trainer)` lets a probe perturb the Apprentice or take real optimiser steps and then puts
+everything back exactly (weights, optimiser and schedule state, beta, random generators, gradients).
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from megacoach.ppo import objective
+from megacoach.ppo import trainer as trainer_mod
+from megacoach.ppo.policy import reference_logits
+from megacoach.tasks import Query
+
+
+def _chunks(n: int, size: int):
+    for i in range(0, n, size):
+        yield slice(i, min(n, i + size))
+
+
+def build_batch(trainer, queries: list[Query], responses: list[list[int]], chunk: int = 64):
+    """A `Batch` as `trainer.rollout` makes it, for these responses (each cut or padded to the
+    response length): same truncation and validity, Values Coach score, forward passes, reward path."""
+    t = trainer.cfg.task
+    T, pad = t.response_length, trainer.pad_id
+    B = len(queries)
+    query_ids = trainer_mod.left_pad([q.token_ids for q in queries], pad, t.query_length)
+    resp = torch.full((B, T), pad, dtype=torch.long)
+    for i, r in enumerate(responses):
+        r = list(r)[:T]
+        if r:
+            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    truncated, valid = trainer_mod.truncate_responses(resp, trainer.stop_ids, t.truncate_after, pad)
+    parts = {"raw": [], "lp": [], "ref": [], "val": [], "ent": []}
+    for s in _chunks(B, chunk):
+        parts["raw"].append(trainer.score(query_ids[s], truncated[s]).cpu())
+        lp, ref, val, ent = trainer.forward_old(torch.cat([query_ids[s], resp[s]], 1))
+        parts["lp"].append(lp.cpu())
+        parts["ref"].append(ref.cpu())
+        parts["val"].append(val.cpu())
+        parts["ent"].append(ent.cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    texts = [trainer.tok.decode([x for x in row if x != pad]) for row in truncated.tolist()]
+    batch = trainer_mod.Batch(list(queries), query_ids, resp, truncated, valid, cat["raw"], cat["lp"], cat["ref"],
+                              cat["val"], texts=texts)
+    batch.entropy = cat["ent"]
+    batch.path = trainer.reward_path(batch)
+    return batch
+
+
+def with_scores(trainer, batch, raw_scores: torch.Tensor, valid: torch.Tensor | None = None):
+    """The same batch with other Values Coach scores (e.g. all equal, to look at the KL term alone),
+    and its reward path recomputed by the trainer."""
+    b = replace(batch, raw_scores=raw_scores, valid=batch.valid if valid is None else valid)
+    b.path = trainer.reward_path(b)
+    return b
+
+
+def ppo_push(trainer, batch, advantages: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] minus the gradient of `objective.ppo_loss` with respect to each response's token
+    log-probabilities at ratio 1, summed over the response (scaled by the number of tokens)."""
+    p = trainer.cfg.ppo
+    path = batch.path
+    old = batch.logprobs.detach().clone().float()
+    adv = (path.advantages if advantages is None else advantages).detach().clone().float()
+    values = batch.values.detach().clone().float()
+    returns = path.returns.detach().clone().float()
+    with torch.enable_grad():
+        new = old.clone().requires_grad_(True)
+        loss, _ = objective.ppo_loss(new, old, adv, values.clone(), values, returns, p.cliprange,
+                                     p.cliprange_value, p.vf_coef)
+        (grad,) = torch.autograd.grad(loss, new, allow_unused=True)
+    if grad is None:
+        return torch.zeros(old.shape[0])
+    return (-grad * grad.numel()).sum(1).detach()
+
+
+def stages(trainer, batch) -> dict[str, np.ndarray]:
+    """Per-episode values along the reward path, in order (see `STAGES`)."""
+    path = batch.path
+    return {
+        "values_coach": batch.raw_scores.detach().float().numpy(),
+        "episode_score": path.scores.detach().float().numpy(),
+        "megacoach_reward": path.rewards.detach().float().sum(1).numpy(),
+        "advantages": path.advantages.detach().float().sum(1).numpy(),
+        "ppo_push": ppo_push(trainer, batch).float().numpy(),
+    }
+
+
+STAGES = {
+    "values_coach": "the Values Coach's score (trainer.score: reward-model head, normalisation gain and bias, "
+                    "what it learned from the labels)",
+    "episode_score": "the episode score (objective.episode_scores: the score, or the invalid-response penalty)",
+    "megacoach_reward": "the Megacoach reward (objective.megacoach_rewards: score − β·KL, where the score is "
+                        "added, reward scaling)",
+    "advantages": "the advantages (objective.advantages_and_returns: GAE, whitening)",
+    "ppo_push": "the PPO loss (objective.ppo_loss: the direction in which the loss moves log-probabilities)",
+}
+
+
+def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """[B] KL(Apprentice || original model) summed over the response positions, computed from the full
+    next-token distributions (not the sampled tokens): an independent measure of how far the policy is."""
+    t = trainer.cfg.task
+    out = []
+    with torch.inference_mode():
+        for s in _chunks(query_responses.shape[0], chunk):
+            qr = query_responses[s]
+            logits = trainer.apprentice(qr, trainer.pad_id, t.response_length, t.temperature, with_values=False).logits
+            ref = reference_logits(trainer.ref_lm, qr, trainer.pad_id, t.response_length, t.temperature)
+            lp = torch.log_softmax(logits.float(), -1)
+            lq = torch.log_softmax(ref.float(), -1)
+            out.append((lp.exp() * (lp - lq)).sum(-1).sum(-1).cpu())
+    return torch.cat(out)
+
+
+def perturb_(module: torch.nn.Module, sigma: float, seed: int) -> None:
+    """Add Gaussian noise of `sigma` times each tensor's RMS to every parameter, in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            rms = p.detach().float().pow(2).mean().sqrt()
+            if rms > 0:
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * (sigma * rms)
+                p.add_(noise.to(p.dtype).to(p.device))
+
+
+def params_checksum(module: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
+
+
+@contextmanager
+def scratch(trainer):
+    """Run a probe on the trainer itself, then restore it exactly: Apprentice weights, optimiser and
+    schedule state, KL controller, random generators, gradients, counters and config."""
+    params = list(trainer.apprentice.parameters())
+    snap = {
+        "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()},
+        "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
+        "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
+        "kl_ctl": copy.deepcopy(trainer.kl_ctl.state_dict()),
+        "gens": {k: g.get_state() for k, g in trainer.gens.items()},
+        "grads": [None if p.grad is None else p.grad.detach().clone() for p in params],
+        "counters": (trainer.iteration_no, trainer.episodes),
+        "cfg": trainer.cfg,
+        "torch_rng": torch.get_rng_state(),
+        "training": trainer.apprentice.training,
+    }
+    try:
+        yield trainer
+    finally:
+        trainer.cfg = snap["cfg"]
+        trainer.apprentice.load_state_dict(snap["apprentice"])
+        trainer.optimizer.load_state_dict(snap["optimizer"])
+        trainer.scheduler.load_state_dict(snap["scheduler"])
+        trainer.kl_ctl.load_state_dict(snap["kl_ctl"])
+        for k, g in trainer.gens.items():
+            g.set_state(snap["gens"][k])
+        for p, g in zip(params, snap["grads"]):
+            p.grad = g
+        trainer.iteration_no, trainer.episodes = snap["counters"]
+        torch.set_rng_state(snap["torch_rng"])
+        trainer.apprentice.train(snap["training"])
