@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from megacoach.errors import HaltError
+from megacoach.guards.alarms import GuardHalt
 from megacoach.report import Loggers, write_before_after, write_report
 
 
@@ -90,8 +91,9 @@ class PPOLoop:
         cfg, tr = self.cfg, self.trainer
         self.rundir.set_status("running", tr.iteration_no)
         self.store.set_run_status(self.run_id, "running", tr.iteration_no, {})
-        if self.guards is not None and tr.iteration_no == 0:
-            self.guards.preflight()  # raises GuardFailure (a ConfigError) naming the component
+        if self.guards is not None:  # before the first update, and again on resume (after a fix)
+            self.guards.preflight("before the first update" if tr.iteration_no == 0 else
+                                  f"on resume at iteration {tr.iteration_no}")  # GuardFailure names the component
         cols = [TextColumn("[bold]PPO[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("{task.fields[figures]}")]
         with Progress(*cols, console=self.console, transient=False) as progress:
@@ -105,6 +107,10 @@ class PPOLoop:
                     batch, metrics = tr.iteration(before_update=before)
                 except FloatingPointError as err:
                     self.halt(f"non-finite values: {err}", {}, "guard/nonfinite")
+                except GuardHalt as err:  # from guards.before_update: nothing of this batch was optimised
+                    self.halt(f"guard {err.alarm.name}: {err.alarm.message}",
+                              {"alarms": [err.alarm.as_dict()], "before_update": True, **err.evidence},
+                              f"guard/{err.alarm.name}")
                 ls = self.labeler_scores(batch)
                 metrics["labeler/score"] = float(ls.mean())
                 metrics["labeler/score_std"] = float(ls.std())
@@ -124,6 +130,9 @@ class PPOLoop:
                     f"score {metrics['objective/score']:+.2f}  KL {metrics['objective/kl']:.2f}  "
                     f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics['labeler/score']:+.3f}  "
                     f"{metrics['time/iteration_s']:.1f}s/it"))
+                pull = self.andon_pull()  # a pause set during this iteration must not be overwritten below
+                if pull:
+                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
                 self.store.set_run_status(self.run_id, "running", tr.iteration_no,
                                           {"alarms": [a.as_dict() for a in alarms]})
                 for a in alarms:
