@@ -142,6 +142,8 @@ class GuardsConfig(_Section):
     enabled: bool = Field(True, description="Run the guards (preflight, batch check, live monitors).")
     preflight: bool = Field(True, description="Run the preflight before the first update, on resume and after "
                             "every Values Coach (re)load. Switch off only to watch the live monitors work alone.")
+    batch_check: bool = Field(True, description="Before every PPO update, check that the actual loss pushes the batch "
+                              "up where the Values Coach scores high and down where the KL is high (halts if flipped).")
     confidence: float = Field(0.99, gt=0.5, lt=1, description="Preflight: each direction check must beat chance at "
                               "this confidence. Live monitors: a clean run's probability of a false halt, over all "
                               "monitors and iterations together, stays below 1 - confidence.")

@@ -64,6 +64,7 @@ class Guards:
         self.preflights: list[dict] = []
         self.seen_id = 0
         self._before: dict = {}
+        self._coach = None  # the Values Coach the baseline was scored with
 
     # ---------------------------------------------------------------------------------------- helpers
     def _sample(self, generator, queries, k: int) -> dict:
@@ -104,6 +105,9 @@ class Guards:
         """Run the preflight checks (GuardFailure on failure) and make sure the initial-policy baseline exists."""
         t0 = time.time()
         report = None
+        if self._coach is not None and self.trainer.values_coach is not self._coach:
+            self._values_coach_changed()
+        self._coach = self.trainer.values_coach
         if self.g.preflight:
             self.log(f"[bold]guards[/]: preflight {reason} (confidence {self.g.confidence})")
             qs = self.rng.sample(self.trainer.train_queries, min(self.g.probe_queries, len(self.trainer.train_queries)))
@@ -146,14 +150,19 @@ class Guards:
         against, and runs the preflight again (GuardFailure if the new coach points the wrong way)."""
         if values_coach is not None:
             self.trainer.values_coach = values_coach
+        return self.preflight(reason)  # notices the new coach: rescores, then checks it
+
+    def _values_coach_changed(self) -> None:
+        """Another Values Coach: rescore the initial-policy baseline; older scores are not comparable any more."""
         if self.baseline is not None:
             b = self.baseline
             b["score"] = self._episode_scores(b["query_ids"], b["truncated"], b["valid"])
-        for h in self.history:  # old scores came from another coach: not comparable any more
+        for h in self.history:
             h["score"] = None
         for item in self.pending.values():
             item["values"] = None
-        return self.preflight(reason)
+        for f in self.fresh:  # the win rate stays; the agreement counts the new coach's rankings only
+            f["values"] = None
 
     # ---------------------------------------------------------------------------------------- before the update
     def before_update(self, batch) -> None:
@@ -161,6 +170,9 @@ class Guards:
         says, and pushed up by the actual loss where the Values Coach's score is high and the KL low."""
         tr = self.trainer
         path = batch.path
+        if not self.g.batch_check:
+            self._before = {}
+            return
         for name, t in (("Values Coach scores", batch.raw_scores), ("log-probs", batch.logprobs),
                         ("reference log-probs", batch.ref_logprobs), ("values", batch.values),
                         ("rewards", path.rewards), ("advantages", path.advantages), ("returns", path.returns)):

@@ -126,12 +126,13 @@ def judge(history: list[dict], fresh: list[dict], baseline: dict, canary: dict |
         elif n >= th.min_evidence and p <= normal_sf(Z_WARN):
             alarms.append(Alarm("winrate", "warn", f"labelers prefer current samples {wins / n:.0%} of the time "
                                 f"(no change = {p0:.0%})", figs))
-        rt = rank_test([f["values"] for f in recent], [f["chosen"] for f in recent])
+        scored = [f for f in recent if f.get("values") is not None]
+        rt = rank_test([f["values"] for f in scored], [f["chosen"] for f in scored])
         m.update({"guard/agreement": rt.agreement, "guard/agreement_top1": rt.top1, "guard/agreement_n": rt.n})
         if abs(th.agreement_floor - 0.5) < 1e-12:
             p_low = rt.p_worse
         else:  # normal approximation around the floor (per-item agreement has sd <= 0.5)
-            u = np.array([_item_agreement(f) for f in recent])
+            u = np.array([_item_agreement(f) for f in scored] or [0.5])
             se = max(float(u.std(ddof=1)) if len(u) > 1 else 0.5, 1e-3) / math.sqrt(len(u))
             p_low = normal_sf((th.agreement_floor - rt.agreement) / se)
         m["guard/agreement_p"] = p_low
