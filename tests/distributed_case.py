@@ -90,11 +90,16 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
     queries = load_queries(cfg.task, tok, "train", 64, cfg.run.seed + 31)
     gen = Replay(replay) if replay is not None else Recording(HFGenerator(lm, tok.pad_token_id))
     trainer = PPOTrainer(cfg, lm, ref, tok, coach, queries, generator=gen, dist=dist)
-    batch, metrics = trainer.iteration()
-    out = {"metrics": metrics, "kl_coef_after": trainer.kl_ctl.value,
-           "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()},
-           "advantages": batch.path.advantages.clone(), "returns": batch.path.returns.clone(),
-           "values": batch.values.clone(), "raw_scores": batch.raw_scores.clone()}
+    out = {}
+    if dist.is_main:  # as in megacoach train: rank 0 runs the loop, the others follow its iterations
+        batch, metrics = trainer.iteration()
+        trainer.release_followers()
+        out = {"metrics": metrics, "advantages": batch.path.advantages.clone(), "returns": batch.path.returns.clone(),
+               "values": batch.values.clone(), "raw_scores": batch.raw_scores.clone()}
+    else:
+        trainer.follow()
+    out.update({"kl_coef_after": trainer.kl_ctl.value, "iteration": trainer.iteration_no,
+                "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()}})
     if replay is None:  # the global batch's rollout, in rank order: what a single process must replay
         parts = dist.gather_object(gen.rollouts[0])
         out["rollout"] = Rollout(torch.cat([p.responses for p in parts]), torch.cat([p.logprobs for p in parts]),

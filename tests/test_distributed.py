@@ -13,6 +13,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,21 +38,26 @@ def free_port() -> int:
 def launch(world: int, args: list[str], timeout: float = 120) -> None:
     """Start `world` processes of tests/distributed_case.py as a launcher would; fail with their output."""
     port = free_port()
-    procs = []
+    procs, logs = [], []
     for rank in range(world):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        logs.append(tempfile.TemporaryFile("w+"))
         procs.append(subprocess.Popen([sys.executable, str(HERE / "distributed_case.py"), *args], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+                                      stdout=logs[-1], stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
     outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
+    for p, log in zip(procs, logs):
+        p.wait()
+        log.seek(0)
+        outs.append(log.read())
+        log.close()
     bad = [(r, p.returncode, o) for r, (p, o) in enumerate(zip(procs, outs)) if p.returncode]
     assert not bad, "\n".join(f"rank {r} exit {c}:\n{o[-3000:]}" for r, c, o in bad)
 

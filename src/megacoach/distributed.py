@@ -24,6 +24,7 @@ Sharded engines (FSDP, DeepSpeed ZeRO) are not wired in: under an accelerate con
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
@@ -49,8 +50,9 @@ class Dist:
     def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0, group=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"distributed: rank {rank} is outside a world of {world_size} process(es)")
-        self.world_size, self.rank, self.local_rank = world_size, rank, local_rank
+        self._world_size, self.rank, self.local_rank = world_size, rank, local_rank
         self.group = group
+        self._modes: list[bool] = []  # stack of local() / collective() sections (innermost last)
 
     # ------------------------------------------------------------------------------------ construction
     @classmethod
@@ -90,13 +92,42 @@ class Dist:
         return cls(td.get_world_size(), td.get_rank(), local_rank, td.group.WORLD)
 
     def close(self) -> None:
-        if self.world_size > 1:
+        if self._world_size > 1:
             import torch.distributed as td
 
             if td.is_initialized():
                 td.destroy_process_group()
 
     # ------------------------------------------------------------------------------------ who am I
+    @property
+    def world_size(self) -> int:
+        """The number of processes working together here: 1 inside a `local()` section."""
+        return 1 if self._modes and not self._modes[-1] else self._world_size
+
+    @property
+    def processes(self) -> int:
+        """The number of processes launched (whatever the section)."""
+        return self._world_size
+
+    @contextlib.contextmanager
+    def local(self):
+        """Work that one process does alone (rank 0's guards, store, reports): inside, this object acts as
+        a single process (no collectives, no sharding), so code called there cannot wait for the others."""
+        self._modes.append(False)
+        try:
+            yield self
+        finally:
+            self._modes.pop()
+
+    @contextlib.contextmanager
+    def collective(self):
+        """Work that all processes do together (a PPO iteration), also when called from a `local()` section."""
+        self._modes.append(True)
+        try:
+            yield self
+        finally:
+            self._modes.pop()
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
@@ -110,7 +141,7 @@ class Dist:
         return int(base) + self.rank * RANK_SEED_STRIDE
 
     def __repr__(self) -> str:
-        return f"Dist(rank {self.rank} of {self.world_size})"
+        return f"Dist(rank {self.rank} of {self._world_size})"
 
     # ------------------------------------------------------------------------------------ splitting work
     def check_divides(self, n: int, field: str, what: str = "") -> None:
@@ -121,9 +152,11 @@ class Dist:
 
     def bounds(self, n: int) -> tuple[int, int]:
         """[start, stop) of this process's contiguous share of n items (the first n % world get one more)."""
-        base, extra = divmod(n, self.world_size)
-        start = self.rank * base + min(self.rank, extra)
-        return start, start + base + (1 if self.rank < extra else 0)
+        world = self.world_size
+        rank = self.rank if world > 1 else 0
+        base, extra = divmod(n, world)
+        start = rank * base + min(rank, extra)
+        return start, start + base + (1 if rank < extra else 0)
 
     def shard(self, items: Sequence[T] | torch.Tensor) -> Sequence[T] | torch.Tensor:
         """This process's contiguous share of a sequence or of a tensor's first dimension (identity for 1)."""
@@ -244,26 +277,29 @@ class Dist:
     def run_on_main(self, fn: Callable[..., T] | None, *args, **kwargs) -> T:
         """Run `fn` on rank 0 only and hand its result to every process; an exception raised there is raised
         on every process (as itself where it can be pickled, else as RemoteError with its message).
-        `fn` may be None on the other ranks (it is only called on rank 0)."""
+        `fn` may be None on the other ranks (it is only called on rank 0); it runs in a `local()` section."""
         if self.world_size == 1:
             return fn(*args, **kwargs) if fn is not None else None
         outcome: Any = None
         error: BaseException | None = None
         if self.is_main:
             try:
-                outcome = ("ok", fn(*args, **kwargs) if fn is not None else None)
+                with self.local():
+                    outcome = ("ok", fn(*args, **kwargs) if fn is not None else None)
             except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
                 error = err
-                outcome = ("error", _portable(err))
+                outcome = ("error", portable(err))
         outcome = self.broadcast_object(outcome)
         if error is not None:
             raise error
         if outcome[0] == "error":
-            raise outcome[1]
+            err = outcome[1]
+            err.from_rank0 = True  # the other processes know that rank 0 raised it too
+            raise err
         return outcome[1]
 
 
-def _portable(err: BaseException) -> BaseException:
+def portable(err: BaseException) -> BaseException:
     """`err` if it survives pickling, else a RemoteError carrying its type and message."""
     try:
         back = pickle.loads(pickle.dumps(err))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megacoach.config import Config
-from megacoach.distributed import Dist, check_world
+from megacoach.distributed import Dist, check_world, portable
 from megacoach.errors import DataError
 from megacoach.lm.padding import left_pad
 from megacoach.ppo import maths, objective
@@ -114,6 +114,8 @@ class PPOTrainer:
                      "minibatch": torch.Generator().manual_seed(cfg.run.seed + 2)}
         self.iteration_no = 0
         self.episodes = 0
+        # several processes: what rank 0 has shared with the others, and every rank's sampling RNG state
+        self._coach_shared, self._resync, self._sample_rngs = values_coach, False, None
 
     # ------------------------------------------------------------------ rollout (steps 1-6)
     def next_queries(self) -> list[Query]:
@@ -215,6 +217,19 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ one whole iteration
     def iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
+        """One PPO iteration. Several processes: rank 0's call runs it on every process (see `follow`)."""
+        with self.dist.collective():
+            if self.dist.distributed and self.dist.is_main:
+                self.dist.broadcast_object(self._lead_message())
+            return self._iteration_together(before_update)
+
+    def _iteration_together(self, before_update):
+        out = self._iteration(before_update)
+        if self.dist.distributed:  # kept for checkpoints, so a resumed run samples as an uninterrupted one
+            self._sample_rngs = self.dist.gather_object(self.gens["sample"].get_state())
+        return out
+
+    def _iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
         t0 = time.time()
         batch = self.rollout(self.next_queries())
         t_roll = time.time() - t0
@@ -223,8 +238,8 @@ class PPOTrainer:
                              ("values", batch.values)):
             if not torch.isfinite(tensor).all():
                 raise FloatingPointError(f"non-finite {name} in the rollout of iteration {self.iteration_no + 1}")
-        if before_update is not None:
-            before_update(batch)
+        if before_update is not None or self.dist.distributed:
+            self.dist.run_on_main(before_update, batch)  # rank 0's guards decide for every process
         kl_coef = self.kl_ctl.value
         stats = self.update(batch)
         mean_kl = float(path.kl.sum(1).mean())
@@ -266,9 +281,12 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        return {"apprentice": self.apprentice.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
-                "iteration": self.iteration_no, "episodes": self.episodes, "rng": rng_state(self.gens)}
+        state = {"apprentice": self.apprentice.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
+                 "iteration": self.iteration_no, "episodes": self.episodes, "rng": rng_state(self.gens)}
+        if self._sample_rngs is not None:
+            state["sample_rng_ranks"] = self._sample_rngs
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.apprentice.load_state_dict(state["apprentice"])
@@ -277,3 +295,49 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.iteration_no, self.episodes = state["iteration"], state["episodes"]
         set_rng_state(state["rng"], self.gens)
+        if self.dist.processes > 1:
+            ranks = state.get("sample_rng_ranks")
+            if ranks is not None and len(ranks) == self.dist.processes:
+                self.gens["sample"].set_state(ranks[self.dist.rank])
+                self._sample_rngs = ranks
+            elif not self.dist.is_main:  # saved by another process count: a fresh stream of this rank's own
+                self.gens["sample"].manual_seed(self.dist.seed(self.cfg.run.seed) + 7919 * self.iteration_no)
+            self._resync = self.dist.is_main  # the others receive this state with the next iteration
+
+    # ------------------------------------------------------------------ several processes (distributed.py)
+    def _lead_message(self) -> dict:
+        """What the other processes need before an iteration: a Values Coach rank 0 swapped in, a state it loaded."""
+        msg = {"op": "iterate", "coach": None, "state": None}
+        if self.values_coach is not self._coach_shared:
+            msg["coach"] = self._coach_shared = self.values_coach
+        if self._resync:
+            msg["state"], self._resync = self.state_dict(), False
+        return msg
+
+    def follow(self) -> None:
+        """Processes other than rank 0: run every iteration that rank 0 runs (with its Values Coach and any state
+        it loaded) until rank 0 releases them; a halt of rank 0 is raised here too."""
+        while True:
+            with self.dist.collective():
+                msg = self.dist.broadcast_object(None)
+                if msg["op"] == "stop":
+                    if msg["error"] is not None:
+                        raise msg["error"]
+                    return
+                if msg["coach"] is not None:
+                    self.values_coach = self._coach_shared = msg["coach"]
+                if msg["state"] is not None:
+                    self.load_state_dict(msg["state"])
+                try:
+                    self._iteration_together(None)
+                except Exception as err:  # noqa: BLE001
+                    # decided on the global batch (non-finite values) or by rank 0 (a guard): rank 0 met it too
+                    # and says what comes next; anything else is this process's own failure
+                    if not (isinstance(err, FloatingPointError) or getattr(err, "from_rank0", False)):
+                        raise
+
+    def release_followers(self, error: BaseException | None = None) -> None:
+        """Rank 0, when its loop ends: the other processes leave `follow` (raising `error`, e.g. a halt)."""
+        if self.dist.processes > 1 and self.dist.is_main:
+            with self.dist.collective():
+                self.dist.broadcast_object({"op": "stop", "error": portable(error) if error is not None else None})
