@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from megacoach.config import Config
+from megacoach.distributed import Dist, check_world
 from megacoach.errors import ConfigError, HaltError
 from megacoach.runs import RunDir
 
@@ -86,30 +87,66 @@ def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_lengt
     return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
 
 
-def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log):
-    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far."""
+def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: Dist | None = None):
+    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far.
+
+    Several processes: rank 0 reads the store and the files and hands the comparisons (or the loaded
+    Values Coach) to the others; all of them train it together; rank 0 saves it."""
+    from megacoach.reward.data import as_comparisons
     from megacoach.reward.model import RewardModel
     from megacoach.reward.train import retrain_from_scratch
 
+    dist = dist or Dist.single()
     path = Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
-    if (path / "reward_config.json").is_file():
+
+    def saved() -> bool:
+        if (path / "reward_config.json").is_file():
+            return True
+        if cfg.reward.path:
+            raise ConfigError(f"reward.path: no Values Coach at {path} (expected reward_config.json)")
+        return False
+
+    if dist.run_on_main(saved):
         log(f"Values Coach: loaded from {path}")
-        return RewardModel.from_pretrained(path, policy_tokenizer=tok), None
-    if cfg.reward.path:
-        raise ConfigError(f"reward.path: no Values Coach at {path} (expected reward_config.json)")
-    train = store.comparisons(split="train")
-    valid = store.comparisons(split="valid")
-    norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id, cfg.task.query_length)
+        return dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok), None
+
+    def labels():
+        train = as_comparisons(store.comparisons(split="train"))
+        valid = as_comparisons(store.comparisons(split="valid"))
+        norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
+                                       cfg.task.query_length)
+        return train, valid, norm
+
+    train, valid, norm = dist.run_on_main(labels)
     model, metrics = retrain_from_scratch(cfg.model.name_or_path, train, valid, cfg.reward, normalisation_samples=norm,
-                                          seed=cfg.run.seed, log=log, dtype=cfg.model.dtype, tokenizer=tok)
-    model.save_pretrained(path)
-    (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+                                          seed=cfg.run.seed, log=log, dtype=cfg.model.dtype, tokenizer=tok, dist=dist)
+
+    def save() -> None:
+        model.save_pretrained(path)
+        (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+
+    dist.run_on_main(save)
     return model, metrics
 
 
 # ------------------------------------------------------------------------------------------ the run
-def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) -> dict:
-    """Run (or resume) the whole offline loop. Returns a summary; raises HaltError when halted."""
+def train(cfg: Config, resume: bool = False, console=None, guards_factory=None, dist: Dist | None = None) -> dict:
+    """Run (or resume) the whole offline loop. Returns a summary; raises HaltError when halted.
+
+    Under `accelerate launch` / `torchrun` (several processes; `dist`, default from the environment), every
+    process holds the models and trains them together (megacoach/distributed.py); rank 0 alone writes the
+    run folder, talks to the label store, the labelers and the guards, and returns the summary (the others
+    return {} when rank 0 finishes, or raise its halt)."""
+    own_dist = dist is None
+    dist = dist or Dist.from_env()
+    try:
+        return _train(cfg, resume, console, guards_factory, dist)
+    finally:
+        if own_dist:
+            dist.close()
+
+
+def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> dict:
     from rich.console import Console
 
     from megacoach.labels.labelers import load_labeler
@@ -121,44 +158,86 @@ def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) 
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
 
+    check_world(cfg, dist)  # a process count that cannot split the batches: ConfigError before anything is written
     console = console or Console()
+    if not dist.is_main:
+        console = Console(quiet=True)  # rank 0 speaks for all processes
     log = console.print
     run = RunDir(cfg.run.out)
-    if resume:
-        if not (run.path / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run.path}: not a megacoach run folder (no config.yaml)")
-        run.clear_for_resume()
-    elif (run.ckpt_dir / "latest.json").is_file() or (run.path / "values_coach").exists():
-        raise ConfigError(f"run.out {run.path} already holds a run; pass --resume {run.path} to continue it, "
-                          "or choose another --out")
-    run.create(cfg)
-    seed_everything(cfg.run.seed, cfg.run.threads)
+
+    def open_run_folder() -> None:
+        if resume:
+            if not (run.path / "config.yaml").is_file():
+                raise ConfigError(f"--resume {run.path}: not a megacoach run folder (no config.yaml)")
+            run.clear_for_resume()
+        elif (run.ckpt_dir / "latest.json").is_file() or (run.path / "values_coach").exists():
+            raise ConfigError(f"run.out {run.path} already holds a run; pass --resume {run.path} to continue it, "
+                              "or choose another --out")
+        run.create(cfg)
+
+    dist.run_on_main(open_run_folder)  # several processes: rank 0 alone writes files (its errors stop them all)
+    seed_everything(dist.seed(cfg.run.seed), cfg.run.threads)  # seed + rank * 100003
     run_id = run.path.resolve().name
     log(f"[bold]megacoach[/] run {run.path}: {STAGES}")
+    if dist.processes > 1:
+        log(f"data-parallel over {dist.processes} processes (rank 0 writes the run folder and talks to the store)")
 
     # 1. the Apprentice and the original model
     policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
     ref_lm = frozen_reference(policy_lm)
-    labeler = load_labeler(cfg.labels.labeler)
-    store = LabelStore(store_url(cfg, run))
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
+    labeler = store = None
+
+    def open_store() -> None:
+        nonlocal labeler, store
+        labeler = load_labeler(cfg.labels.labeler)
+        store = LabelStore(store_url(cfg, run))
+
+    dist.run_on_main(open_store)
 
     # 2-3. the human evaluators and the Values Coach
-    collect_labels(cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log)
-    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log)
+    dist.run_on_main(collect_labels, cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log)
+    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist)
     coach.eval()
 
     # held-out queries and the initial Apprentice's samples of them (kept for the before/after report)
     eval_queries = load_queries(cfg.task, tok, "eval", cfg.run.eval_queries, cfg.run.seed + 23)
-    initial_path = run.path / "initial_samples.jsonl"
-    if not initial_path.is_file():
-        initial = [g[0] for g in sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(cfg.run.seed + 29))]
-        initial_path.write_text("".join(json.dumps({"query": c.query.text, "response": c.text, "valid": c.valid}) + "\n"
-                                        for c in initial))
+
+    def initial_samples() -> None:
+        initial_path = run.path / "initial_samples.jsonl"
+        if not initial_path.is_file():
+            initial = [g[0] for g in sampler.continuations(eval_queries, 1,
+                                                           torch.Generator().manual_seed(cfg.run.seed + 29))]
+            initial_path.write_text("".join(json.dumps({"query": c.query.text, "response": c.text, "valid": c.valid})
+                                            + "\n" for c in initial))
+
+    dist.run_on_main(initial_samples)
     train_queries = load_queries(cfg.task, tok, "train", max(cfg.ppo.batch_size * 8, 512), cfg.run.seed + 31)
 
     # 4. PPO
-    trainer = PPOTrainer(cfg, policy_lm, ref_lm, tok, coach, train_queries)
+    trainer = PPOTrainer(cfg, policy_lm, ref_lm, tok, coach, train_queries, dist=dist)
+    if not dist.is_main:
+        trainer.follow()  # every iteration rank 0 runs, until it finishes (or halts: raised here too)
+        return {}
+    with dist.local():  # from here on rank 0 works alone, except inside trainer.iteration()
+        try:
+            summary, loop = _ppo(cfg, run, trainer, store, labeler, sampler, run_id, console, guards_factory, tok,
+                                 resume, log)
+        except BaseException as err:
+            trainer.release_followers(err)
+            raise
+        trainer.release_followers()
+
+        # 5. before/after and the report
+        summary.update(loop.finish(eval_queries, coach_metrics))
+    log(f"[bold green]done[/]: report at {run.path / 'report.html'}")
+    return summary
+
+
+def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str, console, guards_factory, tok,
+         resume: bool, log):
+    """Stage 4 on rank 0: the PPO loop with the guards (and online labeling)."""
+    from megacoach.labels.labelers import load_labeler
     from megacoach.loop import PPOLoop
 
     online = None
@@ -174,11 +253,7 @@ def train(cfg: Config, resume: bool = False, console=None, guards_factory=None) 
     if resume:
         loop.restore()
     summary = loop.run()  # raises HaltError after saving everything when a guard or the Andon cord stops it
-
-    # 5. before/after and the report
-    summary.update(loop.finish(eval_queries, coach_metrics))
-    log(f"[bold green]done[/]: report at {run.path / 'report.html'}")
-    return summary
+    return summary, loop
 
 
 def assert_not_halted(run: RunDir) -> None:

@@ -339,5 +339,15 @@ class PPOTrainer:
     def release_followers(self, error: BaseException | None = None) -> None:
         """Rank 0, when its loop ends: the other processes leave `follow` (raising `error`, e.g. a halt)."""
         if self.dist.processes > 1 and self.dist.is_main:
+            msg = {"op": "stop", "error": portable(error) if error is not None else None}
             with self.dist.collective():
-                self.dist.broadcast_object({"op": "stop", "error": portable(error) if error is not None else None})
+                if error is None:
+                    self.dist.broadcast_object(msg)
+                    return
+                # after an error the others normally wait for this message; if rank 0 failed alone in the middle
+                # of an iteration they wait elsewhere: give up after a while, and the launcher ends them
+                import threading
+
+                sender = threading.Thread(target=self.dist.broadcast_object, args=(msg,), daemon=True)
+                sender.start()
+                sender.join(timeout=120)
