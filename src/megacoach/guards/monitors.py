@@ -15,8 +15,9 @@ all of its iterations together. `z_halt` is the matching one-sided normal critic
 |                |                                                                 | scores below the initial policy)           |
 | labeler_drop   | the labelers' scores of the same rollouts vs the baseline's     | the labelers score current samples         |
 |                |                                                                 | confidently below the initial policy's     |
-| winrate        | fresh items of ceil(K/2) current + rest initial-policy samples, | the labelers pick a current sample         |
-|                | labeled through the store; win = labelers chose a current one   | confidently less often than the floor      |
+| winrate        | fresh items (last 2 x window iterations) of ceil(K/2) current + | the labelers pick a current sample         |
+|                | the rest initial-policy samples, labeled through the store;     |
+|                | win = the labelers chose a current sample                       | confidently less often than the floor      |
 |                |                                                                 | (default: the no-change rate, 0.5)         |
 | agreement      | the same fresh items: the Values Coach's ranking of the         | it ranks the labelers' choice confidently  |
 |                | labelers' choice (pairwise agreement; chance 0.5)               | below agreement_floor (default chance)     |
@@ -109,7 +110,7 @@ def judge(history: list[dict], fresh: list[dict], baseline: dict, canary: dict |
                                 f"z = {z:.1f})", figs))
 
     # -- fresh labels: win rate against the initial policy, and the Values Coach's agreement
-    recent = [f for f in fresh if f["iteration"] > it - w]
+    recent = [f for f in fresh if f["iteration"] > it - 2 * w]  # fewer than rollouts: a window twice as long
     m["guard/fresh_labels"] = len(recent)
     if recent:
         wins = sum(1 for f in recent if f["win"])

@@ -18,8 +18,9 @@ confidence. A failure names the component of the reward path where the direction
                        as the exact KL (from the full next-token distributions) grows, at a slope of at least
                        half of -beta; and, with the score held fixed, the Megacoach reward and PPO's push must
                        fall with the KL as well.
-5. `optimiser`         one PPO update (`trainer.update`, on the trainer itself, then restored exactly) on a
-                       probe batch of response pairs with advantages +1 / -1: the +1 response's
+5. `optimiser`         a PPO update (`trainer.update`, on the trainer itself, then restored exactly) on a
+                       probe batch of response pairs with advantages +1 / -1, against the same update with
+                       the signs swapped (cancelling Adam's momentum mid-run): the +1 response's
                        log-probability rises relative to its pair's in significantly more than half the pairs.
 6. `canaries`          canary prompts with known good and bad continuations, through the complete path: a
                        ranking significantly WORSE than chance fails; not better than chance only warns
@@ -37,7 +38,7 @@ import torch
 
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
-from megacoach.guards.stats import ols, rank_test, sign_test
+from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
 from megacoach.ppo import objective
 from megacoach.tasks import Query
 
@@ -236,34 +237,46 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
 
 # ------------------------------------------------------------------------------------------ 5. optimiser
 def check_optimiser(trainer, queries, alpha: float) -> Check:
+    """One PPO update with advantages +1 / -1 on response pairs, and one from the same state with the signs
+    swapped: the difference cancels whatever the optimiser's state (Adam's momentum) does on its own."""
     pairs = [q for q in queries for _ in (0, 1)]
+    n = len(queries)
+    sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(n)])
+    per_ep = torch.stack([sign, -sign], 1).reshape(-1)  # pair j: episode 2j gets sign_j, 2j+1 the opposite
     with P.scratch(trainer):
         b = trainer.rollout(pairs)
-        n = len(queries)
-        sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(n)])
-        per_ep = torch.stack([sign, -sign], 1).reshape(-1)  # pair j: episode 2j gets sign_j, 2j+1 the opposite
-        adv = per_ep[:, None].expand_as(b.logprobs).clone()
-        b.path = objective.RewardPath(b.path.scores, b.path.kl, b.path.non_score, b.path.rewards, adv,
-                                      b.values.clone())
-        before = P.params_checksum(trainer.apprentice)
-        trainer.update(b)
-        moved = P.params_checksum(trainer.apprentice) != before
-        after, _, _, _ = trainer.forward_old(b.query_responses)
-        dlogp = (after.float() - b.logprobs.float()).sum(1)
+    deltas, moved = [], True
+    for flip in (1.0, -1.0):
+        with P.scratch(trainer):
+            adv = (flip * per_ep)[:, None].expand_as(b.logprobs).clone()
+            b.path = objective.RewardPath(b.path.scores, b.path.kl, b.path.non_score, b.path.rewards, adv,
+                                          b.values.clone())
+            before = P.params_checksum(trainer.apprentice)
+            trainer.update(b)
+            moved = moved and P.params_checksum(trainer.apprentice) != before
+            after, _, _, _ = trainer.forward_old(b.query_responses)
+            deltas.append((after.float() - b.logprobs.float()).sum(1))
+    dlogp = deltas[0] - deltas[1]  # what the advantages' sign did, the optimiser's own drift cancelled
     d = []
     for j in range(n):
         hi, lo = (2 * j, 2 * j + 1) if sign[j] > 0 else (2 * j + 1, 2 * j)
         d.append(float(dlogp[hi] - dlogp[lo]))
     d = np.array(d)
-    pos, m, p_more, p_less = sign_test(d)
-    figs = {"pairs": n, "raised": pos, "nonzero": m, "p": p_more, "mean_diff": float(d.mean()),
+    pos, m, p_sign_more, p_sign_less = sign_test(d)
+    # the sign test ignores sizes; a t test on the pair differences uses them: either may show the direction
+    se = float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else 0.0
+    t = float(d.mean()) / se if se > 0 else (math.copysign(math.inf, float(d.mean())) if d.mean() else 0.0)
+    p_more = min(p_sign_more, t_sf(t, len(d) - 1))
+    p_less = min(p_sign_less, t_sf(-t, len(d) - 1))
+    figs = {"pairs": n, "raised": pos, "nonzero": m, "p": p_more, "t": t, "mean_diff": float(d.mean()),
             "weights_moved": moved}
     if not moved:
         return Check("optimiser", COMPONENTS["optimiser"], False,
                      "PPOTrainer.update left the weights unchanged on a probe batch", figs)
     ok = p_more <= alpha
-    msg = (f"one PPO update on {n} response pairs (advantage +1 / -1) raised the +1 response's log-probability "
-           f"relative to its pair's in {pos} of {m} pairs (mean {d.mean():+.2e} nats), p = {_fmt_p(p_more)}")
+    msg = (f"a PPO update on {n} response pairs with advantages +1 / -1 (against the same update with the signs "
+           f"swapped) raised the +1 response's log-probability relative to its pair's in {pos} of {m} pairs "
+           f"(mean {d.mean():+.2e} nats, t = {t:.1f}), p = {_fmt_p(p_more)}")
     if not ok:
         msg += (": the optimiser step LOWERS what the advantages say to raise" if p_less <= alpha
                 else ": not better than chance")

@@ -1,0 +1,270 @@
+"""Reproducing the section 4.4 incident (and the other bug kinds) end to end, with or without the guards.
+
+Used by `megacoach incident` and benchmarks/guards.py. One scenario = one bug kind x one guard mode:
+
+    mode 'full'      every guard (preflight, the batch check before each update, live monitors)
+    mode 'monitors'  no preflight: the batch check and the live monitors only
+    mode 'labelers'  no preflight, no batch check: only the monitors that watch samples and labels
+    mode 'off'       no guards at all (`--no-guards`): the run goes where the bug takes it
+
+The human evaluators' labels and the Values Coach are made once and cached (`cache/`): a best-of-K label
+set of the initial policy by the mock labeler (VADER), and a Values Coach trained on it — a second one,
+trained under the bug, for the kinds that act on the Values Coach's training. Every run copies the labels
+into its own label store (so the guards' fresh labels never leak between runs) and then runs the ordinary
+pipeline (`megacoach.pipeline.train`) inside the bug's patch.
+
+After the run the Apprentice as it stood at the end (or at the halt) is compared with the initial policy on
+held-out queries: the labelers' score (in units of its spread over the initial policy's samples), the KL to
+the original model, and the perplexity of the samples under the original model (fluency).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megacoach.guards import bugs as bugs_mod
+
+MODES = ("full", "monitors", "labelers", "off")
+
+# The demo's settings, cut to a few minutes on a CPU: the paper's task (64-token queries, 24-token responses,
+# temperature 0.7, truncation at '.'), PPO batch 64 with 4 epochs x 4 minibatches, a fixed beta as in
+# paper-details' measurement of the incident.
+INCIDENT_SETTINGS: dict = {
+    "model": {"name_or_path": "builtin"},
+    "labels": {"labeler": "vader", "num_comparisons": 1000},
+    "kl": {"adaptive": False, "init_kl_coef": 0.05},
+    "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
+            "total_episodes": 64 * 40},
+    "run": {"eval_queries": 128, "checkpoint_every": 1000, "sample_table_every": 5},
+    "guards": {"baseline_samples": 256},
+}
+
+
+def mode_guards(mode: str) -> dict:
+    if mode not in MODES:
+        from megacoach.errors import ConfigError
+
+        raise ConfigError(f"guard mode {mode!r} (expected one of {', '.join(MODES)})")
+    return {"full": {"enabled": True},
+            "monitors": {"enabled": True, "preflight": False},
+            "labelers": {"enabled": True, "preflight": False, "batch_check": False},
+            "off": {"enabled": False}}[mode]
+
+
+@dataclass
+class Outcome:
+    bug: str
+    mode: str
+    run_dir: str
+    halted: bool
+    stopped_by: str | None  # 'preflight:<component>', 'guard/<name>', 'andon', or None
+    reason: str | None
+    iterations_to_halt: int | None  # PPO updates done before the stop (0: refused before the first)
+    iterations: int  # updates done
+    initial: dict = field(default_factory=dict)  # labeler mean/sd, ppl, kl on held-out queries
+    final: dict = field(default_factory=dict)
+    labeler_score_drop: float = 0.0  # (initial - final labeler mean) / initial sd; > 0 = worse
+    samples: list = field(default_factory=list)
+    seconds: float = 0.0
+    curve: list = field(default_factory=list)  # per iteration: labeler/score, objective/score, kl
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_config(overrides: list[dict]):
+    from megacoach.config import load_config
+
+    return load_config(overrides=[INCIDENT_SETTINGS, *overrides])
+
+
+# ------------------------------------------------------------------------------------------ cache
+def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
+    """(labels.db, Values Coach folder) in `cache`, made once: labels of the initial policy by the mock labeler,
+    and a Values Coach trained on them (under the bug when it acts on the Values Coach's training)."""
+    from megacoach.labels.labelers import load_labeler
+    from megacoach.labels.store import LabelStore
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.pipeline import collect_labels, seed_everything, values_coach
+    from megacoach.rollout import TaskSampler
+    from megacoach.runs import RunDir
+    from megacoach.sampling import HFGenerator
+
+    b = bugs_mod.get(bug) if bug else None
+    variant = f"coach-{b.name}" if b is not None and b.affects_values_coach else "coach-clean"
+    cache = Path(cache)
+    key = f"{cfg.model.name_or_path}-{cfg.labels.labeler}-{cfg.labels.num_comparisons}-{cfg.run.seed}".replace("/", "_")
+    root = cache / key
+    coach_dir = root / variant / "values_coach"
+    db = root / "labels.db"
+    if (coach_dir / "reward_config.json").is_file() and db.is_file():
+        return db, coach_dir
+    root.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.run.seed, cfg.run.threads)
+    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    store = LabelStore(f"sqlite:///{db.resolve()}")
+    try:
+        sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
+        collect_labels(cfg, store, sampler, load_labeler(cfg.labels.labeler), "incident", "incident/offline",
+                       "initial", log)
+        with bugs_mod.inject(b.name if b is not None and b.affects_values_coach else None):
+            values_coach(cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"path": None})}),
+                         RunDir(root / variant), store, tok, "incident", log)
+    finally:
+        store.close()
+    return db, coach_dir
+
+
+def copy_labels(src_db: Path, run_dir: Path, run_id: str) -> None:
+    """The cached offline labels, written into this run's own store as its offline batch."""
+    from megacoach.labels.store import LabelStore, NewSample
+
+    src = LabelStore(f"sqlite:///{Path(src_db).resolve()}")
+    dst = LabelStore(f"sqlite:///{(run_dir / 'labels.db').resolve()}")
+    try:
+        comps = src.comparisons(batch="incident/offline")
+        specs = [dict(query_text=c.query_text, query_token_ids=c.query_token_ids, split=c.split,
+                      batch=f"{run_id}/offline", source="offline", run_id=run_id,
+                      samples=[NewSample(s.text, s.token_ids, policy=s.policy, iteration=s.iteration, seed=s.seed,
+                                         run_id=run_id) for s in c.samples]) for c in comps]
+        contents = dst.create_items(specs)
+        names = {c.labeler_name for c in comps}
+        for name in names:
+            dst.get_or_create_labeler(name, kind="program", role="program")
+        dst.add_comparisons([dict(item_id=it.item.id, chosen=c.chosen, labeler=c.labeler_name,
+                                  shown_order=c.shown_order, guideline_version=c.guideline_version)
+                             for it, c in zip(contents, comps)])
+    finally:
+        src.close()
+        dst.close()
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
+    """Samples of `lm` on `queries` (the task's sampling), their labeler scores, KL to the original model
+    (sampled log-ratio summed over the response) and perplexity under the original model (truncated text)."""
+    from megacoach.lm.padding import left_pad, lm_inputs
+    from megacoach.loop import labeler_scores
+    from megacoach.sampling import HFGenerator, sample_in_batches
+    from megacoach.tasks import stop_token_ids, truncate_responses
+
+    t = cfg.task
+    pad = tok.pad_token_id
+    q_ids = left_pad([q.token_ids for q in queries], pad, t.query_length)
+    roll = sample_in_batches(HFGenerator(lm, pad), q_ids, t.response_length, t.temperature,
+                             torch.Generator().manual_seed(seed), 64)
+    truncated, valid = truncate_responses(roll.responses, stop_token_ids(tok, t.truncate_token), t.truncate_after, pad)
+    texts = [tok.decode([x for x in row if x != pad]) for row in truncated.tolist()]
+    ls = labeler_scores(labeler, [q.text for q in queries], texts)
+    kls, nll_sum, n_tok = [], 0.0, 0
+    for i in range(0, len(queries), 64):
+        qr = torch.cat([q_ids[i:i + 64], roll.responses[i:i + 64]], 1)
+        logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1].float() / t.temperature
+        ref_lp = torch.log_softmax(logits, -1).gather(-1, roll.responses[i:i + 64, :, None]).squeeze(-1)
+        kls.append((roll.logprobs[i:i + 64] - ref_lp).sum(1))
+        # fluency: the original model's perplexity (temperature 1) of the truncated text it would read
+        lp1 = torch.log_softmax(logits * t.temperature, -1).gather(-1, roll.responses[i:i + 64, :, None]).squeeze(-1)
+        real = truncated[i:i + 64] != pad
+        nll_sum += float(-(lp1 * real).sum())
+        n_tok += int(real.sum())
+    return {"labeler_mean": float(np.mean(ls)), "labeler_sd": float(np.std(ls)), "kl": float(torch.cat(kls).mean()),
+            "ppl": float(math.exp(nll_sum / max(1, n_tok))), "valid": float(valid.float().mean()), "texts": texts,
+            "labeler": ls.tolist()}
+
+
+def _latest_policy(run_dir: Path, cfg):
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.ppo.policy import Apprentice
+
+    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    latest = run_dir / "checkpoints" / "latest.json"
+    if latest.is_file():
+        info = json.loads(latest.read_text())
+        state = torch.load(run_dir / "checkpoints" / info["file"], weights_only=False)
+        app = Apprentice(lm, cfg.ppo.separate_value_model)
+        app.load_state_dict(state["trainer"]["apprentice"])
+    return lm, tok
+
+
+# ------------------------------------------------------------------------------------------ a scenario
+def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: list[dict] | None = None,
+                 console=None, eval_queries: int | None = None) -> Outcome:
+    """One bug kind (None: a clean run) under one guard mode; returns what happened and what it did."""
+    from rich.console import Console
+
+    from megacoach.errors import HaltError
+    from megacoach.guards import make_guards
+    from megacoach.guards.alarms import GuardFailure
+    from megacoach.labels.labelers import load_labeler
+    from megacoach.pipeline import train
+    from megacoach.ppo.policy import frozen_reference
+    from megacoach.runs import RunDir
+    from megacoach.tasks import load_queries
+
+    console = console or Console()
+    out = Path(out)
+    if (out / "config.yaml").exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = out.resolve().name
+    base = build_config(list(overrides or []))
+    db, coach = prepare(base, cache, bug, console.print)
+    cfg = build_config([*(overrides or []), {"run": {"out": str(out)}, "reward": {"path": str(coach)},
+                                             "guards": mode_guards(mode)}])
+    copy_labels(db, out, run_id)
+    t0 = time.time()
+    stopped_by = reason = None
+    halted = False
+    with bugs_mod.inject(bug):
+        try:
+            train(cfg, console=console, guards_factory=make_guards if cfg.guards.enabled else None)
+        except GuardFailure as err:
+            halted, stopped_by, reason = True, f"preflight: {err.component}", str(err)
+        except HaltError as err:
+            rec = json.loads((out / "HALTED.json").read_text()) if (out / "HALTED.json").is_file() else {}
+            halted, stopped_by, reason = True, rec.get("source", "halt"), rec.get("reason", str(err))
+    seconds = time.time() - t0
+    metrics = RunDir(out).read_metrics()
+    done = metrics[-1]["iteration"] if metrics else 0
+    if halted and stopped_by and stopped_by.startswith("preflight"):
+        iterations_to_halt = 0
+    elif halted:
+        rec = json.loads((out / "HALTED.json").read_text())
+        iterations_to_halt = int(rec.get("iteration", done))
+        done = iterations_to_halt
+    else:
+        iterations_to_halt = None
+    # the policy where it stood, against the initial policy, on held-out queries
+    lm, tok = _latest_policy(out, cfg)
+    ref = frozen_reference(load_policy_base(cfg))
+    labeler = load_labeler(cfg.labels.labeler)
+    n_eval = eval_queries or cfg.run.eval_queries
+    queries = load_queries(cfg.task, tok, "eval", n_eval, cfg.run.seed + 23)
+    ini = evaluate_policy(ref, ref, tok, cfg, queries, labeler, cfg.run.seed + 29)
+    fin = evaluate_policy(lm, ref, tok, cfg, queries, labeler, cfg.run.seed + 29)
+    drop = (ini["labeler_mean"] - fin["labeler_mean"]) / (ini["labeler_sd"] or 1.0)
+    samples = [{"query": q.text[-100:], "initial": a, "final": b, "initial_labeler": x, "final_labeler": y}
+               for q, a, b, x, y in list(zip(queries, ini["texts"], fin["texts"], ini["labeler"], fin["labeler"]))[:8]]
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("texts", "labeler")}  # noqa: E731
+    curve = [{"iteration": m["iteration"], "labeler": m.get("labeler/score"), "score": m.get("objective/score"),
+              "kl": m.get("objective/kl")} for m in metrics]
+    outcome = Outcome(bug or "none", mode, str(out), halted, stopped_by, reason, iterations_to_halt, done, strip(ini),
+                      strip(fin), drop, samples, seconds, curve)
+    (out / "incident.json").write_text(json.dumps(outcome.as_dict(), indent=2, default=str))
+    return outcome
+
+
+def load_policy_base(cfg):
+    from megacoach.lm.loading import load_causal_lm
+
+    lm, _ = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    return lm
