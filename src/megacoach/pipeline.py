@@ -176,11 +176,12 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
         run.create(cfg)
 
     dist.run_on_main(open_run_folder)  # several processes: rank 0 alone writes files (its errors stop them all)
-    seed_everything(dist.seed(cfg.run.seed), cfg.run.threads)  # seed + rank * 100003
+    seed_everything(dist.seed(cfg.run.seed), dist.threads(cfg.run.threads))  # seed + rank * 100003
     run_id = run.path.resolve().name
     log(f"[bold]megacoach[/] run {run.path}: {STAGES}")
     if dist.processes > 1:
-        log(f"data-parallel over {dist.processes} processes (rank 0 writes the run folder and talks to the store)")
+        log(f"data-parallel over {dist.processes} processes, {dist.threads(cfg.run.threads)} torch thread(s) each "
+            "(rank 0 writes the run folder and talks to the store)")
 
     # 1. the Apprentice and the original model
     policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
