@@ -51,7 +51,12 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None):
+# GPT-2's "gelu_new" is the tanh approximation of GELU written as five elementwise Python ops; PyTorch's fused
+# kernel computes the same formula in one pass (equal up to float rounding, ~2e-6 on the built-in model).
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None, fused_activation: bool = True):
     """(model, tokenizer). The model is in eval mode, dropout disabled (the paper uses none)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -62,6 +67,9 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None):
         for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout"):
             if hasattr(cfg, attr):
                 setattr(cfg, attr, 0.0)
+        act = getattr(cfg, "activation_function", None)
+        if fused_activation and act in FUSED_ACTIVATIONS:
+            cfg.activation_function = FUSED_ACTIVATIONS[act]
         model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
         raise DataError(f"model at {name_or_path!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
