@@ -57,11 +57,66 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any other megacoach config field (e.g. ppo.separate_value_model=true)")
+    g.add_argument("--path", choices=["optimised", "straightforward"], default="optimised",
+                   help="straightforward = old log-probs and values recomputed in a second forward pass, and GPT-2's "
+                        "own Python GELU (the levers off)")
+    g.add_argument("--compare-generate", action="store_true",
+                   help="also time transformers' generate() on the same model and batch")
+    g.add_argument("--no-peak", action="store_true", help="skip measuring this machine's fp32 matmul peak")
     return p.parse_args(argv)
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def update_flops(a, mcfg) -> float:
+    """Floating-point operations of one iteration's PPO updates (multiply-add = 2 FLOPs).
+
+    Per minibatch sequence of L = query + response tokens, the forward pass costs, per layer:
+      2 * L * 12 * d^2          (QKV 3d^2, attention output d^2, MLP 8d^2: the weight matmuls)
+      2 * 2 * L^2 * d           (Q K^T and attention-weights x V; causal masking is not skipped by SDPA on CPU)
+    plus the LM head only on the T response positions that are scored: 2 * T * d * V, and the value head 2 * T * d.
+    Backward = 2x forward. Everything x batch (all minibatches) x PPO epochs. Embedding lookups, layer norms,
+    GELU, softmax and the optimiser are not counted (they are memory-bound, not matmul work)."""
+    d, n, V = mcfg.n_embd, mcfg.n_layer, mcfg.vocab_size
+    L, T = a.query_length + a.response_length, a.response_length
+    fwd = n * (2 * L * 12 * d * d + 4 * L * L * d) + 2 * T * d * V + 2 * T * d
+    return float(3 * fwd * a.batch_size * a.ppo_epochs)
+
+
+def matmul_peak_gflops(threads: int, n: int = 1024, reps: int = 20) -> float:
+    """This machine's fp32 matmul throughput (best of a few runs of an n x n x n matmul), GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(threads)
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        x @ y
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            x @ y
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def hf_generate_tokens_per_s(policy, tok, queries, a) -> float:
+    """transformers' generate() with the same sampling settings (fixed length, top_k 0, top_p 1), tokens/s."""
+    import torch
+
+    ids = torch.tensor([q.token_ids for q in queries])
+    kw = dict(do_sample=True, max_new_tokens=a.response_length, min_new_tokens=a.response_length, top_k=0, top_p=1.0,
+              temperature=a.temperature, pad_token_id=tok.pad_token_id, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        policy.generate(ids, **kw)
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            policy.generate(ids, **kw)
+            times.append(time.perf_counter() - t)
+    return round(ids.shape[0] * a.response_length / min(times), 1)
 
 
 def main(argv=None) -> int:
@@ -101,10 +156,13 @@ def main(argv=None) -> int:
         "ppo": {"batch_size": a.batch_size, "mini_batch_size": a.mini_batch_size, "ppo_epochs": a.ppo_epochs,
                 "learning_rate": a.learning_rate, "total_episodes": a.batch_size * (a.warmup + a.iterations)},
         "run": {"seed": a.seed, "threads": a.threads},
-    }] + [parse_override(s) for s in a.set]
+    }]
+    if a.path == "straightforward":
+        overrides.append({"ppo": {"rollout_pass": "forward"}, "model": {"fused_activation": False}})
+    overrides += [parse_override(s) for s in a.set]
     cfg = load_config(overrides=overrides)
 
-    policy, tok = load_causal_lm(str(tmp))
+    policy, tok = load_causal_lm(str(tmp), fused_activation=cfg.model.fused_activation)
     ref = frozen_reference(policy)
     coach = RewardModel.from_base(str(tmp), tokenizer=tok, seed=a.seed)
     coach.eval()
@@ -138,6 +196,14 @@ def main(argv=None) -> int:
             roll_s.append(metrics["time/rollout_s"])
     counted_gen = gen_times[a.warmup:]
     med = statistics.median(iter_s)
+    upd = med - statistics.median(roll_s)
+    flops = update_flops(a, cfg_model)
+    extra = {"update_flops_per_iter": flops, "update_gflop_per_s": round(flops / upd / 1e9, 1)}
+    if not a.no_peak:
+        peak = matmul_peak_gflops(a.threads)
+        extra.update({"matmul_peak_gflop_per_s": round(peak, 1), "update_fraction_of_peak": round(flops / upd / 1e9 / peak, 3)})
+    if a.compare_generate:
+        extra["hf_generate_tokens_per_s"] = hf_generate_tokens_per_s(policy, tok, queries[:a.batch_size], a)
     result = {
         "system": "megacoach",
         "sec_per_iter_median": round(med, 3),
@@ -147,6 +213,7 @@ def main(argv=None) -> int:
         "scoring_s_median": round(statistics.median(roll_s) - statistics.median(counted_gen), 3),
         "update_s_median": round(med - statistics.median(roll_s), 3),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        **extra, "path": a.path,
         "sec_per_iter_all": [round(x, 3) for x in iter_s],
         "config": {k: v for k, v in vars(a).items() if k != "set"}, "set": a.set,
         "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -33,6 +33,8 @@ class ModelConfig(_Section):
                               "Hugging Face model folder, or a hub name such as 'gpt2' where a hub is reachable.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype. float32: on CPUs without AVX-512 bf16 matmul is ~100x slower.")
+    fused_activation: bool = Field(True, description="Run GPT-2's tanh-GELU as PyTorch's fused kernel (same formula, "
+                                   "equal up to float rounding). False: the model's own Python implementation.")
 
 
 class TaskConfig(_Section):

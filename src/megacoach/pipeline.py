@@ -184,7 +184,8 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
             "(rank 0 writes the run folder and talks to the store)")
 
     # 1. the Apprentice and the original model
-    policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype,
+                                    fused_activation=cfg.model.fused_activation)
     ref_lm = frozen_reference(policy_lm)
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
     labeler = store = None
