@@ -31,10 +31,11 @@ def labeler_scores(labeler, queries: list[str], texts: list[str]) -> np.ndarray:
 
 
 class PPOLoop:
-    def __init__(self, cfg, run, trainer, store, labeler, sampler, run_id: str, console, guards=None):
+    def __init__(self, cfg, run, trainer, store, labeler, sampler, run_id: str, console, guards=None, online=None):
         self.cfg, self.rundir, self.trainer, self.store = cfg, run, trainer, store
         self.labeler, self.sampler, self.run_id, self.console = labeler, sampler, run_id, console
         self.guards = guards
+        self.online = online  # megacoach.online.OnlineLabeling when labels arrive during training
         self.loggers = Loggers(run.path, cfg.run.wandb, cfg.model_dump(mode="json"))
 
     # ---------------------------------------------------------------- resume
@@ -43,6 +44,8 @@ class PPOLoop:
         if state is None:
             return
         self.trainer.load_state_dict(state["trainer"])
+        if self.online is not None and state.get("online"):
+            self.online.load_state_dict(state["online"])
         if self.guards is not None and "guards" in state:
             self.guards.load_state_dict(state["guards"])
         self.rundir.truncate_metrics(self.trainer.iteration_no)
@@ -51,7 +54,8 @@ class PPOLoop:
 
     def checkpoint(self) -> None:
         state = {"trainer": self.trainer.state_dict(), "store_position": self.store.position(),
-                 "guards": self.guards.state_dict() if self.guards is not None else None}
+                 "guards": self.guards.state_dict() if self.guards is not None else None,
+                 "online": self.online.state_dict() if self.online is not None else None}
         self.rundir.save_checkpoint(state, self.trainer.iteration_no)
 
     # ---------------------------------------------------------------- stopping
@@ -114,6 +118,16 @@ class PPOLoop:
                 ls = self.labeler_scores(batch)
                 metrics["labeler/score"] = float(ls.mean())
                 metrics["labeler/score_std"] = float(ls.std())
+                if self.online is not None:  # new items for the labelers; maybe a retrained Values Coach
+                    try:
+                        swap = self.online.step(tr.iteration_no)
+                    except HaltError as err:  # e.g. nobody labeled a batch in time: stop cleanly, resumable
+                        self.halt(str(err), {"pending_batches": self.online.pending_batches[-3:]}, "online")
+                    if swap is not None:
+                        tr.values_coach, online_metrics = swap
+                        metrics.update(online_metrics)
+                        if self.guards is not None:  # every (re)loaded Values Coach passes the preflight first
+                            self.guards.preflight(f"after Values Coach retrain #{online_metrics['online/retrains']}")
                 alarms = []
                 if self.guards is not None:
                     guard_metrics, alarms = self.guards.after_iteration(batch, metrics, ls)
