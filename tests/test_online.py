@@ -42,3 +42,39 @@ def test_online_with_people_only_waits_and_times_out_cleanly(tiny_model_dir, tmp
     with pytest.raises(HaltError, match="not labeled within"):
         train(cfg)
     assert (out / "HALTED.json").is_file() or (out / "checkpoints").is_dir()
+
+
+def test_people_only_run_waits_for_the_app_and_trains_on_their_labels(tiny_model_dir, tmp_path):
+    """labels.labeler=people: items wait in the store; a 'person' (here a thread writing through the store API,
+    as the app does) labels them; training proceeds on those labels, with no mock score logged."""
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    cfg = load_config(preset="tiny", overrides=[{
+        "model": {"name_or_path": str(tiny_model_dir)}, "run": {"out": str(out)}, "ppo": {"total_episodes": 16},
+        "labels": {"labeler": "people", "num_comparisons": 6}, "guards": {"enabled": False},
+        "online": {"min_initial_labels": 6, "wait_timeout_s": 120}}])
+    done = threading.Event()
+
+    def person():
+        store = None
+        while not done.is_set():
+            if (out / "labels.db").is_file():
+                store = store or LabelStore(f"sqlite:///{out / 'labels.db'}")
+                alice = store.get_or_create_labeler("alice", kind="person", role="labeler")
+                for item in store.items_without_labels(labeler=alice.id):
+                    store.add_comparison(item.id, chosen=0, labeler=alice, time_taken_s=3.0)
+            time.sleep(0.2)
+
+    t = threading.Thread(target=person, daemon=True)
+    t.start()
+    try:
+        train(cfg)
+    finally:
+        done.set()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("labeler/score" not in r for r in rows)
+    store = LabelStore(f"sqlite:///{out / 'labels.db'}")
+    assert {c.labeler_kind for c in store.comparisons()} == {"person"}
+    assert (out / "report.html").is_file()

@@ -59,8 +59,9 @@ class LabelsConfig(_Section):
 
     db: str | None = Field(None, description="SQLAlchemy URL of the label store. None: sqlite file labels.db in the "
                            "run folder.")
-    labeler: str = Field("vader", description="Mock labeler standing in for people: 'vader', 'vader:invert', "
-                         "'vader:noise=0.7', or 'package.module:callable'.")
+    labeler: str = Field("vader", description="Who labels the initial comparisons: a mock labeler standing in for "
+                         "people ('vader', 'vader:invert', 'vader:noise=0.7', 'package.module:callable'), or 'people' "
+                         "(the human evaluators, through `megacoach label serve`; no mock score is then logged).")
     num_comparisons: int = Field(2000, ge=0, description="Comparisons collected from the initial policy before "
                                  "the Values Coach is trained (offline variant). Paper: ~5,000.")
     k: int = Field(4, ge=2, description="Continuations per comparison (best of K). Paper: 4.")

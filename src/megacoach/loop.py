@@ -84,6 +84,8 @@ class PPOLoop:
 
     # ---------------------------------------------------------------- the loop
     def labeler_scores(self, batch) -> np.ndarray:
+        if self.labeler is None:  # people only: their verdict arrives as labels, not as a score per sample
+            return np.array([], dtype=float)
         return labeler_scores(self.labeler, [q.text for q in batch.queries], batch.texts)
 
     def sample_rows(self, batch, n: int = 4) -> list[dict]:
@@ -116,8 +118,9 @@ class PPOLoop:
                               {"alarms": [err.alarm.as_dict()], "before_update": True, **err.evidence},
                               f"guard/{err.alarm.name}")
                 ls = self.labeler_scores(batch)
-                metrics["labeler/score"] = float(ls.mean())
-                metrics["labeler/score_std"] = float(ls.std())
+                if len(ls):
+                    metrics["labeler/score"] = float(ls.mean())
+                    metrics["labeler/score_std"] = float(ls.std())
                 if self.online is not None:  # new items for the labelers; maybe a retrained Values Coach
                     try:
                         swap = self.online.step(tr.iteration_no)
@@ -142,7 +145,7 @@ class PPOLoop:
                             f.write(json.dumps({"iteration": tr.iteration_no, **r}) + "\n")
                 progress.update(task, advance=1, figures=(
                     f"score {metrics['objective/score']:+.2f}  KL {metrics['objective/kl']:.2f}  "
-                    f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics['labeler/score']:+.3f}  "
+                    f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics.get('labeler/score', float('nan')):+.3f}  "
                     f"{metrics['time/iteration_s']:.1f}s/it"))
                 pull = self.andon_pull()  # a pause set during this iteration must not be overwritten below
                 if pull:
@@ -170,23 +173,28 @@ class PPOLoop:
         if not m:
             return {"iterations": 0}
         first, last = m[0], m[-1]
-        return {"iterations": last["iteration"], "episodes": last["episodes"],
-                "labeler/score first→last": f"{first['labeler/score']:+.3f} → {last['labeler/score']:+.3f}",
-                "objective/score first→last": f"{first['objective/score']:+.3f} → {last['objective/score']:+.3f}",
-                "objective/kl last": round(last["objective/kl"], 3), "objective/kl_coef last": round(last["objective/kl_coef"], 4)}
+        out = {"iterations": last["iteration"], "episodes": last["episodes"],
+               "objective/score first→last": f"{first['objective/score']:+.3f} → {last['objective/score']:+.3f}",
+               "objective/kl last": round(last["objective/kl"], 3),
+               "objective/kl_coef last": round(last["objective/kl_coef"], 4)}
+        if "labeler/score" in first and "labeler/score" in last:
+            out["labeler/score first→last"] = f"{first['labeler/score']:+.3f} → {last['labeler/score']:+.3f}"
+        return out
 
     # ---------------------------------------------------------------- the end
     def finish(self, eval_queries, coach_metrics) -> dict:
         initial = [json.loads(line) for line in (self.rundir.path / "initial_samples.jsonl").read_text().splitlines()]
         final = [g[0] for g in self.sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(self.cfg.run.seed + 29))]
-        rows = []
-        for q, ini, fin in zip(eval_queries, initial, final):
-            rows.append({"query": q.text, "initial": ini["response"], "final": fin.text,
-                         "initial_labeler_score": float(labeler_scores(self.labeler, [q.text], [ini["response"]])[0]),
-                         "final_labeler_score": float(labeler_scores(self.labeler, [q.text], [fin.text])[0])})
+        rows = [{"query": q.text, "initial": ini["response"], "final": fin.text}
+                for q, ini, fin in zip(eval_queries, initial, final)]
+        extra = {}
+        if self.labeler is not None:  # the mock labelers' verdict on the same held-out queries
+            for r in rows:
+                r["initial_labeler_score"] = float(labeler_scores(self.labeler, [r["query"]], [r["initial"]])[0])
+                r["final_labeler_score"] = float(labeler_scores(self.labeler, [r["query"]], [r["final"]])[0])
+            extra = {"held-out labeler score initial": round(float(np.mean([r["initial_labeler_score"] for r in rows])), 4),
+                     "held-out labeler score final": round(float(np.mean([r["final_labeler_score"] for r in rows])), 4)}
         write_before_after(self.rundir.path / "before_after.jsonl", rows)
-        extra = {"held-out labeler score initial": round(float(np.mean([r["initial_labeler_score"] for r in rows])), 4),
-                 "held-out labeler score final": round(float(np.mean([r["final_labeler_score"] for r in rows])), 4)}
         if coach_metrics and coach_metrics.get("valid_accuracy") is not None:
             extra["Values Coach held-out accuracy"] = round(coach_metrics["valid_accuracy"], 4)
         self.trainer.apprentice.lm.save_pretrained(self.rundir.path / "apprentice")

@@ -40,35 +40,48 @@ def store_url(cfg: Config, run: RunDir) -> str:
 # ------------------------------------------------------------------------------------------ labels
 def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str, policy: str, log,
                    iteration: int = 0) -> int:
-    """`labels.num_comparisons` best-of-K comparisons of `sampler`'s policy in `batch`, labeled into the store.
+    """`labels.num_comparisons` best-of-K items of `sampler`'s policy in `batch`, labeled into the store.
 
-    Resumable: what the batch already holds is kept and only the rest is collected."""
+    labeler: a mock labeler labels them at once; None ('people'): the human evaluators label them in the labeling
+    app, and this waits until `online.min_initial_labels` of them are labeled (at most `online.wait_timeout_s`).
+    Resumable: the items the batch already holds are kept and only the rest is created."""
     from megacoach.labels.labelers import label_items
     from megacoach.labels.store import NewSample
     from megacoach.tasks import load_queries
 
-    have = len(store.comparisons(batch=batch))
-    want = cfg.labels.num_comparisons - have
-    if want <= 0:
-        log(f"human evaluators: {have} comparisons already in the store (batch {batch!r})")
-        return have
+    have = len(store.items(batch=batch))
     t0 = time.time()
-    queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons, cfg.run.seed + 11)[have:]
-    gen = torch.Generator().manual_seed(cfg.run.seed + 13 + have)
-    rng = random.Random(cfg.run.seed + 17 + have)
-    specs = []
-    for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
-        split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
-        specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=batch,
-                          source="offline", run_id=run_id,
-                          samples=[NewSample(c.text, c.response_ids, policy=policy, iteration=iteration,
-                                             seed=cfg.run.seed, run_id=run_id) for c in group]))
-    t_sample = time.time() - t0
-    contents = store.create_items(specs)
-    n = len(label_items(store, labeler, contents, rng=rng, guideline_version=cfg.labels.guideline_version).written)
-    log(f"human evaluators ({labeler.name}): labeled {n} best-of-{cfg.labels.k} comparisons "
-        f"(sampling {t_sample:.0f}s, total {time.time() - t0:.0f}s)")
-    return have + n
+    if cfg.labels.num_comparisons > have:
+        queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons, cfg.run.seed + 11)[have:]
+        gen = torch.Generator().manual_seed(cfg.run.seed + 13 + have)
+        rng = random.Random(cfg.run.seed + 17 + have)
+        specs = []
+        for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
+            split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
+            specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=batch,
+                              source="offline", run_id=run_id,
+                              samples=[NewSample(c.text, c.response_ids, policy=policy, iteration=iteration,
+                                                 seed=cfg.run.seed, run_id=run_id) for c in group]))
+        store.create_items(specs)
+        log(f"human evaluators: {len(specs)} best-of-{cfg.labels.k} items of the initial Apprentice in the store "
+            f"(sampling {time.time() - t0:.0f}s)")
+    if labeler is not None:
+        todo = store.items_without_labels(labeler=store.get_or_create_labeler(labeler.name, kind="program",
+                                                                              role="program").id, batch=batch)
+        rng = random.Random(cfg.run.seed + 17 + have)
+        n = len(label_items(store, labeler, todo, rng=rng, guideline_version=cfg.labels.guideline_version).written)
+        log(f"human evaluators ({labeler.name}): labeled {n} comparisons (total {time.time() - t0:.0f}s)")
+        return len(store.comparisons(batch=batch))
+    need = min(cfg.online.min_initial_labels, cfg.labels.num_comparisons)
+    deadline = time.time() + cfg.online.wait_timeout_s
+    log(f"waiting for the human evaluators to label {need} items of batch {batch!r} in the labeling app "
+        f"(megacoach label serve --db {store_url(cfg, RunDir(cfg.run.out))})")
+    while (n := len(store.comparisons(batch=batch))) < need:
+        if time.time() > deadline:
+            raise HaltError(f"only {n} of {need} labels arrived within {cfg.online.wait_timeout_s:.0f}s; "
+                            f"resume with `megacoach train --resume {cfg.run.out}` when the labelers are back")
+        time.sleep(2.0)
+    return n
 
 
 def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_length: int) -> torch.Tensor:
@@ -192,7 +205,7 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
 
     def open_store() -> None:
         nonlocal labeler, store
-        labeler = load_labeler(cfg.labels.labeler)
+        labeler = None if cfg.labels.labeler == "people" else load_labeler(cfg.labels.labeler)
         store = LabelStore(store_url(cfg, run))
 
     dist.run_on_main(open_store)

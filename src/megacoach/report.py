@@ -70,12 +70,19 @@ def _plot_png(metrics: list[dict], keys: list[tuple[str, str]], title: str, mark
     ax.set_xlabel("iteration")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _score_change(r: dict) -> str:
+    if "initial_labeler_score" not in r:
+        return "(people's labels)"
+    return f"{r['initial_labeler_score']:+.2f} → {r['final_labeler_score']:+.2f}"
 
 
 def write_before_after(path: Path, rows: list[dict]) -> None:
@@ -97,7 +104,7 @@ def write_report(run_dir: Path, metrics: list[dict], before_after: list[dict], s
     e = html.escape
     rows = "\n".join(
         f"<tr><td>{e(r['query'][-160:])}</td><td>{e(r['initial'])}</td><td>{e(r['final'])}</td>"
-        f"<td>{r.get('initial_labeler_score', 0):+.2f} → {r.get('final_labeler_score', 0):+.2f}</td></tr>"
+        f"<td>{_score_change(r)}</td></tr>"
         for r in before_after[:60])
     summary_rows = "\n".join(f"<tr><th>{e(str(k))}</th><td>{e(str(v))}</td></tr>" for k, v in summary.items())
     halt_html = ""
