@@ -181,3 +181,20 @@ def test_accelerate_launch_train_and_exact_resume(tmp_path, tiny_model_dir):
     for k, v in rows[1].items():
         if k.startswith(("objective/", "ppo/")):
             assert redo[1][k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+
+
+@pytest.mark.parametrize("var", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_engines_are_refused_at_start(monkeypatch, var):
+    """Under configs/accelerate/fsdp.yaml or deepspeed_zero*.yaml, `accelerate launch` sets these variables."""
+    monkeypatch.setenv(var, "true")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="multi_gpu.yaml"):
+        Dist.from_env()
+
+
+def test_launcher_notes(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert any("model.dtype" in n for n in Dist.launcher_notes())
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    assert Dist.launcher_notes() == []

@@ -139,6 +139,27 @@ class Dist:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def device(self) -> torch.device:
+        """The accelerator this process owns (cuda:LOCAL_RANK where CUDA is present), else the CPU. The PPO trainer
+        and the sampler compute on the CPU today; this is where a device-aware trainer puts each replica."""
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+
+    @staticmethod
+    def launcher_notes() -> list[str]:
+        """Settings of the accelerate config that megacoach does not apply (to be said once at start)."""
+        notes = []
+        mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if mp not in ("", "no"):
+            notes.append(f"accelerate's mixed_precision={mp} is not applied by megacoach: set model.dtype "
+                         "(e.g. --set model.dtype=bfloat16) instead")
+        dyn = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO")
+        if dyn.upper() not in ("", "NO"):
+            notes.append(f"accelerate's dynamo_backend={dyn} is not applied by megacoach")
+        return notes
+
     def threads(self, wanted: int) -> int:
         """torch threads for this process: `wanted`, capped so that the processes on one machine do not share
         CPU cores (oversubscribed cores made a 2-process CPU run ~40x slower here)."""

@@ -195,6 +195,8 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
     if dist.processes > 1:
         log(f"data-parallel over {dist.processes} processes, {dist.threads(cfg.run.threads)} torch thread(s) each "
             "(rank 0 writes the run folder and talks to the store)")
+    for note in dist.launcher_notes():
+        log(f"[yellow]note[/]: {note}")
 
     # 1. the Apprentice and the original model
     policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype,
