@@ -48,11 +48,12 @@ class Dist:
     """World size, rank and the few collectives megacoach uses. `Dist.single()`: one process, no-ops."""
 
     def __init__(self, world_size: int = 1, rank: int = 0, local_rank: int = 0, group=None,
-                 local_world_size: int | None = None):
+                 local_world_size: int | None = None, control=None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"distributed: rank {rank} is outside a world of {world_size} process(es)")
         self._world_size, self.rank, self.local_rank = world_size, rank, local_rank
-        self.group = group
+        self.group = group  # the data collectives (gather, gradients): a hang there fails after `timeout_s`
+        self.control = control if control is not None else group  # rank 0's messages: the others may wait long
         self._modes: list[bool] = []  # stack of local() / collective() sections (innermost last)
         self.local_world_size = local_world_size or world_size  # processes on this machine
 
@@ -62,8 +63,12 @@ class Dist:
         return cls(1, 0, 0)
 
     @classmethod
-    def from_env(cls, timeout_s: float = 1800.0) -> "Dist":
-        """Join the process group described by the launcher's environment, or a single process if there is none."""
+    def from_env(cls, timeout_s: float = 1800.0, wait_s: float | None = None) -> "Dist":
+        """Join the process group described by the launcher's environment, or a single process if there is none.
+
+        timeout_s: how long a data collective may wait (a hang fails instead of blocking forever). wait_s: how
+        long the other processes wait for rank 0's next message while it works alone — collecting labels from
+        people can take hours (default 7 days; MEGACOACH_DIST_WAIT_S)."""
         env = os.environ
         if env.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
             raise ConfigError("accelerate config selects FSDP: megacoach trains data-parallel with full replicas "
@@ -92,7 +97,9 @@ class Dist:
             td.init_process_group(backend=backend, init_method="env://", world_size=world, rank=rank,
                                   timeout=datetime.timedelta(seconds=timeout_s))
         local_world = int(env.get("LOCAL_WORLD_SIZE", "0") or 0) or None
-        return cls(td.get_world_size(), td.get_rank(), local_rank, td.group.WORLD, local_world)
+        wait_s = float(env.get("MEGACOACH_DIST_WAIT_S", 7 * 86400)) if wait_s is None else wait_s
+        control = td.new_group(backend="gloo", timeout=datetime.timedelta(seconds=wait_s))
+        return cls(td.get_world_size(), td.get_rank(), local_rank, td.group.WORLD, local_world, control)
 
     def close(self) -> None:
         if self._world_size > 1:
@@ -236,7 +243,7 @@ class Dist:
         import torch.distributed as td
 
         box = [obj if self.rank == src else None]
-        td.broadcast_object_list(box, src=src, group=self.group)
+        td.broadcast_object_list(box, src=src, group=self.control)
         return box[0]
 
     def all_sum(self, values: torch.Tensor) -> torch.Tensor:
