@@ -24,6 +24,7 @@ import torch
 
 from megacoach.config import RewardConfig, build_config
 from megacoach.distributed import Dist
+from megacoach.errors import HaltError, MegacoachError
 from megacoach.sampling import HFGenerator, Rollout
 
 PPO_SETTINGS = {
@@ -62,6 +63,14 @@ class Replay:
         return Rollout(r.responses.clone(), r.logprobs.clone(), r.hidden.clone() if return_hidden else None)
 
 
+class GuardSaysNo(MegacoachError):
+    pass
+
+
+def guard_halts(batch) -> None:
+    raise GuardSaysNo(f"no update on a batch of {len(batch.texts)}")
+
+
 def comparisons(n: int, seed: int, pad: int, vocab: int = 300, k: int = 4):
     from megacoach.reward import Comparison
 
@@ -91,13 +100,28 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
     gen = Replay(replay) if replay is not None else Recording(HFGenerator(lm, tok.pad_token_id))
     trainer = PPOTrainer(cfg, lm, ref, tok, coach, queries, generator=gen, dist=dist)
     out = {}
+    halted = None
     if dist.is_main:  # as in megacoach train: rank 0 runs the loop, the others follow its iterations
         batch, metrics = trainer.iteration()
-        trainer.release_followers()
         out = {"metrics": metrics, "advantages": batch.path.advantages.clone(), "returns": batch.path.returns.clone(),
                "values": batch.values.clone(), "raw_scores": batch.raw_scores.clone()}
+        if replay is None:  # a guard on rank 0 halts the second iteration before its update, as loop.py does
+            try:
+                trainer.iteration(before_update=guard_halts)
+            except GuardSaysNo as err:
+                trainer.release_followers(HaltError(f"halted: {err}"))
+                halted = str(err)
+        else:
+            trainer.release_followers()
     else:
-        trainer.follow()
+        try:
+            trainer.follow()
+        except HaltError as err:  # rank 0's halt, raised here too
+            halted = str(err)
+    out["halted"] = dist.gather_object(halted)
+    # the replicas stay identical: every process's parameters, bit for bit
+    out["replicas"] = dist.gather_object(
+        [float(p.detach().double().sum()) for p in trainer.apprentice.parameters()])
     out.update({"kl_coef_after": trainer.kl_ctl.value, "iteration": trainer.iteration_no,
                 "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()}})
     if replay is None:  # the global batch's rollout, in rank order: what a single process must replay

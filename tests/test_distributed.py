@@ -92,6 +92,10 @@ def test_ppo_iteration_matches_one_process(two_and_one, tiny_model_dir):
     for k, v in one["apprentice"].items():
         assert close(two["apprentice"][k], v), k
     assert two["kl_coef_after"] == pytest.approx(one["kl_coef_after"], rel=1e-6)
+    # rank 0's guard halted a second iteration before its update: every process got the halt, nothing changed
+    assert two["halted"] == ["no update on a batch of 16", "halted: no update on a batch of 16"]
+    assert two["iteration"] == one["iteration"] == 1
+    assert two["replicas"][0] == two["replicas"][1]
     m2, m1 = two["metrics"], one["metrics"]
     for k, v in m1.items():
         if k.startswith("time/"):
