@@ -36,11 +36,10 @@ class TaskSampler:
 
     def continuations(self, queries: list[Query], k: int, generator: torch.Generator | None,
                       batch_size: int = 64) -> list[list[Continuation]]:
-        """k continuations of each query (queries repeated k times in one batch of sampling)."""
-        rep = [q for q in queries for _ in range(k)]
-        q_ids = self.query_tensor(rep)
+        """k continuations of each query (each query is read once; its KV cache serves its k continuations)."""
+        q_ids = self.query_tensor(queries)
         roll = sample_in_batches(self.gen, q_ids, self.task.response_length, self.task.temperature, generator,
-                                 batch_size)
+                                 batch_size, repeats=k)
         truncated, valid = truncate_responses(roll.responses, self.stop_ids, self.task.truncate_after,
                                               self.tok.pad_token_id)
         out: list[list[Continuation]] = []

@@ -39,7 +39,8 @@ class Rollout:
 
 class ResponseGenerator(Protocol):
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
-                 generator: torch.Generator | None = None, return_hidden: bool = False) -> Rollout: ...
+                 generator: torch.Generator | None = None, return_hidden: bool = False,
+                 repeats: int = 1) -> Rollout: ...
 
 
 class HFGenerator:
@@ -59,12 +60,18 @@ class HFGenerator:
 
     @torch.inference_mode()
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
-                 generator: torch.Generator | None = None, return_hidden: bool = False) -> Rollout:
-        B, T = queries.shape[0], response_length
+                 generator: torch.Generator | None = None, return_hidden: bool = False,
+                 repeats: int = 1) -> Rollout:
+        """`repeats` continuations of each query (rows query-major: q0, q0, ..., q1, ...); the query is read once."""
+        T = response_length
         mask = (queries != self.pad_id).long()
         pos = position_ids_from_mask(mask)
         out = self.trunk(input_ids=queries, attention_mask=mask, position_ids=pos, use_cache=True)
         past, h = _cache(out), out.last_hidden_state[:, -1, :]
+        if repeats > 1:  # one prefill per distinct query, then its KV cache serves all its continuations
+            past.batch_repeat_interleave(repeats)
+            h, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (h, mask, pos))
+        B = h.shape[0]
         next_pos = pos[:, -1:] + 1
         responses = torch.empty(B, T, dtype=torch.long)
         logprobs = torch.empty(B, T, dtype=torch.float32)
@@ -90,7 +97,9 @@ class HFGenerator:
 
 
 def sample_in_batches(gen: ResponseGenerator, queries: torch.Tensor, response_length: int, temperature: float,
-                      generator: torch.Generator | None, batch_size: int = 64) -> Rollout:
-    parts = [gen.generate(queries[i:i + batch_size], response_length, temperature, generator)
-             for i in range(0, queries.shape[0], batch_size)]
+                      generator: torch.Generator | None, batch_size: int = 64, repeats: int = 1) -> Rollout:
+    """`repeats` continuations of each query, about `batch_size` sequences per generate call."""
+    step = max(1, batch_size // repeats)
+    parts = [gen.generate(queries[i:i + step], response_length, temperature, generator, repeats=repeats)
+             for i in range(0, queries.shape[0], step)]
     return Rollout(torch.cat([p.responses for p in parts]), torch.cat([p.logprobs for p in parts]))
