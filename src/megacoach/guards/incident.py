@@ -39,7 +39,7 @@ MODES = ("full", "monitors", "labelers", "off")
 # paper-details' measurement of the incident.
 INCIDENT_SETTINGS: dict = {
     "model": {"name_or_path": "builtin"},
-    "labels": {"labeler": "vader", "num_comparisons": 1000},
+    "labels": {"labeler": "vader", "num_comparisons": 2000},
     "kl": {"adaptive": False, "init_kl_coef": 0.05},
     "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
             "total_episodes": 64 * 40},
@@ -80,13 +80,20 @@ class Outcome:
         return asdict(self)
 
 
-def build_config(overrides: list[dict]):
+def build_config(overrides: list[dict], base: dict | None = None):
+    """INCIDENT_SETTINGS (or `base`, e.g. {} for the demo's defaults) <- overrides."""
     from megacoach.config import load_config
 
-    return load_config(overrides=[INCIDENT_SETTINGS, *overrides])
+    return load_config(overrides=[INCIDENT_SETTINGS if base is None else base, *overrides])
 
 
 # ------------------------------------------------------------------------------------------ cache
+def cache_key(cfg) -> str:
+    t = cfg.task
+    return (f"{cfg.model.name_or_path}-{cfg.labels.labeler}-{cfg.labels.num_comparisons}-{cfg.run.seed}-"
+            f"{t.query_length}x{t.response_length}").replace("/", "_").replace(":", "_")
+
+
 def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     """(labels.db, Values Coach folder) in `cache`, made once: labels of the initial policy by the mock labeler,
     and a Values Coach trained on them (under the bug when it acts on the Values Coach's training)."""
@@ -101,7 +108,7 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     b = bugs_mod.get(bug) if bug else None
     variant = f"coach-{b.name}" if b is not None and b.affects_values_coach else "coach-clean"
     cache = Path(cache)
-    key = f"{cfg.model.name_or_path}-{cfg.labels.labeler}-{cfg.labels.num_comparisons}-{cfg.run.seed}".replace("/", "_")
+    key = cache_key(cfg)
     root = cache / key
     coach_dir = root / variant / "values_coach"
     db = root / "labels.db"
@@ -116,32 +123,31 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
         collect_labels(cfg, store, sampler, load_labeler(cfg.labels.labeler), "incident", "incident/offline",
                        "initial", log)
         with bugs_mod.inject(b.name if b is not None and b.affects_values_coach else None):
-            values_coach(cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"path": None})}),
-                         RunDir(root / variant), store, tok, "incident", log)
+            values_coach(cfg, RunDir(root / variant), store, tok, "incident", log)
     finally:
         store.close()
     return db, coach_dir
 
 
-def copy_labels(src_db: Path, run_dir: Path, run_id: str) -> None:
-    """The cached offline labels, written into this run's own store as its offline batch."""
+def copy_labels(src_db: Path, dst_db: Path, run_id: str, src_batch: str = "incident/offline") -> int:
+    """Offline labels of one store, written into another as `run_id`'s offline batch (same samples, choices)."""
     from megacoach.labels.store import LabelStore, NewSample
 
     src = LabelStore(f"sqlite:///{Path(src_db).resolve()}")
-    dst = LabelStore(f"sqlite:///{(run_dir / 'labels.db').resolve()}")
+    dst = LabelStore(f"sqlite:///{Path(dst_db).resolve()}")
     try:
-        comps = src.comparisons(batch="incident/offline")
+        comps = src.comparisons(batch=src_batch)
         specs = [dict(query_text=c.query_text, query_token_ids=c.query_token_ids, split=c.split,
                       batch=f"{run_id}/offline", source="offline", run_id=run_id,
                       samples=[NewSample(s.text, s.token_ids, policy=s.policy, iteration=s.iteration, seed=s.seed,
                                          run_id=run_id) for s in c.samples]) for c in comps]
         contents = dst.create_items(specs)
-        names = {c.labeler_name for c in comps}
-        for name in names:
+        for name in {c.labeler_name for c in comps}:
             dst.get_or_create_labeler(name, kind="program", role="program")
         dst.add_comparisons([dict(item_id=it.item.id, chosen=c.chosen, labeler=c.labeler_name,
                                   shown_order=c.shown_order, guideline_version=c.guideline_version)
                              for it, c in zip(contents, comps)])
+        return len(comps)
     finally:
         src.close()
         dst.close()
@@ -197,8 +203,11 @@ def _latest_policy(run_dir: Path, cfg):
 
 # ------------------------------------------------------------------------------------------ a scenario
 def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: list[dict] | None = None,
-                 console=None, eval_queries: int | None = None) -> Outcome:
-    """One bug kind (None: a clean run) under one guard mode; returns what happened and what it did."""
+                 console=None, eval_queries: int | None = None, base: dict | None = None,
+                 coach_seed: int | None = None) -> Outcome:
+    """One bug kind (None: a clean run) under one guard mode; returns what happened and what it did.
+    base: settings under the overrides (default INCIDENT_SETTINGS; {} = the demo's defaults). coach_seed:
+    the seed of the cached labels and Values Coach (default: the run's seed), so seeds can share one."""
     from rich.console import Console
 
     from megacoach.errors import HaltError
@@ -216,11 +225,12 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     run_id = out.resolve().name
-    base = build_config(list(overrides or []))
-    db, coach = prepare(base, cache, bug, console.print)
+    first = build_config(list(overrides or []), base)
+    coach_cfg = first if coach_seed is None else build_config([*(overrides or []), {"run": {"seed": coach_seed}}], base)
+    db, coach = prepare(coach_cfg, cache, bug, console.print)
     cfg = build_config([*(overrides or []), {"run": {"out": str(out)}, "reward": {"path": str(coach)},
-                                             "guards": mode_guards(mode)}])
-    copy_labels(db, out, run_id)
+                                             "guards": mode_guards(mode)}], base)
+    copy_labels(db, out / "labels.db", run_id)
     t0 = time.time()
     stopped_by = reason = None
     halted = False

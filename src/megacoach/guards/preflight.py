@@ -9,10 +9,13 @@ confidence. A failure names the component of the reward path where the direction
                        sign on every token (`objective.ppo_loss` moves log-probs the right way).
 2. `values_coach`      held-out labeled comparisons from the store: `trainer.score` ranks the labelers'
                        choice above the other samples better than chance (exact rank test).
-3. `reward_path`       the same comparisons, each sample treated as a response: the complete quantity PPO
-                       pushes up — score or penalty, the KL term, reward scaling, GAE, advantage whitening,
-                       and the gradient of the actual loss — ranks the choice better than chance. On failure
-                       the first stage whose ranking is no longer better than chance is named.
+3. `reward_path`       the same comparisons, each sample treated as a response the Values Coach scores: the
+                       complete quantity PPO pushes up — episode score, the KL term, reward scaling, GAE,
+                       advantage whitening, and the gradient of the actual loss — ranks the choice better
+                       than chance. On failure the first stage whose ranking is no longer better than
+                       chance is named. The invalid-response penalty (a fixed task rule, blind to the
+                       labels) is checked apart: it must reach exactly the invalid responses, and the path
+                       with it may not rank the labelers' choice significantly below chance.
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
                        weights, at levels calibrated to ~2 and ~8 nats): the reward path's KL term must fall
                        as the exact KL (from the full next-token distributions) grows, at a slope of at least
@@ -123,12 +126,22 @@ def _grouped(values: np.ndarray, rows) -> list[np.ndarray]:
 
 
 def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
-    """(values_coach check, reward_path check, per-stage rank tests)."""
+    """(values_coach check, reward_path check, per-stage rank tests).
+
+    The direction test puts every labeled sample through the complete path as a response the Values Coach
+    scores (validity forced on): the invalid-response penalty is a fixed task rule, the same for whatever the
+    labelers preferred, and with most early samples invalid it would drown the direction in ties. The path as
+    it stands (penalty included) is ranked too: it may not be significantly WORSE than chance; and the penalty
+    must reach exactly the invalid responses, the Values Coach's score exactly the valid ones."""
     batch, rows = labeled_batch(trainer, comps)
     chosen = [c for _, _, c in rows]
-    st = P.stages(trainer, batch)
+    scored = P.with_scores(trainer, batch, batch.raw_scores, torch.ones_like(batch.valid))
+    st = P.stages(trainer, scored)
     tests = {name: rank_test(_grouped(v, rows), chosen) for name, v in st.items()}
+    as_is = rank_test(_grouped(P.ppo_push(trainer, batch).numpy(), rows), chosen)
     figs = {name: t.as_dict() for name, t in tests.items()}
+    figs["with_penalty"] = as_is.as_dict()
+    figs["valid_share"] = float(batch.valid.float().mean())
     vc = tests["values_coach"]
     vc_ok = vc.p_better <= alpha
     vc_msg = (f"on {vc.n} held-out comparisons the Values Coach ranks the labelers' choice first in {vc.top1:.0%} "
@@ -137,13 +150,24 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     if not vc_ok:
         vc_msg += (" — it does not agree with the labels better than chance" if vc.p_worse > alpha else
                    " — it ranks what the labelers preferred BELOW the rest (inverted)")
+    # the penalty rule, as the path applies it
+    pen = float(trainer.cfg.task.penalty_reward)
+    sc, raw, valid = batch.path.scores.float(), batch.raw_scores.float(), batch.valid
+    wrong_pen = int((~valid & ((sc - pen).abs() > 1e-5)).sum())
+    wrong_val = int((valid & ((sc - raw).abs() > 1e-4 * (1 + raw.abs()))).sum())
     final = tests["ppo_push"]
-    path_ok = final.p_better <= alpha
+    path_ok = final.p_better <= alpha and as_is.p_worse > alpha and not (wrong_pen or wrong_val)
+    comp = COMPONENTS["reward_path"]
     if path_ok:
         path_msg = (f"PPO's push (the actual loss gradient on each sample) ranks the labelers' choice first in "
-                    f"{final.top1:.0%}, pairwise agreement {final.agreement:.2f}, p = {_fmt_p(final.p_better)}")
-        comp = COMPONENTS["reward_path"]
-    else:
+                    f"{final.top1:.0%}, pairwise agreement {final.agreement:.2f}, p = {_fmt_p(final.p_better)} "
+                    f"(with the invalid-response penalty on the {1 - figs['valid_share']:.0%} invalid samples: "
+                    f"agreement {as_is.agreement:.2f})")
+    elif wrong_pen or wrong_val:
+        comp = P.STAGES["episode_score"]
+        path_msg = (f"the episode score gives {wrong_pen} invalid responses something other than the penalty "
+                    f"({pen:g}) and {wrong_val} valid responses something other than the Values Coach's score")
+    elif final.p_better > alpha:
         order = list(P.STAGES)
         bad = next((s for s in order if tests[s].p_better > alpha), "ppo_push")
         prev = order[order.index(bad) - 1] if order.index(bad) > 0 else None
@@ -152,6 +176,9 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
         path_msg = (f"PPO would push the labelers' choice {how}: the ranking is lost at {bad} "
                     f"(agreement {tests[bad].agreement:.2f}, p = {_fmt_p(tests[bad].p_better)})"
                     + (f" after {prev} (agreement {tests[prev].agreement:.2f})" if prev else ""))
+    else:
+        path_msg = (f"with the invalid-response penalty the path ranks the labelers' choice BELOW the rest "
+                    f"(agreement {as_is.agreement:.2f}, p = {_fmt_p(as_is.p_worse)})")
     return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg, figs["values_coach"]),
             Check("reward_path", comp, path_ok, path_msg, figs), tests)
 
