@@ -294,20 +294,24 @@ class PPOTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.iteration_no, self.episodes = state["iteration"], state["episodes"]
+        own_sampling = self.gens["sample"].get_state()
         set_rng_state(state["rng"], self.gens)
         if self.dist.processes > 1:
             ranks = state.get("sample_rng_ranks")
             if ranks is not None and len(ranks) == self.dist.processes:
                 self.gens["sample"].set_state(ranks[self.dist.rank])
                 self._sample_rngs = ranks
-            elif not self.dist.is_main:  # saved by another process count: a fresh stream of this rank's own
-                self.gens["sample"].manual_seed(self.dist.seed(self.cfg.run.seed) + 7919 * self.iteration_no)
+            elif not self.dist.is_main:  # nothing saved for this rank (another process count): keep its own stream
+                self.gens["sample"].set_state(own_sampling)
             self._resync = self.dist.is_main  # the others receive this state with the next iteration
 
     # ------------------------------------------------------------------ several processes (distributed.py)
     def _lead_message(self) -> dict:
         """What the other processes need before an iteration: a Values Coach rank 0 swapped in, a state it loaded."""
-        msg = {"op": "iterate", "coach": None, "state": None}
+        msg = {"op": "iterate", "coach": None, "state": None,
+               # what every process must share, whatever rank 0 did alone in between (a probe, a preflight)
+               "shared": {"queries": self.gens["queries"].get_state(), "minibatch": self.gens["minibatch"].get_state(),
+                          "iteration": self.iteration_no, "episodes": self.episodes}}
         if self.values_coach is not self._coach_shared:
             msg["coach"] = self._coach_shared = self.values_coach
         if self._resync:
@@ -328,6 +332,10 @@ class PPOTrainer:
                     self.values_coach = self._coach_shared = msg["coach"]
                 if msg["state"] is not None:
                     self.load_state_dict(msg["state"])
+                shared = msg["shared"]
+                self.gens["queries"].set_state(shared["queries"])
+                self.gens["minibatch"].set_state(shared["minibatch"])
+                self.iteration_no, self.episodes = shared["iteration"], shared["episodes"]
                 try:
                     self._iteration_together(None)
                 except Exception as err:  # noqa: BLE001
