@@ -1,7 +1,7 @@
 """Data parallelism across processes: what one process of `accelerate launch` (or torchrun) needs to know.
 
 megacoach runs data-parallel with a full replica of every model in each process. `accelerate launch` (or
-`torchrun`, or `torch.multiprocessing` in the tests) starts N processes and sets RANK, WORLD_SIZE,
+`torchrun`, or the tests with plain subprocesses) starts N processes and sets RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR and MASTER_PORT; `Dist.from_env()` joins them into one `torch.distributed` group
 (gloo for CPU tensors, NCCL for CUDA tensors where CUDA is present). Without those variables (a plain
 `megacoach train`) it is `Dist.single()`: world size 1, and every method below is a no-op or an identity,
@@ -16,7 +16,12 @@ How the training code uses it (the maths stays in pure functions; only the edges
 - the Values Coach: each batch of comparisons is split across the processes, gradients summed with the
   right weights, normalisation statistics computed over all processes' samples;
 - only rank 0 (`is_main`) writes files and talks to the label store; the others get what they need by
-  `broadcast_object` and follow rank 0's decisions (`run_on_main`).
+  `broadcast_object` and follow rank 0's decisions (`run_on_main`). In the PPO loop rank 0 leads: its
+  `trainer.iteration()` tells the others (waiting in `trainer.follow()`) to run the same iteration, with
+  any Values Coach or state it loaded; `trainer.release_followers()` ends their loop (with rank 0's halt).
+- sections: rank 0's solitary work (guards, store, reports) runs inside `dist.local()`, where this object
+  acts as one process, so nothing called there can wait for the others; `trainer.iteration()` opens a
+  `dist.collective()` section inside it again.
 
 Sharded engines (FSDP, DeepSpeed ZeRO) are not wired in: under an accelerate config that selects them,
 `Dist.from_env()` raises a ConfigError at start (see the README, "Scaling out").
