@@ -161,6 +161,7 @@ def accelerate_train(args: list[str], timeout: float = 300) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_accelerate_launch_train_and_exact_resume(tmp_path, tiny_model_dir):
     """The whole `megacoach train` on 2 processes; then, resumed from its first checkpoint on 2 processes again,
     the second iteration comes out the same (model state, optimiser, every rank's sampling RNG restored)."""
