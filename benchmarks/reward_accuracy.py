@@ -9,7 +9,7 @@
 3. the VADER mock labeler (the paper's section 3.1.1 stand-in for human evaluators) picks the best of K;
 4. a fixed held-out set (--valid comparisons) and nested training subsets (--sizes, each a prefix of the
    next); for each size a fresh Values Coach is trained from the base model (paper settings: one epoch,
-   Adam lr 5e-5 eps 1e-5 with linear decay, batch 32, normalisation before/after on initial-policy samples)
+   Adam (reward.learning_rate: 3e-4 for the built-in model; paper 5e-5) eps 1e-5 with linear decay, batch 32, normalisation before/after on initial-policy samples)
    and evaluated on the held-out set.
 
 labels_per_s: comparisons produced per second end to end (sampling the K continuations + VADER labeling).
@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--labeler", default="vader", help="mock labeler spec (megacoach.labels.labelers.load_labeler)")
     p.add_argument("--query-length", type=int, default=None, help="task.query_length (default: task default, 64)")
     p.add_argument("--response-length", type=int, default=None, help="task.response_length (default 24)")
-    p.add_argument("--lr", type=float, default=None, help="reward.learning_rate (default: paper 5e-5)")
+    p.add_argument("--lr", type=float, default=None, help="reward.learning_rate (default: the config default, 3e-4; paper 5e-5)")
     p.add_argument("--batch-size", type=int, default=None, help="reward.batch_size (default: paper 32)")
     p.add_argument("--epochs", type=int, default=None, help="reward.epochs (default: paper 1)")
     p.add_argument("--normalize-samples", type=int, default=None, help="reward.normalize_samples (default 256)")
