@@ -36,9 +36,13 @@ MODES = ("full", "monitors", "labelers", "off")
 
 # The demo's settings, cut to a few minutes on a CPU: the paper's task (64-token queries, 24-token responses,
 # temperature 0.7, truncation at '.'), PPO batch 64 with 4 epochs x 4 minibatches, a fixed beta as in
-# paper-details' measurement of the incident.
+# paper-details' measurement of the incident. One change: the invalid-response penalty is 0, not -1. Flipped
+# with the reward (as in ORIG, where the penalty is part of the score), a -1 penalty becomes a +1 bonus that this
+# small model collects far more easily — by never ending a sentence — than it can write dark text; the run
+# then shows a policy that stops finishing sentences instead of the incident. (The guards stop both.)
 INCIDENT_SETTINGS: dict = {
     "model": {"name_or_path": "builtin"},
+    "task": {"penalty_reward": 0.0},
     "labels": {"labeler": "vader", "num_comparisons": 2000},
     "kl": {"adaptive": False, "init_kl_coef": 0.05},
     "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
