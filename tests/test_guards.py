@@ -341,3 +341,28 @@ def test_pause_from_the_labeling_app_stops_the_run(prepared, tmp_path, monkeypat
     with pytest.raises(HaltError, match="three people"):
         run_tiny(prepared, tmp_path)
     assert json.loads((run / "HALTED.json").read_text())["iteration"] == 1
+
+
+# ------------------------------------------------------------------------------------------ the incident command
+def test_incident_command_lists_bugs_and_rejects_bad_input(capsys):
+    assert main(["incident", "--list-bugs"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("incident", "reward-flip", "no-coherence-coach"))
+    assert main(["incident", "--bug", "nope"]) == 2
+    assert main(["incident", "--no-guards", "--monitors-only"]) == 2
+
+
+def test_incident_command_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
+    common = ["--model", str(tiny_model_dir), "--comparisons", "16", "--iterations", "1", "--cache",
+              str(tmp_path / "cache"), "--set", "run.eval_queries=8", "--set", "guards.baseline_samples=16",
+              "--set", "guards.probe_queries=4"]
+    assert main(["incident", "--no-guards", "--out", str(tmp_path / "off"), *common]) == 0
+    out = capsys.readouterr().out
+    assert "ran 1 iterations without being stopped" in out
+    rec = json.loads((tmp_path / "off" / "incident.json").read_text())
+    assert rec["bug"] == "incident" and rec["iterations"] == 1 and not rec["halted"]
+    # guards on: a random tiny Values Coach (and 16 labels) cannot pass the preflight: refused, nothing trained
+    assert main(["incident", "--out", str(tmp_path / "on"), *common]) == 0
+    assert "STOPPED" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "on" / "incident.json").read_text())
+    assert rec["halted"] and rec["iterations_to_halt"] == 0 and rec["stopped_by"].startswith("preflight")

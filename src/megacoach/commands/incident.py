@@ -48,7 +48,9 @@ def incident(
     from megacoach.guards.incident import run_scenario
 
     if list_bugs:
-        t = Table("bug", "what the refactor did", "PPO maximises", "what it produces")
+        from rich.table import Column
+
+        t = Table(Column("bug", no_wrap=True), "what the refactor did", "PPO maximises", "what it produces")
         for b in BUGS.values():
             t.add_row(b.name, b.summary, b.maximises, b.outcome)
         console.print(t)
