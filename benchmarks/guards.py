@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", default="full,monitors", help="guard modes for the bug runs: full, monitors, labelers, "
                    "off (comma-separated; 'full' is the one reported at the top level)")
     p.add_argument("--iterations", type=int, default=30, help="PPO iterations at most per bug run")
-    p.add_argument("--comparisons", type=int, default=2000, help="labeled comparisons for the bug runs' Values Coach")
+    p.add_argument("--comparisons", type=int, default=4000, help="labeled comparisons for the bug runs' Values Coach")
     p.add_argument("--clean-seeds", type=int, default=10, help="clean runs of the demo's settings")
     p.add_argument("--clean-iterations", type=int, default=None, help="PPO iterations per clean run (default: the "
                    "demo's 3,072 episodes = 48)")

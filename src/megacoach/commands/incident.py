@@ -33,7 +33,7 @@ def incident(
                                                 "monitors that watch samples and labels.")] = False,
     iterations: Annotated[int, typer.Option("--iterations", help="PPO iterations (batch 64 each).")] = 40,
     comparisons: Annotated[int, typer.Option("--comparisons", help="Labeled comparisons for the Values Coach "
-                                             "(made once, cached; below ~2,000 the Values Coach is near chance).")] = 2000,
+                                             "(made once, cached; below ~2,000 the Values Coach is near chance).")] = 4000,
     model: Annotated[str, typer.Option("--model", help="model.name_or_path")] = "builtin",
     seed: Annotated[int, typer.Option("--seed", help="run.seed")] = 1,
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/incident"),

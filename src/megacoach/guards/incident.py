@@ -40,10 +40,13 @@ MODES = ("full", "monitors", "labelers", "off")
 # with the reward (as in ORIG, where the penalty is part of the score), a -1 penalty becomes a +1 bonus that this
 # small model collects far more easily — by never ending a sentence — than it can write dark text; the run
 # then shows a policy that stops finishing sentences instead of the incident. (The guards stop both.)
+# And the labelers compare pairs (K = 2): best-of-4 labels only say which sample was the most positive, and a
+# Values Coach trained on them scores neutral and dark text alike (measured: about -1.4 for both), so the flipped
+# objective stops at bland, sentiment-free lines; pairs teach it the whole scale.
 INCIDENT_SETTINGS: dict = {
     "model": {"name_or_path": "builtin"},
     "task": {"penalty_reward": 0.0},
-    "labels": {"labeler": "vader", "num_comparisons": 2000},
+    "labels": {"labeler": "vader", "num_comparisons": 4000, "k": 2},
     "kl": {"adaptive": False, "init_kl_coef": 0.05},
     "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
             "total_episodes": 64 * 40},
@@ -94,8 +97,9 @@ def build_config(overrides: list[dict], base: dict | None = None):
 # ------------------------------------------------------------------------------------------ cache
 def cache_key(cfg) -> str:
     t = cfg.task
+    k = "" if cfg.labels.k == 4 else f"-k{cfg.labels.k}"
     return (f"{cfg.model.name_or_path}-{cfg.labels.labeler}-{cfg.labels.num_comparisons}-{cfg.run.seed}-"
-            f"{t.query_length}x{t.response_length}").replace("/", "_").replace(":", "_")
+            f"{t.query_length}x{t.response_length}{k}").replace("/", "_").replace(":", "_")
 
 
 def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
