@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/bench-guards", help="run folders")
     p.add_argument("--cache", default="runs/incident-cache", help="labels and Values Coaches, reused")
     p.add_argument("--quiet", action="store_true", help="hide the runs' own progress output")
+    p.add_argument("--reuse", action="store_true", help="keep scenarios already finished in --out (their "
+                   "incident.json) instead of running them again")
     return p.parse_args(argv)
 
 
@@ -65,7 +67,13 @@ def main(argv=None) -> int:
     from rich.console import Console
 
     from megacoach.guards.bugs import BUGS
-    from megacoach.guards.incident import run_scenario
+    from megacoach.guards.incident import Outcome, run_scenario
+
+    def scenario(bug, mode, folder, *a, **k):
+        done = folder / "incident.json"
+        if args.reuse and done.is_file():
+            return Outcome(**json.loads(done.read_text()))
+        return run_scenario(bug, mode, folder, *a, **k)
 
     console = Console(quiet=args.quiet)
     out, cache = Path(args.out), Path(args.cache)
@@ -79,7 +87,7 @@ def main(argv=None) -> int:
                      "run": {"max_iterations": args.iterations, "eval_queries": args.eval_queries},
                      "labels": {"num_comparisons": args.comparisons},
                      "ppo": {"total_episodes": 64 * args.iterations}}]
-            o = run_scenario(name, mode, out / f"{name}-{mode}", cache, over, console, args.eval_queries)
+            o = scenario(name, mode, out / f"{name}-{mode}", cache, over, console, args.eval_queries)
             s = summary(o)
             result["modes"].setdefault(name, {})[mode] = s
             if mode == "full" or name not in result["bugs"]:
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
             over.append({"run": {"max_iterations": args.clean_iterations}})
         if args.clean_comparisons:
             over.append({"labels": {"num_comparisons": args.clean_comparisons}})
-        o = run_scenario(None, "full", out / f"clean-{seed}", cache, over, console, args.eval_queries, base={},
+        o = scenario(None, "full", out / f"clean-{seed}", cache, over, console, args.eval_queries, base={},
                          coach_seed=None if args.fresh_coach else 1)
         s = summary(o)
         clean.append({"seed": seed, **s})

@@ -281,6 +281,13 @@ def test_without_preflight_the_batch_check_halts_before_the_first_update(prepare
     assert rec["evidence"]["before_update"] is True
 
 
+def test_without_preflight_an_uphill_optimiser_is_halted_after_its_first_update(prepared, tmp_path):
+    with pytest.raises(HaltError):
+        run_tiny(prepared, tmp_path, "optimizer-ascent", guards={"preflight": False})
+    rec = json.loads((tmp_path / H.RUN_NAME / "HALTED.json").read_text())
+    assert rec["source"] == "guard/update_direction" and rec["iteration"] == 1
+
+
 # ------------------------------------------------------------------------------------------ Andon
 def test_andon_on_missing_or_finished_run_changes_nothing(prepared, tmp_path, capsys):
     missing = tmp_path / "nope"

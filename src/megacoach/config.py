@@ -141,7 +141,7 @@ class PPOConfig(_Section):
 
 class GuardsConfig(_Section):
     """Guards against the section 4.4 incident (megacoach/guards/): preflight, a check of every batch before
-    its update, live monitors, the Andon cord. Halting monitors test at (1 - confidence) / (7 monitors x
+    its update, live monitors, the Andon cord. Halting monitors test at (1 - confidence) / (8 monitors x
     planned iterations) each, so a clean run halts by chance with probability below 1 - confidence."""
 
     enabled: bool = Field(True, description="Run the guards (preflight, batch check, live monitors).")
@@ -162,7 +162,7 @@ class GuardsConfig(_Section):
                                           "check then only requires the KL term not to reward leaving the original model.")
     canaries: str = Field("builtin", description="Canary prompts with known good and bad continuations: 'builtin' "
                           "(Shakespeare sentiment), 'none', or a JSONL file of {prompt, good, bad}.")
-    baseline_samples: int = Field(256, ge=8, description="Samples of the initial policy (the frozen original model) "
+    baseline_samples: int = Field(512, ge=8, description="Samples of the initial policy (the frozen original model) "
                                   "that the live monitors compare the current Apprentice with.")
     kl_budget: float = Field(25.0, gt=0, description="Halt when the KL to the original model exceeds this (nats per "
                              "response, batch mean); warn at 80%.")

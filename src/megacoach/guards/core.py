@@ -194,7 +194,7 @@ class Guards:
             m.update({"guard/push_score_t": float(fit.t[1]), "guard/push_kl_t": float(fit.t[2])})
             figs.update({"push_score_t": float(fit.t[1]), "push_kl_t": float(fit.t[2]), "df": fit.df,
                          "alpha": self.alpha})
-        self._before = {"iteration": tr.iteration_no + 1, "score": score, "metrics": m}
+        self._before = {"iteration": tr.iteration_no + 1, "score": score, "metrics": m, "push": push}
         if gap > tol:
             raise GuardHalt(Alarm("path_direction", "halt", f"the batch's scores differ from the Values Coach's by up "
                                   f"to {gap:.3g}: the rollout does not carry the Values Coach's verdict", figs))
@@ -283,6 +283,18 @@ class Guards:
         if bad or bad_params:
             alarms.append(Alarm("nonfinite", "halt", "non-finite values: " + ", ".join((bad + bad_params)[:6]),
                                 {"metrics": bad, "parameters": bad_params[:20]}))
+        # the update itself: did it move each response's log-probability the way the loss pushed it?
+        push = before.get("push")
+        if push is not None and len(push) > 3:
+            new_logp = tr.forward_old(batch.query_responses)[0].float().cpu()
+            moved = (new_logp - batch.logprobs.float().cpu()).sum(1).numpy()
+            fit = ols(moved, push)
+            if fit is not None:
+                gm["guard/update_push_t"] = float(fit.t[1])
+                if fit.p_negative(1) <= self.alpha:
+                    alarms.append(Alarm("update_direction", "halt", "the PPO update moved log-probabilities AGAINST "
+                                        f"the direction the loss pushed them (t = {fit.t[1]:.1f}): the optimiser step "
+                                        "goes uphill", {"t": float(fit.t[1]), "df": fit.df, "alpha": self.alpha}))
         score = before.get("score")
         if score is None:
             score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)

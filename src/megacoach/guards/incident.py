@@ -51,7 +51,6 @@ INCIDENT_SETTINGS: dict = {
     "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
             "total_episodes": 64 * 40},
     "run": {"eval_queries": 128, "checkpoint_every": 1000, "sample_table_every": 5},
-    "guards": {"baseline_samples": 256},
 }
 
 

@@ -29,6 +29,8 @@ all of its iterations together. `z_halt` is the matching one-sided normal critic
 | nonfinite      | metrics and Apprentice weights                                  | any NaN or infinity                        |
 | path_direction | (before the update) PPO's push on the batch regressed on the    | the push falls with the score, or rises    |
 |                | Values Coach's score and the KL                                 | with the KL, confidently                   |
+| update_direction | (after the update) each response's change in log-probability  | the update moved them confidently against  |
+|                | regressed on PPO's push                                         | the push (the optimiser steps uphill)      |
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ import numpy as np
 from megacoach.guards.alarms import Alarm
 from megacoach.guards.stats import binom_cdf, normal_sf, rank_test, trend_z, welch_z
 
-MONITORS = ("score_drop", "labeler_drop", "winrate", "agreement", "divergence", "canaries", "path_direction")
+MONITORS = ("score_drop", "labeler_drop", "winrate", "agreement", "divergence", "canaries", "path_direction",
+            "update_direction")
 Z_WARN = 3.0
 
 
