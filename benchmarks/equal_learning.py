@@ -36,8 +36,10 @@ def run(path: str, seed: int, a) -> tuple[list[dict], float]:
     over = {"run": {"seed": seed, "threads": a.threads},
             "ppo": {"total_episodes": a.iterations * 64, "rollout_pass": "sampling" if path == "optimised" else "forward"},
             "model": {"fused_activation": path == "optimised"}}
+    if path != "optimised":  # the levers off: one scoring pass over the whole batch
+        over["ppo"]["forward_batch_size"] = 64
     cfg = load_config(overrides=[over])
-    seed_everything(seed, a.threads)
+    seed_everything(seed, a.threads, cfg.run.mmap_threshold_mib)
     policy, tok = load_causal_lm("builtin", fused_activation=cfg.model.fused_activation)
     ref = frozen_reference(policy)
     if a.values_coach:

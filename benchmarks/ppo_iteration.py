@@ -58,8 +58,8 @@ def parse_args(argv=None):
     g.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any other megacoach config field (e.g. ppo.separate_value_model=true)")
     g.add_argument("--path", choices=["optimised", "straightforward"], default="optimised",
-                   help="straightforward = old log-probs and values recomputed in a second forward pass, and GPT-2's "
-                        "own Python GELU (the levers off)")
+                   help="straightforward = old log-probs and values recomputed in a second forward pass, GPT-2's "
+                        "own Python GELU and the whole batch in one scoring pass (the levers off)")
     g.add_argument("--compare-generate", action="store_true",
                    help="also time transformers' generate() on the same model and batch")
     g.add_argument("--no-peak", action="store_true", help="skip measuring this machine's fp32 matmul peak")
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     from megacoach.lm.corpus import split_plays
     from megacoach.lm.loading import load_causal_lm
     from megacoach.lm.pretrain import train_tokenizer
+    from megacoach.memory import set_mmap_threshold
     from megacoach.ppo.policy import frozen_reference
     from megacoach.ppo.trainer import PPOTrainer
     from megacoach.reward.model import RewardModel
@@ -158,9 +159,11 @@ def main(argv=None) -> int:
         "run": {"seed": a.seed, "threads": a.threads},
     }]
     if a.path == "straightforward":
-        overrides.append({"ppo": {"rollout_pass": "forward"}, "model": {"fused_activation": False}})
+        overrides.append({"ppo": {"rollout_pass": "forward", "forward_batch_size": a.batch_size},
+                          "model": {"fused_activation": False}})
     overrides += [parse_override(s) for s in a.set]
     cfg = load_config(overrides=overrides)
+    set_mmap_threshold(cfg.run.mmap_threshold_mib)  # as `megacoach train` does (megacoach/memory.py)
 
     policy, tok = load_causal_lm(str(tmp), fused_activation=cfg.model.fused_activation)
     ref = frozen_reference(policy)

@@ -8,8 +8,9 @@
    response 24, temperature 0.7, truncation after '.' from position 16);
 3. the VADER mock labeler (the paper's section 3.1.1 stand-in for human evaluators) picks the best of K;
 4. a fixed held-out set (--valid comparisons) and nested training subsets (--sizes, each a prefix of the
-   next); for each size a fresh Values Coach is trained from the base model (paper settings: one epoch,
-   Adam (reward.learning_rate: 3e-4 for the built-in model; paper 5e-5) eps 1e-5 with linear decay, batch 32, normalisation before/after on initial-policy samples)
+   next); for each size a fresh Values Coach is trained from the base model with the config's defaults for the
+   built-in model (2 epochs, batch 8, Adam lr 3e-4 eps 1e-5 with linear decay; the paper: 1 epoch, batch 32,
+   lr 5e-5 — pass --epochs 1 --batch-size 32 --lr 5e-5), normalisation before/after on initial-policy samples)
    and evaluated on the held-out set.
 
 labels_per_s: comparisons produced per second end to end (sampling the K continuations + VADER labeling).
@@ -39,8 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--query-length", type=int, default=None, help="task.query_length (default: task default, 64)")
     p.add_argument("--response-length", type=int, default=None, help="task.response_length (default 24)")
     p.add_argument("--lr", type=float, default=None, help="reward.learning_rate (default: the config default, 3e-4; paper 5e-5)")
-    p.add_argument("--batch-size", type=int, default=None, help="reward.batch_size (default: paper 32)")
-    p.add_argument("--epochs", type=int, default=None, help="reward.epochs (default: paper 1)")
+    p.add_argument("--batch-size", type=int, default=None, help="reward.batch_size (default: the config default, 8; paper 32)")
+    p.add_argument("--epochs", type=int, default=None, help="reward.epochs (default: the config default, 2; paper 1)")
     p.add_argument("--normalize-samples", type=int, default=None, help="reward.normalize_samples (default 256)")
     p.add_argument("--sample-batch", type=int, default=128, help="sequences per sampling batch")
     p.add_argument("--seed", type=int, default=1)

@@ -26,7 +26,11 @@ from megacoach.runs import RunDir
 STAGES = "Human evaluators (mock) -> Values Coach -> Apprentice (PPO under the Coherence Coach)"
 
 
-def seed_everything(seed: int, threads: int) -> None:
+def seed_everything(seed: int, threads: int, mmap_threshold_mib: float | None = None) -> None:
+    """Seeds, torch threads and (run.mmap_threshold_mib) the allocator setting of the process."""
+    from megacoach.memory import set_mmap_threshold
+
+    set_mmap_threshold(mmap_threshold_mib)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -189,7 +193,7 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
         run.create(cfg)
 
     dist.run_on_main(open_run_folder)  # several processes: rank 0 alone writes files (its errors stop them all)
-    seed_everything(dist.seed(cfg.run.seed), dist.threads(cfg.run.threads))  # seed + rank * 100003
+    seed_everything(dist.seed(cfg.run.seed), dist.threads(cfg.run.threads), cfg.run.mmap_threshold_mib)  # seed + rank * 100003
     run_id = run.path.resolve().name
     log(f"[bold]megacoach[/] run {run.path}: {STAGES}")
     if dist.processes > 1:

@@ -43,7 +43,7 @@ def label_auto(
 
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed, labels__db=db,
                          labels__labeler=labeler, labels__num_comparisons=n, labels__k=k)
-    seed_everything(cfg.run.seed, cfg.run.threads)
+    seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     lab = load_labeler(cfg.labels.labeler)
     store = _store(db, cfg)
     lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
@@ -118,7 +118,7 @@ def reward_train(
     from megacoach.tasks import load_queries
 
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed, labels__db=db)
-    seed_everything(cfg.run.seed, cfg.run.threads)
+    seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     store = _store(db, cfg)
     lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
     sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)

@@ -101,6 +101,12 @@ def cache_key(cfg) -> str:
             f"{t.query_length}x{t.response_length}{k}").replace("/", "_").replace(":", "_")
 
 
+def coach_key(cfg) -> str:
+    """The Values Coach's training settings: a coach trained otherwise on the same labels is another entry."""
+    r = cfg.reward
+    return f"lr{r.learning_rate:g}-b{r.batch_size}-e{r.epochs}"
+
+
 def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     """(labels.db, Values Coach folder) in `cache`, made once: labels of the initial policy by the mock labeler,
     and a Values Coach trained on them (under the bug when it acts on the Values Coach's training)."""
@@ -113,7 +119,7 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     from megacoach.sampling import HFGenerator
 
     b = bugs_mod.get(bug) if bug else None
-    variant = f"coach-{b.name}" if b is not None and b.affects_values_coach else "coach-clean"
+    variant = (f"coach-{b.name}" if b is not None and b.affects_values_coach else "coach-clean") + "-" + coach_key(cfg)
     cache = Path(cache)
     key = cache_key(cfg)
     root = cache / key
@@ -122,18 +128,32 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     if (coach_dir / "reward_config.json").is_file() and db.is_file():
         return db, coach_dir
     root.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.run.seed, cfg.run.threads)
+    seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    if db.is_file() and not _complete(db, cfg.labels.num_comparisons):
+        for part in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            part.unlink(missing_ok=True)  # an interrupted collection: start it again
     store = LabelStore(f"sqlite:///{db.resolve()}")
     try:
-        sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
-        collect_labels(cfg, store, sampler, load_labeler(cfg.labels.labeler), "incident", "incident/offline",
-                       "initial", log)
+        if store.count_comparisons() < cfg.labels.num_comparisons:  # the labels, unless made for another coach
+            sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
+            collect_labels(cfg, store, sampler, load_labeler(cfg.labels.labeler), "incident", "incident/offline",
+                           "initial", log)
         with bugs_mod.inject(b.name if b is not None and b.affects_values_coach else None):
             values_coach(cfg, RunDir(root / variant), store, tok, "incident", log)
     finally:
         store.close()
     return db, coach_dir
+
+
+def _complete(db: Path, n: int) -> bool:
+    from megacoach.labels.store import LabelStore
+
+    store = LabelStore(f"sqlite:///{Path(db).resolve()}")
+    try:
+        return store.count_comparisons() >= n
+    finally:
+        store.close()
 
 
 def copy_labels(src_db: Path, dst_db: Path, run_id: str, src_batch: str = "incident/offline") -> int:

@@ -122,14 +122,30 @@ class PPOTrainer:
         idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size,), generator=self.gens["queries"])
         return [self.train_queries[i] for i in idx.tolist()]
 
+    def _in_chunks(self, fn, *tensors: torch.Tensor):
+        """fn over row chunks of `ppo.forward_batch_size` (default: the minibatch size), results concatenated:
+        the same rows as one big pass, at a fraction of the peak memory (the [rows, T, vocab] logits dominate)."""
+        n = tensors[0].shape[0]
+        size = self.cfg.ppo.forward_batch_size or self.cfg.ppo.mini_batch_size
+        if n <= size:
+            return fn(*tensors)
+        parts = [fn(*(t[i:i + size] for t in tensors)) for i in range(0, n, size)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(xs) for xs in zip(*parts))
+        return torch.cat(parts)
+
     @torch.inference_mode()
     def score(self, query_ids: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
         """The Values Coach's normalised score of query + truncated response, read at the last real token."""
-        return self.values_coach(torch.cat([query_ids, truncated], dim=1), self.pad_id).float()
+        return self._in_chunks(lambda q, r: self.values_coach(torch.cat([q, r], dim=1), self.pad_id).float(),
+                               query_ids, truncated)
 
     @torch.inference_mode()
     def forward_old(self, query_responses: torch.Tensor):
         """Old log-probs and values (Apprentice) and reference log-probs (original model), one forward each."""
+        return self._in_chunks(self._forward_old, query_responses)
+
+    def _forward_old(self, query_responses: torch.Tensor):
         T, temp = self.cfg.task.response_length, self.cfg.task.temperature
         responses = query_responses[:, -T:]
         out = self.apprentice(query_responses, self.pad_id, T, temp)
@@ -142,8 +158,8 @@ class PPOTrainer:
     @torch.inference_mode()
     def reference_logprobs(self, query_responses: torch.Tensor) -> torch.Tensor:
         T, temp = self.cfg.task.response_length, self.cfg.task.temperature
-        return maths.logprobs_from_logits(
-            reference_logits(self.ref_lm, query_responses, self.pad_id, T, temp), query_responses[:, -T:])
+        return self._in_chunks(lambda qr: maths.logprobs_from_logits(
+            reference_logits(self.ref_lm, qr, self.pad_id, T, temp), qr[:, -T:]), query_responses)
 
     def rollout(self, queries: list[Query]) -> Batch:
         t = self.cfg.task
