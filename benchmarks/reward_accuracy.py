@@ -14,7 +14,8 @@
    and evaluated on the held-out set.
 
 labels_per_s: comparisons produced per second end to end (sampling the K continuations + VADER labeling).
-train_examples_per_s: training comparisons (K sequences each) per second of optimisation, over all sizes.
+train_examples_per_s: training comparisons (K sequences each) seen per second of optimisation (each pass counted),
+  over all sizes.
 The last line printed is one JSON object:
   {"comparisons": [...], "accuracy": [...], "labels_per_s": ..., "train_examples_per_s": ...}
 """
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    total_train = sum(r["comparisons"] for r in results)
+    total_train = sum(r["comparisons"] for r in results) * rcfg.epochs  # comparisons seen, every pass counted
     train_eps = total_train / sum(r["train_seconds"] for r in results)
     say("")
     say(f"{'comparisons':>11}  {'accuracy':>8}  {'loss':>7}  {'train loss':>10}  {'cmp/s':>7}")
