@@ -350,6 +350,29 @@ def test_pause_from_the_labeling_app_stops_the_run(prepared, tmp_path, monkeypat
     assert json.loads((run / "HALTED.json").read_text())["iteration"] == 1
 
 
+def test_pause_landing_between_the_check_and_the_status_write_is_kept(prepared, tmp_path, monkeypatch):
+    """The race: the app pauses the run right after the loop's last Andon check of an iteration, before the loop
+    writes 'running'. The write is a compare-and-set, so the pause survives and stops the run."""
+    from megacoach.labels.store import LabelStore
+    from megacoach.loop import PPOLoop
+
+    run = tmp_path / H.RUN_NAME
+    orig, calls = PPOLoop.andon_pull, []
+
+    def andon_pull(self):
+        out = orig(self)
+        calls.append(self.trainer.iteration_no)
+        if self.trainer.iteration_no == 1 and calls.count(1) == 1:  # the check after iteration 1 has just passed
+            with LabelStore(f"sqlite:///{run / 'labels.db'}") as store:
+                store.set_run_status(H.RUN_NAME, "paused", 1, {"reason": "paused in the gap", "who": "app"})
+        return out
+
+    monkeypatch.setattr(PPOLoop, "andon_pull", andon_pull)
+    with pytest.raises(HaltError, match="paused in the gap"):
+        run_tiny(prepared, tmp_path)
+    assert json.loads((run / "HALTED.json").read_text())["iteration"] == 1
+
+
 # ------------------------------------------------------------------------------------------ the incident command
 def test_incident_command_lists_bugs_and_rejects_bad_input(capsys):
     assert main(["incident", "--list-bugs"]) == 0

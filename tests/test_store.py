@@ -262,6 +262,13 @@ def test_andon_and_run_status(store):
     assert {r.run_id for r in store.run_statuses()} == {"r1", "r2"}
     with pytest.raises(DataError, match="run status"):
         store.set_run_status("r1", "exploded")
+    store.set_run_status("r3", "paused", 2, {"reason": "cord"})
+    kept = store.set_run_status("r3", "running", 3, {}, unless=("paused",))  # compare-and-set: the pause stays
+    assert (kept.status, kept.iteration, kept.detail) == ("paused", 2, {"reason": "cord"})
+    assert store.get_run_status("r3").status == "paused"
+    assert store.set_run_status("r4", "running", 1, unless=("paused",)).status == "running"  # new row: written
+    with pytest.raises(DataError, match="run status"):
+        store.set_run_status("r3", "running", unless=("sleeping",))
     p1 = store.pull_andon("alice", "gibberish", run_id="r1")
     p2 = store.pull_andon("alice", "dark text")  # every run
     store.pull_andon("alice", "other", run_id="r2")

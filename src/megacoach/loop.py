@@ -150,8 +150,12 @@ class PPOLoop:
                 pull = self.andon_pull()  # a pause set during this iteration must not be overwritten below
                 if pull:
                     self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
-                self.store.set_run_status(self.run_id, "running", tr.iteration_no,
-                                          {"alarms": [a.as_dict() for a in alarms]})
+                # compare-and-set: a pause that lands after the check above is kept, not overwritten
+                rec = self.store.set_run_status(self.run_id, "running", tr.iteration_no,
+                                                {"alarms": [a.as_dict() for a in alarms]}, unless=("paused",))
+                if rec.status == "paused":
+                    pull = self.andon_pull() or {"who": "labeling app", "reason": "paused from the labeling app"}
+                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
                 for a in alarms:
                     if a.action == "warn":
                         self.console.print(f"[yellow]guard warning[/] {a.name}: {a.message}")

@@ -1148,9 +1148,12 @@ class LabelStore:
             return [AndonPull(r.id, r.run_id, r.labeler_id, name, r.reason, r.at) for r, name in s.execute(stmt)]
 
     def set_run_status(self, run_id: str, status: str, iteration: Optional[int] = None,
-                       detail: Optional[dict[str, Any]] = None) -> RunStatus:
+                       detail: Optional[dict[str, Any]] = None, *, unless: tuple[str, ...] = ()) -> RunStatus:
         """Insert or update a training run's status (the trainer writes it; the app shows it).
-        iteration/detail None keep the stored values."""
+        iteration/detail None keep the stored values. unless: statuses that must not be overwritten — checked and
+        written in one transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE), so a pause
+        set by the labeling app between the trainer's check and its write survives; the stored record is then
+        returned unchanged."""
         if not isinstance(run_id, str) or not run_id:
             raise DataError(f"run_id: expected a non-empty string, got {run_id!r}")
         _check_choice(status, "run status", RUN_STATUSES)
@@ -1160,8 +1163,12 @@ class LabelStore:
             if not isinstance(detail, dict):
                 raise DataError(f"run status detail: expected a dict, got {type(detail).__name__}")
             detail = _check_json(detail, "run status detail")
+        for u in unless:
+            _check_choice(u, "run status", RUN_STATUSES)
         with self._write("set the run status") as s:
-            row = s.get(RunStatusRow, run_id)
+            row = s.get(RunStatusRow, run_id, with_for_update=bool(unless), populate_existing=bool(unless))
+            if row is not None and row.status in unless:
+                return _run_rec(row)
             if row is None:
                 try:
                     with s.begin_nested():
