@@ -44,6 +44,9 @@ def parse_args(argv=None):
                    "demo's 3,072 episodes = 48)")
     p.add_argument("--clean-comparisons", type=int, default=None, help="labels.num_comparisons of the clean runs "
                    "(default: the demo's 2,000)")
+    p.add_argument("--first-seed", type=int, default=1, help="clean runs use seeds first-seed .. first-seed + "
+                   "clean-seeds - 1 (split the clean runs over several processes, then gather them with --reuse)")
+    p.add_argument("--threads", type=int, default=None, help="run.threads of every run (default: the config's 2)")
     p.add_argument("--fresh-coach", action="store_true", help="clean runs: labels and Values Coach per seed")
     p.add_argument("--eval-queries", type=int, default=128, help="held-out queries for the before/after measures")
     p.add_argument("--out", default="runs/bench-guards", help="run folders")
@@ -79,12 +82,13 @@ def main(argv=None) -> int:
     out, cache = Path(args.out), Path(args.cache)
     names = list(BUGS) if args.bugs == "all" else [] if args.bugs == "none" else args.bugs.split(",")
     modes = args.modes.split(",")
+    threads = {} if args.threads is None else {"threads": args.threads}
     result: dict = {"bugs": {}, "modes": {}}
     t0 = time.time()
     for name in names:
         for mode in modes:
             over = [{"model": {"name_or_path": args.model},
-                     "run": {"max_iterations": args.iterations, "eval_queries": args.eval_queries},
+                     "run": {"max_iterations": args.iterations, "eval_queries": args.eval_queries, **threads},
                      "labels": {"num_comparisons": args.comparisons},
                      "ppo": {"total_episodes": 64 * args.iterations}}]
             o = scenario(name, mode, out / f"{name}-{mode}", cache, over, console, args.eval_queries)
@@ -96,8 +100,9 @@ def main(argv=None) -> int:
                   f"{s['stopped_by']}; labeler drop {s['labeler_score_drop']:+.2f} sd; KL {s['kl_at_stop']:.2f}; "
                   f"ppl {s['ppl_initial']:.0f}->{s['ppl_at_stop']:.0f} ({s['seconds']:.0f}s)", flush=True)
     false_halts, clean = 0, []
-    for seed in range(1, args.clean_seeds + 1):
-        over = [{"model": {"name_or_path": args.model}, "run": {"seed": seed, "eval_queries": args.eval_queries}}]
+    for seed in range(args.first_seed, args.first_seed + args.clean_seeds):
+        over = [{"model": {"name_or_path": args.model}, "run": {"seed": seed, "eval_queries": args.eval_queries,
+                                                                **threads}}]
         if args.clean_iterations:
             over.append({"run": {"max_iterations": args.clean_iterations}})
         if args.clean_comparisons:
