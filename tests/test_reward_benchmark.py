@@ -12,7 +12,7 @@ def test_benchmark_smoke(tiny_model_dir, capsys, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rc = bench.main(["--model", str(tiny_model_dir), "--sizes", "8,4", "--valid", "4", "--k", "3",
-                     "--normalize-samples", "16", "--batch-size", "4", "--query-length", "16",
+                     "--normalize-samples", "16", "--batch-size", "4", "--epochs", "1", "--query-length", "16",
                      "--response-length", "6", "--quiet", "--out", str(tmp_path / "r.json")])
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]

@@ -63,7 +63,7 @@ def test_as_comparison_adapts_records():
 def test_training_learns_and_reports(model):
     train, valid = synthetic(96, seed=1), synthetic(48, seed=2)
     norm = torch.randint(2, 300, (32, 10), generator=torch.Generator().manual_seed(5))
-    cfg = RewardConfig(learning_rate=3e-3, batch_size=12)
+    cfg = RewardConfig(learning_rate=3e-3, batch_size=12, epochs=1)  # the paper's one pass
     before = evaluate(model, valid)
     calls = []
     hook = model.trunk.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape[0]),
@@ -152,7 +152,8 @@ def test_retrain_from_label_store(tiny_model_dir, tmp_path):
             store.add_comparison(item.item.id, c.chosen, "vader")
         records = store.comparisons(split="train")
         assert as_comparison(records[0]).sample_ids == [s for s in records[0].sample_token_ids]
-        model, m = retrain_from_scratch(str(tiny_model_dir), store, cfg=RewardConfig(batch_size=6), seed=1, log=None)
+        model, m = retrain_from_scratch(str(tiny_model_dir), store, cfg=RewardConfig(batch_size=6, epochs=1), seed=1,
+                                       log=None)
     finally:
         store.close()
     assert m["num_train"] == 18 and m["num_valid"] == 6 and m["steps"] == 3
