@@ -69,6 +69,9 @@ class PPOLoop:
                     "who": status.detail.get("who", "labeling app")}
         return None
 
+    def halt_andon(self, pull: dict) -> None:
+        self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+
     def halt(self, reason: str, evidence: dict, source: str) -> None:
         it = self.trainer.iteration_no
         self.checkpoint()
@@ -107,7 +110,7 @@ class PPOLoop:
             while tr.iteration_no < tr.n_iterations:
                 pull = self.andon_pull()
                 if pull:
-                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+                    self.halt_andon(pull)
                 try:
                     before = self.guards.before_update if self.guards is not None else None
                     batch, metrics = tr.iteration(before_update=before)
@@ -149,13 +152,13 @@ class PPOLoop:
                     f"{metrics['time/iteration_s']:.1f}s/it"))
                 pull = self.andon_pull()  # a pause set during this iteration must not be overwritten below
                 if pull:
-                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+                    self.halt_andon(pull)
                 # compare-and-set: a pause that lands after the check above is kept, not overwritten
                 rec = self.store.set_run_status(self.run_id, "running", tr.iteration_no,
                                                 {"alarms": [a.as_dict() for a in alarms]}, unless=("paused",))
                 if rec.status == "paused":
                     pull = self.andon_pull() or {"who": "labeling app", "reason": "paused from the labeling app"}
-                    self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+                    self.halt_andon(pull)
                 for a in alarms:
                     if a.action == "warn":
                         self.console.print(f"[yellow]guard warning[/] {a.name}: {a.message}")

@@ -130,12 +130,15 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
-    if db.is_file() and not _complete(db, cfg.labels.num_comparisons):
-        for part in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-            part.unlink(missing_ok=True)  # an interrupted collection: start it again
     store = LabelStore(f"sqlite:///{db.resolve()}")
+    have = store.count_comparisons()  # the labels may be there already, made for another coach
+    if 0 < have < cfg.labels.num_comparisons:  # an interrupted collection: start it again
+        store.close()
+        for part in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            part.unlink(missing_ok=True)
+        store, have = LabelStore(f"sqlite:///{db.resolve()}"), 0
     try:
-        if store.count_comparisons() < cfg.labels.num_comparisons:  # the labels, unless made for another coach
+        if have < cfg.labels.num_comparisons:
             sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
             collect_labels(cfg, store, sampler, load_labeler(cfg.labels.labeler), "incident", "incident/offline",
                            "initial", log)
@@ -144,16 +147,6 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     finally:
         store.close()
     return db, coach_dir
-
-
-def _complete(db: Path, n: int) -> bool:
-    from megacoach.labels.store import LabelStore
-
-    store = LabelStore(f"sqlite:///{Path(db).resolve()}")
-    try:
-        return store.count_comparisons() >= n
-    finally:
-        store.close()
 
 
 def copy_labels(src_db: Path, dst_db: Path, run_id: str, src_batch: str = "incident/offline") -> int:
