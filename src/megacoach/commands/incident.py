@@ -31,7 +31,7 @@ def incident(
                                                 "check and live monitors must catch it.")] = False,
     labelers_only: Annotated[bool, typer.Option("--labelers-only", help="No preflight and no batch check: only the "
                                                 "monitors that watch samples and labels.")] = False,
-    iterations: Annotated[int, typer.Option("--iterations", help="PPO iterations (batch 64 each).")] = 40,
+    iterations: Annotated[int, typer.Option("--iterations", help="PPO iterations (batch 64 each).")] = 80,
     comparisons: Annotated[int, typer.Option("--comparisons", help="Labeled comparisons for the Values Coach "
                                              "(made once, cached; below ~2,000 the Values Coach is near chance).")] = 4000,
     model: Annotated[str, typer.Option("--model", help="model.name_or_path")] = "builtin",

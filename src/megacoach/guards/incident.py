@@ -49,7 +49,7 @@ INCIDENT_SETTINGS: dict = {
     "labels": {"labeler": "vader", "num_comparisons": 4000, "k": 2},
     "kl": {"adaptive": False, "init_kl_coef": 0.05},
     "ppo": {"batch_size": 64, "mini_batch_size": 16, "learning_rate": 3e-5, "lr_decay": False,
-            "total_episodes": 64 * 40},
+            "total_episodes": 64 * 80},
     "run": {"eval_queries": 128, "checkpoint_every": 1000, "sample_table_every": 5},
 }
 
