@@ -62,6 +62,25 @@ def test_sampling_is_fixed_length_and_never_samples_pad(tiny):
     assert torch.isfinite(roll.logprobs).all() and (roll.logprobs <= 0).all()
 
 
+def test_sample_categorical_matches_the_distribution_and_skips_zero_probability():
+    from megacoach.sampling import sample_categorical
+
+    logits = torch.tensor([[2.0, 0.5, float("-inf"), -1.0, 1.0, float("-inf")]])
+    logp = torch.log_softmax(logits, dim=-1)
+    n = 200_000
+    draws = sample_categorical(logp.expand(n, -1), torch.Generator().manual_seed(3))[:, 0]
+    freq = torch.bincount(draws, minlength=6).double() / n
+    p = logp.exp()[0].double()
+    assert freq[2] == 0 and freq[5] == 0  # probability 0: never drawn (the pad token's case)
+    # every share within 4 standard errors of its probability
+    se = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 4 * se + 1e-12).all(), (freq, p)
+    # seeded: the same generator state gives the same tokens
+    a = sample_categorical(logp.expand(50, -1), torch.Generator().manual_seed(7))
+    b = sample_categorical(logp.expand(50, -1), torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
 def test_truncation_keeps_stop_token_and_pads_after():
     pad, stop = 0, torch.tensor([9])
     r = torch.tensor([[5, 9, 6, 9, 7, 8],    # stop at 1 (too early) and at 3: cut after 3

@@ -43,6 +43,19 @@ class ResponseGenerator(Protocol):
                  repeats: int = 1) -> Rollout: ...
 
 
+def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row from softmax-normalised log-probabilities `logp` [B, V]: [B, 1] long.
+
+    Inverse-CDF sampling: a uniform draw per row located in the row's cumulative distribution (float64, so that
+    8192-way sums keep every token's share). Exactly the categorical distribution, like `torch.multinomial`,
+    which on CPU draws an exponential variate for every vocabulary entry (measured: 16 ms of a 128-row step,
+    about 40% of sampling with the built-in model); this draws one number per row. Tokens of probability 0
+    (the pad token) are never returned: a zero-width interval of the CDF contains no draw."""
+    cdf = logp.exp().double().cumsum(dim=-1)
+    u = torch.rand(logp.shape[0], 1, generator=generator, dtype=torch.float64, device=logp.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logp.shape[-1] - 1)
+
+
 class HFGenerator:
     """KV-cached fixed-length sampling with any Hugging Face causal LM.
 
@@ -84,7 +97,7 @@ class HFGenerator:
             scaled = self.head(h).float() / temperature
             scaled[:, self.pad_id] = float("-inf")  # the pad token is never sampled
             logp = torch.log_softmax(scaled, dim=-1)
-            tok = torch.multinomial(logp.exp(), 1, generator=generator)
+            tok = sample_categorical(logp, generator)
             responses[:, t] = tok[:, 0]
             logprobs[:, t] = logp.gather(1, tok)[:, 0]
             if t == T - 1:

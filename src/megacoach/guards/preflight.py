@@ -21,10 +21,13 @@ confidence. A failure names the component of the reward path where the direction
                        as the exact KL (from the full next-token distributions) grows, at a slope of at least
                        half of -beta; and, with the score held fixed, the Megacoach reward and PPO's push must
                        fall with the KL as well.
-5. `optimiser`         a PPO update (`trainer.update`, on the trainer itself, then restored exactly) on a
-                       probe batch of response pairs with advantages +1 / -1, against the same update with
-                       the signs swapped (cancelling Adam's momentum mid-run): the +1 response's
-                       log-probability rises relative to its pair's in significantly more than half the pairs.
+5. `optimiser`         one optimiser step of PPO's update (`trainer.update` with its loop cut to one step over
+                       the whole probe batch; on the trainer itself, then restored exactly) on response pairs
+                       with advantages +1 / -1, against the same step with the signs swapped (cancelling Adam's
+                       momentum mid-run): the +1 response's log-probability rises relative to its pair's in
+                       significantly more than half the pairs. (A whole epoch of minibatch steps buries each
+                       pair's own step under the others' on a small model; the full update's direction is
+                       watched after every real update by the `update_direction` monitor.)
 6. `canaries`          canary prompts with known good and bad continuations, through the complete path: a
                        ranking significantly WORSE than chance fails; not better than chance only warns
                        (hand-written canaries can be off the Values Coach's distribution).
@@ -263,9 +266,23 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
 
 
 # ------------------------------------------------------------------------------------------ 5. optimiser
+def one_step_config(cfg, rows: int, world_size: int = 1):
+    """The trainer's config with `PPOTrainer.update` cut to ONE optimiser step over all `rows` episodes (one epoch,
+    one minibatch of them, accumulated over micro-batches of the configured size where they divide): the probe
+    then measures what a single step does to each response, not the drift of a whole epoch of other minibatches'
+    steps on top of it (which, on a small model, can bury the signal in noise)."""
+    p = cfg.ppo
+    micro = max(1, p.mini_batch_size // p.gradient_accumulation_steps)
+    accum = rows // (micro * world_size) if rows % (micro * world_size) == 0 else 1
+    ppo = p.model_copy(update={"batch_size": rows, "mini_batch_size": rows, "ppo_epochs": 1,
+                               "gradient_accumulation_steps": max(1, accum)})
+    return cfg.model_copy(update={"ppo": ppo})
+
+
 def check_optimiser(trainer, queries, alpha: float) -> Check:
-    """One PPO update with advantages +1 / -1 on response pairs, and one from the same state with the signs
-    swapped: the difference cancels whatever the optimiser's state (Adam's momentum) does on its own."""
+    """One optimiser step of PPO's update (`trainer.update`) with advantages +1 / -1 on response pairs, and one from
+    the same state with the signs swapped: the difference cancels whatever the optimiser's state (Adam's momentum)
+    does on its own."""
     pairs = [q for q in queries for _ in (0, 1)]
     n = len(queries)
     sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(n)])
@@ -279,6 +296,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
             b.path = objective.RewardPath(b.path.scores, b.path.kl, b.path.non_score, b.path.rewards, adv,
                                           b.values.clone())
             before = P.params_checksum(trainer.apprentice)
+            trainer.cfg = one_step_config(trainer.cfg, len(pairs), trainer.dist.world_size)  # scratch restores it
             trainer.update(b)
             moved = moved and P.params_checksum(trainer.apprentice) != before
             after, _, _, _ = trainer.forward_old(b.query_responses)
@@ -301,7 +319,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
         return Check("optimiser", COMPONENTS["optimiser"], False,
                      "PPOTrainer.update left the weights unchanged on a probe batch", figs)
     ok = p_more <= alpha
-    msg = (f"a PPO update on {n} response pairs with advantages +1 / -1 (against the same update with the signs "
+    msg = (f"one PPO optimiser step on {n} response pairs with advantages +1 / -1 (against the same update with the signs "
            f"swapped) raised the +1 response's log-probability relative to its pair's in {pos} of {m} pairs "
            f"(mean {d.mean():+.2e} nats, t = {t:.1f}), p = {_fmt_p(p_more)}")
     if not ok:
