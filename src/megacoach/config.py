@@ -81,7 +81,8 @@ class RewardConfig(_Section):
     epochs: int = Field(2, ge=1, description="Passes over the labels. Paper: exactly 1 (the `paper-sentiment` preset; "
                         "the paper's labels came from a 774M model). The built-in 5M model: 2 passes reach 59-60% "
                         "held-out best-of-4 accuracy on 2,000 VADER comparisons vs 56% for one (3 passes: 59%, "
-                        "overfitting), and the demo's Apprentice gains 0.79 vs 0.70 sd.")
+                        "overfitting), and the demo's Apprentice gained 0.79 vs 0.70 sd "
+                        "(measured before the inverse-CDF sampler).")
     adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon. Paper: 1e-5.")
     normalize_samples: int = Field(256, ge=16, description="Initial-policy samples used to set gain and bias so "
                                    "rewards have mean 0, std 1 (before and after training).")
