@@ -31,3 +31,21 @@ def test_benchmark_bad_model(tmp_path, capsys):
     spec.loader.exec_module(bench)
     assert bench.main(["--model", str(tmp_path / "nope"), "--sizes", "4", "--valid", "4"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_sampling_benchmark_smoke(tiny_model_dir, capsys):
+    """benchmarks/sampling.py runs on the tiny model, times both draws, and restores megacoach's own afterwards."""
+    import megacoach.sampling as sampling
+
+    own = sampling.sample_categorical
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
+    spec = importlib.util.spec_from_file_location("sampling_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--model", str(tiny_model_dir), "--queries", "2", "--k", "2", "--batch-sizes", "2,4",
+                       "--repeats", "1", "--threads", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(summary["samples_per_s"]) == {"inverse_cdf", "multinomial"}
+    assert all(v > 0 for d in summary["samples_per_s"].values() for v in d.values())
+    assert set(summary["speedup"]) == {"2", "4"}
+    assert sampling.sample_categorical is own
