@@ -48,8 +48,8 @@ def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = N
 
     Inverse-CDF sampling: a uniform draw per row located in the row's cumulative distribution (float64, so that
     8192-way sums keep every token's share). Exactly the categorical distribution, like `torch.multinomial`,
-    which on CPU draws an exponential variate for every vocabulary entry (measured: 16 ms of a 128-row step,
-    about 40% of sampling with the built-in model); this draws one number per row. Tokens of probability 0
+    which on CPU draws an exponential variate for every vocabulary entry (measured with the built-in model: 16 ms
+    per step of 128 rows, 28% of the sampling time; benchmarks/sampling.py); this draws one number per row. Tokens of probability 0
     (the pad token) are never returned: a zero-width interval of the CDF contains no draw."""
     cdf = logp.exp().double().cumsum(dim=-1)
     u = torch.rand(logp.shape[0], 1, generator=generator, dtype=torch.float64, device=logp.device) * cdf[:, -1:]

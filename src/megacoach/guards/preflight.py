@@ -319,8 +319,8 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
         return Check("optimiser", COMPONENTS["optimiser"], False,
                      "PPOTrainer.update left the weights unchanged on a probe batch", figs)
     ok = p_more <= alpha
-    msg = (f"one PPO optimiser step on {n} response pairs with advantages +1 / -1 (against the same update with the signs "
-           f"swapped) raised the +1 response's log-probability relative to its pair's in {pos} of {m} pairs "
+    msg = (f"one PPO optimiser step on {n} response pairs with advantages +1 / -1 (against the same step with the "
+           f"signs swapped) raised the +1 response's log-probability relative to its pair's in {pos} of {m} pairs "
            f"(mean {d.mean():+.2e} nats, t = {t:.1f}), p = {_fmt_p(p_more)}")
     if not ok:
         msg += (": the optimiser step LOWERS what the advantages say to raise" if p_less <= alpha
