@@ -396,3 +396,18 @@ def test_incident_command_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "STOPPED" in capsys.readouterr().out
     rec = json.loads((tmp_path / "on" / "incident.json").read_text())
     assert rec["halted"] and rec["iterations_to_halt"] == 0 and rec["stopped_by"].startswith("preflight")
+
+
+@pytest.mark.parametrize("mini,accum,rows,world,want_accum", [(16, 1, 64, 1, 4), (16, 2, 64, 1, 8), (16, 1, 64, 2, 2),
+                                                             (16, 1, 40, 1, 1), (24, 1, 64, 1, 1)])
+def test_optimiser_probe_config_is_one_step(mini, accum, rows, world, want_accum):
+    """The optimiser probe cuts PPO's update to ONE optimiser step over all its rows: one epoch, one minibatch of all
+    rows, micro-batches of the configured size where they divide (else one micro-batch per process)."""
+    from megacoach.guards.preflight import one_step_config
+
+    cfg = load_config(overrides=[{"ppo": {"batch_size": 4 * mini, "mini_batch_size": mini,
+                                          "gradient_accumulation_steps": accum, "ppo_epochs": 4}}])
+    p = one_step_config(cfg, rows, world).ppo
+    assert (p.ppo_epochs, p.batch_size, p.mini_batch_size) == (1, rows, rows)
+    assert p.gradient_accumulation_steps == want_accum
+    assert cfg.ppo.ppo_epochs == 4 and cfg.ppo.mini_batch_size == mini  # the trainer's own config is untouched
