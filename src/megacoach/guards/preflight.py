@@ -275,7 +275,7 @@ def one_step_config(cfg, rows: int, world_size: int = 1):
     micro = max(1, p.mini_batch_size // p.gradient_accumulation_steps)
     accum = rows // (micro * world_size) if rows % (micro * world_size) == 0 else 1
     ppo = p.model_copy(update={"batch_size": rows, "mini_batch_size": rows, "ppo_epochs": 1,
-                               "gradient_accumulation_steps": max(1, accum)})
+                               "gradient_accumulation_steps": accum})
     return cfg.model_copy(update={"ppo": ppo})
 
 
