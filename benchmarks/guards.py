@@ -48,6 +48,8 @@ def parse_args(argv=None):
                    "clean-seeds - 1 (split the clean runs over several processes, then gather them with --reuse)")
     p.add_argument("--threads", type=int, default=None, help="run.threads of every run (default: the config's 2)")
     p.add_argument("--fresh-coach", action="store_true", help="clean runs: labels and Values Coach per seed")
+    p.add_argument("--clean-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config override for the clean runs only (repeatable), e.g. ppo.learning_rate=5e-5")
     p.add_argument("--eval-queries", type=int, default=128, help="held-out queries for the before/after measures")
     p.add_argument("--out", default="runs/bench-guards", help="run folders")
     p.add_argument("--cache", default="runs/incident-cache", help="labels and Values Coaches, reused")
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
             return Outcome(**json.loads(done.read_text()))
         return run_scenario(bug, mode, folder, *a, **k)
 
+    from megacoach.config import parse_override
+
     console = Console(quiet=args.quiet)
     out, cache = Path(args.out), Path(args.cache)
     names = list(BUGS) if args.bugs == "all" else [] if args.bugs == "none" else args.bugs.split(",")
@@ -107,6 +111,7 @@ def main(argv=None) -> int:
             over.append({"run": {"max_iterations": args.clean_iterations}})
         if args.clean_comparisons:
             over.append({"labels": {"num_comparisons": args.clean_comparisons}})
+        over.extend(parse_override(item) for item in args.clean_set)
         o = scenario(None, "full", out / f"clean-{seed}", cache, over, console, args.eval_queries, base={},
                          coach_seed=None if args.fresh_coach else 1)
         s = summary(o)
