@@ -16,8 +16,11 @@
 labels_per_s: comparisons produced per second end to end (sampling the K continuations + VADER labeling).
 train_examples_per_s: training comparisons (K sequences each) seen per second of optimisation (each pass counted),
   over all sizes.
+bow_accuracy: a reference, not a Values Coach: a linear bag-of-words model of the responses (one weight per token,
+  no pretrained knowledge) trained on the same comparisons with the same loss (bag_of_words_reference); it shows how
+  much the labels alone teach a model that must learn every word's value from them.
 The last line printed is one JSON object:
-  {"comparisons": [...], "accuracy": [...], "labels_per_s": ..., "train_examples_per_s": ...}
+  {"comparisons": [...], "accuracy": [...], "labels_per_s": ..., "train_examples_per_s": ..., "bow_accuracy": [...]}
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="train the Values Coach on e.g. cuda (sampling stays on CPU)")
     p.add_argument("--out", default=None, help="also write the full results (per size metrics) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no per-step training log")
+    p.add_argument("--no-bow", dest="bow", action="store_false",
+                   help="skip the linear bag-of-words reference (seconds per size)")
     return p.parse_args(argv)
 
 
@@ -87,6 +92,41 @@ def collect(policy, tok, task, n: int, k: int, labeler_spec: str, seed: int, sam
         log(f"human evaluators ({labeler.name}): {len(comps)}/{n} comparisons "
             f"({len(comps) / (t_sample + t_label):.1f}/s: sampling {t_sample:.0f}s, labeling {t_label:.1f}s)")
     return comps, t_sample, t_label, (sum(ceiling) / len(ceiling) if ceiling else None)
+
+
+def bag_of_words_reference(train, valid, vocab_size: int, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
+                           seed: int = 1) -> float:
+    """Held-out accuracy of a linear bag-of-words model of the responses, trained on the same comparisons.
+
+    Each response scores sum(w[token]); the K-way softmax cross-entropy of the Values Coach, plus l2 * |w|^2, full
+    batch Adam. No pretrained knowledge at all: it shows what the labels alone teach a model that must learn every
+    word's value from them (VADER's own score is such a sum over its lexicon, clipped and squashed)."""
+    torch.manual_seed(seed)
+
+    def flat(comps):
+        ids, seq = [], []
+        for i, c in enumerate(comps):
+            for j, s in enumerate(c.sample_ids):
+                ids.extend(s)
+                seq.extend([i * c.k + j] * len(s))
+        k = comps[0].k
+        return (torch.tensor(ids, dtype=torch.long), torch.tensor(seq, dtype=torch.long), len(comps), k,
+                torch.tensor([c.chosen for c in comps]))
+
+    def scores(w, data):
+        ids, seq, n, k, _ = data
+        return torch.zeros(n * k).index_add(0, seq, w[ids]).view(n, k)
+
+    tr, va = flat(train), flat(valid)
+    w = torch.zeros(max(vocab_size, int(max(tr[0].max(), va[0].max())) + 1), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(scores(w, tr), tr[4]) + l2 * (w ** 2).sum()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (scores(w, va).argmax(1) == va[4]).float().mean().item()
 
 
 def main(argv=None) -> int:
@@ -140,11 +180,14 @@ def main(argv=None) -> int:
             say(f"--- training a fresh Values Coach on {n} comparisons")
             _, m = retrain_from_scratch(args.model, pool[:n], valid, rcfg, normalisation_samples=norm_t,
                                         seed=args.seed, log=log, tokenizer=tok, device=args.device)
+            bow = bag_of_words_reference(pool[:n], valid, len(tok), seed=args.seed) if args.bow else None
             results.append({"comparisons": n, **{k: m[k] for k in ("valid_accuracy", "valid_loss", "train_loss",
                                                                     "train_accuracy", "train_examples_per_s",
-                                                                    "train_seconds", "steps")}})
+                                                                    "train_seconds", "steps")},
+                            "bow_accuracy": bow})
             say(f"{n} comparisons: held-out accuracy {m['valid_accuracy']:.3f}, loss {m['valid_loss']:.4f} "
-                f"({m['train_examples_per_s']:.1f} comparisons/s, {m['train_seconds']:.0f}s)")
+                f"({m['train_examples_per_s']:.1f} comparisons/s, {m['train_seconds']:.0f}s)"
+                + ("" if bow is None else f"; bag-of-words reference {bow:.3f}"))
     except MegacoachError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -152,15 +195,18 @@ def main(argv=None) -> int:
     total_train = sum(r["comparisons"] for r in results) * rcfg.epochs  # comparisons seen, every pass counted
     train_eps = total_train / sum(r["train_seconds"] for r in results)
     say("")
-    say(f"{'comparisons':>11}  {'accuracy':>8}  {'loss':>7}  {'train loss':>10}  {'cmp/s':>7}")
+    say(f"{'comparisons':>11}  {'accuracy':>8}  {'loss':>7}  {'train loss':>10}  {'cmp/s':>7}  {'bag-of-words':>12}")
     for r in results:
+        bow = "-" if r["bow_accuracy"] is None else f"{r['bow_accuracy']:.3f}"
         say(f"{r['comparisons']:>11}  {r['valid_accuracy']:>8.3f}  {r['valid_loss']:>7.4f}  {r['train_loss']:>10.4f}  "
-            f"{r['train_examples_per_s']:>7.1f}")
+            f"{r['train_examples_per_s']:>7.1f}  {bow:>12}")
     say(f"chance {1 / args.k:.3f}; ceiling {ceiling if ceiling is None else round(ceiling, 3)}; held-out {len(valid)}; labels/s {labels_per_s:.2f} (sampling {t_sample:.0f}s, "
         f"VADER {t_label:.1f}s for {len(comps)}); training comparisons/s {train_eps:.1f}")
     summary = {"comparisons": [r["comparisons"] for r in results],
                "accuracy": [round(r["valid_accuracy"], 4) for r in results],
                "labels_per_s": round(labels_per_s, 3), "train_examples_per_s": round(train_eps, 3)}
+    if args.bow:
+        summary["bow_accuracy"] = [round(r["bow_accuracy"], 4) for r in results]
     if args.out:
         with open(args.out, "w") as f:
             json.dump({**summary, "per_size": results, "args": vars(args), "held_out": len(valid),

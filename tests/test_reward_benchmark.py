@@ -17,11 +17,37 @@ def test_benchmark_smoke(tiny_model_dir, capsys, tmp_path):
     assert rc == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     summary = json.loads(last)
-    assert list(summary) == ["comparisons", "accuracy", "labels_per_s", "train_examples_per_s"]
+    assert list(summary) == ["comparisons", "accuracy", "labels_per_s", "train_examples_per_s", "bow_accuracy"]
+    assert len(summary["bow_accuracy"]) == 2 and all(0 <= a <= 1 for a in summary["bow_accuracy"])
     assert summary["comparisons"] == [4, 8] and len(summary["accuracy"]) == 2
     assert all(0 <= a <= 1 for a in summary["accuracy"])
     assert summary["labels_per_s"] > 0 and summary["train_examples_per_s"] > 0
     assert json.loads((tmp_path / "r.json").read_text())["per_size"][1]["steps"] == 2
+
+
+def test_bag_of_words_reference_learns_a_planted_word():
+    """The reference finds the one token that the labeler's choice always contains, and not from position or
+    length: every sample has the same length and the chosen slot is random."""
+    import random
+
+    from megacoach.reward.data import Comparison
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
+    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = random.Random(0)
+
+    def comparison():
+        samples = [[rng.randrange(10, 60) for _ in range(6)] for _ in range(4)]
+        chosen = rng.randrange(4)
+        samples[chosen][rng.randrange(6)] = 5  # the "good" word
+        return Comparison([1, 2, 3], samples, chosen)
+
+    train, valid = [comparison() for _ in range(200)], [comparison() for _ in range(100)]
+    assert bench.bag_of_words_reference(train, valid, 64) == 1.0
+    shuffled = [Comparison(c.query_ids, c.sample_ids, rng.randrange(4)) for c in train]  # labels without signal
+    assert bench.bag_of_words_reference(shuffled, valid, 64) < 0.5
 
 
 def test_benchmark_bad_model(tmp_path, capsys):
