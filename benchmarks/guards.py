@@ -71,6 +71,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from rich.console import Console
 
+    from megacoach.config import parse_override
     from megacoach.guards.bugs import BUGS
     from megacoach.guards.incident import Outcome, run_scenario
 
@@ -79,8 +80,6 @@ def main(argv=None) -> int:
         if args.reuse and done.is_file():
             return Outcome(**json.loads(done.read_text()))
         return run_scenario(bug, mode, folder, *a, **k)
-
-    from megacoach.config import parse_override
 
     console = Console(quiet=args.quiet)
     out, cache = Path(args.out), Path(args.cache)

@@ -94,14 +94,14 @@ def collect(policy, tok, task, n: int, k: int, labeler_spec: str, seed: int, sam
     return comps, t_sample, t_label, (sum(ceiling) / len(ceiling) if ceiling else None)
 
 
-def bag_of_words_reference(train, valid, vocab_size: int, l2: float = 1e-3, steps: int = 300, lr: float = 0.05,
-                           seed: int = 1) -> float:
+def bag_of_words_reference(train, valid, vocab_size: int, l2: float = 1e-3, steps: int = 300,
+                           lr: float = 0.05) -> float:
     """Held-out accuracy of a linear bag-of-words model of the responses, trained on the same comparisons.
 
     Each response scores sum(w[token]); the K-way softmax cross-entropy of the Values Coach, plus l2 * |w|^2, full
-    batch Adam. No pretrained knowledge at all: it shows what the labels alone teach a model that must learn every
-    word's value from them (VADER's own score is such a sum over its lexicon, clipped and squashed)."""
-    torch.manual_seed(seed)
+    batch Adam from zero weights (deterministic: no random numbers drawn). No pretrained knowledge at all: it shows
+    what the labels alone teach a model that must learn every word's value from them (VADER's own score is such a sum
+    over its lexicon, clipped and squashed)."""
 
     def flat(comps):
         ids, seq = [], []
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
             say(f"--- training a fresh Values Coach on {n} comparisons")
             _, m = retrain_from_scratch(args.model, pool[:n], valid, rcfg, normalisation_samples=norm_t,
                                         seed=args.seed, log=log, tokenizer=tok, device=args.device)
-            bow = bag_of_words_reference(pool[:n], valid, len(tok), seed=args.seed) if args.bow else None
+            bow = bag_of_words_reference(pool[:n], valid, len(tok)) if args.bow else None
             results.append({"comparisons": n, **{k: m[k] for k in ("valid_accuracy", "valid_loss", "train_loss",
                                                                     "train_accuracy", "train_examples_per_s",
                                                                     "train_seconds", "steps")},

@@ -6,11 +6,17 @@ import json
 from pathlib import Path
 
 
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_benchmark_smoke(tiny_model_dir, capsys, tmp_path):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
-    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("reward_accuracy")
     rc = bench.main(["--model", str(tiny_model_dir), "--sizes", "8,4", "--valid", "4", "--k", "3",
                      "--normalize-samples", "16", "--batch-size", "4", "--epochs", "1", "--query-length", "16",
                      "--response-length", "6", "--quiet", "--out", str(tmp_path / "r.json")])
@@ -32,10 +38,7 @@ def test_bag_of_words_reference_learns_a_planted_word():
 
     from megacoach.reward.data import Comparison
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
-    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("reward_accuracy")
     rng = random.Random(0)
 
     def comparison():
@@ -51,10 +54,7 @@ def test_bag_of_words_reference_learns_a_planted_word():
 
 
 def test_benchmark_bad_model(tmp_path, capsys):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_accuracy.py"
-    spec = importlib.util.spec_from_file_location("reward_accuracy_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("reward_accuracy")
     assert bench.main(["--model", str(tmp_path / "nope"), "--sizes", "4", "--valid", "4"]) == 2
     assert "error:" in capsys.readouterr().err
 
@@ -64,10 +64,7 @@ def test_sampling_benchmark_smoke(tiny_model_dir, capsys):
     import megacoach.sampling as sampling
 
     own = sampling.sample_categorical
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sampling.py"
-    spec = importlib.util.spec_from_file_location("sampling_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("sampling")
     assert bench.main(["--model", str(tiny_model_dir), "--queries", "2", "--k", "2", "--batch-sizes", "2,4",
                        "--repeats", "1", "--threads", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
