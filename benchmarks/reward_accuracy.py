@@ -9,8 +9,9 @@
 3. the VADER mock labeler (the paper's section 3.1.1 stand-in for human evaluators) picks the best of K;
 4. a fixed held-out set (--valid comparisons) and nested training subsets (--sizes, each a prefix of the
    next); for each size a fresh Values Coach is trained from the base model with the config's defaults for the
-   built-in model (2 epochs, batch 8, Adam lr 3e-4 eps 1e-5 with linear decay; the paper: 1 epoch, batch 32,
-   lr 5e-5 — pass --epochs 1 --batch-size 32 --lr 5e-5), normalisation before/after on initial-policy samples)
+   built-in model (1 epoch, batch 8, Adam lr 3e-4 eps 1e-5 with linear decay; the paper: 1 epoch, batch 32,
+   lr 5e-5 — pass --batch-size 32 --lr 5e-5; two passes: --epochs 2), normalisation before/after on initial-policy
+   samples)
    and evaluated on the held-out set.
 
 labels_per_s: comparisons produced per second end to end (sampling the K continuations + VADER labeling).
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--response-length", type=int, default=None, help="task.response_length (default 24)")
     p.add_argument("--lr", type=float, default=None, help="reward.learning_rate (default: the config default, 3e-4; paper 5e-5)")
     p.add_argument("--batch-size", type=int, default=None, help="reward.batch_size (default: the config default, 8; paper 32)")
-    p.add_argument("--epochs", type=int, default=None, help="reward.epochs (default: the config default, 2; paper 1)")
+    p.add_argument("--epochs", type=int, default=None, help="reward.epochs (default: the config default, 1; paper 1)")
     p.add_argument("--normalize-samples", type=int, default=None, help="reward.normalize_samples (default 256)")
     p.add_argument("--sample-batch", type=int, default=128, help="sequences per sampling batch")
     p.add_argument("--seed", type=int, default=1)
