@@ -21,6 +21,7 @@ demo: install
 	$(BIN)/megacoach train --out runs/demo
 
 test: install
+	$(BIN)/lint-imports  # the import contract in .importlinter: no cycles, the method below the edges
 	$(BIN)/python -m pytest
 
 clean:

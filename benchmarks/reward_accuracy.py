@@ -63,7 +63,7 @@ def collect(policy, tok, task, n: int, k: int, labeler_spec: str, seed: int, sam
     """n best-of-k comparisons of the initial policy, labeled by the mock labeler. Returns (comparisons, seconds)."""
     from megacoach.labels.labelers import load_labeler
     from megacoach.reward.data import Comparison
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
 

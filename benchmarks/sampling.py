@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     import megacoach.sampling as sampling
     from megacoach.config import TaskConfig
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.tasks import load_queries
 
     torch.set_num_threads(a.threads)

@@ -85,7 +85,7 @@ def prepare_tiny(base: Path, model_dir: Path) -> tuple[Path, Path]:
     from megacoach.pipeline import collect_labels
     from megacoach.reward.model import RewardModel
     from megacoach.reward.normalize import normalise
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
 

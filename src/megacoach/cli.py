@@ -74,7 +74,7 @@ def sample(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Use this text as the query.")] = None,
 ):
     """Print continuations of Shakespeare prompts from the Apprentice (default: the built-in model)."""
-    from megacoach.rollout import print_samples
+    from megacoach.continuations import print_samples
 
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed)
     print_samples(cfg, n=n, n_queries=queries, prompt=prompt, console=console)

@@ -171,7 +171,7 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
     from megacoach.lm.loading import load_causal_lm
     from megacoach.ppo.policy import frozen_reference
     from megacoach.ppo.trainer import PPOTrainer
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
 

@@ -38,7 +38,7 @@ def label_auto(
     from megacoach.labels.labelers import load_labeler
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import collect_labels, seed_everything
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.sampling import HFGenerator
 
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed, labels__db=db,
@@ -113,7 +113,7 @@ def reward_train(
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import seed_everything
     from megacoach.reward.train import retrain_from_scratch
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
 

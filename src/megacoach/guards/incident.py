@@ -115,7 +115,7 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     from megacoach.labels.store import LabelStore
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import collect_labels, seed_everything, values_coach
-    from megacoach.rollout import TaskSampler
+    from megacoach.continuations import TaskSampler
     from megacoach.runs import RunDir
     from megacoach.sampling import HFGenerator
 

@@ -1,4 +1,4 @@
-"""Sampling continuations with the task's settings: K responses per query, truncated and flagged valid/invalid.
+"""Continuations: K truncated responses per query with the task's sampling settings (`TaskSampler`).
 
 Used by `megacoach sample`, by the mock labelers' data collection (`label auto`) and by reports.
 """
