@@ -3,7 +3,7 @@
 
 Starts each configuration as a launcher would (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT on 127.0.0.1: gloo on CPUs) and runs the PPO trainer exactly as `megacoach train` does: rank 0
-calls `trainer.iteration()`, the other ranks `trainer.follow()`. Model: the built-in Shakespeare GPT-2 (or
+calls `trainer.iteration()`, the other ranks `trainer.lockstep.follow(trainer)`. Model: the built-in Shakespeare GPT-2 (or
 --model); the global batch is the same for every process count. Rank 0 reports the wall time of each
 iteration and the part of it spent in collectives (gathering the rollout, the gradient all-reduce, metric
 reductions, messages), measured by timing the `Dist` methods.
@@ -96,7 +96,7 @@ def worker(a) -> None:
     queries = load_queries(cfg.task, tok, "train", 512, a.seed + 31)
     trainer = PPOTrainer(cfg, policy, ref, tok, coach, queries, dist=dist)
     if not dist.is_main:
-        trainer.follow()
+        trainer.lockstep.follow(trainer)
         dist.close()
         return
     rows = []
@@ -109,7 +109,8 @@ def worker(a) -> None:
                      "counted": i >= a.warmup})
         log(f"  {dist.processes} x {a.threads}: iteration {i + 1} {dt:.2f}s (rollout {m['time/rollout_s']:.2f}s, "
             f"collectives {spent['s']:.2f}s){'' if i >= a.warmup else ' warm-up'}")
-    trainer.release_followers()
+    if trainer.lockstep is not None:
+        trainer.lockstep.release()
     dist.close()
     with open(a.worker, "w") as f:
         json.dump(rows, f)

@@ -4,7 +4,7 @@
   .venv/bin/python benchmarks/guards.py --bugs incident --clean-seeds 1 --iterations 3 --clean-iterations 2 \\
       --comparisons 200 --eval-queries 32                     # a smoke test (minutes)
 
-For each bug kind (megacoach/guards/bugs.py), under the incident's settings (megacoach/guards/incident.py:
+For each bug kind (megacoach/guards/bugs.py), under the incident's settings (megacoach/incident.py:
 built-in model, VADER as the human evaluators, batch 64, fixed beta 0.05), with every guard on:
   iterations_to_halt   PPO updates done before the guards stopped the run (0 = refused by the preflight)
   labeler_score_drop   how far the labelers' (VADER's) score of the Apprentice had fallen by then, on held-out
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
 
     from megacoach.config import parse_override
     from megacoach.guards.bugs import BUGS
-    from megacoach.guards.incident import Outcome, run_scenario
+    from megacoach.incident import Outcome, run_scenario
 
     def scenario(bug, mode, folder, *a, **k):
         done = folder / "incident.json"

@@ -109,13 +109,13 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
             try:
                 trainer.iteration(before_update=guard_halts)
             except GuardSaysNo as err:
-                trainer.release_followers(HaltError(f"halted: {err}"))
+                trainer.lockstep.release(HaltError(f"halted: {err}"))
                 halted = str(err)
         else:
-            trainer.release_followers()
+            trainer.lockstep.release()
     else:
         try:
-            trainer.follow()
+            trainer.lockstep.follow(trainer)
         except HaltError as err:  # rank 0's halt, raised here too
             halted = str(err)
     out["halted"] = dist.gather_object(halted)

@@ -20,7 +20,7 @@ import guard_helpers as H
 from megacoach.cli import main
 from megacoach.config import load_config
 from megacoach.errors import ConfigError, HaltError
-from megacoach.guards import GuardFailure, make_guards
+from megacoach.guards import GuardFailure
 from megacoach.guards import bugs as B
 from megacoach.guards import monitors as M
 from megacoach.guards import stats as S
@@ -156,7 +156,7 @@ def run_tiny(prepared, tmp_path, bug=None, guards=None, **sections):
     run = H.new_run(tmp_path, db)
     cfg = H.tiny_config(run, md, coach, guards=guards, **sections)
     with B.inject(bug):
-        return train(cfg, console=QUIET, guards_factory=make_guards), run
+        return train(cfg, console=QUIET), run
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +269,7 @@ def test_inverted_labels_give_an_inverted_values_coach_that_is_refused(prepared,
     run = H.new_run(tmp_path, db)
     cfg = H.tiny_config(run, md, None, reward={"learning_rate": 1e-3, "epochs": 5, "batch_size": 8})
     with B.inject("inverted-labels"), pytest.raises(GuardFailure, match="Values Coach"):
-        train(cfg, console=QUIET, guards_factory=make_guards)
+        train(cfg, console=QUIET)
 
 
 @pytest.mark.parametrize("bug", ["incident", "reward-flip", "advantage-sign"])
@@ -329,7 +329,7 @@ def test_andon_during_a_run_stops_it_within_one_iteration(prepared, tmp_path, mo
     monkeypatch.undo()
     md, _, coach = prepared
     cfg = H.tiny_config(run, md, coach)
-    summary = train(cfg, resume=True, console=QUIET, guards_factory=make_guards)
+    summary = train(cfg, resume=True, console=QUIET)
     assert summary["iterations"] == 2
     pre = json.loads((run / "guards_preflight.json").read_text())
     assert [p["reason"] for p in pre][-1].startswith("on resume") and pre[-1]["passed"]
@@ -354,20 +354,21 @@ def test_pause_landing_between_the_check_and_the_status_write_is_kept(prepared, 
     """The race: the app pauses the run right after the loop's last Andon check of an iteration, before the loop
     writes 'running'. The write is a compare-and-set, so the pause survives and stops the run."""
     from megacoach.labels.store import LabelStore
-    from megacoach.loop import PPOLoop
+    from megacoach.runs import RunControl
 
     run = tmp_path / H.RUN_NAME
-    orig, calls = PPOLoop.andon_pull, []
+    orig, calls = RunControl.pulled, []
 
-    def andon_pull(self):
+    def pulled(self):
         out = orig(self)
-        calls.append(self.trainer.iteration_no)
-        if self.trainer.iteration_no == 1 and calls.count(1) == 1:  # the check after iteration 1 has just passed
+        calls.append(out)
+        if len(calls) == 2:  # the loop's check after iteration 1 (the 1st was before it) has just passed
+            assert out is None
             with LabelStore(f"sqlite:///{run / 'labels.db'}") as store:
                 store.set_run_status(H.RUN_NAME, "paused", 1, {"reason": "paused in the gap", "who": "app"})
         return out
 
-    monkeypatch.setattr(PPOLoop, "andon_pull", andon_pull)
+    monkeypatch.setattr(RunControl, "pulled", pulled)
     with pytest.raises(HaltError, match="paused in the gap"):
         run_tiny(prepared, tmp_path)
     assert json.loads((run / "HALTED.json").read_text())["iteration"] == 1

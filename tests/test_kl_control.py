@@ -96,7 +96,10 @@ def test_update_rejects_nan_kl():
     assert c.value == 0.15
 
 
-def test_make_kl_controller():
-    assert isinstance(make_kl_controller(0.01), FixedKLController)
-    c = make_kl_controller(0.15, target=6.0, horizon=1000)
-    assert isinstance(c, AdaptiveKLController) and c.horizon == 1000
+def test_make_kl_controller_follows_the_kl_section():
+    from megacoach.config import KLConfig
+
+    fixed = make_kl_controller(KLConfig(adaptive=False, init_kl_coef=0.01))
+    assert isinstance(fixed, FixedKLController) and fixed.value == 0.01
+    c = make_kl_controller(KLConfig(adaptive=True, init_kl_coef=0.15, target=6.0, horizon=1000))
+    assert isinstance(c, AdaptiveKLController) and c.value == 0.15 and c.target == 6.0 and c.horizon == 1000

@@ -9,10 +9,14 @@ from dataclasses import dataclass
 
 import torch
 
+from rich.panel import Panel
+
 from megacoach.config import Config, TaskConfig
-from megacoach.lm.padding import left_pad
-from megacoach.sampling import HFGenerator, ResponseGenerator, sample_in_batches
-from megacoach.tasks import Query, stop_token_ids, truncate_responses
+from megacoach.errors import DataError
+from megacoach.lm.loading import load_causal_lm
+from megacoach.ppo import episodes
+from megacoach.sampling import HFGenerator, ResponseGenerator
+from megacoach.tasks import Query, load_queries, stop_token_ids
 
 
 @dataclass
@@ -32,40 +36,25 @@ class TaskSampler:
         self.stop_ids = stop_token_ids(tokenizer, task.truncate_token)
 
     def query_tensor(self, queries: list[Query]) -> torch.Tensor:
-        return left_pad([q.token_ids for q in queries], self.tok.pad_token_id, self.task.query_length)
+        return episodes.pad_queries(queries, self.tok.pad_token_id, self.task.query_length)
 
     def continuations(self, queries: list[Query], k: int, generator: torch.Generator | None,
                       batch_size: int = 64) -> list[list[Continuation]]:
         """k continuations of each query (each query is read once; its KV cache serves its k continuations)."""
-        q_ids = self.query_tensor(queries)
-        roll = sample_in_batches(self.gen, q_ids, self.task.response_length, self.task.temperature, generator,
-                                 batch_size, repeats=k)
-        truncated, valid = truncate_responses(roll.responses, self.stop_ids, self.task.truncate_after,
-                                              self.tok.pad_token_id)
+        s = episodes.sample(self.gen, self.tok, self.task, self.stop_ids, queries, generator, batch_size, repeats=k)
         out: list[list[Continuation]] = []
         for i, q in enumerate(queries):
-            group = []
-            for j in range(k):
-                r = i * k + j
-                ids = [t for t in truncated[r].tolist() if t != self.tok.pad_token_id]
-                group.append(Continuation(q, ids, self.tok.decode(ids), bool(valid[r]), roll.responses[r].tolist()))
-            out.append(group)
+            rows = range(i * k, (i + 1) * k)
+            out.append([Continuation(q, s.ids[r], s.texts[r], bool(s.valid[r]), s.responses[r].tolist()) for r in rows])
         return out
 
 
 def print_samples(cfg: Config, n: int, n_queries: int, prompt: str | None, console) -> None:
-    from rich.panel import Panel
-
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.tasks import load_queries
-
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(cfg.run.threads)
     model, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
     if prompt is not None:
         if not prompt.strip():
-            from megacoach.errors import DataError
-
             raise DataError("--prompt is empty (expected some text to continue)")
         queries = [Query(prompt, tok(prompt)["input_ids"][-cfg.task.query_length:])]
     else:

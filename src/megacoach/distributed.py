@@ -16,9 +16,10 @@ How the training code uses it (the maths stays in pure functions; only the edges
 - the Values Coach: each batch of comparisons is split across the processes, gradients summed with the
   right weights, normalisation statistics computed over all processes' samples;
 - only rank 0 (`is_main`) writes files and talks to the label store; the others get what they need by
-  `broadcast_object` and follow rank 0's decisions (`run_on_main`). In the PPO loop rank 0 leads: its
-  `trainer.iteration()` tells the others (waiting in `trainer.follow()`) to run the same iteration, with
-  any Values Coach or state it loaded; `trainer.release_followers()` ends their loop (with rank 0's halt).
+  `broadcast_object` and follow rank 0's decisions (`run_on_main`). In the PPO loop rank 0 leads
+  (`Lockstep`, below): its `trainer.iteration()` tells the others (waiting in `trainer.lockstep.follow(trainer)`)
+  to run the same iteration, with any Values Coach or state it loaded; `trainer.lockstep.release()` ends their
+  loop (with rank 0's halt).
 - sections: rank 0's solitary work (guards, store, reports) runs inside `dist.local()`, where this object
   acts as one process, so nothing called there can wait for the others; `trainer.iteration()` opens a
   `dist.collective()` section inside it again.
@@ -33,6 +34,7 @@ import contextlib
 import datetime
 import os
 import pickle
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -369,3 +371,99 @@ def check_world(cfg, dist: Dist) -> None:
                           f"ppo.gradient_accumulation_steps x processes ({p.gradient_accumulation_steps} x "
                           f"{dist.world_size} = {step}): each process takes an equal share of every minibatch; "
                           "change ppo.mini_batch_size or ppo.gradient_accumulation_steps, or the process count")
+
+
+class Lockstep:
+    """Several processes, one PPO run: rank 0 leads every iteration and the other processes follow it.
+
+    Rank 0's loop calls `trainer.iteration()`, which comes here (`lead`): rank 0 first tells the others what they
+    need (a Values Coach it swapped in, a state it loaded on resume, the shared random streams), then every
+    process runs `trainer.step()` together. The others wait in `follow(trainer)` until rank 0 calls `release()`
+    (with its halt, if it halted). The trainer is read duck-typed: `step`, `gens`, `values_coach`,
+    `iteration_no`, `episodes`, `state_dict`, `load_state_dict`."""
+
+    def __init__(self, dist: Dist, values_coach):
+        self.dist = dist
+        self._coach_shared = values_coach  # the Values Coach the other processes hold
+        self._resync = False  # rank 0 loaded a state the others must receive with the next iteration
+        self._sample_rngs = None  # every rank's sampling RNG state, for checkpoints
+
+    def lead(self, trainer, before_update):
+        with self.dist.collective():
+            if self.dist.distributed and self.dist.is_main:
+                self.dist.broadcast_object(self._lead_message(trainer))
+            return self._step(trainer, before_update)
+
+    def _step(self, trainer, before_update):
+        out = trainer.step(before_update)
+        if self.dist.distributed:  # kept for checkpoints, so a resumed run samples as an uninterrupted one
+            self._sample_rngs = self.dist.gather_object(trainer.gens["sample"].get_state())
+        return out
+
+    def _lead_message(self, trainer) -> dict:
+        """What the other processes need before an iteration: a Values Coach rank 0 swapped in, a state it loaded."""
+        msg = {"op": "iterate", "coach": None, "state": None,
+               # what every process must share, whatever rank 0 did alone in between (a probe, a preflight)
+               "shared": {"queries": trainer.gens["queries"].get_state(),
+                          "minibatch": trainer.gens["minibatch"].get_state(),
+                          "iteration": trainer.iteration_no, "episodes": trainer.episodes}}
+        if trainer.values_coach is not self._coach_shared:
+            msg["coach"] = self._coach_shared = trainer.values_coach
+        if self._resync:
+            msg["state"], self._resync = trainer.state_dict(), False
+        return msg
+
+    def follow(self, trainer) -> None:
+        """Processes other than rank 0: run every iteration that rank 0 runs (with its Values Coach and any state
+        it loaded) until rank 0 releases them; a halt of rank 0 is raised here too."""
+        while True:
+            with self.dist.collective():
+                msg = self.dist.broadcast_object(None)
+                if msg["op"] == "stop":
+                    if msg["error"] is not None:
+                        raise msg["error"]
+                    return
+                if msg["coach"] is not None:
+                    trainer.values_coach = self._coach_shared = msg["coach"]
+                if msg["state"] is not None:
+                    trainer.load_state_dict(msg["state"])
+                shared = msg["shared"]
+                trainer.gens["queries"].set_state(shared["queries"])
+                trainer.gens["minibatch"].set_state(shared["minibatch"])
+                trainer.iteration_no, trainer.episodes = shared["iteration"], shared["episodes"]
+                try:
+                    self._step(trainer, None)
+                except Exception as err:  # noqa: BLE001
+                    # decided on the global batch (non-finite values) or by rank 0 (a guard): rank 0 met it too
+                    # and says what comes next; anything else is this process's own failure
+                    if not (isinstance(err, FloatingPointError) or getattr(err, "from_rank0", False)):
+                        raise
+
+    def release(self, error: BaseException | None = None) -> None:
+        """Rank 0, when its loop ends: the other processes leave `follow` (raising `error`, e.g. a halt)."""
+        if not self.dist.is_main:
+            return
+        msg = {"op": "stop", "error": portable(error) if error is not None else None}
+        with self.dist.collective():
+            if error is None:
+                self.dist.broadcast_object(msg)
+                return
+            # after an error the others normally wait for this message; if rank 0 failed alone in the middle
+            # of an iteration they wait elsewhere: give up after a while, and the launcher ends them
+            sender = threading.Thread(target=self.dist.broadcast_object, args=(msg,), daemon=True)
+            sender.start()
+            sender.join(timeout=120)
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {} if self._sample_rngs is None else {"sample_rng_ranks": self._sample_rngs}
+
+    def load_state_dict(self, trainer, state: dict, own_sampling) -> None:
+        """After the trainer restored `state`: each rank's own sampling stream, and the others told on rank 0."""
+        ranks = state.get("sample_rng_ranks")
+        if ranks is not None and len(ranks) == self.dist.processes:
+            trainer.gens["sample"].set_state(ranks[self.dist.rank])
+            self._sample_rngs = ranks
+        elif not self.dist.is_main:  # nothing saved for this rank (another process count): keep its own stream
+            trainer.gens["sample"].set_state(own_sampling)
+        self._resync = self.dist.is_main  # the others receive this state with the next iteration

@@ -1,10 +1,11 @@
 """The PPO loop around the trainer: metrics, checkpoints, resume, the guards, halting and the Andon cord.
 
-Every iteration: honour an Andon pull (RUN_DIR/ANDON.json, or a pause set in the label store by the
-labeling app), run one PPO iteration (the guards see the batch before the update), score the samples with
-the labelers (`labeler/score`, the "true" measure of mock runs), let the guards' monitors judge, write one
-line to metrics.jsonl, and checkpoint every `run.checkpoint_every` iterations and at the end.
-A halt (guard or Andon) saves a checkpoint, writes HALTED.json and the report, and raises HaltError.
+Every iteration (`PPOLoop.run`): honour an Andon pull (runs.RunControl: RUN_DIR/ANDON.json, or a pause set in
+the label store by the labeling app); run one PPO iteration (the guards see the batch before the update); score
+the samples with the labelers (`labeler/score`, the "true" measure of mock runs); let online labeling swap in a
+retrained Values Coach; let the guards' monitors judge; write one line to metrics.jsonl; check for a pull again;
+checkpoint every `run.checkpoint_every` iterations and at the end. A halt (guard or Andon) saves a checkpoint,
+writes HALTED.json and the report, and raises HaltError.
 """
 
 from __future__ import annotations
@@ -13,21 +14,20 @@ import json
 import time
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from megacoach import seeds
 from megacoach.errors import HaltError
-from megacoach.guards.alarms import GuardHalt
+from megacoach.guards.alarms import Alarm, GuardHalt
+from megacoach.labels.labelers import labeler_scores
 from megacoach.report import Loggers, write_before_after, write_report
+from megacoach.runs import RunControl
 
 
-def labeler_scores(labeler, queries: list[str], texts: list[str]) -> np.ndarray:
-    """The labelers' score of each response (mock labelers: e.g. VADER compound); NaN if they only rank."""
-    out = []
-    for q, t in zip(queries, texts):
-        s = labeler.scores(q, [t])
-        out.append(float(s[0]) if s else float("nan"))
-    return np.array(out, dtype=float)
+def progress_figures(metrics: dict) -> str:
+    return (f"score {metrics['objective/score']:+.2f}  KL {metrics['objective/kl']:.2f}  "
+            f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics.get('labeler/score', float('nan')):+.3f}  "
+            f"{metrics['time/iteration_s']:.1f}s/it")
 
 
 class PPOLoop:
@@ -36,6 +36,7 @@ class PPOLoop:
         self.labeler, self.sampler, self.run_id, self.console = labeler, sampler, run_id, console
         self.guards = guards
         self.online = online  # megacoach.online.OnlineLabeling when labels arrive during training
+        self.control = RunControl(run, store, run_id)
         self.loggers = Loggers(run.path, cfg.run.wandb, cfg.model_dump(mode="json"))
 
     # ---------------------------------------------------------------- resume
@@ -59,120 +60,123 @@ class PPOLoop:
         self.rundir.save_checkpoint(state, self.trainer.iteration_no)
 
     # ---------------------------------------------------------------- stopping
-    def andon_pull(self) -> dict | None:
-        pull = self.rundir.andon()
-        if pull:
-            return pull
-        status = self.store.get_run_status(self.run_id)
-        if status is not None and status.status == "paused":
-            return {"reason": status.detail.get("reason", "paused from the labeling app"),
-                    "who": status.detail.get("who", "labeling app")}
-        return None
-
-    def halt_andon(self, pull: dict) -> None:
-        self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
-
     def halt(self, reason: str, evidence: dict, source: str) -> None:
         it = self.trainer.iteration_no
         self.checkpoint()
         record = {"reason": reason, "source": source, "iteration": it, "episodes": self.trainer.episodes,
                   "time": time.time(), "evidence": evidence}
-        self.rundir.write_halt(record)
-        self.rundir.set_status("halted", it, reason=reason)
-        self.store.set_run_status(self.run_id, "halted", it, {"reason": reason, "source": source})
+        self.control.halted(record)
         write_report(self.rundir.path, self.rundir.read_metrics(), [], self.summary(), halted=record)
         self.loggers.close()
         raise HaltError(f"{reason} (iteration {it}); evidence in {self.rundir.halted_path}. "
                         f"Fix the cause, then `megacoach train --resume {self.rundir.path}`")
 
-    # ---------------------------------------------------------------- the loop
+    def halt_if_pulled(self, pull: dict | None) -> None:
+        if pull:
+            self.halt(f"Andon cord pulled by {pull.get('who')}: {pull.get('reason')}", {"pull": pull}, "andon")
+
+    def halt_on_alarms(self, alarms: list[Alarm], batch, metrics: dict) -> None:
+        for a in alarms:
+            if a.action == "warn":
+                self.console.print(f"[yellow]guard warning[/] {a.name}: {a.message}")
+        halts = [a for a in alarms if a.action in ("halt", "pause")]
+        if halts:
+            a = halts[0]
+            self.halt(f"guard {a.name}: {a.message}", {"alarms": [x.as_dict() for x in halts],
+                                                        "samples": self.sample_rows(batch, 8), "metrics": metrics},
+                      f"guard/{a.name}")
+
+    # ---------------------------------------------------------------- the steps of one iteration
+    def iterate(self):
+        """One PPO iteration; the guards' batch check runs inside it, before the update."""
+        try:
+            return self.trainer.iteration(before_update=self.guards.before_update if self.guards else None)
+        except FloatingPointError as err:
+            self.halt(f"non-finite values: {err}", {}, "guard/nonfinite")
+        except GuardHalt as err:  # from guards.before_update: nothing of this batch was optimised
+            self.halt(f"guard {err.alarm.name}: {err.alarm.message}",
+                      {"alarms": [err.alarm.as_dict()], "before_update": True, **err.evidence},
+                      f"guard/{err.alarm.name}")
+
     def labeler_scores(self, batch) -> np.ndarray:
         if self.labeler is None:  # people only: their verdict arrives as labels, not as a score per sample
             return np.array([], dtype=float)
         return labeler_scores(self.labeler, [q.text for q in batch.queries], batch.texts)
+
+    def online_step(self) -> dict:
+        """New items for the labelers; maybe a retrained Values Coach (checked by the preflight first)."""
+        if self.online is None:
+            return {}
+        tr = self.trainer
+        try:
+            swap = self.online.step(tr.iteration_no)
+        except HaltError as err:  # e.g. nobody labeled a batch in time: stop cleanly, resumable
+            self.halt(str(err), {"pending_batches": self.online.pending_batches[-3:]}, "online")
+        if swap is None:
+            return {}
+        tr.values_coach, online_metrics = swap
+        if self.guards is not None:  # every (re)loaded Values Coach passes the preflight first
+            self.guards.preflight(f"after Values Coach retrain #{online_metrics['online/retrains']}")
+        return online_metrics
+
+    def log(self, batch, metrics: dict) -> None:
+        it = self.trainer.iteration_no
+        self.rundir.append_metrics(metrics)
+        self.loggers.log(metrics, it)
+        if it % self.cfg.run.sample_table_every == 0 or it == 1:
+            rows = self.sample_rows(batch)
+            self.loggers.log_samples(rows, it)
+            with (self.rundir.path / "samples.jsonl").open("a") as f:
+                for r in rows:
+                    f.write(json.dumps({"iteration": it, **r}) + "\n")
 
     def sample_rows(self, batch, n: int = 4) -> list[dict]:
         kl = batch.path.kl.sum(1)
         return [{"query": batch.queries[i].text, "response": batch.texts[i], "score": float(batch.path.scores[i]),
                  "kl": float(kl[i])} for i in range(min(n, len(batch.texts)))]
 
+    def progress(self):
+        """A live bar on a terminal; elsewhere (output piped to a file) one plain line per iteration."""
+        cols = [TextColumn("[bold]PPO[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[figures]}")]
+        return Progress(*cols, console=self.console, transient=False, disable=not self.console.is_terminal)
+
+    def report_progress(self, progress, task, metrics: dict) -> None:
+        figures = progress_figures(metrics)
+        progress.update(task, advance=1, figures=figures)
+        if not self.console.is_terminal:
+            self.console.print(f"PPO {self.trainer.iteration_no}/{self.trainer.n_iterations}  {figures}",
+                               markup=False, highlight=False)
+
+    # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
-        cfg, tr = self.cfg, self.trainer
-        self.rundir.set_status("running", tr.iteration_no)
-        self.store.set_run_status(self.run_id, "running", tr.iteration_no, {})
+        tr = self.trainer
+        self.control.started(tr.iteration_no)
         if self.guards is not None:  # before the first update, and again on resume (after a fix)
             self.guards.preflight("before the first update" if tr.iteration_no == 0 else
                                   f"on resume at iteration {tr.iteration_no}")  # GuardFailure names the component
-        cols = [TextColumn("[bold]PPO[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[figures]}")]
-        with Progress(*cols, console=self.console, transient=False) as progress:
+        with self.progress() as progress:
             task = progress.add_task("ppo", total=tr.n_iterations, completed=tr.iteration_no, figures="")
             while tr.iteration_no < tr.n_iterations:
-                pull = self.andon_pull()
-                if pull:
-                    self.halt_andon(pull)
-                try:
-                    before = self.guards.before_update if self.guards is not None else None
-                    batch, metrics = tr.iteration(before_update=before)
-                except FloatingPointError as err:
-                    self.halt(f"non-finite values: {err}", {}, "guard/nonfinite")
-                except GuardHalt as err:  # from guards.before_update: nothing of this batch was optimised
-                    self.halt(f"guard {err.alarm.name}: {err.alarm.message}",
-                              {"alarms": [err.alarm.as_dict()], "before_update": True, **err.evidence},
-                              f"guard/{err.alarm.name}")
-                ls = self.labeler_scores(batch)
+                self.halt_if_pulled(self.control.pulled())  # check
+                batch, metrics = self.iterate()  # rollout -> guards' batch check -> update -> beta
+                ls = self.labeler_scores(batch)  # the labelers
                 if len(ls):
-                    metrics["labeler/score"] = float(ls.mean())
-                    metrics["labeler/score_std"] = float(ls.std())
-                if self.online is not None:  # new items for the labelers; maybe a retrained Values Coach
-                    try:
-                        swap = self.online.step(tr.iteration_no)
-                    except HaltError as err:  # e.g. nobody labeled a batch in time: stop cleanly, resumable
-                        self.halt(str(err), {"pending_batches": self.online.pending_batches[-3:]}, "online")
-                    if swap is not None:
-                        tr.values_coach, online_metrics = swap
-                        metrics.update(online_metrics)
-                        if self.guards is not None:  # every (re)loaded Values Coach passes the preflight first
-                            self.guards.preflight(f"after Values Coach retrain #{online_metrics['online/retrains']}")
+                    metrics.update({"labeler/score": float(ls.mean()), "labeler/score_std": float(ls.std())})
+                metrics.update(self.online_step())  # online labeling
                 alarms = []
-                if self.guards is not None:
+                if self.guards is not None:  # the live monitors
                     guard_metrics, alarms = self.guards.after_iteration(batch, metrics, ls)
                     metrics.update(guard_metrics)
-                self.rundir.append_metrics(metrics)
-                self.loggers.log(metrics, tr.iteration_no)
-                if tr.iteration_no % cfg.run.sample_table_every == 0 or tr.iteration_no == 1:
-                    rows = self.sample_rows(batch)
-                    self.loggers.log_samples(rows, tr.iteration_no)
-                    with (self.rundir.path / "samples.jsonl").open("a") as f:
-                        for r in rows:
-                            f.write(json.dumps({"iteration": tr.iteration_no, **r}) + "\n")
-                progress.update(task, advance=1, figures=(
-                    f"score {metrics['objective/score']:+.2f}  KL {metrics['objective/kl']:.2f}  "
-                    f"β {metrics['objective/kl_coef']:.3f}  labelers {metrics.get('labeler/score', float('nan')):+.3f}  "
-                    f"{metrics['time/iteration_s']:.1f}s/it"))
-                pull = self.andon_pull()  # a pause set during this iteration must not be overwritten below
-                if pull:
-                    self.halt_andon(pull)
-                # compare-and-set: a pause that lands after the check above is kept, not overwritten
-                rec = self.store.set_run_status(self.run_id, "running", tr.iteration_no,
-                                                {"alarms": [a.as_dict() for a in alarms]}, unless=("paused",))
-                if rec.status == "paused":
-                    pull = self.andon_pull() or {"who": "labeling app", "reason": "paused from the labeling app"}
-                    self.halt_andon(pull)
-                for a in alarms:
-                    if a.action == "warn":
-                        self.console.print(f"[yellow]guard warning[/] {a.name}: {a.message}")
-                halts = [a for a in alarms if a.action in ("halt", "pause")]
-                if halts:
-                    a = halts[0]
-                    self.halt(f"guard {a.name}: {a.message}", {"alarms": [x.as_dict() for x in halts],
-                                                                "samples": self.sample_rows(batch, 8),
-                                                                "metrics": metrics}, f"guard/{a.name}")
-                if tr.iteration_no % cfg.run.checkpoint_every == 0:
+                self.log(batch, metrics)
+                self.report_progress(progress, task, metrics)
+                self.halt_if_pulled(self.control.pulled())  # a pause set during this iteration must not be lost
+                self.halt_if_pulled(self.control.running(tr.iteration_no, {"alarms": [a.as_dict() for a in alarms]}))
+                self.halt_on_alarms(alarms, batch, metrics)
+                if tr.iteration_no % self.cfg.run.checkpoint_every == 0:
                     self.checkpoint()
         self.checkpoint()
-        self.rundir.set_status("finished", tr.iteration_no)
-        self.store.set_run_status(self.run_id, "finished", tr.iteration_no, {})
+        self.control.finished(tr.iteration_no)
         return self.summary()
 
     def summary(self) -> dict:
@@ -191,7 +195,8 @@ class PPOLoop:
     # ---------------------------------------------------------------- the end
     def finish(self, eval_queries, coach_metrics) -> dict:
         initial = [json.loads(line) for line in (self.rundir.path / "initial_samples.jsonl").read_text().splitlines()]
-        final = [g[0] for g in self.sampler.continuations(eval_queries, 1, torch.Generator().manual_seed(self.cfg.run.seed + 29))]
+        final = [g[0] for g in self.sampler.continuations(
+            eval_queries, 1, seeds.generator(self.cfg.run.seed, seeds.Stream.EVAL_SAMPLING))]
         rows = [{"query": q.text, "initial": ini["response"], "final": fin.text}
                 for q, ini, fin in zip(eval_queries, initial, final)]
         extra = {}

@@ -18,18 +18,35 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rich.console import Console
+
+from megacoach import seeds
 from megacoach.config import Config
+from megacoach.continuations import TaskSampler
 from megacoach.distributed import Dist, check_world
 from megacoach.errors import ConfigError, HaltError
+from megacoach.guards.core import Guards
+from megacoach.labels.labelers import label_items, load_labeler
+from megacoach.labels.store import LabelStore, NewSample
+from megacoach.lm.loading import load_causal_lm
+from megacoach.lm.padding import left_pad
+from megacoach.loop import PPOLoop
+from megacoach.memory import set_mmap_threshold
+from megacoach.online import OnlineLabeling
+from megacoach.ppo.policy import frozen_reference
+from megacoach.ppo.trainer import PPOTrainer
+from megacoach.reward.data import as_comparisons
+from megacoach.reward.model import RewardModel
+from megacoach.reward.train import retrain_from_scratch
 from megacoach.runs import RunDir
+from megacoach.sampling import HFGenerator, ResponseGenerator
+from megacoach.tasks import Query, load_queries
 
 STAGES = "Human evaluators (mock) -> Values Coach -> Apprentice (PPO under the Coherence Coach)"
 
 
 def seed_everything(seed: int, threads: int, mmap_threshold_mib: float | None = None) -> None:
     """Seeds, torch threads and (run.mmap_threshold_mib) the allocator setting of the process."""
-    from megacoach.memory import set_mmap_threshold
-
     set_mmap_threshold(mmap_threshold_mib)
     random.seed(seed)
     np.random.seed(seed)
@@ -49,16 +66,13 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
     labeler: a mock labeler labels them at once; None ('people'): the human evaluators label them in the labeling
     app, and this waits until `online.min_initial_labels` of them are labeled (at most `online.wait_timeout_s`).
     Resumable: the items the batch already holds are kept and only the rest is created."""
-    from megacoach.labels.labelers import label_items
-    from megacoach.labels.store import NewSample
-    from megacoach.tasks import load_queries
-
     have = len(store.items(batch=batch))
     t0 = time.time()
     if cfg.labels.num_comparisons > have:
-        queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons, cfg.run.seed + 11)[have:]
-        gen = torch.Generator().manual_seed(cfg.run.seed + 13 + have)
-        rng = random.Random(cfg.run.seed + 17 + have)
+        queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons,
+                               seeds.seed_of(cfg.run.seed, seeds.Stream.LABEL_QUERIES))[have:]
+        gen = seeds.generator(cfg.run.seed, seeds.Stream.LABEL_SAMPLING, have)
+        rng = seeds.rng(cfg.run.seed, seeds.Stream.LABEL_SPLITS, have)
         specs = []
         for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
             split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
@@ -72,7 +86,7 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
     if labeler is not None:
         todo = store.items_without_labels(labeler=store.get_or_create_labeler(labeler.name, kind="program",
                                                                               role="program").id, batch=batch)
-        rng = random.Random(cfg.run.seed + 17 + have)
+        rng = seeds.rng(cfg.run.seed, seeds.Stream.LABEL_SPLITS, have)
         n = len(label_items(store, labeler, todo, rng=rng, guideline_version=cfg.labels.guideline_version).written)
         log(f"human evaluators ({labeler.name}): labeled {n} comparisons (total {time.time() - t0:.0f}s)")
         return len(store.comparisons(batch=batch))
@@ -90,8 +104,6 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
 
 def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_length: int) -> torch.Tensor:
     """Query + truncated response sequences of the INITIAL Apprentice, from the offline labels."""
-    from megacoach.lm.padding import left_pad
-
     seqs = []
     for c in store.comparisons(batch=f"{run_id}/offline"):
         for s in c.samples:
@@ -109,10 +121,6 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
 
     Several processes: rank 0 reads the store and the files and hands the comparisons (or the loaded
     Values Coach) to the others; all of them train it together; rank 0 saves it."""
-    from megacoach.reward.data import as_comparisons
-    from megacoach.reward.model import RewardModel
-    from megacoach.reward.train import retrain_from_scratch
-
     dist = dist or Dist.single()
     path = Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
 
@@ -146,53 +154,73 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
     return model, metrics
 
 
+# ------------------------------------------------------------------------------------------ the composition root
+def train_queries(cfg: Config, tok) -> list[Query]:
+    """PPO's pool of training queries: eight batches' worth, at least 512."""
+    return load_queries(cfg.task, tok, "train", max(cfg.ppo.batch_size * 8, 512),
+                        seeds.seed_of(cfg.run.seed, seeds.Stream.TRAIN_QUERIES))
+
+
+def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries: list[Query] | None = None,
+                  generator: ResponseGenerator | None = None, dist: Dist | None = None) -> PPOTrainer:
+    """The PPO trainer of a run, assembled in one place (`megacoach train`, the guards' scenarios, benchmarks
+    and tests all build it here): the Apprentice (`lm`, default `model.name_or_path` loaded), the frozen
+    original model for the Coherence Coach, the Values Coach (default: `reward.path`, else a fresh head on the
+    base model, seeded `run.seed`), the training queries (default `train_queries`) and the sampler."""
+    if lm is None:
+        lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, fused_activation=cfg.model.fused_activation)
+    if values_coach is None:
+        if cfg.reward.path:
+            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok)
+        else:
+            values_coach = RewardModel.from_base(cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
+        values_coach.eval()
+    queries = train_queries(cfg, tok) if queries is None else queries
+    return PPOTrainer(cfg, lm, frozen_reference(lm), tok, values_coach, queries, generator=generator, dist=dist)
+
+
+def eval_queries(cfg: Config, tok, n: int | None = None) -> list[Query]:
+    """The held-out queries of the before/after comparison (the pipeline, the loop and the incident agree)."""
+    return load_queries(cfg.task, tok, "eval", cfg.run.eval_queries if n is None else n,
+                        seeds.seed_of(cfg.run.seed, seeds.Stream.EVAL_QUERIES))
+
+
 # ------------------------------------------------------------------------------------------ the run
-def train(cfg: Config, resume: bool = False, console=None, guards_factory=None, dist: Dist | None = None) -> dict:
+def train(cfg: Config, resume: bool = False, console=None, dist: Dist | None = None) -> dict:
     """Run (or resume) the whole offline loop. Returns a summary; raises HaltError when halted.
 
-    Under `accelerate launch` / `torchrun` (several processes; `dist`, default from the environment), every
-    process holds the models and trains them together (megacoach/distributed.py); rank 0 alone writes the
-    run folder, talks to the label store, the labelers and the guards, and returns the summary (the others
-    return {} when rank 0 finishes, or raise its halt)."""
+    The guards watch the run when `guards.enabled`. Under `accelerate launch` / `torchrun` (several processes;
+    `dist`, default from the environment), every process holds the models and trains them together
+    (megacoach/distributed.py); rank 0 alone writes the run folder, talks to the label store, the labelers and
+    the guards, and returns the summary (the others return {} when rank 0 finishes, or raise its halt)."""
     own_dist = dist is None
     dist = dist or Dist.from_env()
     try:
-        return _train(cfg, resume, console, guards_factory, dist)
+        return _train(cfg, resume, console, dist)
     finally:
         if own_dist:
             dist.close()
 
 
-def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> dict:
-    from rich.console import Console
+def _open_run_folder(run: RunDir, cfg: Config, resume: bool) -> None:
+    if resume:
+        if not (run.path / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run.path}: not a megacoach run folder (no config.yaml)")
+        run.clear_for_resume()
+    elif (run.ckpt_dir / "latest.json").is_file() or (run.path / "values_coach").exists():
+        raise ConfigError(f"run.out {run.path} already holds a run; pass --resume {run.path} to continue it, "
+                          "or choose another --out")
+    run.create(cfg)
 
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.labels.store import LabelStore
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
-    from megacoach.continuations import TaskSampler
-    from megacoach.sampling import HFGenerator
-    from megacoach.tasks import load_queries
 
+def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     check_world(cfg, dist)  # a process count that cannot split the batches: ConfigError before anything is written
     console = console or Console()
     if not dist.is_main:
         console = Console(quiet=True)  # rank 0 speaks for all processes
     log = console.print
     run = RunDir(cfg.run.out)
-
-    def open_run_folder() -> None:
-        if resume:
-            if not (run.path / "config.yaml").is_file():
-                raise ConfigError(f"--resume {run.path}: not a megacoach run folder (no config.yaml)")
-            run.clear_for_resume()
-        elif (run.ckpt_dir / "latest.json").is_file() or (run.path / "values_coach").exists():
-            raise ConfigError(f"run.out {run.path} already holds a run; pass --resume {run.path} to continue it, "
-                              "or choose another --out")
-        run.create(cfg)
-
-    dist.run_on_main(open_run_folder)  # several processes: rank 0 alone writes files (its errors stop them all)
+    dist.run_on_main(_open_run_folder, run, cfg, resume)  # several processes: rank 0 alone writes files
     seed_everything(dist.seed(cfg.run.seed), dist.threads(cfg.run.threads), cfg.run.mmap_threshold_mib)  # seed + rank * 100003
     run_id = run.path.resolve().name
     log(f"[bold]megacoach[/] run {run.path}: {STAGES}")
@@ -202,10 +230,9 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
     for note in dist.launcher_notes():
         log(f"[yellow]note[/]: {note}")
 
-    # 1. the Apprentice and the original model
+    # 1. the Apprentice (and, in build_trainer, the original model)
     policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype,
                                     fused_activation=cfg.model.fused_activation)
-    ref_lm = frozen_reference(policy_lm)
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
     labeler = store = None
 
@@ -222,55 +249,49 @@ def _train(cfg: Config, resume: bool, console, guards_factory, dist: Dist) -> di
     coach.eval()
 
     # held-out queries and the initial Apprentice's samples of them (kept for the before/after report)
-    eval_queries = load_queries(cfg.task, tok, "eval", cfg.run.eval_queries, cfg.run.seed + 23)
+    held_out = eval_queries(cfg, tok)
 
     def initial_samples() -> None:
         initial_path = run.path / "initial_samples.jsonl"
         if not initial_path.is_file():
-            initial = [g[0] for g in sampler.continuations(eval_queries, 1,
-                                                           torch.Generator().manual_seed(cfg.run.seed + 29))]
+            initial = [g[0] for g in sampler.continuations(held_out, 1, seeds.generator(cfg.run.seed,
+                                                                                        seeds.Stream.EVAL_SAMPLING))]
             initial_path.write_text("".join(json.dumps({"query": c.query.text, "response": c.text, "valid": c.valid})
                                             + "\n" for c in initial))
 
     dist.run_on_main(initial_samples)
-    train_queries = load_queries(cfg.task, tok, "train", max(cfg.ppo.batch_size * 8, 512), cfg.run.seed + 31)
 
     # 4. PPO
-    trainer = PPOTrainer(cfg, policy_lm, ref_lm, tok, coach, train_queries, dist=dist)
+    trainer = build_trainer(cfg, lm=policy_lm, tok=tok, values_coach=coach, dist=dist)
     if not dist.is_main:
-        trainer.follow()  # every iteration rank 0 runs, until it finishes (or halts: raised here too)
+        trainer.lockstep.follow(trainer)  # every iteration rank 0 runs, until it finishes (or halts: raised here too)
         return {}
     with dist.local():  # from here on rank 0 works alone, except inside trainer.iteration()
         try:
-            summary, loop = _ppo(cfg, run, trainer, store, labeler, sampler, run_id, console, guards_factory, tok,
-                                 resume, log)
+            summary, loop = _ppo(cfg, run, trainer, store, labeler, sampler, run_id, console, tok, resume, log)
         except BaseException as err:
-            trainer.release_followers(err)
+            if trainer.lockstep is not None:
+                trainer.lockstep.release(err)
             raise
-        trainer.release_followers()
+        if trainer.lockstep is not None:
+            trainer.lockstep.release()
 
         # 5. before/after and the report
-        summary.update(loop.finish(eval_queries, coach_metrics))
+        summary.update(loop.finish(held_out, coach_metrics))
     log(f"[bold green]done[/]: report at {run.path / 'report.html'}")
     return summary
 
 
-def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str, console, guards_factory, tok,
-         resume: bool, log):
+def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str, console, tok, resume: bool, log):
     """Stage 4 on rank 0: the PPO loop with the guards (and online labeling)."""
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.loop import PPOLoop
-
     online = None
     if cfg.online.enabled:
-        from megacoach.online import OnlineLabeling
-
         mock = load_labeler(cfg.online.mock_labeler) if cfg.online.mock_labeler else None
         norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
                                        cfg.task.query_length)
         online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock)
-    loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console,
-                   guards=guards_factory(cfg, trainer, store, labeler) if guards_factory else None, online=online)
+    guards = Guards(cfg, trainer, store, labeler) if cfg.guards.enabled else None
+    loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console, guards=guards, online=online)
     if resume:
         loop.restore()
     summary = loop.run()  # raises HaltError after saving everything when a guard or the Andon cord stops it

@@ -125,3 +125,50 @@ class RunDir:
         for p in (self.andon_path, self.halted_path):
             if p.is_file():
                 p.rename(p.with_name(p.stem + f".{int(time.time())}.resolved.json"))
+
+
+class RunControl:
+    """One home for "stop": both Andon channels, the run's status, and the halt record.
+
+    An Andon cord pull reaches a run two ways: `megacoach andon RUN_DIR` writes RUN_DIR/ANDON.json, and the
+    labeling app marks the run 'paused' in the label store. The PPO loop asks `pulled()` before every iteration and
+    again after it, and writes its status with `running(...)`: a compare-and-set, so a pause that lands between the
+    check and the write is kept (and honoured), never overwritten. `halted(record)` writes HALTED.json and the
+    status in both places; `finished(...)` ends a run that ran to the end."""
+
+    APP = {"who": "labeling app", "reason": "paused from the labeling app"}
+
+    def __init__(self, rundir: RunDir, store, run_id: str):
+        self.rundir, self.store, self.run_id = rundir, store, run_id
+
+    def pulled(self) -> dict | None:
+        """The Andon pull waiting to be honoured ({'who', 'reason', ...}), or None."""
+        pull = self.rundir.andon()
+        if pull:
+            return pull
+        status = self.store.get_run_status(self.run_id)
+        if status is not None and status.status == "paused":
+            return {"reason": status.detail.get("reason", self.APP["reason"]),
+                    "who": status.detail.get("who", self.APP["who"])}
+        return None
+
+    def started(self, iteration: int) -> None:
+        self.rundir.set_status("running", iteration)
+        self.store.set_run_status(self.run_id, "running", iteration, {})
+
+    def running(self, iteration: int, detail: dict) -> dict | None:
+        """Status 'running' after an iteration, unless a pause landed meanwhile: then that pull is returned."""
+        rec = self.store.set_run_status(self.run_id, "running", iteration, detail, unless=("paused",))
+        if rec.status == "paused":
+            return self.pulled() or dict(self.APP)
+        return None
+
+    def halted(self, record: dict) -> None:
+        self.rundir.write_halt(record)
+        self.rundir.set_status("halted", record["iteration"], reason=record["reason"])
+        self.store.set_run_status(self.run_id, "halted", record["iteration"],
+                                  {"reason": record["reason"], "source": record["source"]})
+
+    def finished(self, iteration: int) -> None:
+        self.rundir.set_status("finished", iteration)
+        self.store.set_run_status(self.run_id, "finished", iteration, {})

@@ -21,13 +21,7 @@ from typing import Protocol
 import torch
 
 from megacoach.lm.padding import position_ids_from_mask
-
-
-_CACHE_KW = "cache"  # transformers >= 5.2x names the KV cache `cache` (formerly `past_key_values`)
-
-
-def _cache(out):
-    return out.get("cache", out.get("past_key_values"))
+from megacoach.lm.parts import CACHE_KW, cache_of, trunk_of
 
 
 @dataclass
@@ -65,8 +59,6 @@ class HFGenerator:
     state that predicted each response token, so a value head on the same trunk needs no second pass."""
 
     def __init__(self, model, pad_id: int):
-        from megacoach.ppo.policy import trunk_of
-
         self.model = model
         self.trunk = trunk_of(model)
         self.head = model.get_output_embeddings()
@@ -81,7 +73,7 @@ class HFGenerator:
         mask = (queries != self.pad_id).long()
         pos = position_ids_from_mask(mask)
         out = self.trunk(input_ids=queries, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, h = _cache(out), out.last_hidden_state[:, -1, :]
+        past, h = cache_of(out), out.last_hidden_state[:, -1, :]
         if repeats > 1:  # one prefill per distinct query, then its KV cache serves all its continuations
             past.batch_repeat_interleave(repeats)
             h, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (h, mask, pos))
@@ -104,8 +96,8 @@ class HFGenerator:
             if t == T - 1:
                 break
             out = self.trunk(input_ids=tok, attention_mask=full_mask[:, :Q + t + 1], position_ids=next_pos,
-                             use_cache=True, **{_CACHE_KW: past})
-            past, h = _cache(out), out.last_hidden_state[:, -1, :]
+                             use_cache=True, **{CACHE_KW: past})
+            past, h = cache_of(out), out.last_hidden_state[:, -1, :]
             next_pos = next_pos + 1
         return Rollout(responses, logprobs, hidden)
 

@@ -45,7 +45,7 @@ def incident(
     from megacoach.config import parse_override
     from megacoach.errors import ConfigError
     from megacoach.guards.bugs import BUGS, get
-    from megacoach.guards.incident import run_scenario
+    from megacoach.incident import run_scenario
 
     if list_bugs:
         from rich.table import Column

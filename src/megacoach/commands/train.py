@@ -48,17 +48,7 @@ def train(
                              run__out=str(out) if out else "runs/latest", labels__labeler=labeler,
                              labels__num_comparisons=comparisons, ppo__total_episodes=episodes, labels__db=db,
                              guards__enabled=False if no_guards else None, online__enabled=True if online else None)
-    run_train(cfg, resume=resume is not None, console=console, guards_factory=_guards_factory(cfg))
-
-
-def _guards_factory(cfg):
-    if not cfg.guards.enabled:
-        return None
-    try:
-        from megacoach.guards import make_guards
-    except ImportError:
-        return None
-    return make_guards
+    run_train(cfg, resume=resume is not None, console=console)  # the guards watch it unless guards.enabled=false
 
 
 @app.command()

@@ -9,16 +9,9 @@ own functions):
   monitors    (monitors.py)   every iteration: labelers vs current samples, the Values Coach vs fresh labels,
                               canaries, divergence, KL budget, non-finite values;
   Andon cord                  any person stops the run (`megacoach andon RUN_DIR --reason ...`).
-Bug variants for demonstrations and tests: bugs.py. `megacoach incident` reproduces the incident.
+Bug variants for demonstrations and tests: bugs.py. `megacoach incident` (megacoach/incident.py) reproduces the incident.
 """
 
 from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
 
-__all__ = ["Alarm", "GuardFailure", "GuardHalt", "make_guards"]
-
-
-def make_guards(cfg, trainer, store, labeler):
-    """The pipeline's guards factory: `guards_factory(cfg, trainer, store, labeler)` -> Guards."""
-    from megacoach.guards.core import Guards
-
-    return Guards(cfg, trainer, store, labeler)
+__all__ = ["Alarm", "GuardFailure", "GuardHalt"]

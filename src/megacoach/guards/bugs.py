@@ -5,7 +5,7 @@ looks every link up at call time (`objective.x(...)`, `maths.x(...)`), so a patc
 guards alike.
 
     with inject("incident"):
-        pipeline.train(cfg, guards_factory=make_guards)
+        pipeline.train(cfg)  # guards.enabled: the guards watch the run
 
 R = score - β·KL is what PPO should maximise. The kinds:
 

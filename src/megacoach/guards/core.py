@@ -19,26 +19,29 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rich.console import Console
+
+from megacoach import seeds
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
 from megacoach.guards.canaries import load_canaries
 from megacoach.guards.monitors import MONITORS, Thresholds, judge
 from megacoach.guards.preflight import canary_margins, run_preflight
 from megacoach.guards.stats import alpha_per_check, ols, z_for
-from megacoach.ppo import trainer as trainer_mod
-from megacoach.sampling import HFGenerator, sample_in_batches
+from megacoach.labels.labelers import label_items, labeler_scores
+from megacoach.labels.store import NewSample
+from megacoach.ppo import episodes, maths
+from megacoach.sampling import HFGenerator
+from megacoach.tasks import Query
 
 
 def _default_log(msg: str) -> None:
-    from rich.console import Console
-
     Console().print(msg)
 
 
@@ -55,8 +58,8 @@ class Guards:
                              self.g.agreement_floor, self.g.winrate_floor)
         self.canaries = load_canaries(self.g.canaries, trainer.tok, cfg.task, labeler, self.log)
         self.ref_generator = HFGenerator(trainer.ref_lm, trainer.pad_id)
-        self.gen = torch.Generator().manual_seed(cfg.run.seed + 7717)
-        self.rng = random.Random(cfg.run.seed + 7719)
+        self.gen = seeds.generator(cfg.run.seed, seeds.Stream.GUARD_SAMPLING)
+        self.rng = seeds.rng(cfg.run.seed, seeds.Stream.GUARD_CHOICES)
         self.history: list[dict] = []
         self.fresh: list[dict] = []
         self.pending: dict[int, dict] = {}
@@ -67,30 +70,19 @@ class Guards:
         self._coach = None  # the Values Coach the baseline was scored with
 
     # ---------------------------------------------------------------------------------------- helpers
-    def _sample(self, generator, queries, k: int) -> dict:
-        """k samples per query: tokens, truncation and validity by the trainer's rule, texts, log-probs."""
-        t, tr = self.cfg.task, self.trainer
+    def _sample(self, generator, queries, k: int) -> episodes.Sampled:
+        """k samples per query (rows query-major), built as every episode is (ppo/episodes.py)."""
+        tr = self.trainer
         rep = [q for q in queries for _ in range(k)]
-        q_ids = trainer_mod.left_pad([q.token_ids for q in rep], tr.pad_id, t.query_length)
-        roll = sample_in_batches(generator, q_ids, t.response_length, t.temperature, self.gen, 64)
-        truncated, valid = trainer_mod.truncate_responses(roll.responses, tr.stop_ids, t.truncate_after, tr.pad_id)
-        ids = [[x for x in row if x != tr.pad_id] for row in truncated.tolist()]
-        return {"queries": rep, "query_ids": q_ids, "responses": roll.responses, "truncated": truncated,
-                "valid": valid, "logprobs": roll.logprobs, "ids": ids,
-                "texts": [tr.tok.decode(x) for x in ids]}
+        return episodes.sample(generator, tr.tok, self.cfg.task, tr.stop_ids, rep, self.gen, 64)
 
     def _episode_scores(self, query_ids, truncated, valid) -> np.ndarray:
-        """The Values Coach's score, or the task's penalty where the response is invalid."""
-        out = []
-        for i in range(0, query_ids.shape[0], 64):
-            out.append(self.trainer.score(query_ids[i:i + 64], truncated[i:i + 64]).float().cpu())
-        raw = torch.cat(out) if out else torch.zeros(0)
-        pen = torch.full_like(raw, float(self.cfg.task.penalty_reward))
-        return torch.where(valid.to(torch.bool), raw, pen).numpy()
+        """The episode scores PPO would see: the Values Coach's score, or the task's penalty where invalid."""
+        if query_ids.shape[0] == 0:
+            return np.zeros(0, dtype=np.float32)
+        return episodes.episode_scores(self.trainer, query_ids, truncated, valid).float().cpu().numpy()
 
     def _labeler_scores(self, queries, texts) -> np.ndarray:
-        from megacoach.loop import labeler_scores
-
         return labeler_scores(self.labeler, [q.text for q in queries], texts)
 
     def _write_preflight(self) -> None:
@@ -113,8 +105,8 @@ class Guards:
             qs = self.rng.sample(self.trainer.train_queries, min(self.g.probe_queries, len(self.trainer.train_queries)))
             entry = {"reason": reason, "iteration": self.trainer.iteration_no, "time": time.time()}
             try:
-                report = run_preflight(self.trainer, self.store, self.canaries, self.g, self.cfg.run.seed + 4441, qs,
-                                       self.log)
+                report = run_preflight(self.trainer, self.store, self.canaries, self.g,
+                                       seeds.seed_of(self.cfg.run.seed, seeds.Stream.PREFLIGHT), qs, self.log)
             except GuardFailure as err:
                 self.preflights.append({**entry, "passed": False, "component": err.component, "message": str(err),
                                         "checks": err.checks})
@@ -138,11 +130,11 @@ class Guards:
         qs = [self.trainer.train_queries[self.rng.randrange(len(self.trainer.train_queries))] for _ in range(n)]
         s = self._sample(self.ref_generator, qs, 1)
         self.baseline = {
-            "query_ids": s["query_ids"], "truncated": s["truncated"], "valid": s["valid"],
-            "score": self._episode_scores(s["query_ids"], s["truncated"], s["valid"]),
-            "labeler": self._labeler_scores(s["queries"], s["texts"]),
-            "ref_nll": float(-s["logprobs"].mean()),
-            "texts": s["texts"][:8],
+            "query_ids": s.query_ids, "truncated": s.truncated, "valid": s.valid,
+            "score": self._episode_scores(s.query_ids, s.truncated, s.valid),
+            "labeler": self._labeler_scores(s.queries, s.texts),
+            "ref_nll": float(-s.logprobs.mean()),
+            "texts": s.texts[:8],
         }
 
     def values_coach_reloaded(self, values_coach=None, reason: str = "after the Values Coach was (re)loaded") -> dict | None:
@@ -179,13 +171,12 @@ class Guards:
             if not torch.isfinite(t).all():
                 raise GuardHalt(Alarm("nonfinite", "halt", f"non-finite {name} in the batch of iteration "
                                       f"{tr.iteration_no + 1}, before the update"))
-        score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
+        score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)  # the Values Coach, asked again
         raw_now = torch.as_tensor(score)
-        raw_batch = torch.where(batch.valid, batch.raw_scores.float().cpu(),
-                                torch.full_like(batch.raw_scores.float().cpu(), float(self.cfg.task.penalty_reward)))
+        raw_batch = batch.path.scores.float().cpu()  # what the rollout carried into the reward path
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
         tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
-        k1 = (batch.logprobs.float() - batch.ref_logprobs.float()).sum(1).cpu().numpy()
+        k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).cpu().numpy()
         push = P.ppo_push(tr, batch).numpy()
         fit = ols(push, score, k1)
         m = {"guard/score_gap": gap}
@@ -224,7 +215,6 @@ class Guards:
         queries = list(batch.queries[:m])
         cur = self._sample(self.trainer.generator, queries, c)
         ini = self._sample(self.ref_generator, queries, k - c)
-        from megacoach.labels.store import NewSample
 
         specs, metas = [], []
         for j, q in enumerate(queries):
@@ -232,23 +222,21 @@ class Guards:
             order = list(range(k))
             self.rng.shuffle(order)  # canonical order mixed, so position says nothing about the source
             rows = [rows[i] for i in order]
-            samples = [NewSample(src["texts"][r], src["ids"][r],
+            samples = [NewSample(src.texts[r], src.ids[r],
                                  policy=f"apprentice@{iteration}" if kind == "current" else "initial",
                                  iteration=iteration if kind == "current" else 0, seed=self.cfg.run.seed,
                                  run_id=self.run_id) for kind, src, r in rows]
             specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, samples=samples, split="valid",
                               batch=f"{self.run_id}/guard-{iteration}", source="online", run_id=self.run_id))
-            q_ids = torch.cat([src["query_ids"][r:r + 1] for _, src, r in rows])
-            tr_ids = torch.cat([src["truncated"][r:r + 1] for _, src, r in rows])
-            valid = torch.cat([src["valid"][r:r + 1] for _, src, r in rows])
+            q_ids = torch.cat([src.query_ids[r:r + 1] for _, src, r in rows])
+            tr_ids = torch.cat([src.truncated[r:r + 1] for _, src, r in rows])
+            valid = torch.cat([src.valid[r:r + 1] for _, src, r in rows])
             metas.append({"iteration": iteration, "current": [i for i, (kind, _, _) in enumerate(rows) if kind == "current"],
                           "p0": c / k, "values": self._episode_scores(q_ids, tr_ids, valid).tolist()})
         contents = self.store.create_items(specs)
         for content, meta in zip(contents, metas):
             self.pending[content.item.id] = meta
         if getattr(self.labeler, "kind", "program") == "program":
-            from megacoach.labels.labelers import label_items
-
             label_items(self.store, self.labeler, contents, rng=self.rng, guideline_version=self.cfg.labels.guideline_version)
 
     def _collect_labels(self) -> None:
@@ -261,12 +249,12 @@ class Guards:
                 continue
             values = meta["values"]
             if values is None:  # the Values Coach was reloaded since: score the samples again
-                t, pad = self.cfg.task, self.trainer.pad_id
-                ids = [list(s.token_ids)[:t.response_length] for s in comp.samples]
-                q_ids = trainer_mod.left_pad([comp.query_token_ids] * len(ids), pad, t.query_length)
-                resp = torch.tensor([x + [pad] * (t.response_length - len(x)) for x in ids], dtype=torch.long)
-                _, valid = trainer_mod.truncate_responses(resp, self.trainer.stop_ids, t.truncate_after, pad)
-                values = self._episode_scores(q_ids, resp, valid).tolist()
+                t, tr = self.cfg.task, self.trainer
+                q_ids = episodes.pad_queries([Query(comp.query_text, comp.query_token_ids)] * comp.k, tr.pad_id,
+                                             t.query_length)
+                resp = episodes.pad_responses([s.token_ids for s in comp.samples], tr.pad_id, t.response_length)
+                truncated, valid = episodes.settle(resp, tr.stop_ids, t, tr.pad_id)
+                values = self._episode_scores(q_ids, truncated, valid).tolist()
             self.fresh.append({"iteration": meta["iteration"], "values": values, "chosen": comp.chosen,
                                "win": comp.chosen in meta["current"], "p0": meta["p0"]})
 
@@ -286,7 +274,7 @@ class Guards:
         # the update itself: did it move each response's log-probability the way the loss pushed it?
         push = before.get("push")
         if push is not None and len(push) > 3:
-            new_logp = tr.forward_old(batch.query_responses)[0].float().cpu()
+            new_logp = episodes.forward_old(tr, batch.query_responses)[0].float().cpu()
             moved = (new_logp - batch.logprobs.float().cpu()).sum(1).numpy()
             fit = ols(moved, push)
             if fit is not None:
@@ -299,7 +287,7 @@ class Guards:
         if score is None:
             score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
         ls = np.asarray(labeler_scores, dtype=float)
-        kl = float((batch.logprobs.float() - batch.ref_logprobs.float()).sum(1).mean())
+        kl = float(maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).mean())
         ref_nll = float(-batch.ref_logprobs.float().mean())
         self.history.append({"iteration": it, "score": np.asarray(score, dtype=float), "labeler": ls,
                              "score_mean": float(np.mean(score)), "labeler_mean": float(np.nanmean(ls)) if np.isfinite(ls).any() else float("nan"),
@@ -346,7 +334,3 @@ class Guards:
         if "rng" in state:
             self.rng.setstate(state["rng"])
 
-
-def make_guards(cfg, trainer, store, labeler) -> Guards:
-    """The pipeline's guards factory (`guards_factory(cfg, trainer, store, labeler)`)."""
-    return Guards(cfg, trainer, store, labeler)

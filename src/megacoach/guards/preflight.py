@@ -7,7 +7,7 @@ confidence. A failure names the component of the reward path where the direction
 
 1. `ppo_loss`          synthetic log-probs and advantages: minus the loss gradient has the advantage's
                        sign on every token (`objective.ppo_loss` moves log-probs the right way).
-2. `values_coach`      held-out labeled comparisons from the store: `trainer.score` ranks the labelers'
+2. `values_coach`      held-out labeled comparisons from the store: the Values Coach's score ranks the labelers'
                        choice above the other samples better than chance (exact rank test).
 3. `reward_path`       the same comparisons, each sample treated as a response the Values Coach scores: the
                        complete quantity PPO pushes up — episode score, the KL term, reward scaling, GAE,
@@ -45,7 +45,7 @@ import torch
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
 from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
-from megacoach.ppo import objective
+from megacoach.ppo import episodes, maths, objective
 from megacoach.tasks import Query
 
 
@@ -68,7 +68,7 @@ class Check:
 COMPONENTS = {
     "heldout_labels": "held-out labels",
     "ppo_loss": "PPO loss (objective.ppo_loss)",
-    "values_coach": "Values Coach (trainer.score: reward-model head, normalisation gain, label direction)",
+    "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
     "coherence_coach": "Coherence Coach (the KL term: maths.kl_per_token, β, objective.megacoach_rewards)",
     "optimiser": "optimiser step (PPOTrainer.update and its optimiser)",
@@ -121,7 +121,7 @@ def labeled_batch(trainer, comps):
             queries.append(q)
             responses.append(list(s.token_ids))
         rows.append((start, c.k, c.chosen))
-    return P.build_batch(trainer, queries, responses), rows
+    return episodes.build(trainer, queries, responses), rows
 
 
 def _grouped(values: np.ndarray, rows) -> list[np.ndarray]:
@@ -218,7 +218,7 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
             non_score = b.path.non_score.float().sum(1).numpy()
             # the score held fixed: what the path does with the KL alone, on the furthest copy
             fixed = P.with_scores(trainer, b, torch.zeros_like(b.raw_scores), torch.ones_like(b.valid))
-            log_ratio = (b.logprobs.float() - b.ref_logprobs.float()).sum(1).numpy()
+            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float()).numpy()
             reward = fixed.path.rewards.float().sum(1).numpy()
             push = P.ppo_push(trainer, fixed).numpy()
         xs.append(ex), ns.append(non_score)
@@ -299,7 +299,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
             trainer.cfg = one_step_config(trainer.cfg, len(pairs), trainer.dist.world_size)  # scratch restores it
             trainer.update(b)
             moved = moved and P.params_checksum(trainer.apprentice) != before
-            after, _, _, _ = trainer.forward_old(b.query_responses)
+            after, _, _, _ = episodes.forward_old(trainer, b.query_responses)
             deltas.append((after.float() - b.logprobs.float()).sum(1))
     dlogp = deltas[0] - deltas[1]  # what the advantages' sign did, the optimiser's own drift cancelled
     d = []
@@ -337,7 +337,7 @@ def canary_margins(trainer, canaries) -> dict:
     for c in canaries:
         queries += [c.query, c.query]
         responses += [c.good_ids, c.bad_ids]
-    b = P.build_batch(trainer, queries, responses)
+    b = episodes.build(trainer, queries, responses)
     st = P.stages(trainer, b)
     push, score = st["ppo_push"], st["values_coach"]
     dp = push[0::2] - push[1::2]

@@ -1,8 +1,8 @@
 """Probing the reward path with the trainer's own code: batches of given responses, PPO's push, scratch runs.
 
-Nothing here re-implements the reward path. A probe batch is built the way `PPOTrainer.rollout` builds
-one (the trainer module's padding and truncation rule, `trainer.score`, `trainer.forward_old`,
-`trainer.reward_path`), only with responses we choose (labeled samples, canaries) instead of sampled
+Nothing here re-implements the reward path. A probe batch is built by the episode builder that builds
+PPO's (`episodes.build`: the same padding, truncation rule, Values Coach score, forward passes and reward
+path as `episodes.rollout`), only with responses we choose (labeled samples, canaries) instead of sampled
 ones. PPO's *push* on a response is read off `objective.ppo_loss` itself: minus the gradient of the
 loss with respect to each token's log-probability, at the rollout's log-probabilities (ratio 1),
 summed over the response. It is the first-order change in that response's log-probability that one
@@ -22,10 +22,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from megacoach.ppo import objective
-from megacoach.ppo import trainer as trainer_mod
+from megacoach.ppo import episodes, objective
 from megacoach.ppo.policy import reference_logits
-from megacoach.tasks import Query
 
 
 def _chunks(n: int, size: int):
@@ -33,41 +31,11 @@ def _chunks(n: int, size: int):
         yield slice(i, min(n, i + size))
 
 
-def build_batch(trainer, queries: list[Query], responses: list[list[int]], chunk: int = 64):
-    """A `Batch` as `trainer.rollout` makes it, for these responses (each cut or padded to the
-    response length): same truncation and validity, Values Coach score, forward passes, reward path."""
-    t = trainer.cfg.task
-    T, pad = t.response_length, trainer.pad_id
-    B = len(queries)
-    query_ids = trainer_mod.left_pad([q.token_ids for q in queries], pad, t.query_length)
-    resp = torch.full((B, T), pad, dtype=torch.long)
-    for i, r in enumerate(responses):
-        r = list(r)[:T]
-        if r:
-            resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    truncated, valid = trainer_mod.truncate_responses(resp, trainer.stop_ids, t.truncate_after, pad)
-    parts = {"raw": [], "lp": [], "ref": [], "val": [], "ent": []}
-    for s in _chunks(B, chunk):
-        parts["raw"].append(trainer.score(query_ids[s], truncated[s]).cpu())
-        lp, ref, val, ent = trainer.forward_old(torch.cat([query_ids[s], resp[s]], 1))
-        parts["lp"].append(lp.cpu())
-        parts["ref"].append(ref.cpu())
-        parts["val"].append(val.cpu())
-        parts["ent"].append(ent.cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    texts = [trainer.tok.decode([x for x in row if x != pad]) for row in truncated.tolist()]
-    batch = trainer_mod.Batch(list(queries), query_ids, resp, truncated, valid, cat["raw"], cat["lp"], cat["ref"],
-                              cat["val"], texts=texts)
-    batch.entropy = cat["ent"]
-    batch.path = trainer.reward_path(batch)
-    return batch
-
-
 def with_scores(trainer, batch, raw_scores: torch.Tensor, valid: torch.Tensor | None = None):
     """The same batch with other Values Coach scores (e.g. all equal, to look at the KL term alone),
-    and its reward path recomputed by the trainer."""
+    and its reward path recomputed as the trainer's is."""
     b = replace(batch, raw_scores=raw_scores, valid=batch.valid if valid is None else valid)
-    b.path = trainer.reward_path(b)
+    b.path = episodes.reward_path(trainer, b)
     return b
 
 
@@ -103,7 +71,7 @@ def stages(trainer, batch) -> dict[str, np.ndarray]:
 
 
 STAGES = {
-    "values_coach": "the Values Coach's score (trainer.score: reward-model head, normalisation gain and bias, "
+    "values_coach": "the Values Coach's score (episodes.values_coach_scores: reward-model head, normalisation gain and bias, "
                     "what it learned from the labels)",
     "episode_score": "the episode score (objective.episode_scores: the score, or the invalid-response penalty)",
     "megacoach_reward": "the Megacoach reward (objective.megacoach_rewards: score − β·KL, where the score is "

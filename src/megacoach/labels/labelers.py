@@ -315,3 +315,14 @@ def label_items(store: "LabelStore", labeler: Labeler,
                 "written": len(written) - n_written, "already_labeled": skipped - n_skipped,
                 "items": [decisions[0][0], decisions[-1][0]], "batch": batch, "split": split})
     return AutoLabelResult(row.name, written, skipped)
+
+
+def labeler_scores(labeler: Labeler, queries: Sequence[str], texts: Sequence[str]) -> "np.ndarray":
+    """The labelers' score of each response (mock labelers: e.g. VADER compound); NaN if they only rank."""
+    import numpy as np
+
+    out = []
+    for q, t in zip(queries, texts):
+        s = labeler.scores(q, [t])
+        out.append(float(s[0]) if s else float("nan"))
+    return np.array(out, dtype=float)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any, Protocol
 
+from megacoach.config import KLConfig
 from megacoach.errors import ConfigError, DataError
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "KLController", "make_kl_controller"]
@@ -132,10 +133,9 @@ class AdaptiveKLController:
         return f"AdaptiveKLController(value={self.value:g}, target={self.target:g}, horizon={self.horizon:g})"
 
 
-def make_kl_controller(
-    kl_coef: float, target: float | None = None, horizon: float = 10000
-) -> FixedKLController | AdaptiveKLController:
-    """ORIG's choice: adaptive when a target is given, fixed otherwise."""
-    if target is None:
-        return FixedKLController(kl_coef)
-    return AdaptiveKLController(kl_coef, target=target, horizon=horizon)
+def make_kl_controller(kl: KLConfig) -> FixedKLController | AdaptiveKLController:
+    """The Coherence Coach's controller for the `kl` config section: adaptive (ORIG's, towards `kl.target` over
+    `kl.horizon` episodes) when `kl.adaptive`, else fixed at `kl.init_kl_coef`."""
+    if kl.adaptive:
+        return AdaptiveKLController(kl.init_kl_coef, target=kl.target, horizon=kl.horizon)
+    return FixedKLController(kl.init_kl_coef)

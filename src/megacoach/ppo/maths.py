@@ -50,6 +50,7 @@ __all__ = [
     "masked_var",
     "mean_sequence_kl",
     "policy_loss",
+    "sequence_kl",
     "value_loss",
     "whiten",
     "whiten_rewards",
@@ -235,6 +236,11 @@ def kl_per_token(
         log_r = -diff
         return _zero_where_masked(torch.expm1(log_r) - log_r, m)
     raise DataError(f"estimator: expected 'k1' or 'k3', got {estimator!r}")
+
+
+def sequence_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` the k1 KL of each episode, summed over its response: ``sum_t (logp_t - ref_logp_t)``."""
+    return kl_per_token(logp, ref_logp, mask).sum(dim=1)
 
 
 def mean_sequence_kl(kl: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -77,3 +77,36 @@ def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: 
     rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards)
     adv, returns = advantages_and_returns(rewards, values, gamma, lam)
     return RewardPath(scores, kl, non_score, rewards, adv, returns)
+
+
+def iteration_metrics(batch, stats: dict[str, float], kl_coef: float, lr: float, iteration: int,
+                      episodes: int) -> dict[str, float]:
+    """The metrics of one PPO iteration, named as in the reference code and cleanrl: `objective/*` for the
+    Megacoach reward (`kl_coef` is the beta the batch was optimised with), `ppo/*` for the update."""
+    path = batch.path
+    non_score = float(path.non_score.sum(1).mean())
+    return {
+        "iteration": iteration,
+        "episodes": episodes,
+        "objective/score": float(path.scores.mean()),
+        "objective/score_raw_valid": float(batch.raw_scores[batch.valid].mean()) if batch.valid.any() else 0.0,
+        "objective/valid_frac": float(batch.valid.float().mean()),
+        "objective/kl": float(maths.mean_sequence_kl(path.kl)),
+        "objective/kl_coef": float(kl_coef),
+        "objective/non_score_reward": non_score,
+        "objective/score_total": float(path.scores.mean()) + non_score,
+        "objective/entropy": float(-batch.logprobs.sum(1).mean()),
+        "ppo/policy/approxkl": stats["approxkl"],
+        "ppo/policy/clipfrac": stats["clipfrac"],
+        "ppo/policy/entropy": stats["entropy"],
+        "ppo/loss/policy": stats["pg_loss"],
+        "ppo/loss/value": stats.get("vf_loss", 0.0),
+        "ppo/loss/total": stats["total_loss"],
+        "ppo/val/vpred": stats.get("vpred", 0.0),
+        "ppo/val/error": stats.get("error", 0.0),
+        "ppo/val/clipfrac": stats.get("vf_clipfrac", 0.0),
+        "ppo/val/var_explained": float(maths.explained_variance(batch.values, path.returns)),
+        "ppo/returns/mean": float(path.returns.mean()),
+        "ppo/returns/var": float(path.returns.var(unbiased=False)),
+        "ppo/lr": float(lr),
+    }

@@ -14,16 +14,7 @@ import torch
 from torch import nn
 
 from megacoach.lm.padding import lm_inputs
-
-
-def trunk_of(lm) -> nn.Module:
-    """The transformer body of a HF causal LM (GPT-2: `.transformer`; most others: `.model`)."""
-    return lm.get_decoder() if hasattr(lm, "get_decoder") and lm.get_decoder() is not None else lm.base_model
-
-
-def hidden_size_of(lm) -> int:
-    cfg = lm.config
-    return getattr(cfg, "n_embd", None) or getattr(cfg, "hidden_size")
+from megacoach.lm.parts import hidden_size_of, trunk_of
 
 
 @dataclass

@@ -29,12 +29,12 @@ from torch import nn
 
 from megacoach.errors import ConfigError, DataError
 from megacoach.lm.padding import lm_inputs, position_ids_from_mask
+from megacoach.lm.parts import CACHE_KW, cache_of
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
 FORMAT = "megacoach-values-coach"
 FORMAT_VERSION = 1
-_CACHE_KW = "cache"  # transformers >= 5.2x names the KV cache `cache` (formerly `past_key_values`)
 _DROPOUT_ATTRS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "attention_dropout", "hidden_dropout",
                   "summary_first_dropout")
 
@@ -137,7 +137,7 @@ class RewardModel(nn.Module):
         qmask = (queries != pad).long()
         out = self.trunk(input_ids=queries, attention_mask=qmask, position_ids=position_ids_from_mask(qmask),
                          use_cache=True)
-        cache = out.get("cache", out.get("past_key_values"))
+        cache = cache_of(out)
         r = responses.reshape(B * K, R)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # a trunk without a usable KV cache
             return self.raw(torch.cat([queries.repeat_interleave(K, dim=0), r], dim=1), pad).view(B, K)
@@ -147,7 +147,7 @@ class RewardModel(nn.Module):
         rpos = qlen[:, None] + rmask.cumsum(dim=1) - rmask
         mask = torch.cat([qmask.repeat_interleave(K, dim=0), rmask], dim=1)
         hidden = self.trunk(input_ids=r, attention_mask=mask, position_ids=rpos, use_cache=True,
-                            **{_CACHE_KW: cache}).last_hidden_state  # [B*K, R, d]
+                            **{CACHE_KW: cache}).last_hidden_state  # [B*K, R, d]
         rows = torch.arange(B * K, device=hidden.device)
         last = hidden[rows, last_real_index(r, pad)]
         empty = rmask.sum(dim=1) == 0  # no response token: the last real token is the query's last

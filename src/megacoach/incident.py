@@ -29,8 +29,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
 
+from megacoach import seeds
+from megacoach.config import load_config
+from megacoach.continuations import TaskSampler
+from megacoach.errors import ConfigError, HaltError
 from megacoach.guards import bugs as bugs_mod
+from megacoach.guards.alarms import GuardFailure
+from megacoach.labels.labelers import labeler_scores, load_labeler
+from megacoach.labels.store import LabelStore, NewSample
+from megacoach.lm.loading import load_causal_lm
+from megacoach.lm.padding import lm_inputs
+from megacoach.pipeline import collect_labels, eval_queries, seed_everything, train, values_coach
+from megacoach.ppo import episodes, maths
+from megacoach.ppo.policy import Apprentice, frozen_reference
+from megacoach.runs import RunDir
+from megacoach.sampling import HFGenerator
+from megacoach.tasks import stop_token_ids
 
 MODES = ("full", "monitors", "labelers", "off")
 
@@ -57,8 +73,6 @@ INCIDENT_SETTINGS: dict = {
 
 def mode_guards(mode: str) -> dict:
     if mode not in MODES:
-        from megacoach.errors import ConfigError
-
         raise ConfigError(f"guard mode {mode!r} (expected one of {', '.join(MODES)})")
     return {"full": {"enabled": True},
             "monitors": {"enabled": True, "preflight": False},
@@ -89,8 +103,6 @@ class Outcome:
 
 def build_config(overrides: list[dict], base: dict | None = None):
     """INCIDENT_SETTINGS (or `base`, e.g. {} for the demo's defaults) <- overrides."""
-    from megacoach.config import load_config
-
     return load_config(overrides=[INCIDENT_SETTINGS if base is None else base, *overrides])
 
 
@@ -111,14 +123,6 @@ def coach_key(cfg) -> str:
 def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
     """(labels.db, Values Coach folder) in `cache`, made once: labels of the initial policy by the mock labeler,
     and a Values Coach trained on them (under the bug when it acts on the Values Coach's training)."""
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.labels.store import LabelStore
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.pipeline import collect_labels, seed_everything, values_coach
-    from megacoach.continuations import TaskSampler
-    from megacoach.runs import RunDir
-    from megacoach.sampling import HFGenerator
-
     b = bugs_mod.get(bug) if bug else None
     variant = (f"coach-{b.name}" if b is not None and b.affects_values_coach else "coach-clean") + "-" + coach_key(cfg)
     cache = Path(cache)
@@ -152,8 +156,6 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
 
 def copy_labels(src_db: Path, dst_db: Path, run_id: str, src_batch: str = "incident/offline") -> int:
     """Offline labels of one store, written into another as `run_id`'s offline batch (same samples, choices)."""
-    from megacoach.labels.store import LabelStore, NewSample
-
     src = LabelStore(f"sqlite:///{Path(src_db).resolve()}")
     dst = LabelStore(f"sqlite:///{Path(dst_db).resolve()}")
     try:
@@ -179,39 +181,28 @@ def copy_labels(src_db: Path, dst_db: Path, run_id: str, src_batch: str = "incid
 def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
     """Samples of `lm` on `queries` (the task's sampling), their labeler scores, KL to the original model
     (sampled log-ratio summed over the response) and perplexity under the original model (truncated text)."""
-    from megacoach.lm.padding import left_pad, lm_inputs
-    from megacoach.loop import labeler_scores
-    from megacoach.sampling import HFGenerator, sample_in_batches
-    from megacoach.tasks import stop_token_ids, truncate_responses
-
     t = cfg.task
     pad = tok.pad_token_id
-    q_ids = left_pad([q.token_ids for q in queries], pad, t.query_length)
-    roll = sample_in_batches(HFGenerator(lm, pad), q_ids, t.response_length, t.temperature,
-                             torch.Generator().manual_seed(seed), 64)
-    truncated, valid = truncate_responses(roll.responses, stop_token_ids(tok, t.truncate_token), t.truncate_after, pad)
-    texts = [tok.decode([x for x in row if x != pad]) for row in truncated.tolist()]
-    ls = labeler_scores(labeler, [q.text for q in queries], texts)
+    s = episodes.sample(HFGenerator(lm, pad), tok, t, stop_token_ids(tok, t.truncate_token), queries,
+                        torch.Generator().manual_seed(seed), 64)
+    ls = labeler_scores(labeler, [q.text for q in queries], s.texts)
     kls, nll_sum, n_tok = [], 0.0, 0
     for i in range(0, len(queries), 64):
-        qr = torch.cat([q_ids[i:i + 64], roll.responses[i:i + 64]], 1)
+        qr = torch.cat([s.query_ids[i:i + 64], s.responses[i:i + 64]], 1)
         logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1].float() / t.temperature
-        ref_lp = torch.log_softmax(logits, -1).gather(-1, roll.responses[i:i + 64, :, None]).squeeze(-1)
-        kls.append((roll.logprobs[i:i + 64] - ref_lp).sum(1))
+        ref_lp = torch.log_softmax(logits, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
+        kls.append(maths.sequence_kl(s.logprobs[i:i + 64], ref_lp))
         # fluency: the original model's perplexity (temperature 1) of the truncated text it would read
-        lp1 = torch.log_softmax(logits * t.temperature, -1).gather(-1, roll.responses[i:i + 64, :, None]).squeeze(-1)
-        real = truncated[i:i + 64] != pad
+        lp1 = torch.log_softmax(logits * t.temperature, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
+        real = s.truncated[i:i + 64] != pad
         nll_sum += float(-(lp1 * real).sum())
         n_tok += int(real.sum())
     return {"labeler_mean": float(np.mean(ls)), "labeler_sd": float(np.std(ls)), "kl": float(torch.cat(kls).mean()),
-            "ppl": float(math.exp(nll_sum / max(1, n_tok))), "valid": float(valid.float().mean()), "texts": texts,
+            "ppl": float(math.exp(nll_sum / max(1, n_tok))), "valid": float(s.valid.float().mean()), "texts": s.texts,
             "labeler": ls.tolist()}
 
 
 def _latest_policy(run_dir: Path, cfg):
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import Apprentice
-
     lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
     latest = run_dir / "checkpoints" / "latest.json"
     if latest.is_file():
@@ -229,17 +220,6 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     """One bug kind (None: a clean run) under one guard mode; returns what happened and what it did.
     base: settings under the overrides (default INCIDENT_SETTINGS; {} = the demo's defaults). coach_seed:
     the seed of the cached labels and Values Coach (default: the run's seed), so seeds can share one."""
-    from rich.console import Console
-
-    from megacoach.errors import HaltError
-    from megacoach.guards import make_guards
-    from megacoach.guards.alarms import GuardFailure
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.pipeline import train
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.runs import RunDir
-    from megacoach.tasks import load_queries
-
     console = console or Console()
     out = Path(out)
     if (out / "config.yaml").exists():
@@ -257,7 +237,7 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     halted = False
     with bugs_mod.inject(bug):
         try:
-            train(cfg, console=console, guards_factory=make_guards if cfg.guards.enabled else None)
+            train(cfg, console=console)
         except GuardFailure as err:
             halted, stopped_by, reason = True, f"preflight: {err.component}", str(err)
         except HaltError as err:
@@ -279,9 +259,10 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     ref = frozen_reference(load_policy_base(cfg))
     labeler = load_labeler(cfg.labels.labeler)
     n_eval = eval_queries or cfg.run.eval_queries
-    queries = load_queries(cfg.task, tok, "eval", n_eval, cfg.run.seed + 23)
-    ini = evaluate_policy(ref, ref, tok, cfg, queries, labeler, cfg.run.seed + 29)
-    fin = evaluate_policy(lm, ref, tok, cfg, queries, labeler, cfg.run.seed + 29)
+    queries = eval_queries(cfg, tok, n_eval)
+    sampling_seed = seeds.seed_of(cfg.run.seed, seeds.Stream.EVAL_SAMPLING)
+    ini = evaluate_policy(ref, ref, tok, cfg, queries, labeler, sampling_seed)
+    fin = evaluate_policy(lm, ref, tok, cfg, queries, labeler, sampling_seed)
     drop = (ini["labeler_mean"] - fin["labeler_mean"]) / (ini["labeler_sd"] or 1.0)
     samples = [{"query": q.text[-100:], "initial": a, "final": b, "initial_labeler": x, "final_labeler": y}
                for q, a, b, x, y in list(zip(queries, ini["texts"], fin["texts"], ini["labeler"], fin["labeler"]))[:8]]
@@ -295,7 +276,5 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
 
 
 def load_policy_base(cfg):
-    from megacoach.lm.loading import load_causal_lm
-
     lm, _ = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
     return lm

@@ -1,0 +1,48 @@
+"""The run's random streams, each named once.
+
+Every random draw of a run comes from `run.seed` plus a fixed offset per stream, so that one stream (say, the
+held-out queries) is the same whatever else changes (say, the number of labels). Code asks for a stream by its
+name here instead of writing `seed + 23`; two places that must agree (the held-out queries and the samples of
+them before and after training, drawn by the pipeline, the loop and the incident scenario) then agree by
+construction. Changing an offset changes every figure measured with it: add streams, do not renumber them.
+"""
+
+from __future__ import annotations
+
+import random
+from enum import IntEnum
+
+import torch
+
+
+class Stream(IntEnum):
+    ONLINE_SAMPLING = 0  # online items of iteration i: their continuations from seed + i
+    PPO_QUERIES = 1  # which training queries each PPO batch draws
+    PPO_MINIBATCHES = 2  # the order of the rollout rows in PPO's minibatches
+    NORMALISATION_QUERIES = 5  # `megacoach reward train`: queries of the initial-policy samples that normalise it
+    ONLINE_RETRAIN = 7  # stride: retrain r of the online loop trains its Values Coach with seed + 7 * r
+    LABEL_QUERIES = 11  # the queries of the offline best-of-K items
+    LABEL_SAMPLING = 13  # their continuations (+ the number of items already in the store, when resumed)
+    LABEL_SPLITS = 17  # train/valid split of those items, and the mock labelers' ties (+ items already there)
+    EVAL_QUERIES = 23  # the held-out queries of the before/after report
+    EVAL_SAMPLING = 29  # the samples of them, before and after training
+    TRAIN_QUERIES = 31  # the pool of PPO's training queries
+    ONLINE_QUERIES = 1000  # online items of iteration i: their queries from seed + 1000 + i
+    PREFLIGHT = 4441  # the guards' preflight probes
+    GUARD_SAMPLING = 7717  # the guards' fresh samples (baseline, fresh labels)
+    GUARD_CHOICES = 7719  # the guards' other choices (probe queries, shown order of fresh items)
+
+
+def seed_of(base: int, stream: Stream, offset: int = 0) -> int:
+    """The seed of `stream` for a run seeded `base` (plus `offset`, e.g. the iteration)."""
+    return int(base) + int(stream) + int(offset)
+
+
+def generator(base: int, stream: Stream, offset: int = 0) -> torch.Generator:
+    """A CPU torch generator for `stream`."""
+    return torch.Generator().manual_seed(seed_of(base, stream, offset))
+
+
+def rng(base: int, stream: Stream, offset: int = 0) -> random.Random:
+    """A Python `random.Random` for `stream`."""
+    return random.Random(seed_of(base, stream, offset))
