@@ -62,8 +62,7 @@ def worker(a) -> None:
     from megacoach.config import build_config
     from megacoach.distributed import Dist
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
@@ -91,10 +90,9 @@ def worker(a) -> None:
     })
     torch.manual_seed(dist.seed(a.seed))
     policy, tok = load_causal_lm(a.model)
-    ref = frozen_reference(policy)
     coach = RewardModel.from_base(a.model, tokenizer=tok, seed=a.seed).eval()
     queries = load_queries(cfg.task, tok, "train", 512, a.seed + 31)
-    trainer = PPOTrainer(cfg, policy, ref, tok, coach, queries, dist=dist)
+    trainer = build_trainer(cfg, lm=policy, tok=tok, values_coach=coach, queries=queries, dist=dist)
     if not dist.is_main:
         trainer.lockstep.follow(trainer)
         dist.close()

@@ -28,8 +28,7 @@ def run(path: str, seed: int, a) -> tuple[list[dict], float]:
     from megacoach.config import load_config
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import seed_everything
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
@@ -41,14 +40,13 @@ def run(path: str, seed: int, a) -> tuple[list[dict], float]:
     cfg = load_config(overrides=[over])
     seed_everything(seed, a.threads, cfg.run.mmap_threshold_mib)
     policy, tok = load_causal_lm("builtin", fused_activation=cfg.model.fused_activation)
-    ref = frozen_reference(policy)
     if a.values_coach:
         coach = RewardModel.from_pretrained(a.values_coach, policy_tokenizer=tok)
     else:
         coach = RewardModel.from_base("builtin", tokenizer=tok, seed=0)
     coach.eval()
     queries = load_queries(cfg.task, tok, "train", 512, 31)
-    trainer = PPOTrainer(cfg, policy, ref, tok, coach, queries)
+    trainer = build_trainer(cfg, lm=policy, tok=tok, values_coach=coach, queries=queries)
     rows = []
     t0 = time.time()
     for _ in range(trainer.n_iterations):

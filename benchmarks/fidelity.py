@@ -27,7 +27,7 @@ def perplexity(model, tok, queries: list[str], responses: list[str], query_lengt
     """Perplexity of responses (given their queries) under `model`."""
     import torch
 
-    from megacoach.lm.padding import lm_inputs
+    from megacoach.lm.hf import lm_inputs
 
     nll, n = 0.0, 0
     with torch.inference_mode():

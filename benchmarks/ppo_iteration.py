@@ -130,8 +130,7 @@ def main(argv=None) -> int:
     from megacoach.lm.loading import load_causal_lm
     from megacoach.lm.pretrain import train_tokenizer
     from megacoach.memory import set_mmap_threshold
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import Query
 
@@ -166,7 +165,6 @@ def main(argv=None) -> int:
     set_mmap_threshold(cfg.run.mmap_threshold_mib)  # as `megacoach train` does (megacoach/memory.py)
 
     policy, tok = load_causal_lm(str(tmp), fused_activation=cfg.model.fused_activation)
-    ref = frozen_reference(policy)
     coach = RewardModel.from_base(str(tmp), tokenizer=tok, seed=a.seed)
     coach.eval()
     ids = tok("\n\n".join(texts[:4]))["input_ids"]
@@ -174,7 +172,7 @@ def main(argv=None) -> int:
     n_prompts = a.batch_size * (a.warmup + a.iterations)
     starts = torch.randint(0, len(ids) - a.query_length, (n_prompts,), generator=g).tolist()
     queries = [Query("", ids[s:s + a.query_length]) for s in starts]
-    trainer = PPOTrainer(cfg, policy, ref, tok, coach, queries)
+    trainer = build_trainer(cfg, lm=policy, tok=tok, values_coach=coach, queries=queries)
 
     gen_times: list[float] = []
     inner = trainer.generator.generate

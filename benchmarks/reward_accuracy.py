@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     from megacoach.config import RewardConfig, TaskConfig
     from megacoach.errors import MegacoachError
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.lm.padding import left_pad
+    from megacoach.lm.hf import left_pad
     from megacoach.reward.train import retrain_from_scratch
 
     args = parse_args(argv)

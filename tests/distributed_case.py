@@ -86,19 +86,17 @@ def comparisons(n: int, seed: int, pad: int, vocab: int = 300, k: int = 4):
 
 def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward import RewardModel, retrain_from_scratch
     from megacoach.tasks import load_queries
 
     torch.manual_seed(dist.seed(0))
     cfg = build_config(PPO_SETTINGS)
     lm, tok = load_causal_lm(model_dir)
-    ref = frozen_reference(lm)
     coach = RewardModel.from_base(model_dir, tokenizer=tok, seed=3).eval()
     queries = load_queries(cfg.task, tok, "train", 64, cfg.run.seed + 31)
     gen = Replay(replay) if replay is not None else Recording(HFGenerator(lm, tok.pad_token_id))
-    trainer = PPOTrainer(cfg, lm, ref, tok, coach, queries, generator=gen, dist=dist)
+    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries, generator=gen, dist=dist)
     out = {}
     halted = None
     if dist.is_main:  # as in megacoach train: rank 0 runs the loop, the others follow its iterations

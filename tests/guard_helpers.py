@@ -38,7 +38,7 @@ class CoachLabeler:
     def score(self, query: str, text: str) -> float:
         key = (query, text)
         if key not in self.cache:
-            from megacoach.lm.padding import left_pad
+            from megacoach.lm.hf import left_pad
 
             q = self.tok(query)["input_ids"][-24:]
             r = self.tok(text)["input_ids"] if text else []

@@ -11,9 +11,10 @@ from megacoach.config import TaskConfig, load_config, parse_override
 from megacoach.errors import ConfigError, DataError
 from megacoach.lm.corpus import HELDOUT_PLAYS, parse_play, split_plays
 from megacoach.lm.loading import load_causal_lm, load_tokenizer
-from megacoach.lm.padding import left_pad, lm_inputs, position_ids_from_mask
+from megacoach.lm.hf import left_pad, lm_inputs, position_ids_from_mask
 from megacoach.sampling import HFGenerator
-from megacoach.tasks import load_queries, stop_token_ids, truncate_responses
+from megacoach.ppo.episodes import stop_token_ids, truncate_responses
+from megacoach.tasks import load_queries
 
 
 @pytest.fixture(scope="module")

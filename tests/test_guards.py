@@ -165,8 +165,7 @@ def rig(prepared, tmp_path_factory):
     from megacoach.labels.labelers import load_labeler
     from megacoach.labels.store import LabelStore
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
@@ -176,7 +175,7 @@ def rig(prepared, tmp_path_factory):
     torch.manual_seed(0)
     lm, tok = load_causal_lm(str(md))
     coach = RewardModel.from_pretrained(coach_dir, policy_tokenizer=tok)
-    trainer = PPOTrainer(cfg, lm, frozen_reference(lm), tok, coach, load_queries(cfg.task, tok, "train", 64, 31))
+    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 64, 31))
     store = LabelStore(f"sqlite:///{run / 'labels.db'}")
     return cfg, trainer, store, load_labeler(cfg.labels.labeler)
 

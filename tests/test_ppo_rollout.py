@@ -10,8 +10,7 @@ import torch
 def _trainer(model_dir, **ppo):
     from megacoach.config import load_config
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo.policy import frozen_reference
-    from megacoach.ppo.trainer import PPOTrainer
+    from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
@@ -19,7 +18,7 @@ def _trainer(model_dir, **ppo):
     torch.manual_seed(0)
     lm, tok = load_causal_lm(str(model_dir))
     coach = RewardModel.from_base(str(model_dir), tokenizer=tok, seed=0).eval()
-    return PPOTrainer(cfg, lm, frozen_reference(lm), tok, coach, load_queries(cfg.task, tok, "train", 32, 31))
+    return build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 32, 31))
 
 
 @pytest.mark.parametrize("rollout_pass", ["sampling", "forward"])

@@ -16,7 +16,7 @@ from megacoach.errors import DataError
 from megacoach.lm.loading import load_causal_lm
 from megacoach.ppo import episodes
 from megacoach.sampling import HFGenerator, ResponseGenerator
-from megacoach.tasks import Query, load_queries, stop_token_ids
+from megacoach.tasks import Query, load_queries
 
 
 @dataclass
@@ -33,7 +33,7 @@ class TaskSampler:
 
     def __init__(self, generator: ResponseGenerator, tokenizer, task: TaskConfig):
         self.gen, self.tok, self.task = generator, tokenizer, task
-        self.stop_ids = stop_token_ids(tokenizer, task.truncate_token)
+        self.stop_ids = episodes.stop_token_ids(tokenizer, task.truncate_token)
 
     def query_tensor(self, queries: list[Query]) -> torch.Tensor:
         return episodes.pad_queries(queries, self.tok.pad_token_id, self.task.query_length)

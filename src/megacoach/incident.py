@@ -40,13 +40,13 @@ from megacoach.guards.alarms import GuardFailure
 from megacoach.labels.labelers import labeler_scores, load_labeler
 from megacoach.labels.store import LabelStore, NewSample
 from megacoach.lm.loading import load_causal_lm
-from megacoach.lm.padding import lm_inputs
+from megacoach.lm.hf import lm_inputs
 from megacoach.pipeline import collect_labels, eval_queries, seed_everything, train, values_coach
 from megacoach.ppo import episodes, maths
+from megacoach.ppo.episodes import stop_token_ids
 from megacoach.ppo.policy import Apprentice, frozen_reference
 from megacoach.runs import RunDir
 from megacoach.sampling import HFGenerator
-from megacoach.tasks import stop_token_ids
 
 MODES = ("full", "monitors", "labelers", "off")
 

@@ -29,7 +29,7 @@ from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
 from megacoach.labels.store import LabelStore, NewSample
 from megacoach.lm.loading import load_causal_lm
-from megacoach.lm.padding import left_pad
+from megacoach.lm.hf import left_pad
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
 from megacoach.online import OnlineLabeling

@@ -20,8 +20,7 @@ from typing import Protocol
 
 import torch
 
-from megacoach.lm.padding import position_ids_from_mask
-from megacoach.lm.parts import CACHE_KW, cache_of, trunk_of
+from megacoach.lm.hf import CACHE_KW, cache_of, position_ids_from_mask, trunk_of
 
 
 @dataclass

@@ -1,10 +1,6 @@
-"""The task: where queries come from, and the truncation / validity rules applied to responses.
+"""The task: where queries come from (the built-in Shakespeare excerpts, a JSONL/text file, or a dataset).
 
-Rules, as the paper's reference code does them (see TaskConfig for the defaults):
-- A response is sampled for exactly `response_length` tokens.
-- Truncation: the first token at response position >= `truncate_after` whose text contains `truncate_token`
-  is kept, and everything after it is replaced by the pad token. The Values Coach scores the truncated text.
-- Validity: a response that contains no such token is invalid and gets `penalty_reward` instead of a score.
+The rules applied to the responses (truncation, validity) are the episode's: megacoach/ppo/episodes.py.
 """
 
 from __future__ import annotations
@@ -14,8 +10,6 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from megacoach.config import TaskConfig
 from megacoach.errors import ConfigError, DataError
@@ -122,30 +116,3 @@ def load_queries(task: TaskConfig, tokenizer, split: str, n: int, seed: int) -> 
     pool = texts[-n_eval:] if split == "eval" and n_eval else texts[: len(texts) - n_eval] or texts
     chosen = [pool[rng.randrange(len(pool))] for _ in range(n)] if len(pool) < n else rng.sample(pool, n)
     return [Query(t, tokenizer(t)["input_ids"][-task.query_length:]) for t in chosen]
-
-
-# ------------------------------------------------------------------------------------- truncation rules
-def stop_token_ids(tokenizer, truncate_token: str | None) -> torch.Tensor:
-    """Ids of every vocabulary token whose text contains the truncate token (BPE may merge '.' with others)."""
-    if truncate_token is None:
-        return torch.zeros(0, dtype=torch.long)
-    ids = [i for i in range(len(tokenizer)) if truncate_token in tokenizer.decode([i])]
-    if not ids:
-        raise ConfigError(f"task.truncate_token {truncate_token!r} occurs in no token of the tokenizer")
-    return torch.tensor(sorted(ids), dtype=torch.long)
-
-
-def truncate_responses(responses: torch.Tensor, stop_ids: torch.Tensor, truncate_after: int,
-                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(truncated [B,T], valid [B] bool). Keeps the first stop token at position >= truncate_after, pads after it.
-
-    With no truncate token (empty stop_ids) every response is valid and kept whole."""
-    B, T = responses.shape
-    if stop_ids.numel() == 0:
-        return responses.clone(), torch.ones(B, dtype=torch.bool)
-    is_stop = torch.isin(responses, stop_ids)
-    is_stop[:, :truncate_after] = False
-    valid = is_stop.any(dim=1)
-    first = torch.where(valid, is_stop.float().argmax(dim=1), torch.full((B,), T - 1))
-    keep = torch.arange(T).unsqueeze(0) <= first.unsqueeze(1)
-    return torch.where(keep, responses, torch.full_like(responses, pad_id)), valid

@@ -135,7 +135,7 @@ def reward_train(
 def _sequences(conts, pad_id: int, query_length: int):
     import torch
 
-    from megacoach.lm.padding import left_pad
+    from megacoach.lm.hf import left_pad
 
     rows = [left_pad([c.query.token_ids], pad_id, query_length)[0].tolist() + c.response_ids for c in conts]
     width = max(len(r) for r in rows)

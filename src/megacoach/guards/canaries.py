@@ -23,7 +23,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from megacoach.errors import ConfigError, DataError
+from megacoach.ppo.episodes import stop_token_ids, truncate_responses
 from megacoach.tasks import Query
 
 # (prompt, good continuation, bad continuation). Written for this project.
@@ -152,9 +155,6 @@ def _read_file(path: Path) -> list[tuple[str, str, str]]:
 
 def load_canaries(spec: str, tokenizer, task, labeler=None, log=None) -> list[Canary]:
     """The configured canaries, tokenised for the task, checked against the truncation rule and the labeler."""
-    from megacoach.tasks import stop_token_ids, truncate_responses
-    import torch
-
     if spec == "none":
         return []
     raw = BUILTIN if spec == "builtin" else _read_file(Path(spec))

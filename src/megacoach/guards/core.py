@@ -28,7 +28,6 @@ import torch
 from rich.console import Console
 
 from megacoach import seeds
-from megacoach.guards import probe as P
 from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
 from megacoach.guards.canaries import load_canaries
 from megacoach.guards.monitors import MONITORS, Thresholds, judge
@@ -36,7 +35,7 @@ from megacoach.guards.preflight import canary_margins, run_preflight
 from megacoach.guards.stats import alpha_per_check, ols, z_for
 from megacoach.labels.labelers import label_items, labeler_scores
 from megacoach.labels.store import NewSample
-from megacoach.ppo import episodes, maths
+from megacoach.ppo import episodes, maths, objective
 from megacoach.sampling import HFGenerator
 from megacoach.tasks import Query
 
@@ -177,7 +176,9 @@ class Guards:
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
         tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
         k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).cpu().numpy()
-        push = P.ppo_push(tr, batch).numpy()
+        p = tr.cfg.ppo
+        push = objective.loss_push(batch.logprobs, path.advantages, batch.values, path.returns, p.cliprange,
+                                   p.cliprange_value, p.vf_coef).numpy()
         fit = ols(push, score, k1)
         m = {"guard/score_gap": gap}
         figs = {"score_gap": gap}

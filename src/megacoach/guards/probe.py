@@ -40,22 +40,11 @@ def with_scores(trainer, batch, raw_scores: torch.Tensor, valid: torch.Tensor | 
 
 
 def ppo_push(trainer, batch, advantages: torch.Tensor | None = None) -> torch.Tensor:
-    """[B] minus the gradient of `objective.ppo_loss` with respect to each response's token
-    log-probabilities at ratio 1, summed over the response (scaled by the number of tokens)."""
+    """[B] PPO's push on each response of the batch (`objective.loss_push`, with the trainer's PPO settings)."""
     p = trainer.cfg.ppo
-    path = batch.path
-    old = batch.logprobs.detach().clone().float()
-    adv = (path.advantages if advantages is None else advantages).detach().clone().float()
-    values = batch.values.detach().clone().float()
-    returns = path.returns.detach().clone().float()
-    with torch.enable_grad():
-        new = old.clone().requires_grad_(True)
-        loss, _ = objective.ppo_loss(new, old, adv, values.clone(), values, returns, p.cliprange,
-                                     p.cliprange_value, p.vf_coef)
-        (grad,) = torch.autograd.grad(loss, new, allow_unused=True)
-    if grad is None:
-        return torch.zeros(old.shape[0])
-    return (-grad * grad.numel()).sum(1).detach()
+    adv = batch.path.advantages if advantages is None else advantages
+    return objective.loss_push(batch.logprobs, adv, batch.values, batch.path.returns, p.cliprange,
+                               p.cliprange_value, p.vf_coef)
 
 
 def stages(trainer, batch) -> dict[str, np.ndarray]:

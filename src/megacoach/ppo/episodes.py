@@ -4,7 +4,7 @@ An episode is a query, a response, and everything the reward path needs about th
 
     1. pad the queries (left, to `task.query_length`);
     2. sample responses through a `ResponseGenerator` (or take given ones: labeled samples, canaries);
-    3. truncation and validity (the task's rule, `tasks.truncate_responses`), and the decoded text;
+    3. truncation and validity (the task's rule, `truncate_responses` below), and the decoded text;
     4. the Values Coach's score of query + truncated response, and the episode score
        (`objective.episode_scores`: the score, or the invalid-response penalty);
     5. the Apprentice's old log-probs and values, the original model's reference log-probs;
@@ -14,7 +14,7 @@ The trainer's rollout (`rollout`), the guards' probes and checks (`build`, `epis
 incident's evaluation and the continuations sampler (`sample`) all build episodes here, so the guards' promise
 that they run the same code as training is the structure of the code, not a convention. Functions that need the
 models take the trainer `tr` (its `cfg`, `tok`, `pad_id`, `stop_ids`, `apprentice`, `ref_lm`, `values_coach`,
-`kl_ctl`, `dist`), read at call time: a Values Coach swapped in, or a probe's scratch config, is what they use.
+`kl_ctl`, `dist`, `ddp`), read at call time: a Values Coach swapped in, or a probe's scratch config, is what they use.
 Links of the reward path are looked up through `objective` at call time (the incident's bug variants patch them).
 """
 
@@ -25,11 +25,12 @@ from dataclasses import dataclass, field
 import torch
 
 from megacoach.config import TaskConfig
-from megacoach.lm.padding import left_pad
+from megacoach.errors import ConfigError
+from megacoach.lm.hf import left_pad
 from megacoach.ppo import maths, objective
 from megacoach.ppo.policy import reference_logits
 from megacoach.sampling import ResponseGenerator, sample_in_batches
-from megacoach.tasks import Query, truncate_responses
+from megacoach.tasks import Query
 
 
 @dataclass
@@ -70,6 +71,37 @@ class Sampled:
     logprobs: torch.Tensor  # [N, T] the sampler's log-probs
     ids: list[list[int]]  # truncated response tokens without padding
     texts: list[str]
+
+
+# ------------------------------------------------------------------------------------------ the task's rules
+# As the paper's reference code does them (TaskConfig has the defaults): a response is sampled for exactly
+# `response_length` tokens; truncation keeps the first token at response position >= `truncate_after` whose text
+# contains `truncate_token` and replaces everything after it by the pad token (the Values Coach scores the
+# truncated text); a response with no such token is invalid and gets `penalty_reward` instead of a score.
+def stop_token_ids(tokenizer, truncate_token: str | None) -> torch.Tensor:
+    """Ids of every vocabulary token whose text contains the truncate token (BPE may merge '.' with others)."""
+    if truncate_token is None:
+        return torch.zeros(0, dtype=torch.long)
+    ids = [i for i in range(len(tokenizer)) if truncate_token in tokenizer.decode([i])]
+    if not ids:
+        raise ConfigError(f"task.truncate_token {truncate_token!r} occurs in no token of the tokenizer")
+    return torch.tensor(sorted(ids), dtype=torch.long)
+
+
+def truncate_responses(responses: torch.Tensor, stop_ids: torch.Tensor, truncate_after: int,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(truncated [B,T], valid [B] bool). Keeps the first stop token at position >= truncate_after, pads after it.
+
+    With no truncate token (empty stop_ids) every response is valid and kept whole."""
+    B, T = responses.shape
+    if stop_ids.numel() == 0:
+        return responses.clone(), torch.ones(B, dtype=torch.bool)
+    is_stop = torch.isin(responses, stop_ids)
+    is_stop[:, :truncate_after] = False
+    valid = is_stop.any(dim=1)
+    first = torch.where(valid, is_stop.float().argmax(dim=1), torch.full((B,), T - 1))
+    keep = torch.arange(T).unsqueeze(0) <= first.unsqueeze(1)
+    return torch.where(keep, responses, torch.full_like(responses, pad_id)), valid
 
 
 # ------------------------------------------------------------------------------------------ steps 1-3
@@ -183,7 +215,7 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     on the whole (gathered) batch on every process."""
     t = tr.cfg.task
     all_query_ids = pad_queries(queries, tr.pad_id, t.query_length)
-    query_ids = tr.dist.shard(all_query_ids)
+    query_ids = tr.dist.shard(all_query_ids) if tr.ddp else all_query_ids  # this process's share
     tr.apprentice.eval()
     from_sampling = tr.cfg.ppo.rollout_pass == "sampling" and tr.apprentice.value_trunk is None
     roll = tr.generator.generate(query_ids, t.response_length, t.temperature, rng, return_hidden=from_sampling)
@@ -200,8 +232,9 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
         ref_logprobs = reference_logprobs(tr, qr).clone()
     else:  # the straightforward path: one more full forward of the Apprentice
         logprobs, ref_logprobs, values, _ = (x.clone() for x in forward_old(tr, qr))
-    responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values = tr.dist.gather(
-        responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values)
+    if tr.ddp:  # the whole batch on every process: the reward path runs on all of it
+        responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values = tr.dist.gather(
+            responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values)
     _, texts = decode(tr.tok, truncated, tr.pad_id)
     batch = Batch(queries, all_query_ids, responses, truncated, valid, raw_scores, logprobs, ref_logprobs, values,
                   texts=texts)

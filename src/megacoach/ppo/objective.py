@@ -58,6 +58,24 @@ def ppo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
     return pg_loss + vf_coef * vf_loss, stats
 
 
+def loss_push(old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor, returns: torch.Tensor,
+              cliprange: float, cliprange_value: float, vf_coef: float) -> torch.Tensor:
+    """[B] PPO's push on each response: minus the gradient of `ppo_loss` with respect to its token log-probabilities
+    at ratio 1, summed over the response (scaled by the number of tokens). Its sign is "one gradient step makes this
+    response more (+) or less (-) likely", whatever sits between the Values Coach and the loss."""
+    old = old_logprobs.detach().clone().float()
+    adv = advantages.detach().clone().float()
+    values = values.detach().clone().float()
+    returns = returns.detach().clone().float()
+    with torch.enable_grad():
+        new = old.clone().requires_grad_(True)
+        loss, _ = ppo_loss(new, old, adv, values.clone(), values, returns, cliprange, cliprange_value, vf_coef)
+        (grad,) = torch.autograd.grad(loss, new, allow_unused=True)
+    if grad is None:
+        return torch.zeros(old.shape[0])
+    return (-grad * grad.numel()).sum(1).detach()
+
+
 @dataclass
 class RewardPath:
     """Everything the reward path produced for one batch (all [B] or [B, T], detached)."""

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megacoach.lm.padding import lm_inputs
-from megacoach.lm.parts import hidden_size_of, trunk_of
+from megacoach.lm.hf import hidden_size_of, lm_inputs, trunk_of
 
 
 @dataclass

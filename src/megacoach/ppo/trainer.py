@@ -32,7 +32,7 @@ from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.ppo.policy import Apprentice
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
-from megacoach.tasks import Query, stop_token_ids
+from megacoach.tasks import Query
 
 __all__ = ["Batch", "PPOTrainer"]
 
@@ -64,17 +64,19 @@ class PPOTrainer:
                  train_queries: list[Query], generator: ResponseGenerator | None = None, dist: Dist | None = None):
         self.cfg, self.tok = cfg, tokenizer
         self.dist = dist or Dist.single()  # several processes: see megacoach/distributed.py
+        self.ddp = self.dist.processes > 1  # as nanoGPT's `if ddp:` — one process never talks to the others
         check_world(cfg, self.dist)
         self.pad_id = tokenizer.pad_token_id
         self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model)
-        self.dist.broadcast_module(self.apprentice)  # every replica starts from rank 0's weights
+        if self.ddp:
+            self.dist.broadcast_module(self.apprentice)  # every replica starts from rank 0's weights
         self.ref_lm = ref_lm
         self.values_coach = values_coach
         if not train_queries:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
         self.generator = generator or HFGenerator(policy_lm, self.pad_id)
-        self.stop_ids = stop_token_ids(tokenizer, cfg.task.truncate_token)
+        self.stop_ids = episodes.stop_token_ids(tokenizer, cfg.task.truncate_token)
         self.kl_ctl = make_kl_controller(cfg.kl)
         p = cfg.ppo
         self.n_iterations = max(1, p.total_episodes // p.batch_size)
@@ -95,7 +97,7 @@ class PPOTrainer:
                      "minibatch": seeds.generator(seed, seeds.Stream.PPO_MINIBATCHES)}
         self.iteration_no = 0
         self.episodes = 0
-        self.lockstep = Lockstep(self.dist, values_coach) if self.dist.processes > 1 else None
+        self.lockstep = Lockstep(self.dist, values_coach) if self.ddp else None
 
     # ------------------------------------------------------------------ one whole iteration
     def iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
@@ -110,8 +112,10 @@ class PPOTrainer:
         batch = self.rollout(self.next_queries())  # 1-6. sample, score, log-probs, reward path
         t_roll = time.time() - t0
         check_finite(batch, self.iteration_no + 1)
-        if before_update is not None or self.dist.distributed:
+        if self.ddp:
             self.dist.run_on_main(before_update, batch)  # 7. rank 0's guards decide for every process
+        elif before_update is not None:
+            before_update(batch)  # 7. the guards look at what is about to be optimised
         kl_coef = self.kl_ctl.value
         stats = self.update(batch)  # 8. PPO epochs x minibatches
         self.kl_ctl.update(float(maths.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. the Coherence Coach
@@ -138,13 +142,15 @@ class PPOTrainer:
         p, T, temp = self.cfg.ppo, self.cfg.task.response_length, self.cfg.task.temperature
         qr = batch.query_responses
         B = qr.shape[0]
-        micro = p.mini_batch_size // p.gradient_accumulation_steps // self.dist.world_size
+        micro = p.mini_batch_size // p.gradient_accumulation_steps // (self.dist.world_size if self.ddp else 1)
         self.apprentice.train()
         acc: dict[str, list[float]] = {}
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.gens["minibatch"])
             for mb_start in range(0, B, p.mini_batch_size):
-                mb = self.dist.shard(order[mb_start:mb_start + p.mini_batch_size])  # this process's share
+                mb = order[mb_start:mb_start + p.mini_batch_size]
+                if self.ddp:
+                    mb = self.dist.shard(mb)  # this process's share
                 self.optimizer.zero_grad(set_to_none=True)
                 for mi in range(0, len(mb), micro):
                     idx = mb[mi:mi + micro]
@@ -161,11 +167,13 @@ class PPOTrainer:
                         stats["total_loss"] = loss.detach()
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
-                self.dist.reduce_gradients(self.apprentice.parameters())  # mean over processes = whole minibatch
+                if self.ddp:
+                    self.dist.reduce_gradients(self.apprentice.parameters())  # mean over processes = whole minibatch
                 self.optimizer.step()
                 self.scheduler.step()
         self.apprentice.eval()
-        return self.dist.mean_metrics({k: float(np.mean(v)) for k, v in acc.items()})
+        stats = {k: float(np.mean(v)) for k, v in acc.items()}
+        return self.dist.mean_metrics(stats) if self.ddp else stats
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:

@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from megacoach.errors import ConfigError, DataError
-from megacoach.lm.padding import lm_inputs, position_ids_from_mask
-from megacoach.lm.parts import CACHE_KW, cache_of
+from megacoach.lm.hf import CACHE_KW, cache_of, lm_inputs, position_ids_from_mask
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"

@@ -1,8 +1,12 @@
-"""Left padding and position ids, as the paper's code does them, so padding never changes logits."""
+"""How megacoach talks to a Hugging Face causal LM: left padding and position ids (as the paper's code does them,
+so padding never changes logits), the model's transformer trunk and width, and its KV cache."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+CACHE_KW = "cache"  # transformers >= 5.2x names the KV cache argument `cache` (formerly `past_key_values`)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, length: int | None = None) -> torch.Tensor:
@@ -31,3 +35,18 @@ def lm_inputs(input_ids: torch.Tensor, pad_id: int) -> dict:
 def forward(model, input_ids: torch.Tensor, pad_id: int, **kwargs):
     """One forward pass of any HF causal LM (or its trunk) over a padded batch."""
     return model(**lm_inputs(input_ids, pad_id), **kwargs)
+
+
+def trunk_of(lm) -> nn.Module:
+    """The transformer body of a HF causal LM (GPT-2: `.transformer`; most others: `.model`)."""
+    return lm.get_decoder() if hasattr(lm, "get_decoder") and lm.get_decoder() is not None else lm.base_model
+
+
+def hidden_size_of(lm) -> int:
+    cfg = lm.config
+    return getattr(cfg, "n_embd", None) or getattr(cfg, "hidden_size")
+
+
+def cache_of(out):
+    """The KV cache a forward pass with `use_cache=True` returned (under either name)."""
+    return out.get(CACHE_KW, out.get("past_key_values"))
