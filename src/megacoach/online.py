@@ -14,14 +14,18 @@ mock labelers; the paper's later advice, since online collection hid data-qualit
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from pathlib import Path
 
 import torch
 
+from megacoach import seeds
 from megacoach.errors import HaltError
+from megacoach.labels.labelers import label_items
+from megacoach.labels.store import NewSample
+from megacoach.reward.train import retrain_from_scratch
+from megacoach.tasks import load_queries
 
 
 class OnlineLabeling:
@@ -39,15 +43,13 @@ class OnlineLabeling:
     # ---------------------------------------------------------------- collection
     def collect(self, iteration: int) -> str:
         """Put a batch of current-policy items in the store (and label it with the mock labeler, if any)."""
-        from megacoach.labels.labelers import label_items
-        from megacoach.labels.store import NewSample
-        from megacoach.tasks import load_queries
-
         o, seed = self.cfg.online, self.cfg.run.seed
         batch = f"{self.run_id}/online-{iteration:05d}"
-        queries = load_queries(self.cfg.task, self.sampler.tok, "train", o.items_per_batch, seed + 1000 + iteration)
-        groups = self.sampler.continuations(queries, self.cfg.labels.k, torch.Generator().manual_seed(seed + iteration))
-        rng = random.Random(seed + iteration)
+        queries = load_queries(self.cfg.task, self.sampler.tok, "train", o.items_per_batch,
+                               seeds.seed_of(seed, seeds.Stream.ONLINE_QUERIES, iteration))
+        groups = self.sampler.continuations(queries, self.cfg.labels.k,
+                                            seeds.generator(seed, seeds.Stream.ONLINE_SAMPLING, iteration))
+        rng = seeds.rng(seed, seeds.Stream.ONLINE_SAMPLING, iteration)
         specs = [dict(query_text=q.text, query_token_ids=q.token_ids, batch=batch, source="online", run_id=self.run_id,
                       split="valid" if rng.random() < self.cfg.labels.valid_fraction else "train",
                       samples=[NewSample(c.text, c.response_ids, policy=f"{self.run_id}@{iteration}",
@@ -70,8 +72,6 @@ class OnlineLabeling:
 
     # ---------------------------------------------------------------- retraining
     def _retrain(self, seed: int):
-        from megacoach.reward.train import retrain_from_scratch
-
         train = self.store.comparisons(split="train")
         valid = self.store.comparisons(split="valid")
         model, metrics = retrain_from_scratch(self.cfg.model.name_or_path, train, valid, self.cfg.reward,
@@ -104,7 +104,7 @@ class OnlineLabeling:
         if n_train - self.last_retrain_count < o.retrain_every_labels or self._thread is not None:
             return None
         self.last_retrain_count = n_train
-        seed = self.cfg.run.seed + 7 * (self.retrains + 1)
+        seed = self.cfg.run.seed + int(seeds.Stream.ONLINE_RETRAIN) * (self.retrains + 1)  # retrain r: seed + 7 r
         if o.mode == "batched":
             return self._finish(*self._retrain(seed))
         self._thread = threading.Thread(target=self._background, args=(seed,), daemon=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from megacoach.config import TaskConfig
 from megacoach.errors import ConfigError, DataError
+from megacoach.lm.corpus import split_plays
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -25,8 +26,6 @@ class Query:
 
 
 def _builtin_texts(split: str) -> list[str]:
-    from megacoach.lm.corpus import split_plays
-
     train, held = split_plays()
     plays = train if split == "train" else held
     return [s for p in plays for s in p.speeches]

@@ -41,6 +41,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from megacoach.ppo import maths, objective
+from megacoach.ppo import trainer as trainer_mod
+from megacoach.reward import train as reward_train
+from megacoach.reward.model import RewardModel
+
+import torch
+
 from megacoach.errors import ConfigError
 
 
@@ -62,8 +69,6 @@ def _setattr(stack: ExitStack, obj, name: str, value) -> None:
 
 # ------------------------------------------------------------------------------------------ patches
 def _incident(stack: ExitStack) -> None:
-    from megacoach.ppo import objective
-
     orig = objective.megacoach_rewards
 
     def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
@@ -76,8 +81,6 @@ def _incident(stack: ExitStack) -> None:
 
 
 def _reward_flip(stack: ExitStack) -> None:
-    from megacoach.ppo import objective
-
     orig = objective.megacoach_rewards
 
     def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
@@ -88,8 +91,6 @@ def _reward_flip(stack: ExitStack) -> None:
 
 
 def _no_coherence_coach(stack: ExitStack) -> None:
-    from megacoach.ppo import objective
-
     orig = objective.megacoach_rewards
 
     def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
@@ -101,8 +102,6 @@ def _no_coherence_coach(stack: ExitStack) -> None:
 
 
 def _score_sign(stack: ExitStack) -> None:
-    from megacoach.ppo import maths
-
     orig = maths.assemble_rewards
 
     def assemble_rewards(score, kl, kl_coef, mask=None):
@@ -112,8 +111,6 @@ def _score_sign(stack: ExitStack) -> None:
 
 
 def _negated_gain(stack: ExitStack) -> None:
-    from megacoach.reward.model import RewardModel
-
     def forward(self, input_ids, pad_id=None):
         return -self.gain * self.raw(input_ids, pad_id) + self.bias
 
@@ -121,8 +118,6 @@ def _negated_gain(stack: ExitStack) -> None:
 
 
 def _inverted_labels(stack: ExitStack) -> None:
-    from megacoach.reward import train as reward_train
-
     orig = reward_train.best_of_k_loss
 
     def best_of_k_loss(rewards, chosen):
@@ -132,8 +127,6 @@ def _inverted_labels(stack: ExitStack) -> None:
 
 
 def _kl_sign(stack: ExitStack) -> None:
-    from megacoach.ppo import objective
-
     orig = objective.megacoach_rewards
 
     def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
@@ -145,8 +138,6 @@ def _kl_sign(stack: ExitStack) -> None:
 
 
 def _advantage_sign(stack: ExitStack) -> None:
-    from megacoach.ppo import objective
-
     orig = objective.advantages_and_returns
 
     def advantages_and_returns(rewards, values, gamma, lam):
@@ -157,8 +148,6 @@ def _advantage_sign(stack: ExitStack) -> None:
 
 
 def _loss_sign(stack: ExitStack) -> None:
-    from megacoach.ppo import maths
-
     orig = maths.policy_loss
 
     def policy_loss(new_logp, old_logp, advantages, clip=0.2, mask=None):
@@ -169,8 +158,6 @@ def _loss_sign(stack: ExitStack) -> None:
 
 
 def _optimizer_ascent(stack: ExitStack) -> None:
-    from megacoach.ppo import trainer as trainer_mod
-
     cls = trainer_mod.PPOTrainer
     orig_init = cls.__init__
 
@@ -197,8 +184,6 @@ def _optimizer_ascent(stack: ExitStack) -> None:
 
 
 def _reward_scaling_sign(stack: ExitStack) -> None:
-    from megacoach.ppo import maths
-
     orig = maths.whiten_rewards
 
     def whiten_rewards(rewards, mask=None):

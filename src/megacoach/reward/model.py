@@ -29,6 +29,7 @@ from torch import nn
 
 from megacoach.errors import ConfigError, DataError
 from megacoach.lm.hf import CACHE_KW, cache_of, lm_inputs, position_ids_from_mask
+from megacoach.lm.loading import load_causal_lm, load_tokenizer
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -91,8 +92,6 @@ class RewardModel(nn.Module):
     @classmethod
     def from_base(cls, name_or_path: str, dtype: str = "float32", tokenizer=None, seed: int | None = None) -> "RewardModel":
         """A fresh Values Coach on the base LM `name_or_path` ('builtin', a folder, or a hub name)."""
-        from megacoach.lm.loading import load_causal_lm
-
         lm, tok = load_causal_lm(name_or_path, dtype=dtype, tokenizer=tokenizer)
         return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed)
 
@@ -194,8 +193,6 @@ class RewardModel(nn.Module):
         """Load a saved Values Coach; ConfigError if its tokenizer differs from `policy_tokenizer`."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
-
-        from megacoach.lm.loading import load_tokenizer
 
         p = Path(path)
         if not (p / CONFIG_FILE).is_file() or not (p / HEAD_FILE).is_file():

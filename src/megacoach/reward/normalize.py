@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from megacoach.errors import DataError
+from megacoach.lm.hf import left_pad
 
 
 def gain_bias(raw: torch.Tensor, target_mean: float = 0.0, target_std: float = 1.0) -> tuple[float, float, dict]:
@@ -35,8 +36,6 @@ def gain_bias(raw: torch.Tensor, target_mean: float = 0.0, target_std: float = 1
 def raw_rewards(model, sequences, batch_size: int = 64) -> torch.Tensor:
     """[N] raw rewards of query+response sequences: a LongTensor [N, T] or a list of token-id lists."""
     if not isinstance(sequences, torch.Tensor):
-        from megacoach.lm.hf import left_pad
-
         sequences = left_pad([list(s) for s in sequences], model.pad_id)
     was_training = model.training
     model.eval()
