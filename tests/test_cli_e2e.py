@@ -85,7 +85,11 @@ def test_train_writes_report_and_before_after(tiny_model_dir, tmp_path):
 def test_kill_and_resume_gives_identical_metrics(tiny_model_dir, tmp_path):
     episodes = ["--set", "ppo.total_episodes=240", "--set", "run.checkpoint_every=1"]
     full = tmp_path / "full"
-    subprocess.run(_train_cmd(tiny_model_dir, full, *episodes), check=True, capture_output=True)
+    done = subprocess.run(_train_cmd(tiny_model_dir, full, *episodes), check=True, capture_output=True, text=True)
+    # not a terminal (piped): one plain progress line per PPO iteration instead of a live bar
+    lines = [x for x in done.stdout.splitlines() if x.startswith("PPO ")]
+    assert [x.split()[1] for x in lines] == [f"{i}/30" for i in range(1, 31)], done.stdout[-2000:]
+    assert "score" in lines[0] and "KL" in lines[0]
     cut = tmp_path / "cut"
     proc = subprocess.Popen(_train_cmd(tiny_model_dir, cut, *episodes), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
