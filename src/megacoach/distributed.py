@@ -21,11 +21,12 @@ How the training code uses it (the maths stays in pure functions; only the edges
   to run the same iteration, with any Values Coach or state it loaded; `trainer.lockstep.release()` ends their
   loop (with rank 0's halt).
 - sections: rank 0's solitary work (guards, store, reports) runs inside `dist.local()`, where this object
-  acts as one process, so nothing called there can wait for the others; `trainer.iteration()` opens a
-  `dist.collective()` section inside it again.
+  acts as one process, so nothing called there can wait for the others; `trainer.iteration()` (through
+  `Lockstep.lead`) opens a `dist.collective()` section inside it again.
+- one process: `PPOTrainer.ddp` is False and the trainer calls none of this (as nanoGPT's `if ddp:` lines).
 
 Sharded engines (FSDP, DeepSpeed ZeRO) are not wired in: under an accelerate config that selects them,
-`Dist.from_env()` raises a ConfigError at start (see the README, "Scaling out").
+`Dist.from_env()` raises a ConfigError at start (docs/scaling-out.md).
 """
 
 from __future__ import annotations
