@@ -9,15 +9,9 @@ import pytest
 from sqlalchemy import text
 
 from megacoach.errors import DataError, StoreError
+from megacoach.labels.records import ComparisonRecord, DuplicateLabelError, NewSample
 from megacoach.labels.schema import Base
-from megacoach.labels.store import (
-    DEFAULT_URL,
-    ComparisonRecord,
-    DuplicateLabelError,
-    LabelStore,
-    NewSample,
-    normalize_url,
-)
+from megacoach.labels.store import DEFAULT_URL, LabelStore, normalize_url
 
 
 @pytest.fixture

@@ -12,8 +12,9 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 from megacoach.errors import StoreError
+from megacoach.labels.records import NewSample
 from megacoach.labels.schema import Base
-from megacoach.labels.store import LabelStore, NewSample
+from megacoach.labels.store import LabelStore
 
 
 def _engine(path):

@@ -31,7 +31,8 @@ from megacoach.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import numpy as np
 
-    from megacoach.labels.store import ComparisonRecord, ItemContent, ItemRecord, LabelStore
+    from megacoach.labels.records import ComparisonRecord, ItemContent, ItemRecord
+    from megacoach.labels.store import LabelStore
 
 RandomLike = Union[random.Random, "np.random.Generator"]
 
@@ -283,7 +284,7 @@ def label_items(store: "LabelStore", labeler: Labeler,
     order (shuffle=True) as people see them; the choice is stored as a canonical index with that
     shown order. The labeler row is `labeler.name`, kind 'program'. Writes are one transaction per
     `chunk` items; items this labeler already labeled are skipped, not doubled."""
-    from megacoach.labels.store import DuplicateLabelError, ItemContent, ItemRecord
+    from megacoach.labels.records import DuplicateLabelError, ItemContent, ItemRecord
 
     if getattr(labeler, "kind", "program") != "program":
         raise ConfigError(f"labeler {labeler.name!r}: label_items is for program labelers")

@@ -4,7 +4,8 @@ One SQLAlchemy URL holds everything (SQLite file by default; PostgreSQL works th
 store migrates it to the newest schema (Alembic, programmatically); a store written by newer code
 is refused. Every write is one transaction; plain dataclass records (never ORM objects) come back.
 
-    from megacoach.labels.store import LabelStore, NewSample
+    from megacoach.labels.records import NewSample
+    from megacoach.labels.store import LabelStore
 
     store = LabelStore("sqlite:///runs/demo/labels.db")        # or a path, or "postgresql+psycopg://..."
     content = store.create_item(                                # query + K samples + item, one transaction
@@ -51,14 +52,12 @@ writers can commit ids out of order; a reader that must not miss any should re-r
 from __future__ import annotations
 
 import datetime as dt
-import json
 import math
 import numbers
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -73,6 +72,35 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from megacoach.errors import DataError, MegacoachError, StoreError
+from megacoach.labels.records import (  # NewSample is also still importable from here
+    AndonPull,
+    AuditEntry,
+    ComparisonRecord,
+    DuplicateLabelError,
+    GuidelineRecord,
+    ItemContent,
+    ItemRecord,
+    LabelerRecord,
+    LabelerRef,
+    NewSample,
+    QueryRecord,
+    RunStatus,
+    SampleRecord,
+    SkipRecord,
+    audit_rec,
+    check_choice,
+    check_int,
+    check_json,
+    check_shown_order,
+    guideline_rec,
+    item_rec,
+    labeler_rec,
+    query_rec,
+    run_rec,
+    sample_rec,
+    skip_rec,
+    token_id_list,
+)
 from megacoach.labels.schema import (
     LABELER_KINDS,
     ROLES,
@@ -96,264 +124,6 @@ URL_ENV = "MEGACOACH_LABELS_URL"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _PG_MIGRATION_LOCK = 0x6D636F61  # pg_advisory_xact_lock key, "mcoa"
 _IN_CHUNK = 500  # ids per IN (...) list
-
-
-class DuplicateLabelError(DataError):
-    """The labeler already labeled this item: one label per (item, labeler)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Records that cross the API boundary
-
-
-@dataclass(frozen=True, slots=True)
-class QueryRecord:
-    id: int
-    text: str
-    token_ids: list[int]
-    source: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SampleRecord:
-    id: int
-    query_id: int
-    text: str
-    token_ids: list[int]
-    policy: str
-    iteration: Optional[int]
-    seed: Optional[int]
-    run_id: Optional[str]
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ItemRecord:
-    id: int
-    query_id: int
-    k: int
-    sample_ids: list[int]  # canonical order
-    batch: str
-    split: str
-    source: str
-    is_gold: bool
-    gold_choice: Optional[int]
-    is_calibration: bool
-    overlap: int
-    run_id: Optional[str]
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ItemContent:
-    """An item with its query and its K samples (canonical order): what a labeler is shown."""
-
-    item: ItemRecord
-    query: QueryRecord
-    samples: list[SampleRecord]
-
-
-@dataclass(frozen=True, slots=True)
-class LabelerRecord:
-    id: int
-    name: str
-    kind: str
-    role: str
-    active: bool
-    created_at: dt.datetime
-    password_hash: Optional[str] = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class ComparisonRecord:
-    """One label with everything the Values Coach (reward model) needs, samples in canonical order.
-
-    ``chosen`` indexes ``samples``; ``shown_order[p]`` is the canonical index shown at position p."""
-
-    id: int
-    item_id: int
-    query_id: int
-    query_text: str
-    query_token_ids: list[int]
-    samples: list[SampleRecord]
-    chosen: int
-    shown_order: list[int]
-    labeler_id: int
-    labeler_name: str
-    labeler_kind: str
-    guideline_version: str
-    time_taken_s: Optional[float]
-    flagged: bool
-    note: Optional[str]
-    too_fast: bool
-    confidence: Optional[int]
-    split: str
-    batch: str
-    item_source: str
-    is_gold: bool
-    gold_choice: Optional[int]
-    is_calibration: bool
-    item_created_at: dt.datetime
-    created_at: dt.datetime
-
-    @property
-    def k(self) -> int:
-        return len(self.samples)
-
-    @property
-    def sample_token_ids(self) -> list[list[int]]:
-        return [s.token_ids for s in self.samples]
-
-    @property
-    def sample_texts(self) -> list[str]:
-        return [s.text for s in self.samples]
-
-
-@dataclass(frozen=True, slots=True)
-class SkipRecord:
-    id: int
-    item_id: int
-    labeler_id: int
-    reason: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class GuidelineRecord:
-    version: str
-    markdown: str
-    created_at: dt.datetime
-    created_by: str
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    id: int
-    at: dt.datetime
-    actor: str
-    action: str
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AndonPull:
-    id: int
-    run_id: Optional[str]  # None: pulled on every run
-    labeler_id: int
-    labeler_name: str
-    reason: str
-    at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class RunStatus:
-    run_id: str
-    status: str  # running | paused | halted | finished
-    iteration: int
-    detail: dict[str, Any]
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class NewSample:
-    """A sample to store: text, token ids and provenance (which Apprentice checkpoint, when)."""
-
-    text: str
-    token_ids: Sequence[int]
-    policy: str = ""
-    iteration: Optional[int] = None
-    seed: Optional[int] = None
-    run_id: Optional[str] = None
-
-
-LabelerRef = Union[int, str, LabelerRecord]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Row -> record
-
-
-def _query_rec(r: QueryRow) -> QueryRecord:
-    return QueryRecord(r.id, r.text, list(r.token_ids), r.source, r.created_at)
-
-
-def _sample_rec(r: SampleRow) -> SampleRecord:
-    return SampleRecord(r.id, r.query_id, r.text, list(r.token_ids), r.policy, r.iteration, r.seed,
-                        r.run_id, r.created_at)
-
-
-def _item_rec(r: ItemRow) -> ItemRecord:
-    return ItemRecord(r.id, r.query_id, r.k, list(r.sample_ids), r.batch, r.split, r.source, bool(r.is_gold),
-                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at)
-
-
-def _labeler_rec(r: LabelerRow) -> LabelerRecord:
-    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash)
-
-
-def _skip_rec(r: SkipRow) -> SkipRecord:
-    return SkipRecord(r.id, r.item_id, r.labeler_id, r.reason, r.created_at)
-
-
-def _guideline_rec(r: GuidelineRow) -> GuidelineRecord:
-    return GuidelineRecord(r.version, r.markdown, r.created_at, r.created_by)
-
-
-def _audit_rec(r: AuditRow) -> AuditEntry:
-    return AuditEntry(r.id, r.at, r.actor, r.action, dict(r.detail or {}))
-
-
-def _run_rec(r: RunStatusRow) -> RunStatus:
-    return RunStatus(r.run_id, r.status, r.iteration, dict(r.detail or {}), r.updated_at)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation helpers (pure)
-
-
-def token_id_list(value: Any, what: str) -> list[int]:
-    """A list of non-negative ints (numpy ints accepted), else DataError naming `what`."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise DataError(f"{what}: expected a list of token ids, got {type(value).__name__}")
-    out: list[int] = []
-    for i, t in enumerate(value):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-            raise DataError(f"{what}[{i}]: expected a non-negative integer token id, got {t!r}")
-        out.append(int(t))
-    return out
-
-
-def _check_int(value: Any, what: str, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataError(f"{what}: expected an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise DataError(f"{what}: expected {rng}, got {value}")
-    return int(value)
-
-
-def _check_choice(value: Any, what: str, values: Sequence[str]) -> str:
-    if value not in values:
-        raise DataError(f"{what}: expected one of {', '.join(values)}, got {value!r}")
-    return value
-
-
-def _check_json(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{what}: not JSON-serialisable ({e})") from e
-
-
-def check_shown_order(shown_order: Optional[Sequence[int]], k: int, what: str = "shown_order") -> list[int]:
-    """Identity when None; else must be a permutation of 0..k-1 (shown position -> canonical index)."""
-    if shown_order is None:
-        return list(range(k))
-    order = [_check_int(x, f"{what}[{i}]", 0, k - 1) for i, x in enumerate(shown_order)]
-    if sorted(order) != list(range(k)):
-        raise DataError(f"{what}: expected a permutation of 0..{k - 1}, got {list(shown_order)}")
-    return order
 
 
 def _chunks(seq: Sequence[int], n: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
@@ -586,9 +356,9 @@ class LabelStore:
         people (default labeler), program for programs. An existing labeler of another kind -> DataError."""
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"labeler name: expected a non-empty string, got {name!r}")
-        _check_choice(kind, "labeler kind", LABELER_KINDS)
+        check_choice(kind, "labeler kind", LABELER_KINDS)
         role = role or ("program" if kind == "program" else "labeler")
-        _check_choice(role, "labeler role", ROLES)
+        check_choice(role, "labeler role", ROLES)
         if (kind == "program") != (role == "program"):
             raise DataError(f"labeler {name!r}: role {role!r} does not fit kind {kind!r} "
                             "(programs have role 'program'; people 'admin' or 'labeler')")
@@ -604,19 +374,19 @@ class LabelStore:
                     assert row is not None
             if row.kind != kind:
                 raise DataError(f"labeler {name!r} exists as a {row.kind}, not a {kind}")
-            return _labeler_rec(row)
+            return labeler_rec(row)
 
     def get_labeler(self, labeler: LabelerRef) -> Optional[LabelerRecord]:
         """By id or name; None if missing."""
         with self._read("read a labeler") as s:
             try:
-                return _labeler_rec(self._labeler_row(s, labeler, active=False))
+                return labeler_rec(self._labeler_row(s, labeler, active=False))
             except DataError:
                 return None
 
     def labelers(self) -> list[LabelerRecord]:
         with self._read("read labelers") as s:
-            return [_labeler_rec(r) for r in s.scalars(select(LabelerRow).order_by(LabelerRow.id))]
+            return [labeler_rec(r) for r in s.scalars(select(LabelerRow).order_by(LabelerRow.id))]
 
     def update_labeler(self, labeler: LabelerRef, *, active: Optional[bool] = None, role: Optional[str] = None,
                        password_hash: Optional[str] = None) -> LabelerRecord:
@@ -626,14 +396,14 @@ class LabelStore:
             if active is not None:
                 row.active = bool(active)
             if role is not None:
-                _check_choice(role, "labeler role", ROLES)
+                check_choice(role, "labeler role", ROLES)
                 if (row.kind == "program") != (role == "program"):
                     raise DataError(f"labeler {row.name!r}: role {role!r} does not fit kind {row.kind!r}")
                 row.role = role
             if password_hash is not None:
                 row.password_hash = password_hash
             s.flush()
-            return _labeler_rec(row)
+            return labeler_rec(row)
 
     # -- queries, samples, items -------------------------------------------------------------------
 
@@ -646,7 +416,7 @@ class LabelStore:
             row = QueryRow(text=text, token_ids=ids, source=str(source))
             s.add(row)
             s.flush()
-            return _query_rec(row)
+            return query_rec(row)
 
     def add_samples(self, query_id: int, samples: Sequence[NewSample]) -> list[SampleRecord]:
         """Store continuations of a query, with provenance (policy checkpoint, iteration, seed, run)."""
@@ -657,7 +427,7 @@ class LabelStore:
             rows = [SampleRow(query_id=query_id, **c) for c in checked]
             s.add_all(rows)
             s.flush()
-            return [_sample_rec(r) for r in rows]
+            return [sample_rec(r) for r in rows]
 
     @staticmethod
     def _check_sample(x: NewSample, what: str) -> dict[str, Any]:
@@ -667,22 +437,22 @@ class LabelStore:
             raise DataError(f"{what} text: expected a string, got {type(x.text).__name__}")
         return dict(
             text=x.text, token_ids=token_id_list(x.token_ids, f"{what} token_ids"), policy=str(x.policy),
-            iteration=None if x.iteration is None else _check_int(x.iteration, f"{what} iteration", 0),
-            seed=None if x.seed is None else _check_int(x.seed, f"{what} seed", -(2**63)),
+            iteration=None if x.iteration is None else check_int(x.iteration, f"{what} iteration", 0),
+            seed=None if x.seed is None else check_int(x.seed, f"{what} seed", -(2**63)),
             run_id=None if x.run_id is None else str(x.run_id))
 
     @staticmethod
     def _check_item_fields(k: int, split: str, source: str, is_gold: bool, gold_choice: Optional[int],
                            overlap: int) -> None:
-        _check_int(k, "k (samples per item)", 2)
-        _check_choice(split, "split", SPLITS)
+        check_int(k, "k (samples per item)", 2)
+        check_choice(split, "split", SPLITS)
         if not isinstance(source, str) or not source:
             raise DataError(f"item source: expected a non-empty string, got {source!r}")
         if gold_choice is not None:
-            _check_int(gold_choice, "gold_choice", 0, k - 1)
+            check_int(gold_choice, "gold_choice", 0, k - 1)
         elif is_gold:
             raise DataError("gold item: gold_choice is required when is_gold is set")
-        _check_int(overlap, "overlap (labels wanted per item)", 1)
+        check_int(overlap, "overlap (labels wanted per item)", 1)
 
     def add_item(self, query: Union[int, QueryRecord], samples: Sequence[Union[int, SampleRecord]],
                  k: Optional[int] = None, *, split: str = "train", batch: str = "", source: str = "offline",
@@ -691,7 +461,7 @@ class LabelStore:
         """An item to label: a stored query and K >= 2 of its stored samples (this order is canonical)."""
         query_id = query.id if isinstance(query, QueryRecord) else query
         sample_ids = [x.id if isinstance(x, SampleRecord) else x for x in samples]
-        sample_ids = [_check_int(x, f"sample id {i}", 1) for i, x in enumerate(sample_ids)]
+        sample_ids = [check_int(x, f"sample id {i}", 1) for i, x in enumerate(sample_ids)]
         if k is not None and k != len(sample_ids):
             raise DataError(f"item: k={k} but {len(sample_ids)} samples given")
         k = len(sample_ids)
@@ -712,7 +482,7 @@ class LabelStore:
                           is_calibration=bool(is_calibration), overlap=overlap, run_id=run_id)
             s.add(row)
             s.flush()
-            return _item_rec(row)
+            return item_rec(row)
 
     def create_item(self, query_text: str, query_token_ids: Sequence[int], samples: Sequence[NewSample], *,
                     query_source: str = "", split: str = "train", batch: str = "", source: str = "offline",
@@ -793,7 +563,7 @@ class LabelStore:
     def get_item(self, item_id: int) -> Optional[ItemRecord]:
         with self._read("read an item") as s:
             row = s.get(ItemRow, item_id)
-            return None if row is None else _item_rec(row)
+            return None if row is None else item_rec(row)
 
     def item_contents(self, item_ids: Sequence[int]) -> list[ItemContent]:
         """Items with their query and samples (canonical order), in the order asked; unknown id -> DataError."""
@@ -807,21 +577,21 @@ class LabelStore:
                 raise DataError(f"item {missing[0]}: no such item")
             queries = self._queries_by_id(s, {r.query_id for r in items.values()})
             samples = self._samples_by_id(s, {sid for r in items.values() for sid in r.sample_ids})
-            return [ItemContent(_item_rec(items[i]), queries[items[i].query_id],
+            return [ItemContent(item_rec(items[i]), queries[items[i].query_id],
                                 [samples[sid] for sid in items[i].sample_ids]) for i in ids]
 
     @staticmethod
     def _queries_by_id(s: Session, ids: Iterable[int]) -> dict[int, QueryRecord]:
         out: dict[int, QueryRecord] = {}
         for chunk in _chunks(sorted(ids)):
-            out.update({r.id: _query_rec(r) for r in s.scalars(select(QueryRow).where(QueryRow.id.in_(chunk)))})
+            out.update({r.id: query_rec(r) for r in s.scalars(select(QueryRow).where(QueryRow.id.in_(chunk)))})
         return out
 
     @staticmethod
     def _samples_by_id(s: Session, ids: Iterable[int]) -> dict[int, SampleRecord]:
         out: dict[int, SampleRecord] = {}
         for chunk in _chunks(sorted(ids)):
-            out.update({r.id: _sample_rec(r) for r in s.scalars(select(SampleRow).where(SampleRow.id.in_(chunk)))})
+            out.update({r.id: sample_rec(r) for r in s.scalars(select(SampleRow).where(SampleRow.id.in_(chunk)))})
         return out
 
     def items(self, *, batch: Optional[str] = None, split: Optional[str] = None, source: Optional[str] = None,
@@ -832,7 +602,7 @@ class LabelStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read("read items") as s:
-            return [_item_rec(r) for r in s.scalars(stmt)]
+            return [item_rec(r) for r in s.scalars(stmt)]
 
     @staticmethod
     def _item_filters(stmt: Any, batch: Optional[str], split: Optional[str], source: Optional[str]) -> Any:
@@ -856,7 +626,7 @@ class LabelStore:
             stmt = self._item_filters(stmt, batch, split, source)
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [_item_rec(r) for r in s.scalars(stmt)]
+            return [item_rec(r) for r in s.scalars(stmt)]
 
     # -- comparisons (labels) ----------------------------------------------------------------------
 
@@ -866,7 +636,7 @@ class LabelStore:
                                          or not math.isfinite(time_taken_s) or time_taken_s < 0):
             raise DataError(f"{where}time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
         if confidence is not None:
-            _check_int(confidence, f"{where}confidence", 0)
+            check_int(confidence, f"{where}confidence", 0)
         if note is not None and not isinstance(note, str):
             raise DataError(f"{where}note: expected a string or None, got {type(note).__name__}")
         if created_at is not None and (not isinstance(created_at, dt.datetime) or created_at.tzinfo is None):
@@ -877,7 +647,7 @@ class LabelStore:
                       guideline_version: str, time_taken_s: Any, flagged: Any, note: Any, too_fast: Any,
                       confidence: Any, created_at: Optional[dt.datetime]) -> dict[str, Any]:
         values = dict(
-            item_id=item.id, chosen=_check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
+            item_id=item.id, chosen=check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
             shown_order=check_shown_order(shown_order, item.k, f"{where}item {item.id}: shown_order"),
             labeler_id=lab.id, labeler_kind=lab.kind, guideline_version=str(guideline_version),
             time_taken_s=None if time_taken_s is None else float(time_taken_s), flagged=bool(flagged), note=note,
@@ -938,7 +708,7 @@ class LabelStore:
         if not labels:
             return []
         with self._write("add labels") as s:
-            item_ids = sorted({_check_int(x["item_id"], f"label {i}: item_id", 1) for i, x in enumerate(labels)})
+            item_ids = sorted({check_int(x["item_id"], f"label {i}: item_id", 1) for i, x in enumerate(labels)})
             items: dict[int, ItemRow] = {}
             taken: set[tuple[int, int]] = set()
             for chunk in _chunks(item_ids):
@@ -1005,7 +775,7 @@ class LabelStore:
                 .join(LabelerRow, ComparisonRow.labeler_id == LabelerRow.id)
                 .order_by(ComparisonRow.id))
         if split is not None:
-            stmt = stmt.where(ComparisonRow.split == _check_choice(split, "split", SPLITS))
+            stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if after_id is not None:
             stmt = stmt.where(ComparisonRow.id > after_id)
         if upto_id is not None:
@@ -1013,7 +783,7 @@ class LabelStore:
         if batch is not None:
             stmt = stmt.where(ItemRow.batch == batch)
         if labeler_kind is not None:
-            stmt = stmt.where(ComparisonRow.labeler_kind == _check_choice(labeler_kind, "labeler kind", LABELER_KINDS))
+            stmt = stmt.where(ComparisonRow.labeler_kind == check_choice(labeler_kind, "labeler kind", LABELER_KINDS))
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read("read labels") as s:
@@ -1025,7 +795,7 @@ class LabelStore:
     def count_comparisons(self, split: Optional[str] = None, *, labeler_kind: Optional[str] = None) -> int:
         stmt = select(func.count(ComparisonRow.id))
         if split is not None:
-            stmt = stmt.where(ComparisonRow.split == _check_choice(split, "split", SPLITS))
+            stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if labeler_kind is not None:
             stmt = stmt.where(ComparisonRow.labeler_kind == labeler_kind)
         with self._read("count labels") as s:
@@ -1047,7 +817,7 @@ class LabelStore:
             row = SkipRow(item_id=item_id, labeler_id=self._labeler_row(s, labeler).id, reason=str(reason))
             s.add(row)
             s.flush()
-            return _skip_rec(row)
+            return skip_rec(row)
 
     def skips(self, *, item_id: Optional[int] = None, labeler: Optional[LabelerRef] = None) -> list[SkipRecord]:
         with self._read("read skips") as s:
@@ -1056,7 +826,7 @@ class LabelStore:
                 stmt = stmt.where(SkipRow.item_id == item_id)
             if labeler is not None:
                 stmt = stmt.where(SkipRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
-            return [_skip_rec(r) for r in s.scalars(stmt)]
+            return [skip_rec(r) for r in s.scalars(stmt)]
 
     # -- guidelines ----------------------------------------------------------------------------------
 
@@ -1077,25 +847,25 @@ class LabelStore:
                 if row.markdown != markdown:
                     raise DataError(f"guideline version {version!r} already exists with other text; "
                                     "publish a new version")
-                return _guideline_rec(row)
+                return guideline_rec(row)
             row = GuidelineRow(version=version, markdown=markdown, created_by=str(created_by))
             s.add(row)
             s.flush()
-            return _guideline_rec(row)
+            return guideline_rec(row)
 
     def latest_guideline(self) -> Optional[GuidelineRecord]:
         with self._read("read guidelines") as s:
             row = self._latest_guideline_row(s)
-            return None if row is None else _guideline_rec(row)
+            return None if row is None else guideline_rec(row)
 
     def get_guideline(self, version: str) -> Optional[GuidelineRecord]:
         with self._read("read guidelines") as s:
             row = s.scalar(select(GuidelineRow).where(GuidelineRow.version == version))
-            return None if row is None else _guideline_rec(row)
+            return None if row is None else guideline_rec(row)
 
     def guidelines(self) -> list[GuidelineRecord]:
         with self._read("read guidelines") as s:
-            return [_guideline_rec(r) for r in s.scalars(select(GuidelineRow).order_by(GuidelineRow.id))]
+            return [guideline_rec(r) for r in s.scalars(select(GuidelineRow).order_by(GuidelineRow.id))]
 
     # -- audit log (append-only) ---------------------------------------------------------------------
 
@@ -1105,12 +875,12 @@ class LabelStore:
             raise DataError(f"audit entry: actor and action must be strings, got {actor!r}, {action!r}")
         if detail is not None and not isinstance(detail, dict):
             raise DataError(f"audit detail: expected a dict, got {type(detail).__name__}")
-        detail = _check_json(detail or {}, "audit detail")
+        detail = check_json(detail or {}, "audit detail")
         with self._write("append to the audit log") as s:
             row = AuditRow(actor=actor, action=action, detail=detail)
             s.add(row)
             s.flush()
-            return _audit_rec(row)
+            return audit_rec(row)
 
     def audit_entries(self, *, after_id: int = 0, actor: Optional[str] = None, action: Optional[str] = None,
                       limit: Optional[int] = None) -> list[AuditEntry]:
@@ -1122,7 +892,7 @@ class LabelStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read("read the audit log") as s:
-            return [_audit_rec(r) for r in s.scalars(stmt)]
+            return [audit_rec(r) for r in s.scalars(stmt)]
 
     # -- Andon cord and run status -------------------------------------------------------------------
 
@@ -1156,25 +926,25 @@ class LabelStore:
         returned unchanged."""
         if not isinstance(run_id, str) or not run_id:
             raise DataError(f"run_id: expected a non-empty string, got {run_id!r}")
-        _check_choice(status, "run status", RUN_STATUSES)
+        check_choice(status, "run status", RUN_STATUSES)
         if iteration is not None:
-            _check_int(iteration, "iteration", 0)
+            check_int(iteration, "iteration", 0)
         if detail is not None:
             if not isinstance(detail, dict):
                 raise DataError(f"run status detail: expected a dict, got {type(detail).__name__}")
-            detail = _check_json(detail, "run status detail")
+            detail = check_json(detail, "run status detail")
         for u in unless:
-            _check_choice(u, "run status", RUN_STATUSES)
+            check_choice(u, "run status", RUN_STATUSES)
         with self._write("set the run status") as s:
             row = s.get(RunStatusRow, run_id, with_for_update=bool(unless), populate_existing=bool(unless))
             if row is not None and row.status in unless:
-                return _run_rec(row)
+                return run_rec(row)
             if row is None:
                 try:
                     with s.begin_nested():
                         row = RunStatusRow(run_id=run_id, status=status, iteration=iteration or 0, detail=detail or {})
                         s.add(row)
-                    return _run_rec(row)
+                    return run_rec(row)
                 except sa_exc.IntegrityError:  # inserted concurrently: update it instead
                     row = s.get(RunStatusRow, run_id, populate_existing=True)
                     assert row is not None
@@ -1185,15 +955,15 @@ class LabelStore:
                 row.detail = detail
             row.updated_at = utcnow()
             s.flush()
-            return _run_rec(row)
+            return run_rec(row)
 
     def get_run_status(self, run_id: str) -> Optional[RunStatus]:
         with self._read("read the run status") as s:
             row = s.get(RunStatusRow, run_id)
-            return None if row is None else _run_rec(row)
+            return None if row is None else run_rec(row)
 
     def run_statuses(self) -> list[RunStatus]:
         """All runs, most recently updated first."""
         with self._read("read run statuses") as s:
             stmt = select(RunStatusRow).order_by(RunStatusRow.updated_at.desc(), RunStatusRow.run_id)
-            return [_run_rec(r) for r in s.scalars(stmt)]
+            return [run_rec(r) for r in s.scalars(stmt)]
