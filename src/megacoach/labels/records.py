@@ -3,7 +3,7 @@
 ``LabelStore`` (store.py) returns these, never ORM rows: queries, samples, items (``ItemContent``: an
 item with its query and samples), labelers, comparisons (labels, with everything the Values Coach
 needs), skips, guidelines, audit entries, Andon pulls and run statuses. ``NewSample`` is a sample to
-store. The row -> record converters and the pure input checks the store's methods share live here
+store. The row -> record converters and the pure input checks of the store's methods live here
 too; they touch no database.
 """
 
@@ -11,29 +11,28 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional, Union
 
 from megacoach.errors import DataError
-
-if TYPE_CHECKING:
-    from megacoach.labels.schema import (
-        AuditRow,
-        GuidelineRow,
-        ItemRow,
-        LabelerRow,
-        QueryRow,
-        RunStatusRow,
-        SampleRow,
-        SkipRow,
-    )
+from megacoach.labels.schema import (
+    SPLITS,
+    AuditRow,
+    GuidelineRow,
+    ItemRow,
+    LabelerRow,
+    QueryRow,
+    RunStatusRow,
+    SampleRow,
+    SkipRow,
+)
 
 
 class DuplicateLabelError(DataError):
     """The labeler already labeled this item: one label per (item, labeler)."""
-
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -289,3 +288,69 @@ def check_shown_order(shown_order: Optional[Sequence[int]], k: int, what: str = 
         raise DataError(f"{what}: expected a permutation of 0..{k - 1}, got {list(shown_order)}")
     return order
 
+
+def check_sample(x: NewSample, what: str) -> dict[str, Any]:
+    """A NewSample checked, as the column values of its row."""
+    if not isinstance(x, NewSample):
+        raise DataError(f"{what}: expected a NewSample, got {type(x).__name__}")
+    if not isinstance(x.text, str):
+        raise DataError(f"{what} text: expected a string, got {type(x.text).__name__}")
+    return dict(
+        text=x.text, token_ids=token_id_list(x.token_ids, f"{what} token_ids"), policy=str(x.policy),
+        iteration=None if x.iteration is None else check_int(x.iteration, f"{what} iteration", 0),
+        seed=None if x.seed is None else check_int(x.seed, f"{what} seed", -(2**63)),
+        run_id=None if x.run_id is None else str(x.run_id))
+
+
+def check_item_fields(k: int, split: str, source: str, is_gold: bool, gold_choice: Optional[int],
+                      overlap: int) -> None:
+    """The checks an item's own fields get (K, split, source, gold choice, overlap)."""
+    check_int(k, "k (samples per item)", 2)
+    check_choice(split, "split", SPLITS)
+    if not isinstance(source, str) or not source:
+        raise DataError(f"item source: expected a non-empty string, got {source!r}")
+    if gold_choice is not None:
+        check_int(gold_choice, "gold_choice", 0, k - 1)
+    elif is_gold:
+        raise DataError("gold item: gold_choice is required when is_gold is set")
+    check_int(overlap, "overlap (labels wanted per item)", 1)
+
+
+def check_item_spec(spec: dict[str, Any], what: str) -> dict[str, Any]:
+    """One ``create_items`` spec checked, with its defaults filled in (samples as ``check_sample`` returns)."""
+    allowed = {"query_text", "query_token_ids", "samples", "query_source", "split", "batch", "source",
+               "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise DataError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    for req in ("query_text", "query_token_ids", "samples"):
+        if req not in spec:
+            raise DataError(f"{what}: missing field {req!r}")
+    if not isinstance(spec["query_text"], str):
+        raise DataError(f"{what} query_text: expected a string")
+    samples = [check_sample(x, f"{what} sample {j}") for j, x in enumerate(spec["samples"])]
+    out = dict(query_text=spec["query_text"], query_source=str(spec.get("query_source", "")),
+               query_token_ids=token_id_list(spec["query_token_ids"], f"{what} query_token_ids"),
+               samples=samples, split=spec.get("split", "train"), batch=str(spec.get("batch", "")),
+               source=spec.get("source", "offline"), is_gold=bool(spec.get("is_gold", False)),
+               gold_choice=spec.get("gold_choice"), is_calibration=bool(spec.get("is_calibration", False)),
+               overlap=spec.get("overlap", 1), run_id=spec.get("run_id"), created_at=spec.get("created_at"))
+    try:
+        check_item_fields(len(samples), out["split"], out["source"], out["is_gold"], out["gold_choice"],
+                          out["overlap"])
+    except DataError as e:
+        raise DataError(f"{what}: {e}") from None
+    return out
+
+
+def check_label_extras(where: str, time_taken_s: Any, note: Any, confidence: Any, created_at: Any) -> None:
+    """The checks a label's optional fields get (time taken, note, confidence, created_at)."""
+    if time_taken_s is not None and (not isinstance(time_taken_s, numbers.Real) or isinstance(time_taken_s, bool)
+                                     or not math.isfinite(time_taken_s) or time_taken_s < 0):
+        raise DataError(f"{where}time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
+    if confidence is not None:
+        check_int(confidence, f"{where}confidence", 0)
+    if note is not None and not isinstance(note, str):
+        raise DataError(f"{where}note: expected a string or None, got {type(note).__name__}")
+    if created_at is not None and (not isinstance(created_at, dt.datetime) or created_at.tzinfo is None):
+        raise DataError(f"{where}created_at: expected a timezone-aware datetime, got {created_at!r}")

@@ -31,6 +31,12 @@ items_without_labels / item_contents; labelers / get_labeler / update_labeler; a
 audit_entries (append-only); pull_andon / andon_pulls; set_run_status / get_run_status /
 run_statuses; set_guideline / latest_guideline / get_guideline; session() for in-package queries.
 
+The store is split by who uses it, and ``LabelStore`` combines the parts (every method is
+``store.method(...)``): this module holds the engine, sessions, transactions and migration
+(``StoreEngine``) and the training side (queries, samples, items, comparisons, position);
+people.py the people administration (labelers, skips, guidelines, audit log); control.py run
+control (run status, Andon cord); records.py the records, converters and input checks.
+
 The CLI's `megacoach label auto / export / import`:
 
     from megacoach.labels.labelers import load_labeler, label_items
@@ -52,70 +58,56 @@ writers can commit ids out of order; a reader that must not miss any should re-r
 from __future__ import annotations
 
 import datetime as dt
-import math
-import numbers
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Self, Union
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, or_, select, text
+from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from megacoach.errors import DataError, MegacoachError, StoreError
+from megacoach.labels.control import RunControl
+from megacoach.labels.people import PeopleAdmin, labeler_row, latest_guideline_row
 from megacoach.labels.records import (  # NewSample is also still importable from here
-    AndonPull,
-    AuditEntry,
     ComparisonRecord,
     DuplicateLabelError,
-    GuidelineRecord,
     ItemContent,
     ItemRecord,
     LabelerRecord,
     LabelerRef,
     NewSample,
     QueryRecord,
-    RunStatus,
     SampleRecord,
-    SkipRecord,
-    audit_rec,
     check_choice,
     check_int,
-    check_json,
+    check_item_fields,
+    check_item_spec,
+    check_label_extras,
+    check_sample,
     check_shown_order,
-    guideline_rec,
     item_rec,
-    labeler_rec,
     query_rec,
-    run_rec,
     sample_rec,
-    skip_rec,
     token_id_list,
 )
 from megacoach.labels.schema import (
     LABELER_KINDS,
-    ROLES,
-    RUN_STATUSES,
     SPLITS,
-    AndonPullRow,
-    AuditRow,
     ComparisonRow,
-    GuidelineRow,
     ItemRow,
     LabelerRow,
     QueryRow,
-    RunStatusRow,
     SampleRow,
-    SkipRow,
     utcnow,
 )
 
@@ -143,10 +135,9 @@ def normalize_url(url: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class LabelStore:
-    """Durable store of queries, samples, items and the comparisons (labels) human evaluators make.
-
-    Thread-safe (one store may be shared by threads); each process opens its own."""
+class StoreEngine:
+    """The database under ``LabelStore``: engine, sessions and transactions, error translation, and
+    the schema (migrated on open). The store's parts (``LabelStore`` and its mixins) run in these."""
 
     def __init__(self, url: Optional[str] = None, *, busy_timeout_s: float = 30.0, echo: bool = False):
         self.url = normalize_url(url)
@@ -242,7 +233,7 @@ class LabelStore:
             yield s
 
     @contextmanager
-    def transaction(self) -> Iterator["LabelStore"]:
+    def transaction(self) -> Iterator[Self]:
         """All store writes inside the block (in this thread) commit together or not at all."""
         if getattr(self._local, "session", None) is not None:
             yield self
@@ -269,7 +260,7 @@ class LabelStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "LabelStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -332,78 +323,14 @@ class LabelStore:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
 
-    # -- labelers ----------------------------------------------------------------------------------
 
-    def _labeler_row(self, s: Session, labeler: LabelerRef, *, active: bool = True) -> LabelerRow:
-        if isinstance(labeler, LabelerRecord):
-            row = s.get(LabelerRow, labeler.id)
-        elif isinstance(labeler, str):
-            row = s.scalar(select(LabelerRow).where(LabelerRow.name == labeler))
-        elif isinstance(labeler, numbers.Integral) and not isinstance(labeler, bool):
-            row = s.get(LabelerRow, int(labeler))
-        else:
-            raise DataError(f"labeler: expected an id, a name or a LabelerRecord, got {labeler!r}")
-        if row is None:
-            raise DataError(f"labeler {labeler.name if isinstance(labeler, LabelerRecord) else labeler!r}: "
-                            "no such labeler (create it with get_or_create_labeler)")
-        if active and not row.active:
-            raise DataError(f"labeler {row.name!r} is deactivated")
-        return row
+class LabelStore(PeopleAdmin, RunControl, StoreEngine):
+    """Durable store of queries, samples, items and the comparisons (labels) human evaluators make.
 
-    def get_or_create_labeler(self, name: str, kind: str = "person", role: Optional[str] = None,
-                              password_hash: Optional[str] = None) -> LabelerRecord:
-        """The labeler called `name`, created if missing. kind person|program; role admin|labeler for
-        people (default labeler), program for programs. An existing labeler of another kind -> DataError."""
-        if not isinstance(name, str) or not name.strip():
-            raise DataError(f"labeler name: expected a non-empty string, got {name!r}")
-        check_choice(kind, "labeler kind", LABELER_KINDS)
-        role = role or ("program" if kind == "program" else "labeler")
-        check_choice(role, "labeler role", ROLES)
-        if (kind == "program") != (role == "program"):
-            raise DataError(f"labeler {name!r}: role {role!r} does not fit kind {kind!r} "
-                            "(programs have role 'program'; people 'admin' or 'labeler')")
-        with self._write("add a labeler") as s:
-            row = s.scalar(select(LabelerRow).where(LabelerRow.name == name))
-            if row is None:
-                try:
-                    with s.begin_nested():
-                        row = LabelerRow(name=name, kind=kind, role=role, password_hash=password_hash, active=True)
-                        s.add(row)
-                except sa_exc.IntegrityError:  # created concurrently
-                    row = s.scalar(select(LabelerRow).where(LabelerRow.name == name))
-                    assert row is not None
-            if row.kind != kind:
-                raise DataError(f"labeler {name!r} exists as a {row.kind}, not a {kind}")
-            return labeler_rec(row)
-
-    def get_labeler(self, labeler: LabelerRef) -> Optional[LabelerRecord]:
-        """By id or name; None if missing."""
-        with self._read("read a labeler") as s:
-            try:
-                return labeler_rec(self._labeler_row(s, labeler, active=False))
-            except DataError:
-                return None
-
-    def labelers(self) -> list[LabelerRecord]:
-        with self._read("read labelers") as s:
-            return [labeler_rec(r) for r in s.scalars(select(LabelerRow).order_by(LabelerRow.id))]
-
-    def update_labeler(self, labeler: LabelerRef, *, active: Optional[bool] = None, role: Optional[str] = None,
-                       password_hash: Optional[str] = None) -> LabelerRecord:
-        """Change a labeler's active flag, role (people only) or password hash."""
-        with self._write("update a labeler") as s:
-            row = self._labeler_row(s, labeler, active=False)
-            if active is not None:
-                row.active = bool(active)
-            if role is not None:
-                check_choice(role, "labeler role", ROLES)
-                if (row.kind == "program") != (role == "program"):
-                    raise DataError(f"labeler {row.name!r}: role {role!r} does not fit kind {row.kind!r}")
-                row.role = role
-            if password_hash is not None:
-                row.password_hash = password_hash
-            s.flush()
-            return labeler_rec(row)
+    Thread-safe (one store may be shared by threads); each process opens its own. The training side
+    (queries, samples, items, comparisons, position) is here; labelers, skips, guidelines and the
+    audit log come from ``PeopleAdmin`` (people.py), run status and the Andon cord from
+    ``RunControl`` (control.py)."""
 
     # -- queries, samples, items -------------------------------------------------------------------
 
@@ -420,7 +347,7 @@ class LabelStore:
 
     def add_samples(self, query_id: int, samples: Sequence[NewSample]) -> list[SampleRecord]:
         """Store continuations of a query, with provenance (policy checkpoint, iteration, seed, run)."""
-        checked = [self._check_sample(x, f"sample {i}") for i, x in enumerate(samples)]
+        checked = [check_sample(x, f"sample {i}") for i, x in enumerate(samples)]
         with self._write("add samples") as s:
             if s.get(QueryRow, query_id) is None:
                 raise DataError(f"query {query_id}: no such query")
@@ -428,31 +355,6 @@ class LabelStore:
             s.add_all(rows)
             s.flush()
             return [sample_rec(r) for r in rows]
-
-    @staticmethod
-    def _check_sample(x: NewSample, what: str) -> dict[str, Any]:
-        if not isinstance(x, NewSample):
-            raise DataError(f"{what}: expected a NewSample, got {type(x).__name__}")
-        if not isinstance(x.text, str):
-            raise DataError(f"{what} text: expected a string, got {type(x.text).__name__}")
-        return dict(
-            text=x.text, token_ids=token_id_list(x.token_ids, f"{what} token_ids"), policy=str(x.policy),
-            iteration=None if x.iteration is None else check_int(x.iteration, f"{what} iteration", 0),
-            seed=None if x.seed is None else check_int(x.seed, f"{what} seed", -(2**63)),
-            run_id=None if x.run_id is None else str(x.run_id))
-
-    @staticmethod
-    def _check_item_fields(k: int, split: str, source: str, is_gold: bool, gold_choice: Optional[int],
-                           overlap: int) -> None:
-        check_int(k, "k (samples per item)", 2)
-        check_choice(split, "split", SPLITS)
-        if not isinstance(source, str) or not source:
-            raise DataError(f"item source: expected a non-empty string, got {source!r}")
-        if gold_choice is not None:
-            check_int(gold_choice, "gold_choice", 0, k - 1)
-        elif is_gold:
-            raise DataError("gold item: gold_choice is required when is_gold is set")
-        check_int(overlap, "overlap (labels wanted per item)", 1)
 
     def add_item(self, query: Union[int, QueryRecord], samples: Sequence[Union[int, SampleRecord]],
                  k: Optional[int] = None, *, split: str = "train", batch: str = "", source: str = "offline",
@@ -465,7 +367,7 @@ class LabelStore:
         if k is not None and k != len(sample_ids):
             raise DataError(f"item: k={k} but {len(sample_ids)} samples given")
         k = len(sample_ids)
-        self._check_item_fields(k, split, source, is_gold, gold_choice, overlap)
+        check_item_fields(k, split, source, is_gold, gold_choice, overlap)
         if len(set(sample_ids)) != k:
             raise DataError(f"item: sample ids repeat: {sample_ids}")
         with self._write("add an item") as s:
@@ -497,34 +399,9 @@ class LabelStore:
     def create_items(self, specs: Sequence[dict[str, Any]]) -> list[ItemContent]:
         """Many `create_item` calls (same keyword names, as dicts) in one transaction, with bulk inserts.
         Everything is validated before anything is written."""
-        checked = [self._check_item_spec(spec, f"item {i}") for i, spec in enumerate(specs)]
+        checked = [check_item_spec(spec, f"item {i}") for i, spec in enumerate(specs)]
         with self._write("add items") as s:
             return self._insert_items(s, checked)
-
-    def _check_item_spec(self, spec: dict[str, Any], what: str) -> dict[str, Any]:
-        allowed = {"query_text", "query_token_ids", "samples", "query_source", "split", "batch", "source",
-                   "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at"}
-        unknown = set(spec) - allowed
-        if unknown:
-            raise DataError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
-        for req in ("query_text", "query_token_ids", "samples"):
-            if req not in spec:
-                raise DataError(f"{what}: missing field {req!r}")
-        if not isinstance(spec["query_text"], str):
-            raise DataError(f"{what} query_text: expected a string")
-        samples = [self._check_sample(x, f"{what} sample {j}") for j, x in enumerate(spec["samples"])]
-        out = dict(query_text=spec["query_text"], query_source=str(spec.get("query_source", "")),
-                   query_token_ids=token_id_list(spec["query_token_ids"], f"{what} query_token_ids"),
-                   samples=samples, split=spec.get("split", "train"), batch=str(spec.get("batch", "")),
-                   source=spec.get("source", "offline"), is_gold=bool(spec.get("is_gold", False)),
-                   gold_choice=spec.get("gold_choice"), is_calibration=bool(spec.get("is_calibration", False)),
-                   overlap=spec.get("overlap", 1), run_id=spec.get("run_id"), created_at=spec.get("created_at"))
-        try:
-            self._check_item_fields(len(samples), out["split"], out["source"], out["is_gold"], out["gold_choice"],
-                                    out["overlap"])
-        except DataError as e:
-            raise DataError(f"{what}: {e}") from None
-        return out
 
     @staticmethod
     def _insert_items(s: Session, specs: list[dict[str, Any]]) -> list[ItemContent]:
@@ -621,7 +498,7 @@ class LabelStore:
         with self._read("read unlabeled items") as s:
             cond = ComparisonRow.item_id == ItemRow.id
             if labeler is not None:
-                cond = and_(cond, ComparisonRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
+                cond = and_(cond, ComparisonRow.labeler_id == labeler_row(s, labeler, active=False).id)
             stmt = select(ItemRow).where(~exists().where(cond)).order_by(ItemRow.id)
             stmt = self._item_filters(stmt, batch, split, source)
             if limit is not None:
@@ -629,18 +506,6 @@ class LabelStore:
             return [item_rec(r) for r in s.scalars(stmt)]
 
     # -- comparisons (labels) ----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_label_extras(where: str, time_taken_s: Any, note: Any, confidence: Any, created_at: Any) -> None:
-        if time_taken_s is not None and (not isinstance(time_taken_s, numbers.Real) or isinstance(time_taken_s, bool)
-                                         or not math.isfinite(time_taken_s) or time_taken_s < 0):
-            raise DataError(f"{where}time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
-        if confidence is not None:
-            check_int(confidence, f"{where}confidence", 0)
-        if note is not None and not isinstance(note, str):
-            raise DataError(f"{where}note: expected a string or None, got {type(note).__name__}")
-        if created_at is not None and (not isinstance(created_at, dt.datetime) or created_at.tzinfo is None):
-            raise DataError(f"{where}created_at: expected a timezone-aware datetime, got {created_at!r}")
 
     @staticmethod
     def _label_values(item: ItemRow, lab: LabelerRow, where: str, chosen: Any, shown_order: Any,
@@ -664,14 +529,14 @@ class LabelStore:
 
         shown_order: shown position -> canonical index (identity if None). guideline_version: defaults
         to the latest guideline ("" if none). A second label by the same labeler -> DuplicateLabelError."""
-        self._check_label_extras("", time_taken_s, note, confidence, None)
+        check_label_extras("", time_taken_s, note, confidence, None)
         with self._write("add a label") as s:
             item = s.get(ItemRow, item_id)
             if item is None:
                 raise DataError(f"item {item_id}: no such item")
-            lab = self._labeler_row(s, labeler)
+            lab = labeler_row(s, labeler)
             if guideline_version is None:
-                latest = self._latest_guideline_row(s)
+                latest = latest_guideline_row(s)
                 guideline_version = latest.version if latest is not None else ""
             values = self._label_values(item, lab, "", chosen, shown_order, guideline_version, time_taken_s, flagged,
                                         note, too_fast, confidence, None)
@@ -703,7 +568,7 @@ class LabelStore:
             for req in ("item_id", "chosen", "labeler"):
                 if req not in spec:
                     raise DataError(f"label {i}: missing field {req!r}")
-            self._check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
+            check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
                                      spec.get("confidence"), spec.get("created_at"))
         if not labels:
             return []
@@ -715,7 +580,7 @@ class LabelStore:
                 items.update({r.id: r for r in s.scalars(select(ItemRow).where(ItemRow.id.in_(chunk)))})
                 taken.update((a, b) for a, b in s.execute(
                     select(ComparisonRow.item_id, ComparisonRow.labeler_id).where(ComparisonRow.item_id.in_(chunk))))
-            latest = self._latest_guideline_row(s)
+            latest = latest_guideline_row(s)
             default_version = latest.version if latest is not None else ""
             labelers: dict[Any, LabelerRow] = {}
             params = []
@@ -728,7 +593,7 @@ class LabelStore:
                 key = ref.id if isinstance(ref, LabelerRecord) else ref
                 if key not in labelers:
                     try:
-                        labelers[key] = self._labeler_row(s, ref)
+                        labelers[key] = labeler_row(s, ref)
                     except DataError as e:
                         raise DataError(f"{where}{e}") from None
                 lab = labelers[key]
@@ -788,7 +653,7 @@ class LabelStore:
             stmt = stmt.limit(limit)
         with self._read("read labels") as s:
             if labeler is not None:
-                stmt = stmt.where(ComparisonRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
+                stmt = stmt.where(ComparisonRow.labeler_id == labeler_row(s, labeler, active=False).id)
             rows = [(c, it, name) for c, it, name in s.execute(stmt)]
             return self._comparison_records(s, rows)
 
@@ -806,164 +671,3 @@ class LabelStore:
         ``comparisons(after_id=position)``."""
         with self._read("read the label position") as s:
             return int(s.scalar(select(func.max(ComparisonRow.id))) or 0)
-
-    # -- skips ---------------------------------------------------------------------------------------
-
-    def add_skip(self, item_id: int, labeler: LabelerRef, reason: str = "") -> SkipRecord:
-        """A labeler skipped an item (with a reason); the item stays available to others."""
-        with self._write("add a skip") as s:
-            if s.get(ItemRow, item_id) is None:
-                raise DataError(f"item {item_id}: no such item")
-            row = SkipRow(item_id=item_id, labeler_id=self._labeler_row(s, labeler).id, reason=str(reason))
-            s.add(row)
-            s.flush()
-            return skip_rec(row)
-
-    def skips(self, *, item_id: Optional[int] = None, labeler: Optional[LabelerRef] = None) -> list[SkipRecord]:
-        with self._read("read skips") as s:
-            stmt = select(SkipRow).order_by(SkipRow.id)
-            if item_id is not None:
-                stmt = stmt.where(SkipRow.item_id == item_id)
-            if labeler is not None:
-                stmt = stmt.where(SkipRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
-            return [skip_rec(r) for r in s.scalars(stmt)]
-
-    # -- guidelines ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _latest_guideline_row(s: Session) -> Optional[GuidelineRow]:
-        return s.scalar(select(GuidelineRow).order_by(GuidelineRow.created_at.desc(), GuidelineRow.id.desc()).limit(1))
-
-    def set_guideline(self, version: str, markdown: str, created_by: str = "") -> GuidelineRecord:
-        """Publish guideline `version` (it becomes the latest). Versions are immutable: the same version
-        with other text -> DataError; with the same text it is returned unchanged."""
-        if not isinstance(version, str) or not version.strip():
-            raise DataError(f"guideline version: expected a non-empty string, got {version!r}")
-        if not isinstance(markdown, str):
-            raise DataError("guideline markdown: expected a string")
-        with self._write("publish a guideline") as s:
-            row = s.scalar(select(GuidelineRow).where(GuidelineRow.version == version))
-            if row is not None:
-                if row.markdown != markdown:
-                    raise DataError(f"guideline version {version!r} already exists with other text; "
-                                    "publish a new version")
-                return guideline_rec(row)
-            row = GuidelineRow(version=version, markdown=markdown, created_by=str(created_by))
-            s.add(row)
-            s.flush()
-            return guideline_rec(row)
-
-    def latest_guideline(self) -> Optional[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            row = self._latest_guideline_row(s)
-            return None if row is None else guideline_rec(row)
-
-    def get_guideline(self, version: str) -> Optional[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            row = s.scalar(select(GuidelineRow).where(GuidelineRow.version == version))
-            return None if row is None else guideline_rec(row)
-
-    def guidelines(self) -> list[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            return [guideline_rec(r) for r in s.scalars(select(GuidelineRow).order_by(GuidelineRow.id))]
-
-    # -- audit log (append-only) ---------------------------------------------------------------------
-
-    def append_audit(self, actor: str, action: str, detail: Optional[dict[str, Any]] = None) -> AuditEntry:
-        """Append to the audit log (who did what). There is no update or delete."""
-        if not isinstance(actor, str) or not isinstance(action, str) or not action:
-            raise DataError(f"audit entry: actor and action must be strings, got {actor!r}, {action!r}")
-        if detail is not None and not isinstance(detail, dict):
-            raise DataError(f"audit detail: expected a dict, got {type(detail).__name__}")
-        detail = check_json(detail or {}, "audit detail")
-        with self._write("append to the audit log") as s:
-            row = AuditRow(actor=actor, action=action, detail=detail)
-            s.add(row)
-            s.flush()
-            return audit_rec(row)
-
-    def audit_entries(self, *, after_id: int = 0, actor: Optional[str] = None, action: Optional[str] = None,
-                      limit: Optional[int] = None) -> list[AuditEntry]:
-        stmt = select(AuditRow).where(AuditRow.id > after_id).order_by(AuditRow.id)
-        if actor is not None:
-            stmt = stmt.where(AuditRow.actor == actor)
-        if action is not None:
-            stmt = stmt.where(AuditRow.action == action)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        with self._read("read the audit log") as s:
-            return [audit_rec(r) for r in s.scalars(stmt)]
-
-    # -- Andon cord and run status -------------------------------------------------------------------
-
-    def pull_andon(self, labeler: LabelerRef, reason: str = "", run_id: Optional[str] = None) -> AndonPull:
-        """A labeler pulls the Andon cord: training is producing bad output. run_id None: every run."""
-        with self._write("pull the Andon cord") as s:
-            lab = self._labeler_row(s, labeler)
-            row = AndonPullRow(run_id=run_id, labeler_id=lab.id, reason=str(reason))
-            s.add(row)
-            s.flush()
-            return AndonPull(row.id, row.run_id, row.labeler_id, lab.name, row.reason, row.at)
-
-    def andon_pulls(self, run_id: Optional[str] = None, *, since: Optional[dt.datetime] = None,
-                    after_id: int = 0) -> list[AndonPull]:
-        """Pulls in id order. With run_id: pulls on that run plus pulls on every run (run_id NULL)."""
-        stmt = (select(AndonPullRow, LabelerRow.name).join(LabelerRow, AndonPullRow.labeler_id == LabelerRow.id)
-                .where(AndonPullRow.id > after_id).order_by(AndonPullRow.id))
-        if run_id is not None:
-            stmt = stmt.where(or_(AndonPullRow.run_id == run_id, AndonPullRow.run_id.is_(None)))
-        if since is not None:
-            stmt = stmt.where(AndonPullRow.at >= since)
-        with self._read("read Andon pulls") as s:
-            return [AndonPull(r.id, r.run_id, r.labeler_id, name, r.reason, r.at) for r, name in s.execute(stmt)]
-
-    def set_run_status(self, run_id: str, status: str, iteration: Optional[int] = None,
-                       detail: Optional[dict[str, Any]] = None, *, unless: tuple[str, ...] = ()) -> RunStatus:
-        """Insert or update a training run's status (the trainer writes it; the app shows it).
-        iteration/detail None keep the stored values. unless: statuses that must not be overwritten — checked and
-        written in one transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE), so a pause
-        set by the labeling app between the trainer's check and its write survives; the stored record is then
-        returned unchanged."""
-        if not isinstance(run_id, str) or not run_id:
-            raise DataError(f"run_id: expected a non-empty string, got {run_id!r}")
-        check_choice(status, "run status", RUN_STATUSES)
-        if iteration is not None:
-            check_int(iteration, "iteration", 0)
-        if detail is not None:
-            if not isinstance(detail, dict):
-                raise DataError(f"run status detail: expected a dict, got {type(detail).__name__}")
-            detail = check_json(detail, "run status detail")
-        for u in unless:
-            check_choice(u, "run status", RUN_STATUSES)
-        with self._write("set the run status") as s:
-            row = s.get(RunStatusRow, run_id, with_for_update=bool(unless), populate_existing=bool(unless))
-            if row is not None and row.status in unless:
-                return run_rec(row)
-            if row is None:
-                try:
-                    with s.begin_nested():
-                        row = RunStatusRow(run_id=run_id, status=status, iteration=iteration or 0, detail=detail or {})
-                        s.add(row)
-                    return run_rec(row)
-                except sa_exc.IntegrityError:  # inserted concurrently: update it instead
-                    row = s.get(RunStatusRow, run_id, populate_existing=True)
-                    assert row is not None
-            row.status = status
-            if iteration is not None:
-                row.iteration = iteration
-            if detail is not None:
-                row.detail = detail
-            row.updated_at = utcnow()
-            s.flush()
-            return run_rec(row)
-
-    def get_run_status(self, run_id: str) -> Optional[RunStatus]:
-        with self._read("read the run status") as s:
-            row = s.get(RunStatusRow, run_id)
-            return None if row is None else run_rec(row)
-
-    def run_statuses(self) -> list[RunStatus]:
-        """All runs, most recently updated first."""
-        with self._read("read run statuses") as s:
-            stmt = select(RunStatusRow).order_by(RunStatusRow.updated_at.desc(), RunStatusRow.run_id)
-            return [run_rec(r) for r in s.scalars(stmt)]
