@@ -1,9 +1,9 @@
 """Run control in the label store: each training run's status, and the Andon cord.
 
 ``RunControl`` is a mixin of ``LabelStore`` (store.py). The trainer writes its run's status (running,
-paused, halted, finished) and reads it back between iterations; the labeling app pauses or halts a
-run, and any labeler may pull the Andon cord on it. ``set_run_status(..., unless=...)`` is a
-compare-and-set, so the trainer's write cannot overwrite a pause made just before it.
+paused, halted, finished) and polls it; any labeler may pull the Andon cord, and enough pulls make
+the labeling app pause the run. ``set_run_status(..., unless=...)`` is a compare-and-set, so the
+trainer's write cannot overwrite a pause made just before it.
 """
 
 from __future__ import annotations

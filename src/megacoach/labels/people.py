@@ -2,7 +2,7 @@
 
 ``PeopleAdmin`` is a mixin of ``LabelStore`` (store.py): its methods run in the store's sessions and
 transactions. ``labeler_row`` and ``latest_guideline_row`` are the lookups the store's other parts
-share (every label names a labeler and is stamped with the latest guideline version).
+share (every label names a labeler and, by default, the latest guideline version).
 """
 
 from __future__ import annotations
