@@ -52,7 +52,8 @@ def _free_port() -> int:
 def _seed(db_url: str, labelers: int, items: int) -> None:
     from megacoach.app.security import Passwords
     from megacoach.app.settings import AppSettings
-    from megacoach.labels.store import LabelStore, NewSample
+    from megacoach.labels.records import NewSample
+    from megacoach.labels.store import LabelStore
 
     with LabelStore(db_url) as store:
         pw = Passwords.from_settings(AppSettings(**BENCH_SETTINGS)).hash(PASSWORD)

@@ -92,7 +92,7 @@ def test_invitation_flow_creates_labeler_and_is_single_use(world):
 
 
 def test_invitation_expires(tmp_path):
-    from megacoach.app.models import InvitationRow
+    from megacoach.labels.schema import InvitationRow
 
     w = make_world(tmp_path)
     c = TestClient(w.app)
@@ -143,7 +143,7 @@ def test_shown_order_differs_between_labelers_and_is_stable():
 
 
 def test_slow_label_is_not_too_fast(tmp_path):
-    from megacoach.app.models import ItemLockRow
+    from megacoach.labels.schema import ItemLockRow
 
     w = make_world(tmp_path)
     c = TestClient(w.app)
@@ -204,7 +204,7 @@ def test_skip_form_needs_reason(world):
 
 
 def test_lock_times_out_and_frees_the_item(tmp_path):
-    from megacoach.app.models import ItemLockRow
+    from megacoach.labels.schema import ItemLockRow
 
     w = make_world(tmp_path, n_items=1)
     a, b = TestClient(w.app), TestClient(w.app)
@@ -271,7 +271,7 @@ def test_api_token_reads_labels_and_labels_as_program(world):
 
 
 def test_revoked_token_is_refused_and_tokens_are_hashed(world):
-    from megacoach.app.models import ApiTokenRow
+    from megacoach.labels.schema import ApiTokenRow
 
     c = TestClient(world.app)
     csrf = login(c, "root")

@@ -181,7 +181,7 @@ def test_cross_origin_writes_are_refused(world):
 
 
 def _expire_sessions(store, **delta):
-    from megacoach.app.models import WebSessionRow
+    from megacoach.labels.schema import WebSessionRow
 
     with store.session() as s, s.begin():
         for row in s.query(WebSessionRow):

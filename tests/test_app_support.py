@@ -32,7 +32,7 @@ def add_items(store, n: int, *, k: int = 4, batch: str = "b0", source: str = "on
               calibration: bool = False, overlap: int = 1, iterations: Optional[list[int]] = None,
               text: str = "continuation") -> list[int]:
     """n items of k samples each; returns their ids."""
-    from megacoach.labels.store import NewSample
+    from megacoach.labels.records import NewSample
 
     specs = []
     for i in range(n):

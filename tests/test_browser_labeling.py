@@ -47,7 +47,7 @@ PROMPTS = [
 
 
 def seed(store, n_extra: int = 6) -> None:
-    from megacoach.labels.store import NewSample
+    from megacoach.labels.records import NewSample
 
     specs = []
     for i in range(n_extra):

@@ -24,7 +24,8 @@ from megacoach.labels.io import (
     vocab_size_of,
 )
 from megacoach.labels.labelers import VaderLabeler, label_items
-from megacoach.labels.store import LabelStore, NewSample
+from megacoach.labels.records import NewSample
+from megacoach.labels.store import LabelStore
 
 VOCAB = 1000
 

@@ -22,7 +22,8 @@ from megacoach.labels.labelers import (
     load_labeler,
     permutation,
 )
-from megacoach.labels.store import LabelStore, NewSample
+from megacoach.labels.records import NewSample
+from megacoach.labels.store import LabelStore
 
 RESPONSES = ["I hate this, it is awful.", "What a wonderful, lovely day!", "It is a table.", "Good."]
 

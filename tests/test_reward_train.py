@@ -141,7 +141,8 @@ def test_bad_comparisons(model, comps, match):
 
 
 def test_retrain_from_label_store(tiny_model_dir, tmp_path):
-    from megacoach.labels.store import LabelStore, NewSample
+    from megacoach.labels.records import NewSample
+    from megacoach.labels.store import LabelStore
 
     store = LabelStore(f"sqlite:///{tmp_path / 'labels.db'}")
     try:

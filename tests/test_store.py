@@ -9,15 +9,12 @@ import pytest
 from sqlalchemy import text
 
 from megacoach.errors import DataError, StoreError
+from megacoach.labels import store as store_module
+from megacoach.labels.control import RunControl
+from megacoach.labels.people import PeopleAdmin
+from megacoach.labels.records import ComparisonRecord, DuplicateLabelError, NewSample
 from megacoach.labels.schema import Base
-from megacoach.labels.store import (
-    DEFAULT_URL,
-    ComparisonRecord,
-    DuplicateLabelError,
-    LabelStore,
-    NewSample,
-    normalize_url,
-)
+from megacoach.labels.store import DEFAULT_URL, LabelStore, normalize_url
 
 
 @pytest.fixture
@@ -192,6 +189,32 @@ def test_transaction_all_or_nothing(store):
             store.add_comparison(c.item.id, 1, "alice")
         store.append_audit("alice", "label")
     assert store.count_comparisons() == 1 and len(store.audit_entries()) == 1
+
+
+PEOPLE_METHODS = ("get_or_create_labeler", "get_labeler", "labelers", "update_labeler", "add_skip", "skips",
+                  "set_guideline", "latest_guideline", "get_guideline", "guidelines", "append_audit", "audit_entries")
+CONTROL_METHODS = ("pull_andon", "andon_pulls", "set_run_status", "get_run_status", "run_statuses")
+
+
+def test_store_combines_its_parts(store):
+    """LabelStore offers the people and run-control methods (people.py, control.py) as its own."""
+    assert issubclass(LabelStore, PeopleAdmin) and issubclass(LabelStore, RunControl)
+    for name in PEOPLE_METHODS:
+        assert getattr(LabelStore, name) is getattr(PeopleAdmin, name)
+    for name in CONTROL_METHODS:
+        assert getattr(LabelStore, name) is getattr(RunControl, name)
+    assert store_module.NewSample is NewSample  # still importable from the store module
+    # the parts share the store's sessions: one transaction spans all three
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            c = make_item(store)
+            store.add_comparison(c.item.id, 0, store.get_or_create_labeler("alice"))
+            store.set_guideline("v1", "# be kind")
+            store.pull_andon("alice", "gibberish", run_id="r1")
+            store.set_run_status("r1", "paused")
+            raise RuntimeError("killed mid-way")
+    assert store.items() == [] and store.labelers() == [] and store.guidelines() == []
+    assert store.andon_pulls() == [] and store.run_statuses() == []
 
 
 def test_labelers(store):

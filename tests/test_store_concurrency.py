@@ -8,7 +8,8 @@ from collections import Counter
 
 from sqlalchemy import text
 
-from megacoach.labels.store import DuplicateLabelError, LabelStore, NewSample
+from megacoach.labels.records import DuplicateLabelError, NewSample
+from megacoach.labels.store import LabelStore
 
 N_ITEMS = 12
 

@@ -13,7 +13,8 @@ from sqlalchemy import create_engine, text
 from megacoach.errors import StoreError
 from megacoach.labels.io import export_jsonl, import_jsonl, import_openai_labels
 from megacoach.labels.labelers import VaderLabeler, label_items
-from megacoach.labels.store import DuplicateLabelError, LabelStore, NewSample
+from megacoach.labels.records import DuplicateLabelError, NewSample
+from megacoach.labels.store import LabelStore
 
 PG_URL = os.environ.get("MEGACOACH_TEST_PG_URL")
 pytestmark = [pytest.mark.postgres,

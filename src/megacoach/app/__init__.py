@@ -1,7 +1,8 @@
 """The human evaluators' labeling web app (FastAPI, server-rendered pages, a JSON API).
 
 ``create_app(db_url, settings)`` builds it; ``serve(db_url, host, port)`` runs it with uvicorn.
-Imported lazily so that ``megacoach.app.models`` (tables) does not pull in the web stack.
+Imported lazily so that the light modules (``megacoach.app.cli``, which every ``megacoach`` command
+loads) do not pull in the web stack.
 """
 
 from __future__ import annotations

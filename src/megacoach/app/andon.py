@@ -19,10 +19,10 @@ from typing import Optional
 from sqlalchemy import or_, select
 
 from megacoach.app.auth import Principal
-from megacoach.app.models import AndonClearRow
 from megacoach.app.settings import AppSettings
-from megacoach.labels.schema import AndonPullRow, LabelerRow, RunStatusRow, utcnow
-from megacoach.labels.store import LabelStore, RunStatus
+from megacoach.labels.records import RunStatus
+from megacoach.labels.schema import AndonClearRow, AndonPullRow, LabelerRow, RunStatusRow, utcnow
+from megacoach.labels.store import LabelStore
 
 
 @dataclass(frozen=True)

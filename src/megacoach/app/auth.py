@@ -24,10 +24,9 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from megacoach.app.errors import AppError, BadInput, Conflict, Forbidden, NotFound, NotLoggedIn, TooMany
-from megacoach.app.models import ApiTokenRow, InvitationRow, WebSessionRow
 from megacoach.app.security import Passwords, hash_secret, new_api_token, new_secret, password_problem
 from megacoach.app.settings import AppSettings
-from megacoach.labels.schema import LabelerRow, utcnow
+from megacoach.labels.schema import ApiTokenRow, InvitationRow, LabelerRow, WebSessionRow, utcnow
 from megacoach.labels.store import LabelStore
 
 PERMISSIONS: dict[str, frozenset[str]] = {

@@ -13,6 +13,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from megacoach.app.errors import AppError
+from megacoach.app.settings import AppSettings
+from megacoach.errors import DataError
+
+# Every `megacoach` command loads this module: the web stack (server), argon2 (auth) and Alembic
+# (the store) are imported inside the commands that use them.
+
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlchemy URL or SQLite path "
                                                             "(default $MEGACOACH_LABELS_URL or labels.db).")]
 
@@ -20,8 +27,6 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
               item_sources: Optional[list[str]] = None):
-    from megacoach.app.settings import AppSettings
-
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
@@ -75,8 +80,6 @@ def register(label_app: typer.Typer) -> None:
     ):
         """Print a one-time invitation link for a new labeler (or admin)."""
         from megacoach.app.auth import Auth
-        from megacoach.app.errors import AppError
-        from megacoach.errors import DataError
         from megacoach.labels.store import LabelStore
 
         with LabelStore(db) as store:
@@ -96,8 +99,6 @@ def register(label_app: typer.Typer) -> None:
     ):
         """Print a new API token (Authorization: Bearer ...) for the trainer or a script."""
         from megacoach.app.auth import Auth
-        from megacoach.app.errors import AppError
-        from megacoach.errors import DataError
         from megacoach.labels.store import LabelStore
 
         with LabelStore(db) as store:

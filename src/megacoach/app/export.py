@@ -8,7 +8,8 @@ import json
 from typing import Any, Iterator, Optional
 
 from megacoach.labels.io import comparison_to_dict
-from megacoach.labels.store import ComparisonRecord, LabelStore
+from megacoach.labels.records import ComparisonRecord
+from megacoach.labels.store import LabelStore
 
 PAGE = 500
 

@@ -15,8 +15,9 @@ from megacoach.app.metrics import quantile
 from megacoach.app.settings import AppSettings
 from megacoach.errors import DataError
 from megacoach.labels.assignment import Assigner, shown_order
+from megacoach.labels.records import DuplicateLabelError
 from megacoach.labels.schema import ComparisonRow, SkipRow, utcnow
-from megacoach.labels.store import DuplicateLabelError, LabelStore
+from megacoach.labels.store import LabelStore
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megacoach.app import api, web
+from megacoach.app.auth import Auth, clean_name
 from megacoach.app.core import HERE, SESSION_COOKIE, build_state, render
 from megacoach.app.errors import AppError, NotLoggedIn
 from megacoach.app.middleware import BodyLimit, SameOrigin, SecurityHeaders
+from megacoach.app.security import password_problem
 from megacoach.app.settings import AppSettings
-from megacoach.errors import DataError, StoreError
+from megacoach.errors import ConfigError, DataError, StoreError
 from megacoach.labels.store import LabelStore
 
 log = logging.getLogger("megacoach.app")
@@ -138,8 +140,6 @@ def create_app(db_url: Optional[str] = None, settings: SettingsLike = None, *,
 
 def admin_invite_link(store: LabelStore, settings: AppSettings, base_url: str, name: str = "admin") -> Optional[str]:
     """A one-time invitation link for the first admin, or None when an admin exists already."""
-    from megacoach.app.auth import Auth
-
     auth = Auth(store, settings)
     if auth.admin_exists():
         return None
@@ -155,10 +155,6 @@ def admin_invite_link(store: LabelStore, settings: AppSettings, base_url: str, n
 
 def create_admin(db_url: Optional[str], name: str, password: str, settings: SettingsLike = None) -> int:
     """Create (or reset the password of) an admin account directly; returns its id."""
-    from megacoach.app.auth import Auth, clean_name
-    from megacoach.app.security import password_problem
-    from megacoach.errors import ConfigError
-
     cfg = _settings(settings)
     try:
         name = clean_name(name, "admin name")

@@ -8,6 +8,7 @@ from typing import Optional
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from markupsafe import Markup
+from sqlalchemy import select
 
 from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal, clean_name
@@ -28,9 +29,10 @@ from megacoach.app.core import (
     state_of,
 )
 from megacoach.app.dashboard import dashboard, sparkline
-from megacoach.app.errors import AppError, BadInput, NotLoggedIn
+from megacoach.app.errors import AppError, BadInput, Conflict, NotFound, NotLoggedIn
 from megacoach.app.export import export_lines
 from megacoach.errors import DataError
+from megacoach.labels.schema import AuditRow
 
 router = APIRouter(include_in_schema=False)
 
@@ -299,8 +301,6 @@ def admin_set_active(request: Request, labeler_id: int = Path(..., ge=1, le=MAX_
 
 
 def _set_active(st, who: Principal, labeler_id: int, active: bool) -> dict:
-    from megacoach.app.errors import Conflict, NotFound
-
     lab = st.store.get_labeler(labeler_id)
     if lab is None:
         raise NotFound(f"labeler {labeler_id}: no such labeler")
@@ -362,8 +362,6 @@ def publish_guideline(st, who: Principal, version: str, markdown: str) -> dict:
     if "\x00" in markdown:
         raise BadInput("markdown: NUL characters are not allowed")
     if st.store.get_guideline(version) is not None:
-        from megacoach.app.errors import Conflict
-
         raise Conflict(f"guideline version {version!r} exists already; versions never change, choose a new one")
     try:
         rec = st.store.set_guideline(version, markdown, created_by=who.name)
@@ -393,10 +391,6 @@ def admin_audit(request: Request, who: Principal = Depends(page_admin),
 
 def recent_audit(st, action: Optional[str], before_id: Optional[int], limit: int) -> list:
     """The newest audit entries (before ``before_id``), newest first."""
-    from sqlalchemy import select
-
-    from megacoach.labels.schema import AuditRow
-
     with st.store.session(write=False) as s:
         q = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
         if action:

@@ -36,8 +36,7 @@ from sqlalchemy import and_, bindparam, case, delete, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from megacoach.app.models import ItemLockRow
-from megacoach.labels.schema import ComparisonRow, ItemRow, SkipRow, UTCDateTime, utcnow
+from megacoach.labels.schema import ComparisonRow, ItemLockRow, ItemRow, SkipRow, UTCDateTime, utcnow
 
 
 def _digest(*parts: object) -> bytes:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from megacoach.errors import ConfigError, DataError
-from megacoach.labels.store import ComparisonRecord, LabelStore, NewSample
+from megacoach.labels.records import ComparisonRecord, NewSample
+from megacoach.labels.store import LabelStore
 
 if TYPE_CHECKING:
     import datasets

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional, Protocol, Union, runtime_checkable
 
 from megacoach.errors import ConfigError, DataError
+from megacoach.labels.records import ComparisonRecord, DuplicateLabelError, ItemContent, ItemRecord
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from megacoach.labels.store import ComparisonRecord, ItemContent, ItemRecord, LabelStore
+    from megacoach.labels.store import LabelStore
 
 RandomLike = Union[random.Random, "np.random.Generator"]
 
@@ -267,12 +268,12 @@ def load_labeler(spec: str) -> Labeler:
 @dataclass(frozen=True)
 class AutoLabelResult:
     labeler: str
-    written: list["ComparisonRecord"]
+    written: list[ComparisonRecord]
     already_labeled: int  # items skipped because this labeler had labeled them (e.g. another process)
 
 
 def label_items(store: "LabelStore", labeler: Labeler,
-                items: Optional[Sequence[Union[int, "ItemRecord", "ItemContent"]]] = None, *,
+                items: Optional[Sequence[Union[int, ItemRecord, ItemContent]]] = None, *,
                 rng: Optional[RandomLike] = None, seed: int = 0, batch: Optional[str] = None,
                 split: Optional[str] = None, limit: Optional[int] = None, guideline_version: Optional[str] = None,
                 shuffle: bool = True, chunk: int = 512) -> AutoLabelResult:
@@ -283,8 +284,6 @@ def label_items(store: "LabelStore", labeler: Labeler,
     order (shuffle=True) as people see them; the choice is stored as a canonical index with that
     shown order. The labeler row is `labeler.name`, kind 'program'. Writes are one transaction per
     `chunk` items; items this labeler already labeled are skipped, not doubled."""
-    from megacoach.labels.store import DuplicateLabelError, ItemContent, ItemRecord
-
     if getattr(labeler, "kind", "program") != "program":
         raise ConfigError(f"labeler {labeler.name!r}: label_items is for program labelers")
     rng = rng if rng is not None else random.Random(seed)

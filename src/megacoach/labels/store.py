@@ -4,7 +4,8 @@ One SQLAlchemy URL holds everything (SQLite file by default; PostgreSQL works th
 store migrates it to the newest schema (Alembic, programmatically); a store written by newer code
 is refused. Every write is one transaction; plain dataclass records (never ORM objects) come back.
 
-    from megacoach.labels.store import LabelStore, NewSample
+    from megacoach.labels.records import NewSample
+    from megacoach.labels.store import LabelStore
 
     store = LabelStore("sqlite:///runs/demo/labels.db")        # or a path, or "postgresql+psycopg://..."
     content = store.create_item(                                # query + K samples + item, one transaction
@@ -30,6 +31,12 @@ items_without_labels / item_contents; labelers / get_labeler / update_labeler; a
 audit_entries (append-only); pull_andon / andon_pulls; set_run_status / get_run_status /
 run_statuses; set_guideline / latest_guideline / get_guideline; session() for in-package queries.
 
+The store is split by who uses it, and ``LabelStore`` combines the parts (every method is
+``store.method(...)``): this module holds the engine, sessions, transactions and migration
+(``StoreEngine``) and the training side (queries, samples, items, comparisons, position);
+people.py the people administration (labelers, skips, guidelines, audit log); control.py run
+control (run status, Andon cord); records.py the records, converters and input checks.
+
 The CLI's `megacoach label auto / export / import`:
 
     from megacoach.labels.labelers import load_labeler, label_items
@@ -51,43 +58,56 @@ writers can commit ids out of order; a reader that must not miss any should re-r
 from __future__ import annotations
 
 import datetime as dt
-import json
-import math
-import numbers
 import os
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Self, Union
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, or_, select, text
+from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from megacoach.errors import DataError, MegacoachError, StoreError
+from megacoach.labels.control import RunControl
+from megacoach.labels.people import PeopleAdmin, labeler_row, latest_guideline_row
+from megacoach.labels.records import (  # NewSample is also still importable from here
+    ComparisonRecord,
+    DuplicateLabelError,
+    ItemContent,
+    ItemRecord,
+    LabelerRecord,
+    LabelerRef,
+    NewSample,
+    QueryRecord,
+    SampleRecord,
+    check_choice,
+    check_int,
+    check_item_fields,
+    check_item_spec,
+    check_label_extras,
+    check_sample,
+    check_shown_order,
+    item_rec,
+    query_rec,
+    sample_rec,
+    token_id_list,
+)
 from megacoach.labels.schema import (
     LABELER_KINDS,
-    ROLES,
-    RUN_STATUSES,
     SPLITS,
-    AndonPullRow,
-    AuditRow,
     ComparisonRow,
-    GuidelineRow,
     ItemRow,
     LabelerRow,
     QueryRow,
-    RunStatusRow,
     SampleRow,
-    SkipRow,
     utcnow,
 )
 
@@ -96,264 +116,6 @@ URL_ENV = "MEGACOACH_LABELS_URL"
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 _PG_MIGRATION_LOCK = 0x6D636F61  # pg_advisory_xact_lock key, "mcoa"
 _IN_CHUNK = 500  # ids per IN (...) list
-
-
-class DuplicateLabelError(DataError):
-    """The labeler already labeled this item: one label per (item, labeler)."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Records that cross the API boundary
-
-
-@dataclass(frozen=True, slots=True)
-class QueryRecord:
-    id: int
-    text: str
-    token_ids: list[int]
-    source: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class SampleRecord:
-    id: int
-    query_id: int
-    text: str
-    token_ids: list[int]
-    policy: str
-    iteration: Optional[int]
-    seed: Optional[int]
-    run_id: Optional[str]
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ItemRecord:
-    id: int
-    query_id: int
-    k: int
-    sample_ids: list[int]  # canonical order
-    batch: str
-    split: str
-    source: str
-    is_gold: bool
-    gold_choice: Optional[int]
-    is_calibration: bool
-    overlap: int
-    run_id: Optional[str]
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class ItemContent:
-    """An item with its query and its K samples (canonical order): what a labeler is shown."""
-
-    item: ItemRecord
-    query: QueryRecord
-    samples: list[SampleRecord]
-
-
-@dataclass(frozen=True, slots=True)
-class LabelerRecord:
-    id: int
-    name: str
-    kind: str
-    role: str
-    active: bool
-    created_at: dt.datetime
-    password_hash: Optional[str] = field(default=None, repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class ComparisonRecord:
-    """One label with everything the Values Coach (reward model) needs, samples in canonical order.
-
-    ``chosen`` indexes ``samples``; ``shown_order[p]`` is the canonical index shown at position p."""
-
-    id: int
-    item_id: int
-    query_id: int
-    query_text: str
-    query_token_ids: list[int]
-    samples: list[SampleRecord]
-    chosen: int
-    shown_order: list[int]
-    labeler_id: int
-    labeler_name: str
-    labeler_kind: str
-    guideline_version: str
-    time_taken_s: Optional[float]
-    flagged: bool
-    note: Optional[str]
-    too_fast: bool
-    confidence: Optional[int]
-    split: str
-    batch: str
-    item_source: str
-    is_gold: bool
-    gold_choice: Optional[int]
-    is_calibration: bool
-    item_created_at: dt.datetime
-    created_at: dt.datetime
-
-    @property
-    def k(self) -> int:
-        return len(self.samples)
-
-    @property
-    def sample_token_ids(self) -> list[list[int]]:
-        return [s.token_ids for s in self.samples]
-
-    @property
-    def sample_texts(self) -> list[str]:
-        return [s.text for s in self.samples]
-
-
-@dataclass(frozen=True, slots=True)
-class SkipRecord:
-    id: int
-    item_id: int
-    labeler_id: int
-    reason: str
-    created_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class GuidelineRecord:
-    version: str
-    markdown: str
-    created_at: dt.datetime
-    created_by: str
-
-
-@dataclass(frozen=True, slots=True)
-class AuditEntry:
-    id: int
-    at: dt.datetime
-    actor: str
-    action: str
-    detail: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class AndonPull:
-    id: int
-    run_id: Optional[str]  # None: pulled on every run
-    labeler_id: int
-    labeler_name: str
-    reason: str
-    at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class RunStatus:
-    run_id: str
-    status: str  # running | paused | halted | finished
-    iteration: int
-    detail: dict[str, Any]
-    updated_at: dt.datetime
-
-
-@dataclass(frozen=True, slots=True)
-class NewSample:
-    """A sample to store: text, token ids and provenance (which Apprentice checkpoint, when)."""
-
-    text: str
-    token_ids: Sequence[int]
-    policy: str = ""
-    iteration: Optional[int] = None
-    seed: Optional[int] = None
-    run_id: Optional[str] = None
-
-
-LabelerRef = Union[int, str, LabelerRecord]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Row -> record
-
-
-def _query_rec(r: QueryRow) -> QueryRecord:
-    return QueryRecord(r.id, r.text, list(r.token_ids), r.source, r.created_at)
-
-
-def _sample_rec(r: SampleRow) -> SampleRecord:
-    return SampleRecord(r.id, r.query_id, r.text, list(r.token_ids), r.policy, r.iteration, r.seed,
-                        r.run_id, r.created_at)
-
-
-def _item_rec(r: ItemRow) -> ItemRecord:
-    return ItemRecord(r.id, r.query_id, r.k, list(r.sample_ids), r.batch, r.split, r.source, bool(r.is_gold),
-                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at)
-
-
-def _labeler_rec(r: LabelerRow) -> LabelerRecord:
-    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash)
-
-
-def _skip_rec(r: SkipRow) -> SkipRecord:
-    return SkipRecord(r.id, r.item_id, r.labeler_id, r.reason, r.created_at)
-
-
-def _guideline_rec(r: GuidelineRow) -> GuidelineRecord:
-    return GuidelineRecord(r.version, r.markdown, r.created_at, r.created_by)
-
-
-def _audit_rec(r: AuditRow) -> AuditEntry:
-    return AuditEntry(r.id, r.at, r.actor, r.action, dict(r.detail or {}))
-
-
-def _run_rec(r: RunStatusRow) -> RunStatus:
-    return RunStatus(r.run_id, r.status, r.iteration, dict(r.detail or {}), r.updated_at)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation helpers (pure)
-
-
-def token_id_list(value: Any, what: str) -> list[int]:
-    """A list of non-negative ints (numpy ints accepted), else DataError naming `what`."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise DataError(f"{what}: expected a list of token ids, got {type(value).__name__}")
-    out: list[int] = []
-    for i, t in enumerate(value):
-        if isinstance(t, bool) or not isinstance(t, numbers.Integral) or t < 0:
-            raise DataError(f"{what}[{i}]: expected a non-negative integer token id, got {t!r}")
-        out.append(int(t))
-    return out
-
-
-def _check_int(value: Any, what: str, lo: int, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise DataError(f"{what}: expected an integer, got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise DataError(f"{what}: expected {rng}, got {value}")
-    return int(value)
-
-
-def _check_choice(value: Any, what: str, values: Sequence[str]) -> str:
-    if value not in values:
-        raise DataError(f"{what}: expected one of {', '.join(values)}, got {value!r}")
-    return value
-
-
-def _check_json(value: Any, what: str) -> Any:
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{what}: not JSON-serialisable ({e})") from e
-
-
-def check_shown_order(shown_order: Optional[Sequence[int]], k: int, what: str = "shown_order") -> list[int]:
-    """Identity when None; else must be a permutation of 0..k-1 (shown position -> canonical index)."""
-    if shown_order is None:
-        return list(range(k))
-    order = [_check_int(x, f"{what}[{i}]", 0, k - 1) for i, x in enumerate(shown_order)]
-    if sorted(order) != list(range(k)):
-        raise DataError(f"{what}: expected a permutation of 0..{k - 1}, got {list(shown_order)}")
-    return order
 
 
 def _chunks(seq: Sequence[int], n: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
@@ -373,10 +135,9 @@ def normalize_url(url: Optional[str]) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class LabelStore:
-    """Durable store of queries, samples, items and the comparisons (labels) human evaluators make.
-
-    Thread-safe (one store may be shared by threads); each process opens its own."""
+class StoreEngine:
+    """The database under ``LabelStore``: engine, sessions and transactions, error translation, and
+    the schema (migrated on open). The store's parts (``LabelStore`` and its mixins) run in these."""
 
     def __init__(self, url: Optional[str] = None, *, busy_timeout_s: float = 30.0, echo: bool = False):
         self.url = normalize_url(url)
@@ -472,7 +233,7 @@ class LabelStore:
             yield s
 
     @contextmanager
-    def transaction(self) -> Iterator["LabelStore"]:
+    def transaction(self) -> Iterator[Self]:
         """All store writes inside the block (in this thread) commit together or not at all."""
         if getattr(self._local, "session", None) is not None:
             yield self
@@ -499,7 +260,7 @@ class LabelStore:
     def close(self) -> None:
         self._engine.dispose()
 
-    def __enter__(self) -> "LabelStore":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -562,78 +323,14 @@ class LabelStore:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
 
-    # -- labelers ----------------------------------------------------------------------------------
 
-    def _labeler_row(self, s: Session, labeler: LabelerRef, *, active: bool = True) -> LabelerRow:
-        if isinstance(labeler, LabelerRecord):
-            row = s.get(LabelerRow, labeler.id)
-        elif isinstance(labeler, str):
-            row = s.scalar(select(LabelerRow).where(LabelerRow.name == labeler))
-        elif isinstance(labeler, numbers.Integral) and not isinstance(labeler, bool):
-            row = s.get(LabelerRow, int(labeler))
-        else:
-            raise DataError(f"labeler: expected an id, a name or a LabelerRecord, got {labeler!r}")
-        if row is None:
-            raise DataError(f"labeler {labeler.name if isinstance(labeler, LabelerRecord) else labeler!r}: "
-                            "no such labeler (create it with get_or_create_labeler)")
-        if active and not row.active:
-            raise DataError(f"labeler {row.name!r} is deactivated")
-        return row
+class LabelStore(PeopleAdmin, RunControl, StoreEngine):
+    """Durable store of queries, samples, items and the comparisons (labels) human evaluators make.
 
-    def get_or_create_labeler(self, name: str, kind: str = "person", role: Optional[str] = None,
-                              password_hash: Optional[str] = None) -> LabelerRecord:
-        """The labeler called `name`, created if missing. kind person|program; role admin|labeler for
-        people (default labeler), program for programs. An existing labeler of another kind -> DataError."""
-        if not isinstance(name, str) or not name.strip():
-            raise DataError(f"labeler name: expected a non-empty string, got {name!r}")
-        _check_choice(kind, "labeler kind", LABELER_KINDS)
-        role = role or ("program" if kind == "program" else "labeler")
-        _check_choice(role, "labeler role", ROLES)
-        if (kind == "program") != (role == "program"):
-            raise DataError(f"labeler {name!r}: role {role!r} does not fit kind {kind!r} "
-                            "(programs have role 'program'; people 'admin' or 'labeler')")
-        with self._write("add a labeler") as s:
-            row = s.scalar(select(LabelerRow).where(LabelerRow.name == name))
-            if row is None:
-                try:
-                    with s.begin_nested():
-                        row = LabelerRow(name=name, kind=kind, role=role, password_hash=password_hash, active=True)
-                        s.add(row)
-                except sa_exc.IntegrityError:  # created concurrently
-                    row = s.scalar(select(LabelerRow).where(LabelerRow.name == name))
-                    assert row is not None
-            if row.kind != kind:
-                raise DataError(f"labeler {name!r} exists as a {row.kind}, not a {kind}")
-            return _labeler_rec(row)
-
-    def get_labeler(self, labeler: LabelerRef) -> Optional[LabelerRecord]:
-        """By id or name; None if missing."""
-        with self._read("read a labeler") as s:
-            try:
-                return _labeler_rec(self._labeler_row(s, labeler, active=False))
-            except DataError:
-                return None
-
-    def labelers(self) -> list[LabelerRecord]:
-        with self._read("read labelers") as s:
-            return [_labeler_rec(r) for r in s.scalars(select(LabelerRow).order_by(LabelerRow.id))]
-
-    def update_labeler(self, labeler: LabelerRef, *, active: Optional[bool] = None, role: Optional[str] = None,
-                       password_hash: Optional[str] = None) -> LabelerRecord:
-        """Change a labeler's active flag, role (people only) or password hash."""
-        with self._write("update a labeler") as s:
-            row = self._labeler_row(s, labeler, active=False)
-            if active is not None:
-                row.active = bool(active)
-            if role is not None:
-                _check_choice(role, "labeler role", ROLES)
-                if (row.kind == "program") != (role == "program"):
-                    raise DataError(f"labeler {row.name!r}: role {role!r} does not fit kind {row.kind!r}")
-                row.role = role
-            if password_hash is not None:
-                row.password_hash = password_hash
-            s.flush()
-            return _labeler_rec(row)
+    Thread-safe (one store may be shared by threads); each process opens its own. The training side
+    (queries, samples, items, comparisons, position) is here; labelers, skips, guidelines and the
+    audit log come from ``PeopleAdmin`` (people.py), run status and the Andon cord from
+    ``RunControl`` (control.py)."""
 
     # -- queries, samples, items -------------------------------------------------------------------
 
@@ -646,43 +343,18 @@ class LabelStore:
             row = QueryRow(text=text, token_ids=ids, source=str(source))
             s.add(row)
             s.flush()
-            return _query_rec(row)
+            return query_rec(row)
 
     def add_samples(self, query_id: int, samples: Sequence[NewSample]) -> list[SampleRecord]:
         """Store continuations of a query, with provenance (policy checkpoint, iteration, seed, run)."""
-        checked = [self._check_sample(x, f"sample {i}") for i, x in enumerate(samples)]
+        checked = [check_sample(x, f"sample {i}") for i, x in enumerate(samples)]
         with self._write("add samples") as s:
             if s.get(QueryRow, query_id) is None:
                 raise DataError(f"query {query_id}: no such query")
             rows = [SampleRow(query_id=query_id, **c) for c in checked]
             s.add_all(rows)
             s.flush()
-            return [_sample_rec(r) for r in rows]
-
-    @staticmethod
-    def _check_sample(x: NewSample, what: str) -> dict[str, Any]:
-        if not isinstance(x, NewSample):
-            raise DataError(f"{what}: expected a NewSample, got {type(x).__name__}")
-        if not isinstance(x.text, str):
-            raise DataError(f"{what} text: expected a string, got {type(x.text).__name__}")
-        return dict(
-            text=x.text, token_ids=token_id_list(x.token_ids, f"{what} token_ids"), policy=str(x.policy),
-            iteration=None if x.iteration is None else _check_int(x.iteration, f"{what} iteration", 0),
-            seed=None if x.seed is None else _check_int(x.seed, f"{what} seed", -(2**63)),
-            run_id=None if x.run_id is None else str(x.run_id))
-
-    @staticmethod
-    def _check_item_fields(k: int, split: str, source: str, is_gold: bool, gold_choice: Optional[int],
-                           overlap: int) -> None:
-        _check_int(k, "k (samples per item)", 2)
-        _check_choice(split, "split", SPLITS)
-        if not isinstance(source, str) or not source:
-            raise DataError(f"item source: expected a non-empty string, got {source!r}")
-        if gold_choice is not None:
-            _check_int(gold_choice, "gold_choice", 0, k - 1)
-        elif is_gold:
-            raise DataError("gold item: gold_choice is required when is_gold is set")
-        _check_int(overlap, "overlap (labels wanted per item)", 1)
+            return [sample_rec(r) for r in rows]
 
     def add_item(self, query: Union[int, QueryRecord], samples: Sequence[Union[int, SampleRecord]],
                  k: Optional[int] = None, *, split: str = "train", batch: str = "", source: str = "offline",
@@ -691,11 +363,11 @@ class LabelStore:
         """An item to label: a stored query and K >= 2 of its stored samples (this order is canonical)."""
         query_id = query.id if isinstance(query, QueryRecord) else query
         sample_ids = [x.id if isinstance(x, SampleRecord) else x for x in samples]
-        sample_ids = [_check_int(x, f"sample id {i}", 1) for i, x in enumerate(sample_ids)]
+        sample_ids = [check_int(x, f"sample id {i}", 1) for i, x in enumerate(sample_ids)]
         if k is not None and k != len(sample_ids):
             raise DataError(f"item: k={k} but {len(sample_ids)} samples given")
         k = len(sample_ids)
-        self._check_item_fields(k, split, source, is_gold, gold_choice, overlap)
+        check_item_fields(k, split, source, is_gold, gold_choice, overlap)
         if len(set(sample_ids)) != k:
             raise DataError(f"item: sample ids repeat: {sample_ids}")
         with self._write("add an item") as s:
@@ -712,7 +384,7 @@ class LabelStore:
                           is_calibration=bool(is_calibration), overlap=overlap, run_id=run_id)
             s.add(row)
             s.flush()
-            return _item_rec(row)
+            return item_rec(row)
 
     def create_item(self, query_text: str, query_token_ids: Sequence[int], samples: Sequence[NewSample], *,
                     query_source: str = "", split: str = "train", batch: str = "", source: str = "offline",
@@ -727,34 +399,9 @@ class LabelStore:
     def create_items(self, specs: Sequence[dict[str, Any]]) -> list[ItemContent]:
         """Many `create_item` calls (same keyword names, as dicts) in one transaction, with bulk inserts.
         Everything is validated before anything is written."""
-        checked = [self._check_item_spec(spec, f"item {i}") for i, spec in enumerate(specs)]
+        checked = [check_item_spec(spec, f"item {i}") for i, spec in enumerate(specs)]
         with self._write("add items") as s:
             return self._insert_items(s, checked)
-
-    def _check_item_spec(self, spec: dict[str, Any], what: str) -> dict[str, Any]:
-        allowed = {"query_text", "query_token_ids", "samples", "query_source", "split", "batch", "source",
-                   "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at"}
-        unknown = set(spec) - allowed
-        if unknown:
-            raise DataError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
-        for req in ("query_text", "query_token_ids", "samples"):
-            if req not in spec:
-                raise DataError(f"{what}: missing field {req!r}")
-        if not isinstance(spec["query_text"], str):
-            raise DataError(f"{what} query_text: expected a string")
-        samples = [self._check_sample(x, f"{what} sample {j}") for j, x in enumerate(spec["samples"])]
-        out = dict(query_text=spec["query_text"], query_source=str(spec.get("query_source", "")),
-                   query_token_ids=token_id_list(spec["query_token_ids"], f"{what} query_token_ids"),
-                   samples=samples, split=spec.get("split", "train"), batch=str(spec.get("batch", "")),
-                   source=spec.get("source", "offline"), is_gold=bool(spec.get("is_gold", False)),
-                   gold_choice=spec.get("gold_choice"), is_calibration=bool(spec.get("is_calibration", False)),
-                   overlap=spec.get("overlap", 1), run_id=spec.get("run_id"), created_at=spec.get("created_at"))
-        try:
-            self._check_item_fields(len(samples), out["split"], out["source"], out["is_gold"], out["gold_choice"],
-                                    out["overlap"])
-        except DataError as e:
-            raise DataError(f"{what}: {e}") from None
-        return out
 
     @staticmethod
     def _insert_items(s: Session, specs: list[dict[str, Any]]) -> list[ItemContent]:
@@ -793,7 +440,7 @@ class LabelStore:
     def get_item(self, item_id: int) -> Optional[ItemRecord]:
         with self._read("read an item") as s:
             row = s.get(ItemRow, item_id)
-            return None if row is None else _item_rec(row)
+            return None if row is None else item_rec(row)
 
     def item_contents(self, item_ids: Sequence[int]) -> list[ItemContent]:
         """Items with their query and samples (canonical order), in the order asked; unknown id -> DataError."""
@@ -807,21 +454,21 @@ class LabelStore:
                 raise DataError(f"item {missing[0]}: no such item")
             queries = self._queries_by_id(s, {r.query_id for r in items.values()})
             samples = self._samples_by_id(s, {sid for r in items.values() for sid in r.sample_ids})
-            return [ItemContent(_item_rec(items[i]), queries[items[i].query_id],
+            return [ItemContent(item_rec(items[i]), queries[items[i].query_id],
                                 [samples[sid] for sid in items[i].sample_ids]) for i in ids]
 
     @staticmethod
     def _queries_by_id(s: Session, ids: Iterable[int]) -> dict[int, QueryRecord]:
         out: dict[int, QueryRecord] = {}
         for chunk in _chunks(sorted(ids)):
-            out.update({r.id: _query_rec(r) for r in s.scalars(select(QueryRow).where(QueryRow.id.in_(chunk)))})
+            out.update({r.id: query_rec(r) for r in s.scalars(select(QueryRow).where(QueryRow.id.in_(chunk)))})
         return out
 
     @staticmethod
     def _samples_by_id(s: Session, ids: Iterable[int]) -> dict[int, SampleRecord]:
         out: dict[int, SampleRecord] = {}
         for chunk in _chunks(sorted(ids)):
-            out.update({r.id: _sample_rec(r) for r in s.scalars(select(SampleRow).where(SampleRow.id.in_(chunk)))})
+            out.update({r.id: sample_rec(r) for r in s.scalars(select(SampleRow).where(SampleRow.id.in_(chunk)))})
         return out
 
     def items(self, *, batch: Optional[str] = None, split: Optional[str] = None, source: Optional[str] = None,
@@ -832,7 +479,7 @@ class LabelStore:
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read("read items") as s:
-            return [_item_rec(r) for r in s.scalars(stmt)]
+            return [item_rec(r) for r in s.scalars(stmt)]
 
     @staticmethod
     def _item_filters(stmt: Any, batch: Optional[str], split: Optional[str], source: Optional[str]) -> Any:
@@ -851,33 +498,21 @@ class LabelStore:
         with self._read("read unlabeled items") as s:
             cond = ComparisonRow.item_id == ItemRow.id
             if labeler is not None:
-                cond = and_(cond, ComparisonRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
+                cond = and_(cond, ComparisonRow.labeler_id == labeler_row(s, labeler, active=False).id)
             stmt = select(ItemRow).where(~exists().where(cond)).order_by(ItemRow.id)
             stmt = self._item_filters(stmt, batch, split, source)
             if limit is not None:
                 stmt = stmt.limit(limit)
-            return [_item_rec(r) for r in s.scalars(stmt)]
+            return [item_rec(r) for r in s.scalars(stmt)]
 
     # -- comparisons (labels) ----------------------------------------------------------------------
-
-    @staticmethod
-    def _check_label_extras(where: str, time_taken_s: Any, note: Any, confidence: Any, created_at: Any) -> None:
-        if time_taken_s is not None and (not isinstance(time_taken_s, numbers.Real) or isinstance(time_taken_s, bool)
-                                         or not math.isfinite(time_taken_s) or time_taken_s < 0):
-            raise DataError(f"{where}time_taken_s: expected a finite number >= 0 or None, got {time_taken_s!r}")
-        if confidence is not None:
-            _check_int(confidence, f"{where}confidence", 0)
-        if note is not None and not isinstance(note, str):
-            raise DataError(f"{where}note: expected a string or None, got {type(note).__name__}")
-        if created_at is not None and (not isinstance(created_at, dt.datetime) or created_at.tzinfo is None):
-            raise DataError(f"{where}created_at: expected a timezone-aware datetime, got {created_at!r}")
 
     @staticmethod
     def _label_values(item: ItemRow, lab: LabelerRow, where: str, chosen: Any, shown_order: Any,
                       guideline_version: str, time_taken_s: Any, flagged: Any, note: Any, too_fast: Any,
                       confidence: Any, created_at: Optional[dt.datetime]) -> dict[str, Any]:
         values = dict(
-            item_id=item.id, chosen=_check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
+            item_id=item.id, chosen=check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
             shown_order=check_shown_order(shown_order, item.k, f"{where}item {item.id}: shown_order"),
             labeler_id=lab.id, labeler_kind=lab.kind, guideline_version=str(guideline_version),
             time_taken_s=None if time_taken_s is None else float(time_taken_s), flagged=bool(flagged), note=note,
@@ -894,14 +529,14 @@ class LabelStore:
 
         shown_order: shown position -> canonical index (identity if None). guideline_version: defaults
         to the latest guideline ("" if none). A second label by the same labeler -> DuplicateLabelError."""
-        self._check_label_extras("", time_taken_s, note, confidence, None)
+        check_label_extras("", time_taken_s, note, confidence, None)
         with self._write("add a label") as s:
             item = s.get(ItemRow, item_id)
             if item is None:
                 raise DataError(f"item {item_id}: no such item")
-            lab = self._labeler_row(s, labeler)
+            lab = labeler_row(s, labeler)
             if guideline_version is None:
-                latest = self._latest_guideline_row(s)
+                latest = latest_guideline_row(s)
                 guideline_version = latest.version if latest is not None else ""
             values = self._label_values(item, lab, "", chosen, shown_order, guideline_version, time_taken_s, flagged,
                                         note, too_fast, confidence, None)
@@ -933,19 +568,19 @@ class LabelStore:
             for req in ("item_id", "chosen", "labeler"):
                 if req not in spec:
                     raise DataError(f"label {i}: missing field {req!r}")
-            self._check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
+            check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
                                      spec.get("confidence"), spec.get("created_at"))
         if not labels:
             return []
         with self._write("add labels") as s:
-            item_ids = sorted({_check_int(x["item_id"], f"label {i}: item_id", 1) for i, x in enumerate(labels)})
+            item_ids = sorted({check_int(x["item_id"], f"label {i}: item_id", 1) for i, x in enumerate(labels)})
             items: dict[int, ItemRow] = {}
             taken: set[tuple[int, int]] = set()
             for chunk in _chunks(item_ids):
                 items.update({r.id: r for r in s.scalars(select(ItemRow).where(ItemRow.id.in_(chunk)))})
                 taken.update((a, b) for a, b in s.execute(
                     select(ComparisonRow.item_id, ComparisonRow.labeler_id).where(ComparisonRow.item_id.in_(chunk))))
-            latest = self._latest_guideline_row(s)
+            latest = latest_guideline_row(s)
             default_version = latest.version if latest is not None else ""
             labelers: dict[Any, LabelerRow] = {}
             params = []
@@ -958,7 +593,7 @@ class LabelStore:
                 key = ref.id if isinstance(ref, LabelerRecord) else ref
                 if key not in labelers:
                     try:
-                        labelers[key] = self._labeler_row(s, ref)
+                        labelers[key] = labeler_row(s, ref)
                     except DataError as e:
                         raise DataError(f"{where}{e}") from None
                 lab = labelers[key]
@@ -1005,7 +640,7 @@ class LabelStore:
                 .join(LabelerRow, ComparisonRow.labeler_id == LabelerRow.id)
                 .order_by(ComparisonRow.id))
         if split is not None:
-            stmt = stmt.where(ComparisonRow.split == _check_choice(split, "split", SPLITS))
+            stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if after_id is not None:
             stmt = stmt.where(ComparisonRow.id > after_id)
         if upto_id is not None:
@@ -1013,19 +648,19 @@ class LabelStore:
         if batch is not None:
             stmt = stmt.where(ItemRow.batch == batch)
         if labeler_kind is not None:
-            stmt = stmt.where(ComparisonRow.labeler_kind == _check_choice(labeler_kind, "labeler kind", LABELER_KINDS))
+            stmt = stmt.where(ComparisonRow.labeler_kind == check_choice(labeler_kind, "labeler kind", LABELER_KINDS))
         if limit is not None:
             stmt = stmt.limit(limit)
         with self._read("read labels") as s:
             if labeler is not None:
-                stmt = stmt.where(ComparisonRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
+                stmt = stmt.where(ComparisonRow.labeler_id == labeler_row(s, labeler, active=False).id)
             rows = [(c, it, name) for c, it, name in s.execute(stmt)]
             return self._comparison_records(s, rows)
 
     def count_comparisons(self, split: Optional[str] = None, *, labeler_kind: Optional[str] = None) -> int:
         stmt = select(func.count(ComparisonRow.id))
         if split is not None:
-            stmt = stmt.where(ComparisonRow.split == _check_choice(split, "split", SPLITS))
+            stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if labeler_kind is not None:
             stmt = stmt.where(ComparisonRow.labeler_kind == labeler_kind)
         with self._read("count labels") as s:
@@ -1036,164 +671,3 @@ class LabelStore:
         ``comparisons(after_id=position)``."""
         with self._read("read the label position") as s:
             return int(s.scalar(select(func.max(ComparisonRow.id))) or 0)
-
-    # -- skips ---------------------------------------------------------------------------------------
-
-    def add_skip(self, item_id: int, labeler: LabelerRef, reason: str = "") -> SkipRecord:
-        """A labeler skipped an item (with a reason); the item stays available to others."""
-        with self._write("add a skip") as s:
-            if s.get(ItemRow, item_id) is None:
-                raise DataError(f"item {item_id}: no such item")
-            row = SkipRow(item_id=item_id, labeler_id=self._labeler_row(s, labeler).id, reason=str(reason))
-            s.add(row)
-            s.flush()
-            return _skip_rec(row)
-
-    def skips(self, *, item_id: Optional[int] = None, labeler: Optional[LabelerRef] = None) -> list[SkipRecord]:
-        with self._read("read skips") as s:
-            stmt = select(SkipRow).order_by(SkipRow.id)
-            if item_id is not None:
-                stmt = stmt.where(SkipRow.item_id == item_id)
-            if labeler is not None:
-                stmt = stmt.where(SkipRow.labeler_id == self._labeler_row(s, labeler, active=False).id)
-            return [_skip_rec(r) for r in s.scalars(stmt)]
-
-    # -- guidelines ----------------------------------------------------------------------------------
-
-    @staticmethod
-    def _latest_guideline_row(s: Session) -> Optional[GuidelineRow]:
-        return s.scalar(select(GuidelineRow).order_by(GuidelineRow.created_at.desc(), GuidelineRow.id.desc()).limit(1))
-
-    def set_guideline(self, version: str, markdown: str, created_by: str = "") -> GuidelineRecord:
-        """Publish guideline `version` (it becomes the latest). Versions are immutable: the same version
-        with other text -> DataError; with the same text it is returned unchanged."""
-        if not isinstance(version, str) or not version.strip():
-            raise DataError(f"guideline version: expected a non-empty string, got {version!r}")
-        if not isinstance(markdown, str):
-            raise DataError("guideline markdown: expected a string")
-        with self._write("publish a guideline") as s:
-            row = s.scalar(select(GuidelineRow).where(GuidelineRow.version == version))
-            if row is not None:
-                if row.markdown != markdown:
-                    raise DataError(f"guideline version {version!r} already exists with other text; "
-                                    "publish a new version")
-                return _guideline_rec(row)
-            row = GuidelineRow(version=version, markdown=markdown, created_by=str(created_by))
-            s.add(row)
-            s.flush()
-            return _guideline_rec(row)
-
-    def latest_guideline(self) -> Optional[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            row = self._latest_guideline_row(s)
-            return None if row is None else _guideline_rec(row)
-
-    def get_guideline(self, version: str) -> Optional[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            row = s.scalar(select(GuidelineRow).where(GuidelineRow.version == version))
-            return None if row is None else _guideline_rec(row)
-
-    def guidelines(self) -> list[GuidelineRecord]:
-        with self._read("read guidelines") as s:
-            return [_guideline_rec(r) for r in s.scalars(select(GuidelineRow).order_by(GuidelineRow.id))]
-
-    # -- audit log (append-only) ---------------------------------------------------------------------
-
-    def append_audit(self, actor: str, action: str, detail: Optional[dict[str, Any]] = None) -> AuditEntry:
-        """Append to the audit log (who did what). There is no update or delete."""
-        if not isinstance(actor, str) or not isinstance(action, str) or not action:
-            raise DataError(f"audit entry: actor and action must be strings, got {actor!r}, {action!r}")
-        if detail is not None and not isinstance(detail, dict):
-            raise DataError(f"audit detail: expected a dict, got {type(detail).__name__}")
-        detail = _check_json(detail or {}, "audit detail")
-        with self._write("append to the audit log") as s:
-            row = AuditRow(actor=actor, action=action, detail=detail)
-            s.add(row)
-            s.flush()
-            return _audit_rec(row)
-
-    def audit_entries(self, *, after_id: int = 0, actor: Optional[str] = None, action: Optional[str] = None,
-                      limit: Optional[int] = None) -> list[AuditEntry]:
-        stmt = select(AuditRow).where(AuditRow.id > after_id).order_by(AuditRow.id)
-        if actor is not None:
-            stmt = stmt.where(AuditRow.actor == actor)
-        if action is not None:
-            stmt = stmt.where(AuditRow.action == action)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        with self._read("read the audit log") as s:
-            return [_audit_rec(r) for r in s.scalars(stmt)]
-
-    # -- Andon cord and run status -------------------------------------------------------------------
-
-    def pull_andon(self, labeler: LabelerRef, reason: str = "", run_id: Optional[str] = None) -> AndonPull:
-        """A labeler pulls the Andon cord: training is producing bad output. run_id None: every run."""
-        with self._write("pull the Andon cord") as s:
-            lab = self._labeler_row(s, labeler)
-            row = AndonPullRow(run_id=run_id, labeler_id=lab.id, reason=str(reason))
-            s.add(row)
-            s.flush()
-            return AndonPull(row.id, row.run_id, row.labeler_id, lab.name, row.reason, row.at)
-
-    def andon_pulls(self, run_id: Optional[str] = None, *, since: Optional[dt.datetime] = None,
-                    after_id: int = 0) -> list[AndonPull]:
-        """Pulls in id order. With run_id: pulls on that run plus pulls on every run (run_id NULL)."""
-        stmt = (select(AndonPullRow, LabelerRow.name).join(LabelerRow, AndonPullRow.labeler_id == LabelerRow.id)
-                .where(AndonPullRow.id > after_id).order_by(AndonPullRow.id))
-        if run_id is not None:
-            stmt = stmt.where(or_(AndonPullRow.run_id == run_id, AndonPullRow.run_id.is_(None)))
-        if since is not None:
-            stmt = stmt.where(AndonPullRow.at >= since)
-        with self._read("read Andon pulls") as s:
-            return [AndonPull(r.id, r.run_id, r.labeler_id, name, r.reason, r.at) for r, name in s.execute(stmt)]
-
-    def set_run_status(self, run_id: str, status: str, iteration: Optional[int] = None,
-                       detail: Optional[dict[str, Any]] = None, *, unless: tuple[str, ...] = ()) -> RunStatus:
-        """Insert or update a training run's status (the trainer writes it; the app shows it).
-        iteration/detail None keep the stored values. unless: statuses that must not be overwritten — checked and
-        written in one transaction (SQLite: BEGIN IMMEDIATE; PostgreSQL: the row locked FOR UPDATE), so a pause
-        set by the labeling app between the trainer's check and its write survives; the stored record is then
-        returned unchanged."""
-        if not isinstance(run_id, str) or not run_id:
-            raise DataError(f"run_id: expected a non-empty string, got {run_id!r}")
-        _check_choice(status, "run status", RUN_STATUSES)
-        if iteration is not None:
-            _check_int(iteration, "iteration", 0)
-        if detail is not None:
-            if not isinstance(detail, dict):
-                raise DataError(f"run status detail: expected a dict, got {type(detail).__name__}")
-            detail = _check_json(detail, "run status detail")
-        for u in unless:
-            _check_choice(u, "run status", RUN_STATUSES)
-        with self._write("set the run status") as s:
-            row = s.get(RunStatusRow, run_id, with_for_update=bool(unless), populate_existing=bool(unless))
-            if row is not None and row.status in unless:
-                return _run_rec(row)
-            if row is None:
-                try:
-                    with s.begin_nested():
-                        row = RunStatusRow(run_id=run_id, status=status, iteration=iteration or 0, detail=detail or {})
-                        s.add(row)
-                    return _run_rec(row)
-                except sa_exc.IntegrityError:  # inserted concurrently: update it instead
-                    row = s.get(RunStatusRow, run_id, populate_existing=True)
-                    assert row is not None
-            row.status = status
-            if iteration is not None:
-                row.iteration = iteration
-            if detail is not None:
-                row.detail = detail
-            row.updated_at = utcnow()
-            s.flush()
-            return _run_rec(row)
-
-    def get_run_status(self, run_id: str) -> Optional[RunStatus]:
-        with self._read("read the run status") as s:
-            row = s.get(RunStatusRow, run_id)
-            return None if row is None else _run_rec(row)
-
-    def run_statuses(self) -> list[RunStatus]:
-        """All runs, most recently updated first."""
-        with self._read("read run statuses") as s:
-            stmt = select(RunStatusRow).order_by(RunStatusRow.updated_at.desc(), RunStatusRow.run_id)
-            return [_run_rec(r) for r in s.scalars(stmt)]

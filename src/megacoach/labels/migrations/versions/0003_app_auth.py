@@ -3,7 +3,7 @@
 Revision ID: 0003_app_auth
 Revises: 0002
 
-Only new tables (see megacoach/app/models.py); existing rows are untouched.
+Only new tables (see megacoach/labels/schema.py); existing rows are untouched.
 """
 
 from __future__ import annotations
