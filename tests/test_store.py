@@ -9,8 +9,7 @@ import pytest
 from sqlalchemy import text
 
 from megacoach.errors import DataError, StoreError
-from megacoach.labels import store as store_module
-from megacoach.labels.control import RunControl
+from megacoach.labels.control import RunStatuses
 from megacoach.labels.people import PeopleAdmin
 from megacoach.labels.records import ComparisonRecord, DuplicateLabelError, NewSample
 from megacoach.labels.schema import Base
@@ -198,12 +197,11 @@ CONTROL_METHODS = ("pull_andon", "andon_pulls", "set_run_status", "get_run_statu
 
 def test_store_combines_its_parts(store):
     """LabelStore offers the people and run-control methods (people.py, control.py) as its own."""
-    assert issubclass(LabelStore, PeopleAdmin) and issubclass(LabelStore, RunControl)
+    assert issubclass(LabelStore, PeopleAdmin) and issubclass(LabelStore, RunStatuses)
     for name in PEOPLE_METHODS:
         assert getattr(LabelStore, name) is getattr(PeopleAdmin, name)
     for name in CONTROL_METHODS:
-        assert getattr(LabelStore, name) is getattr(RunControl, name)
-    assert store_module.NewSample is NewSample  # still importable from the store module
+        assert getattr(LabelStore, name) is getattr(RunStatuses, name)
     # the parts share the store's sessions: one transaction spans all three
     with pytest.raises(RuntimeError):
         with store.transaction():

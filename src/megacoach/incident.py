@@ -38,7 +38,8 @@ from megacoach.errors import ConfigError, HaltError
 from megacoach.guards import bugs as bugs_mod
 from megacoach.guards.alarms import GuardFailure
 from megacoach.labels.labelers import labeler_scores, load_labeler
-from megacoach.labels.store import LabelStore, NewSample
+from megacoach.labels.records import NewSample
+from megacoach.labels.store import LabelStore
 from megacoach.lm.loading import load_causal_lm
 from megacoach.lm.hf import lm_inputs
 from megacoach.pipeline import collect_labels, eval_queries, seed_everything, train, values_coach

@@ -23,7 +23,7 @@ import torch
 from megacoach import seeds
 from megacoach.errors import HaltError
 from megacoach.labels.labelers import label_items
-from megacoach.labels.store import NewSample
+from megacoach.labels.records import NewSample
 from megacoach.reward.train import retrain_from_scratch
 from megacoach.tasks import load_queries
 

@@ -27,7 +27,8 @@ from megacoach.distributed import Dist, check_world
 from megacoach.errors import ConfigError, HaltError
 from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
-from megacoach.labels.store import LabelStore, NewSample
+from megacoach.labels.records import NewSample
+from megacoach.labels.store import LabelStore
 from megacoach.lm.loading import load_causal_lm
 from megacoach.lm.hf import left_pad
 from megacoach.loop import PPOLoop

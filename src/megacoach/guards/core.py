@@ -34,7 +34,7 @@ from megacoach.guards.monitors import MONITORS, Thresholds, judge
 from megacoach.guards.preflight import canary_margins, run_preflight
 from megacoach.guards.stats import alpha_per_check, ols, z_for
 from megacoach.labels.labelers import label_items, labeler_scores
-from megacoach.labels.store import NewSample
+from megacoach.labels.records import NewSample
 from megacoach.ppo import episodes, maths, objective
 from megacoach.sampling import HFGenerator
 from megacoach.tasks import Query

@@ -1,6 +1,6 @@
-"""Run control in the label store: each training run's status, and the Andon cord.
+"""Run statuses in the label store: each run's status and the Andon cord (the trainer's side: runs.RunControl).
 
-``RunControl`` is a mixin of ``LabelStore`` (store.py). The trainer writes its run's status (running,
+``RunStatuses`` is a mixin of ``LabelStore`` (store.py). The trainer writes its run's status (running,
 paused, halted, finished) and polls it; any labeler may pull the Andon cord, and enough pulls make
 the labeling app pause the run. ``set_run_status(..., unless=...)`` is a compare-and-set, so the
 trainer's write cannot overwrite a pause made just before it.
@@ -22,7 +22,7 @@ from megacoach.labels.records import AndonPull, LabelerRef, RunStatus, check_cho
 from megacoach.labels.schema import RUN_STATUSES, AndonPullRow, LabelerRow, RunStatusRow, utcnow
 
 
-class RunControl:
+class RunStatuses:
     """The run-control side of ``LabelStore``: run statuses (with compare-and-set) and Andon pulls."""
 
     if TYPE_CHECKING:  # provided by LabelStore (store.py)

@@ -76,9 +76,9 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
 
 from megacoach.errors import DataError, MegacoachError, StoreError
-from megacoach.labels.control import RunControl
+from megacoach.labels.control import RunStatuses
 from megacoach.labels.people import PeopleAdmin, labeler_row, latest_guideline_row
-from megacoach.labels.records import (  # NewSample is also still importable from here
+from megacoach.labels.records import (
     ComparisonRecord,
     DuplicateLabelError,
     ItemContent,
@@ -324,13 +324,13 @@ class StoreEngine:
                     command.upgrade(cfg, "head")
 
 
-class LabelStore(PeopleAdmin, RunControl, StoreEngine):
+class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     """Durable store of queries, samples, items and the comparisons (labels) human evaluators make.
 
     Thread-safe (one store may be shared by threads); each process opens its own. The training side
     (queries, samples, items, comparisons, position) is here; labelers, skips, guidelines and the
     audit log come from ``PeopleAdmin`` (people.py), run status and the Andon cord from
-    ``RunControl`` (control.py)."""
+    ``RunStatuses`` (control.py)."""
 
     # -- queries, samples, items -------------------------------------------------------------------
 
