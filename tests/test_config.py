@@ -43,3 +43,13 @@ def test_load_config_base_replaces_the_defaults_and_the_preset_applies_on_top():
     assert cfg.run.seed == 3  # overrides beat both
     assert load_config(None, None, None, base=None) == Config()
 
+
+def test_nothing_outside_config_uses_the_private_merge():
+    from pathlib import Path
+
+    import megacoach
+
+    root = Path(megacoach.__file__).parent
+    users = [p.relative_to(root).as_posix() for p in root.rglob("*.py")
+             if p != root / "config.py" and "_deep_merge" in p.read_text("utf-8")]
+    assert users == []
