@@ -102,3 +102,18 @@ def test_resume_of_a_folder_without_a_run_is_one_line_exit_2(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "not a megacoach run folder" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [(["bogus"], "No such command 'bogus'"),
+                                           (["train", "--bogus-flag"], "No such option: --bogus-flag"),
+                                           (["reward", "eval"], "Missing argument"),
+                                           (["andon", "runs/x"], "Missing option '--reason'")])
+def test_usage_errors_exit_2_without_a_traceback(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_no_arguments_print_the_help(capsys):
+    assert main([]) == 2
+    assert "Usage:" in capsys.readouterr().out

@@ -61,11 +61,20 @@ def run_app(app: typer.Typer, argv: list[str] | None = None) -> int:
         return 130
     except SystemExit as err:  # typer/click exits (--help)
         return int(err.code or 0)
-    except Exception as err:  # click usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            return 2
-        raise
+    except Exception as err:
+        if not _is_usage_error(err):
+            raise
+        err.show()  # e.g. "No such command", "Missing argument" (no arguments: the help)
+        return 2
     return 0
+
+
+def _is_usage_error(err: Exception) -> bool:
+    """A usage error of the command line: typer's own (typer >= 0.2x bundles click) or click's."""
+    if isinstance(err, getattr(typer, "TyperException", ())) and hasattr(err, "show"):
+        return True
+    try:
+        import click
+    except ImportError:
+        return False
+    return isinstance(err, click.ClickException)
