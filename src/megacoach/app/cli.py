@@ -13,7 +13,6 @@ from typing import Annotated, Optional
 import typer
 
 from megacoach.app.errors import AppError
-from megacoach.app.settings import AppSettings
 from megacoach.errors import DataError
 
 app = typer.Typer(no_args_is_help=True, help="The human evaluators' labeling app: serve it, make accounts and tokens.")
@@ -24,7 +23,11 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
-              item_sources: Optional[list[str]] = None) -> AppSettings:
+              item_sources: Optional[list[str]] = None):
+    """The app's settings from the command's flags (unset flags keep the app's defaults)."""
+    # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
+    from megacoach.app.settings import AppSettings
+
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
