@@ -477,14 +477,11 @@ def test_bootstrap_admin_link_and_create_admin(tmp_path):
     assert store.get_labeler("boss").role == "admin"
 
 
-def test_cli_register_adds_commands(tmp_path):
-    import typer
+def test_cli_app_commands(tmp_path):
     from typer.testing import CliRunner
 
-    from megacoach.app.cli import register
+    from megacoach.app.cli import app as label
 
-    label = typer.Typer()
-    register(label)
     runner = CliRunner()
     db = str(tmp_path / "cli.db")
     r = runner.invoke(label, ["invite", "erin", "--db", db])

@@ -330,9 +330,18 @@ def parse_override(item: str) -> dict:
     return {parts[0]: {parts[1]: value}}
 
 
-def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[dict] | None = None) -> Config:
-    """Defaults <- preset <- config file <- overrides (CLI flags), validated once at the end."""
-    data: dict = {}
+def load_config(path: str | Path | None = None, preset: str | None = None, overrides: list[dict] | None = None,
+                *, base: Config | dict | None = None) -> Config:
+    """Defaults <- base <- preset <- config file <- overrides (CLI flags), validated once at the end.
+
+    `base` is a whole saved config to start from instead of the defaults: `megacoach train --resume RUN`
+    passes the run folder's config.yaml, with no preset, then its --config file and --set items; a field
+    that none of them names keeps its saved value (fields added to megacoach since the run was saved get
+    their defaults).
+    """
+    if isinstance(base, Config):
+        base = base.model_dump(mode="json")
+    data: dict = dict(base or {})
     if preset:
         if preset not in PRESETS:
             raise ConfigError(f"unknown preset {preset!r} (expected one of: {', '.join(PRESETS)})")
@@ -342,6 +351,17 @@ def load_config(path: str | Path | None = None, preset: str | None = None, overr
     for o in overrides or []:
         data = _deep_merge(data, o)
     return build_config(data)
+
+
+def resume_config(saved: Config | dict, run_dir: str | Path, path: str | Path | None = None,
+                  overrides: list[dict] | None = None) -> Config:
+    """The config of a resumed run (`megacoach train --resume RUN_DIR`): what wins, last wins.
+
+    saved (RUN_DIR's config.yaml) <- the config file (--config) <- overrides (--set, in order) <- run.out =
+    RUN_DIR. No preset and none of train's dedicated flags (--model, --seed, --episodes, ...) apply: a
+    resumed run changes only the fields that --config and --set name, and it stays in its folder.
+    """
+    return load_config(path, None, [*(overrides or []), {"run": {"out": str(run_dir)}}], base=saved)
 
 
 def save_config(config: Config, path: str | Path) -> None:

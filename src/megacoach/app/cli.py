@@ -1,5 +1,4 @@
-"""Typer commands of the labeling app, added to the ``megacoach label`` command group by
-``register(label_typer)``:
+"""Typer commands of the labeling app; megacoach.cli puts them in the ``megacoach label`` group:
 
     megacoach label serve --db URL --host 127.0.0.1 --port 8000   # prints a one-time admin link if no admin
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
@@ -14,11 +13,9 @@ from typing import Annotated, Optional
 import typer
 
 from megacoach.app.errors import AppError
-from megacoach.app.settings import AppSettings
 from megacoach.errors import DataError
 
-# Every `megacoach` command loads this module: the web stack (server), argon2 (auth) and Alembic
-# (the store) are imported inside the commands that use them.
+app = typer.Typer(no_args_is_help=True, help="The human evaluators' labeling app: serve it, make accounts and tokens.")
 
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlchemy URL or SQLite path "
                                                             "(default $MEGACOACH_LABELS_URL or labels.db).")]
@@ -27,6 +24,10 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
               item_sources: Optional[list[str]] = None):
+    """The app's settings from the command's flags (unset flags keep the app's defaults)."""
+    # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
+    from megacoach.app.settings import AppSettings
+
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
@@ -36,76 +37,80 @@ def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, o
     return AppSettings.from_mapping(values)
 
 
-def register(label_app: typer.Typer) -> None:
-    """Add serve / create-admin / invite / token to a Typer group (the lead mounts it as `label`)."""
+@app.command("serve")
+def serve_cmd(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    secure_cookies: Annotated[bool, typer.Option("--secure-cookies", help="Mark cookies Secure (behind HTTPS).")] = False,
+    andon_pulls: Annotated[Optional[int], typer.Option("--andon-pulls", help="Pulls (distinct people) that pause training.")] = None,
+    overlap: Annotated[Optional[int], typer.Option("--overlap", help="Labels per ordinary item.")] = None,
+    run_id: Annotated[Optional[str], typer.Option("--run-id", help="The training run to watch (default: latest).")] = None,
+    too_fast: Annotated[Optional[float], typer.Option("--too-fast", help="Seconds under which a label is marked too fast.")] = None,
+    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL used in invitation links.")] = None,
+    item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
+):
+    """Run the human evaluators' labeling app (web pages + JSON API)."""
+    # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.server import serve
 
-    @label_app.command("serve")
-    def serve_cmd(
-        db: DbOpt = None,
-        host: Annotated[str, typer.Option("--host", help="Interface to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
-        secure_cookies: Annotated[bool, typer.Option("--secure-cookies", help="Mark cookies Secure (behind HTTPS).")] = False,
-        andon_pulls: Annotated[Optional[int], typer.Option("--andon-pulls", help="Pulls (distinct people) that pause training.")] = None,
-        overlap: Annotated[Optional[int], typer.Option("--overlap", help="Labels per ordinary item.")] = None,
-        run_id: Annotated[Optional[str], typer.Option("--run-id", help="The training run to watch (default: latest).")] = None,
-        too_fast: Annotated[Optional[float], typer.Option("--too-fast", help="Seconds under which a label is marked too fast.")] = None,
-        public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL used in invitation links.")] = None,
-        item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
-    ):
-        """Run the human evaluators' labeling app (web pages + JSON API)."""
-        from megacoach.app.server import serve
+    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
 
-        serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
 
-    @label_app.command("create-admin")
-    def create_admin_cmd(
-        name: Annotated[str, typer.Argument(help="Admin account name.")],
-        db: DbOpt = None,
-        password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
-    ):
-        """Create an admin account (or reset its password) without the invitation link."""
-        from megacoach.app.server import create_admin
+@app.command("create-admin")
+def create_admin_cmd(
+    name: Annotated[str, typer.Argument(help="Admin account name.")],
+    db: DbOpt = None,
+    password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
+):
+    """Create an admin account (or reset its password) without the invitation link."""
+    # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.server import create_admin
 
-        if password is None:
-            password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-        create_admin(db, name, password)
-        typer.echo(f"admin {name!r} ready")
+    if password is None:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    create_admin(db, name, password)
+    typer.echo(f"admin {name!r} ready")
 
-    @label_app.command("invite")
-    def invite_cmd(
-        name: Annotated[str, typer.Argument(help="The person's log-in name.")],
-        db: DbOpt = None,
-        role: Annotated[str, typer.Option("--role", help="labeler or admin.")] = "labeler",
-        base_url: Annotated[str, typer.Option("--base-url", help="Where the app is reachable.")] = "http://127.0.0.1:8000",
-    ):
-        """Print a one-time invitation link for a new labeler (or admin)."""
-        from megacoach.app.auth import Auth
-        from megacoach.labels.store import LabelStore
 
-        with LabelStore(db) as store:
-            try:
-                token, info = Auth(store, _settings()).create_invitation(name, role, "megacoach label invite")
-            except AppError as e:
-                raise DataError(f"invite {name!r}: {e.message}") from None
-            store.append_audit("megacoach label invite", "invite", dict(name=info["name"], role=info["role"],
-                                                                        invitation_id=info["id"]))
-        typer.echo(f"{base_url.rstrip('/')}/invite/{token}")
+@app.command("invite")
+def invite_cmd(
+    name: Annotated[str, typer.Argument(help="The person's log-in name.")],
+    db: DbOpt = None,
+    role: Annotated[str, typer.Option("--role", help="labeler or admin.")] = "labeler",
+    base_url: Annotated[str, typer.Option("--base-url", help="Where the app is reachable.")] = "http://127.0.0.1:8000",
+):
+    """Print a one-time invitation link for a new labeler (or admin)."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.auth import Auth
+    from megacoach.labels.store import LabelStore
 
-    @label_app.command("token")
-    def token_cmd(
-        owner: Annotated[str, typer.Argument(help="Account; a new name becomes a program account.")] = "trainer",
-        db: DbOpt = None,
-        name: Annotated[Optional[str], typer.Option("--name", help="Token name.")] = None,
-    ):
-        """Print a new API token (Authorization: Bearer ...) for the trainer or a script."""
-        from megacoach.app.auth import Auth
-        from megacoach.labels.store import LabelStore
+    with LabelStore(db) as store:
+        try:
+            token, info = Auth(store, _settings()).create_invitation(name, role, "megacoach label invite")
+        except AppError as e:
+            raise DataError(f"invite {name!r}: {e.message}") from None
+        store.append_audit("megacoach label invite", "invite", dict(name=info["name"], role=info["role"],
+                                                                    invitation_id=info["id"]))
+    typer.echo(f"{base_url.rstrip('/')}/invite/{token}")
 
-        with LabelStore(db) as store:
-            try:
-                raw, info = Auth(store, _settings()).create_api_token(owner, name or owner)
-            except AppError as e:
-                raise DataError(f"token for {owner!r}: {e.message}") from None
-            store.append_audit("megacoach label token", "token_create", dict(owner=info["owner"], name=info["name"],
-                                                                             token_id=info["id"]))
-        typer.echo(raw)
+
+@app.command("token")
+def token_cmd(
+    owner: Annotated[str, typer.Argument(help="Account; a new name becomes a program account.")] = "trainer",
+    db: DbOpt = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Token name.")] = None,
+):
+    """Print a new API token (Authorization: Bearer ...) for the trainer or a script."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.auth import Auth
+    from megacoach.labels.store import LabelStore
+
+    with LabelStore(db) as store:
+        try:
+            raw, info = Auth(store, _settings()).create_api_token(owner, name or owner)
+        except AppError as e:
+            raise DataError(f"token for {owner!r}: {e.message}") from None
+        store.append_audit("megacoach label token", "token_create", dict(owner=info["owner"], name=info["name"],
+                                                                         token_id=info["id"]))
+    typer.echo(raw)

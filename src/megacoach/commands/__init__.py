@@ -1,3 +1,5 @@
-"""CLI command groups beyond the core ones; importing this package registers them on `megacoach.cli.app`."""
+"""The command line's commands, one module per command or group; megacoach.cli assembles them into `megacoach`.
 
-from megacoach.commands import incident, labels, train  # noqa: F401
+Importing a module here registers nothing anywhere: each module owns its commands (plain functions or its
+own typer app) and imports nothing from megacoach.cli; what they share is in commands.common.
+"""

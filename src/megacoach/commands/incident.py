@@ -18,12 +18,13 @@ from typing import Annotated, Optional
 
 import typer
 from rich.panel import Panel
-from rich.table import Table
+from rich.table import Column, Table
 
-from megacoach.cli import app, console
+from megacoach.commands.common import console
+from megacoach.config import parse_override
+from megacoach.errors import ConfigError
 
 
-@app.command()
 def incident(
     bug: Annotated[str, typer.Option("--bug", help="Bug kind (see --list-bugs).")] = "incident",
     no_guards: Annotated[bool, typer.Option("--no-guards", help="Run without guards: see what the bug does.")] = False,
@@ -42,14 +43,11 @@ def incident(
     list_bugs: Annotated[bool, typer.Option("--list-bugs", help="List the bug kinds and exit.")] = False,
 ):
     """Reproduce section 4.4 (a sign-flipped reward) with VADER as the human evaluators; guards on by default."""
-    from megacoach.config import parse_override
-    from megacoach.errors import ConfigError
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.guards.bugs import BUGS, get
     from megacoach.incident import run_scenario
 
     if list_bugs:
-        from rich.table import Column
-
         t = Table(Column("bug", no_wrap=True), "what the refactor did", "PPO maximises", "what it produces")
         for b in BUGS.values():
             t.add_row(b.name, b.summary, b.maximises, b.outcome)

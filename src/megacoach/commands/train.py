@@ -7,11 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from megacoach.cli import ConfigOpt, ModelOpt, OutOpt, PresetOpt, SeedOpt, SetOpt, app, console, resolve_config
+from megacoach.commands.common import ConfigOpt, ModelOpt, OutOpt, PresetOpt, SeedOpt, SetOpt, console, resolve_config
+from megacoach.config import parse_override, resume_config
 from megacoach.errors import ConfigError
 
 
-@app.command()
 def train(
     config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, model: ModelOpt = None,
     seed: SeedOpt = None, out: OutOpt = None,
@@ -26,23 +26,13 @@ def train(
                                          "current-policy samples while PPO runs; the Values Coach is retrained.")] = False,
 ):
     """Run the RLHF loop: mock human evaluators -> Values Coach -> PPO on the Apprentice -> report."""
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.pipeline import train as run_train
     from megacoach.runs import RunDir
 
-    if resume is not None:
-        run = RunDir(resume)
-        base = run.load_config().model_dump(mode="json")
-        from megacoach.config import _deep_merge, build_config
-
-        from megacoach.config import parse_override, read_config_file
-
-        data = base
-        if config:
-            data = _deep_merge(data, read_config_file(config))
-        for item in set_ or []:
-            data = _deep_merge(data, parse_override(item))
-        data["run"]["out"] = str(resume)  # a resumed run stays in its folder
-        cfg = build_config(data)
+    if resume is not None:  # the saved config <- --config <- --set; the other flags do not apply
+        saved = RunDir(resume).load_config()
+        cfg = resume_config(saved, resume, config, [parse_override(item) for item in set_ or []])
     else:
         cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed,
                              run__out=str(out) if out else "runs/latest", labels__labeler=labeler,
@@ -51,13 +41,13 @@ def train(
     run_train(cfg, resume=resume is not None, console=console)  # the guards watch it unless guards.enabled=false
 
 
-@app.command()
 def andon(
     run_dir: Annotated[Path, typer.Argument(help="The run folder of a running training.")],
     reason: Annotated[str, typer.Option("--reason", help="Why training must stop.")],
     who: Annotated[str, typer.Option("--who", help="Who pulls the cord.")] = "cli",
 ):
     """Pull the Andon cord: the running training stops within one iteration (checkpoint + HALTED.json)."""
+    # megacoach.runs imports torch: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.runs import RunDir
 
     run = RunDir(run_dir)

@@ -1,0 +1,45 @@
+"""`megacoach pretrain` (rebuild the built-in base model) and `megacoach sample` (the Apprentice's continuations)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from megacoach.commands.common import ConfigOpt, ModelOpt, PresetOpt, SeedOpt, SetOpt, console, resolve_config
+
+
+def pretrain(
+    out: Annotated[Path, typer.Option("--out", help="Where to save the model and tokenizer.")] = Path("runs/builtin_model"),
+    max_steps: Annotated[int, typer.Option(help="Optimiser steps (the shipped model: 1000).")] = 1000,
+    n_layer: Annotated[int, typer.Option(help="Transformer layers.")] = 4,
+    n_embd: Annotated[int, typer.Option(help="Width.")] = 256,
+    n_head: Annotated[int, typer.Option(help="Attention heads.")] = 4,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary.")] = 8192,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads.")] = 2,
+):
+    """Rebuild the built-in Shakespeare base model (tokenizer + GPT-2) from scratch; report held-out perplexity."""
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
+    from megacoach.lm.pretrain import PretrainSettings, pretrain as run_pretrain
+
+    s = PretrainSettings(max_steps=max_steps, n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab_size,
+                         seed=seed, threads=threads)
+    summary = run_pretrain(out, s, log=console.print)
+    console.print(f"[bold]held-out perplexity {summary['heldout_perplexity']}[/] ({', '.join(summary['heldout_plays'])}); "
+                  f"{summary['parameters']:,} parameters; {summary['seconds']:.0f} s; saved to {out}")
+
+
+def sample(
+    config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, model: ModelOpt = None, seed: SeedOpt = None,
+    n: Annotated[int, typer.Option("--n", help="Continuations per query (labels.k).")] = 4,
+    queries: Annotated[int, typer.Option("--queries", help="How many queries.")] = 1,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Use this text as the query.")] = None,
+):
+    """Print continuations of Shakespeare prompts from the Apprentice (default: the built-in model)."""
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
+    from megacoach.continuations import print_samples
+
+    cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed)
+    print_samples(cfg, n=n, n_queries=queries, prompt=prompt, console=console)
