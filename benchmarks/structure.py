@@ -54,10 +54,17 @@ def trace_run(out: Path) -> list[tuple[str, str, str]]:
         caller = back.f_code.co_filename[len(src) + 1:] if back is not None else "(outside)"
         events.append((caller, frame.f_code.co_filename[len(src) + 1:], frame.f_code.co_qualname))
 
+    import inspect
+
+    kwargs = {}
+    if "guards_factory" in inspect.signature(train).parameters:  # the code before the composition root built them
+        from megacoach.guards import make_guards
+
+        kwargs["guards_factory"] = make_guards
     sys.setprofile(prof)
     threading.setprofile(prof)
     try:
-        train(cfg, console=Console(quiet=True))
+        train(cfg, console=Console(quiet=True), **kwargs)
     finally:
         sys.setprofile(None)
         threading.setprofile(None)
@@ -84,7 +91,7 @@ def segments(events):
     start = calls[1]
     end = next(i for i in range(start + 1, len(events)) if events[i][0] == "loop.py" and events[i][1] != "ppo/trainer.py"
                and events[i][2] != "PPOLoop.iterate")
-    loop_start = max(i for i in range(start) if events[i][1] == "runs.py" and events[i][2] == "RunControl.pulled")
+    loop_start = max(i for i in range(start) if events[i][2] in ("RunControl.pulled", "PPOLoop.andon_pull"))
     return events[start:end], events[loop_start:calls[2]]
 
 

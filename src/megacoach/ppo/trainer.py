@@ -118,7 +118,7 @@ class PPOTrainer:
             before_update(batch)  # 7. the guards look at what is about to be optimised
         kl_coef = self.kl_ctl.value
         stats = self.update(batch)  # 8. PPO epochs x minibatches
-        self.kl_ctl.update(float(maths.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. the Coherence Coach
+        self.kl_ctl.update(float(maths.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. Coherence Coach
         self.iteration_no += 1
         self.episodes += self.cfg.ppo.batch_size
         metrics = objective.iteration_metrics(batch, stats, kl_coef, self.scheduler.get_last_lr()[0],  # 10.
