@@ -107,9 +107,10 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
             try:
                 trainer.iteration(before_update=guard_halts)
             except GuardSaysNo as err:
-                trainer.lockstep.release(HaltError(f"halted: {err}"))
+                if trainer.lockstep is not None:  # one process: nobody to release
+                    trainer.lockstep.release(HaltError(f"halted: {err}"))
                 halted = str(err)
-        else:
+        elif trainer.lockstep is not None:
             trainer.lockstep.release()
     else:
         try:
