@@ -50,7 +50,7 @@ def test_secure_cookie_setting(tmp_path):
 
 
 def test_wrong_password_is_401_audited_and_throttled(tmp_path):
-    w = make_world(tmp_path, login_failures_before_lock=3)
+    w = make_world(tmp_path, login_free_failures=3)
     c = TestClient(w.app)
     for _ in range(3):
         page = c.get("/login")

@@ -20,6 +20,12 @@ from fastapi.testclient import TestClient
 from test_app_support import FAST, PASSWORD, add_items, csrf_of, live_server, login, make_world
 
 
+def _sub(tmp_path, name: str):
+    path = tmp_path / name
+    path.mkdir()
+    return path
+
+
 def bearer(token: str) -> dict:
     return {"Authorization": f"Bearer {token}"}
 
@@ -252,7 +258,7 @@ def test_hole04_invitation_links_ignore_the_host_header(tmp_path):
     page = c.post("/admin/invites", data=dict(csrf_token=csrf, name="dave", role="labeler"), headers=evil)
     assert page.status_code == 200 and "evil.example" not in page.text
     # with a configured public URL the links use it
-    w2 = make_world(tmp_path / "w2", public_url="https://label.example.org/")
+    w2 = make_world(_sub(tmp_path, "w2"), public_url="https://label.example.org/")
     c2 = TestClient(w2.app)
     csrf2 = login(c2, "root")
     url = c2.post("/api/admin/invites", json=dict(name="erin"), headers=dict(evil, **{"x-csrf-token": csrf2})).json()["url"]
@@ -417,7 +423,7 @@ def test_hole09_failed_logins_record_the_client_address(tmp_path):
     (entry,) = w.store.audit_entries(action="login_failed")
     assert entry.detail["client"] == "203.0.113.9"  # a client's own X-Forwarded-For is not believed
     # behind a trusted reverse proxy the forwarded address is the client
-    w2 = make_world(tmp_path / "w2", trusted_proxies=("10.0.0.1",))
+    w2 = make_world(_sub(tmp_path, "w2"), trusted_proxies=("10.0.0.1",))
     _try_login(_client(w2, "10.0.0.1"), "root", "not-the-password", headers={"x-forwarded-for": "6.6.6.6, 203.0.113.5"})
     (entry,) = w2.store.audit_entries(action="login_failed")
     assert entry.detail["client"] == "203.0.113.5"

@@ -12,13 +12,15 @@ Sessions and tokens are random secrets; only their SHA-256 is stored. Sessions e
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-import threading
-import time
 import unicodedata
-from collections import defaultdict, deque
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
@@ -26,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from megacoach.app.errors import AppError, BadInput, Conflict, Forbidden, NotFound, NotLoggedIn, TooMany
 from megacoach.app.security import Passwords, hash_secret, new_api_token, new_secret, password_problem
 from megacoach.app.settings import AppSettings
+from megacoach.app.throttle import LoginThrottle
 from megacoach.labels.schema import ApiTokenRow, InvitationRow, LabelerRow, WebSessionRow, utcnow
 from megacoach.labels.store import LabelStore
 
@@ -36,6 +39,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "admin": frozenset({"admin"}),
 }
 INVITABLE_ROLES = ("labeler", "admin")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -91,26 +95,42 @@ class Auth:
         self.store = store
         self.settings = settings
         self.passwords = passwords or Passwords.from_settings(settings)
-        self.throttle = LoginThrottle(settings.login_failures_before_lock, settings.login_lock_s)
+        self.throttle = LoginThrottle(settings)
+        self.hash_slots = HashSlots(settings.password_hash_concurrency, settings.password_hash_queue)
 
     # ----- passwords and log-in ---------------------------------------------------------------
-    def authenticate(self, name: str, password: str) -> Principal:
-        """The person with this name and password; AppError (401/429) otherwise."""
-        key = name.strip().lower()
-        self.throttle.check(key)
+    def check_throttle(self, name: str, client: str) -> None:
+        """TooMany (with ``retry_after``) while this client must wait before trying this name again."""
+        wait = self.throttle.retry_after(client, name)
+        if wait:
+            err = TooMany(f"too many failed log-ins from your address; try again in {wait} s")
+            err.retry_after = wait
+            err.first_refusal = self.throttle.refusal(client, name) == 1
+            raise err
+
+    def authenticate(self, name: str, password: str, client: str = "unknown") -> Principal:
+        """The person with this name and password; AppError (401/429) otherwise. Costs one password
+        verification whether or not the name exists (none while the client is throttled)."""
+        self.check_throttle(name, client)
         with self.store.session(write=False) as s:
             row = s.scalar(select(LabelerRow).where(LabelerRow.name == name.strip()))
             stored = row.password_hash if row is not None else None
             ok = self.passwords.verify(stored, password)
             if not ok or row is None or row.kind != "person" or not row.active:
-                self.throttle.fail(key)
+                self.throttle.fail(client, name)
                 raise AppError("wrong name or password (or the account is deactivated)", 401)
             principal = Principal(row.id, row.name, row.role, row.kind, "session")
             needs_rehash = self.passwords.needs_rehash(stored or "")
         if needs_rehash:
             self.store.update_labeler(principal.id, password_hash=self.passwords.hash(password))
-        self.throttle.success(key)
+        self.throttle.success(client, name)
         return principal
+
+    async def authenticate_async(self, name: str, password: str, client: str = "unknown") -> Principal:
+        """``authenticate`` in a worker thread, at most ``password_hash_concurrency`` at a time: a
+        spray of log-ins neither blocks the event loop nor takes the threads labeling needs."""
+        self.check_throttle(name, client)  # refused tries cost no thread and no hash
+        return await self.hash_slots.run(self.authenticate, name, password, client)
 
     def start_session(self, who: Principal) -> tuple[str, Principal]:
         """A new log-in for ``who``: the cookie value (secret) and the principal with its CSRF token."""
@@ -319,35 +339,31 @@ class Auth:
         self.store.update_labeler(name, password_hash=self.passwords.hash(password))
 
 
-class LoginThrottle:
-    """Refuses log-ins for an account name after too many recent failures (in memory, per process)."""
+class HashSlots:
+    """Runs password hashing in worker threads, ``concurrency`` at a time, with at most ``queue``
+    callers waiting; beyond that the caller gets 503 at once ("busy, try again"). Waiting callers
+    hold no thread. One limiter per event loop (a server process has one)."""
 
-    def __init__(self, max_failures: int, window_s: float) -> None:
-        self.max_failures = max_failures
-        self.window_s = window_s
-        self._fails: dict[str, deque[float]] = defaultdict(deque)
-        self._lock = threading.Lock()
+    def __init__(self, concurrency: int, queue: int) -> None:
+        self.concurrency = concurrency
+        self.queue = queue
+        self._pending = 0
+        self._limiters: "weakref.WeakKeyDictionary[object, anyio.CapacityLimiter]" = weakref.WeakKeyDictionary()
 
-    def _prune(self, key: str, now: float) -> deque[float]:
-        q = self._fails[key]
-        while q and now - q[0] > self.window_s:
-            q.popleft()
-        return q
+    def _limiter(self) -> "anyio.CapacityLimiter":
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(self.concurrency)
+        return limiter
 
-    def check(self, key: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            q = self._prune(key, now)
-            if len(q) >= self.max_failures:
-                wait = int(self.window_s - (now - q[0])) + 1
-                raise TooMany(f"too many failed log-ins for this account; try again in {wait} s")
-
-    def fail(self, key: str) -> None:
-        with self._lock:
-            self._prune(key, time.monotonic()).append(time.monotonic())
-            if len(self._fails) > 10_000:  # bound memory against name spraying
-                self._fails.clear()
-
-    def success(self, key: str) -> None:
-        with self._lock:
-            self._fails.pop(key, None)
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pending >= self.concurrency + self.queue:
+            err = AppError("the server is busy checking passwords; try again in a moment", 503)
+            err.retry_after = 1
+            raise err
+        self._pending += 1
+        try:
+            return await anyio.to_thread.run_sync(fn, *args, limiter=self._limiter())
+        finally:
+            self._pending -= 1

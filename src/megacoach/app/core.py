@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -76,6 +77,24 @@ def session_principal(request: Request) -> Optional[Principal]:
     principal = state_of(request).auth.resolve_session(cookie) if cookie else None
     request.state.principal = principal
     return principal
+
+
+def client_address(request: Request) -> str:
+    """The client's IP address: the connection's peer, or, when the peer is one of the
+    ``trusted_proxies``, the nearest address in X-Forwarded-For that is not a trusted proxy.
+    A client's own X-Forwarded-For header is never believed."""
+    peer = request.client.host if request.client else "unknown"
+    proxies = state_of(request).settings.trusted_proxies
+    if peer not in proxies:
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if hop not in proxies:
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a garbled header: the proxy itself is what we know
+    return peer
 
 
 def page_user(request: Request) -> Principal:

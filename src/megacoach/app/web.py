@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from markupsafe import Markup
 from sqlalchemy import select
@@ -18,6 +19,7 @@ from megacoach.app.core import (
     SESSION_COOKIE,
     check_csrf,
     check_pre_csrf,
+    client_address,
     guideline_view,
     page_admin,
     page_labeler,
@@ -77,18 +79,28 @@ def login_page(request: Request, next: str = Query("/", max_length=500), expired
 
 
 @router.post("/login")
-def login_submit(request: Request, name: str = Form("", max_length=200), password: str = Form("", max_length=1024),
-                 csrf_token: str = Form("", max_length=200), next: str = Form("/", max_length=500)):
+async def login_submit(request: Request, name: str = Form("", max_length=200),
+                       password: str = Form("", max_length=1024), csrf_token: str = Form("", max_length=200),
+                       next: str = Form("/", max_length=500)):
+    # async: the password check runs in the auth's bounded hashing threads (HashSlots), the store's
+    # writes and the page in the ordinary thread pool; nothing here blocks the event loop
     st = state_of(request)
     check_pre_csrf(request, csrf_token)
+    client = client_address(request)
     try:
-        who = st.auth.authenticate(name, password)
+        who = await st.auth.authenticate_async(name, password, client)
     except AppError as e:
-        st.store.append_audit(name.strip()[:200] or "?", "login_failed", dict(reason=e.message))
-        return render_pre(request, "login.html", dict(title="Log in", next_url=safe_next(next), name=name),
-                          status=e.status, flash=dict(kind="err", text=e.message))
-    secret, who = st.auth.start_session(who)
-    st.store.append_audit(who.name, "login", dict(via="password"))
+        if e.status != 429 or e.first_refusal:  # a throttled client's repeats are not each audited
+            await run_in_threadpool(st.store.append_audit, name.strip()[:200] or "?", "login_failed",
+                                    dict(reason=e.message, client=client))
+        resp = await run_in_threadpool(render_pre, request, "login.html",
+                                       dict(title="Log in", next_url=safe_next(next), name=name),
+                                       e.status, dict(kind="err", text=e.message))
+        if e.retry_after:
+            resp.headers["retry-after"] = str(e.retry_after)
+        return resp
+    secret, who = await run_in_threadpool(st.auth.start_session, who)
+    await run_in_threadpool(st.store.append_audit, who.name, "login", dict(via="password", client=client))
     resp = _redirect(safe_next(next))
     _set_session_cookie(request, resp, secret)
     return resp
