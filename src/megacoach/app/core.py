@@ -16,6 +16,7 @@ from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Auth, Principal
 from megacoach.app.errors import Forbidden, NotLoggedIn
 from megacoach.app.labeling import Labeling
+from megacoach.app.logredact import install_log_redaction
 from megacoach.app.markdown import render_markdown
 from megacoach.app.security import new_secret, same_secret
 from megacoach.app.settings import AppSettings
@@ -41,6 +42,7 @@ class AppState:
 
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
+    install_log_redaction()  # wherever the app runs, its logs never hold invitation secrets
     assigner = Assigner(lambda: store.session(write=True), overlap=settings.overlap,
                         lock_timeout_s=settings.lock_timeout_s, sources=settings.item_sources)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
