@@ -15,7 +15,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal
-from megacoach.app.core import MAX_ID, api_admin, api_andon, api_labeler, api_reader, api_user, state_of
+from megacoach.app.core import (
+    MAX_ID,
+    api_admin,
+    api_andon,
+    api_labeler,
+    api_reader,
+    api_user,
+    invite_link,
+    state_of,
+)
 from megacoach.app.dashboard import dashboard
 from megacoach.app.errors import BadInput
 from megacoach.app.export import export_lines, label_json
@@ -222,12 +231,13 @@ def admin_labelers(request: Request, who: Principal = Depends(api_admin)) -> dic
 
 @router.post("/admin/invites", status_code=201, tags=["admin"])
 def admin_invite(body: InviteIn, request: Request, who: Principal = Depends(api_admin)) -> dict:
-    """Invite a person; the answer holds the one-time link (only its hash is stored)."""
+    """Invite a person; the answer holds the one-time link (only its hash is stored). The link is
+    built on the configured ``public_url``; without one it is a path, and ``note`` says so."""
     st = state_of(request)
     token, info = st.auth.create_invitation(body.name, body.role, who.name)
     st.store.append_audit(who.name, "invite", dict(name=info["name"], role=info["role"], invitation_id=info["id"]))
-    base = (st.settings.public_url or str(request.base_url)).rstrip("/")
-    return dict(id=info["id"], name=info["name"], role=info["role"], url=f"{base}/invite/{token}",
+    url, note = invite_link(st, token)  # public_url, never the request's Host header
+    return dict(id=info["id"], name=info["name"], role=info["role"], url=url, note=note,
                 expires_at=_iso(info["expires_at"]))
 
 

@@ -210,6 +210,19 @@ def guideline_view(st: AppState) -> tuple[Optional[Any], Any]:
     return g, (render_markdown(g.markdown) if g else "")
 
 
+NO_PUBLIC_URL_NOTE = ("No public URL is configured (megacoach label serve --public-url https://...), so this is "
+                      "the link's path: put the address people use to reach the app in front of it.")
+
+
+def invite_link(st: AppState, token: str) -> tuple[str, Optional[str]]:
+    """An invitation link and a note for the admin. The base is the configured ``public_url``,
+    never the request's Host header (which the client chooses); without one, the link is a path."""
+    path = f"/invite/{token}"
+    if st.settings.public_url:
+        return st.settings.public_url + path, None
+    return path, NO_PUBLIC_URL_NOTE
+
+
 def safe_next(value: Optional[str]) -> str:
     """Only local paths are allowed as a redirect target after log-in."""
     if not value or not value.startswith("/") or value.startswith("//") or "\\" in value or len(value) > 500:

@@ -21,6 +21,7 @@ from megacoach.app.core import (
     check_pre_csrf,
     client_address,
     guideline_view,
+    invite_link,
     page_admin,
     page_labeler,
     page_user,
@@ -286,11 +287,6 @@ def admin_people(request: Request, who: Principal = Depends(page_admin)):
     return _people_page(request, who)
 
 
-def _public_base(request: Request) -> str:
-    s = state_of(request).settings
-    return (s.public_url or str(request.base_url)).rstrip("/")
-
-
 @router.post("/admin/invites", response_class=HTMLResponse)
 def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
                  name: str = Form("", max_length=1000), role: str = Form("labeler", max_length=20)):
@@ -298,8 +294,8 @@ def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_to
     check_csrf(who, csrf_token)
     token, info = st.auth.create_invitation(name, role, who.name)
     st.store.append_audit(who.name, "invite", dict(name=info["name"], role=info["role"], invitation_id=info["id"]))
-    link = f"{_public_base(request)}/invite/{token}"
-    return _people_page(request, who, created=dict(kind="invite", name=info["name"], secret=link,
+    link, note = invite_link(st, token)
+    return _people_page(request, who, created=dict(kind="invite", name=info["name"], secret=link, note=note,
                                                    expires_at=info["expires_at"]))
 
 
