@@ -88,6 +88,9 @@ CASES: list[Case] = [
     ("POST", "/logout", PERSON, lambda c: ("/logout", c.form())),
     ("GET", "/invite/{token}", PUBLIC, lambda c: (f"/invite/{c.invite_token()}", {})),
     ("POST", "/invite/{token}", PUBLIC, _invite_post),
+    ("GET", "/account", PERSON, lambda c: ("/account", {})),
+    ("POST", "/account/password", PERSON, lambda c: ("/account/password", c.form(
+        current_password=PASSWORD, new_password=PASSWORD + " 2", new_password2=PASSWORD + " 2"))),
     ("GET", "/label", PERSON, lambda c: ("/label", {})),
     ("POST", "/label", PERSON, lambda c: ("/label", c.form(item_id=c.held_item(), choice=1, elapsed_ms="9000"))),
     ("POST", "/skip", PERSON, lambda c: ("/skip", c.form(item_id=c.held_item(), reason_choice="1"))),

@@ -132,6 +132,30 @@ class Auth:
         self.check_throttle(name, client)  # refused tries cost no thread and no hash
         return await self.hash_slots.run(self.authenticate, name, password, client)
 
+    def change_password(self, who: Principal, current: str, new: str, client: str = "unknown") -> None:
+        """A logged-in person changes their own password: the current one is checked (throttled
+        like a log-in). Their other log-ins end; this one stays."""
+        self.check_throttle(who.name, client)
+        with self.store.session(write=False) as s:
+            row = s.get(LabelerRow, who.id)
+            stored = row.password_hash if row is not None and row.kind == "person" else None
+        if not self.passwords.verify(stored, current):
+            self.throttle.fail(client, who.name)
+            raise Forbidden("your current password is not right")
+        if new == current:
+            raise BadInput("the new password must differ from the current one")
+        problem = password_problem(new, who.name, self.settings.min_password_chars)
+        if problem:
+            raise BadInput(problem)
+        self.store.update_labeler(who.id, password_hash=self.passwords.hash(new))
+        with self.store.session() as s, s.begin():
+            s.execute(delete(WebSessionRow).where(WebSessionRow.labeler_id == who.id,
+                                                  WebSessionRow.id != (who.session_id or -1)))
+
+    async def change_password_async(self, who: Principal, current: str, new: str, client: str = "unknown") -> None:
+        self.check_throttle(who.name, client)
+        await self.hash_slots.run(self.change_password, who, current, new, client)
+
     def start_session(self, who: Principal) -> tuple[str, Principal]:
         """A new log-in for ``who``: the cookie value (secret) and the principal with its CSRF token."""
         secret = new_secret()

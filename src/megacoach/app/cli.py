@@ -2,6 +2,7 @@
 
     megacoach label serve --db URL --host 127.0.0.1 --port 8000   # prints a one-time admin link if no admin
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
+    megacoach label reset-password NAME --db URL                   # a person's new password (role kept)
     megacoach label invite NAME --db URL [--role admin]            # an invitation link from the shell
     megacoach label token OWNER --db URL                           # an API token for the trainer/scripts
 """
@@ -57,20 +58,39 @@ def serve_cmd(
     serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
 
 
+def _new_password(password: Optional[str]) -> str:
+    if password is None:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
 @app.command("create-admin")
 def create_admin_cmd(
     name: Annotated[str, typer.Argument(help="Admin account name.")],
     db: DbOpt = None,
     password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
 ):
-    """Create an admin account (or reset its password) without the invitation link."""
-    # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
-    from megacoach.app.server import create_admin
+    """Create an admin account without the invitation link (an existing admin gets the new password;
+    an existing labeler is refused: use reset-password, roles never change here)."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.accounts import create_admin
 
-    if password is None:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    create_admin(db, name, password)
+    create_admin(db, name, _new_password(password))
     typer.echo(f"admin {name!r} ready")
+
+
+@app.command("reset-password")
+def reset_password_cmd(
+    name: Annotated[str, typer.Argument(help="The person's account name.")],
+    db: DbOpt = None,
+    password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
+):
+    """Set a person's password (their role stays); their log-ins end."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.accounts import reset_password
+
+    role = reset_password(db, name, _new_password(password))
+    typer.echo(f"password of {name!r} ({role}) reset; their sessions ended")
 
 
 @app.command("invite")

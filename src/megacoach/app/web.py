@@ -153,6 +153,45 @@ def invite_submit(request: Request, token: str = Path(..., max_length=200), pass
     return resp
 
 
+# ----- own account -----------------------------------------------------------------------------------
+
+def _account_page(request: Request, who: Principal, status: int = 200, flash: Optional[dict] = None) -> HTMLResponse:
+    st = state_of(request)
+    return render(request, "account.html", dict(title="My account", min_chars=st.settings.min_password_chars),
+                  who=who, status=status, flash=flash)
+
+
+@router.get("/account", response_class=HTMLResponse)
+def account_page(request: Request, who: Principal = Depends(page_user), changed: int = Query(0, ge=0, le=1)):
+    return _account_page(request, who, flash=dict(kind="ok", text="Password changed.") if changed else None)
+
+
+@router.post("/account/password")
+async def account_password(request: Request, who: Principal = Depends(page_user),
+                           csrf_token: str = Form("", max_length=200),
+                           current_password: str = Form("", max_length=1024),
+                           new_password: str = Form("", max_length=1024),
+                           new_password2: str = Form("", max_length=1024)):
+    """Change your own password: the current one, the new one twice, the session's CSRF token."""
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    client = client_address(request)
+    try:
+        if new_password != new_password2:
+            raise BadInput("the two new passwords differ")
+        await st.auth.change_password_async(who, current_password, new_password, client)
+    except AppError as e:
+        if e.status in (401, 403):
+            await run_in_threadpool(st.store.append_audit, who.name, "password_change_failed",
+                                    dict(reason=e.message, client=client))
+        resp = await run_in_threadpool(_account_page, request, who, e.status, dict(kind="err", text=e.message))
+        if e.retry_after:
+            resp.headers["retry-after"] = str(e.retry_after)
+        return resp
+    await run_in_threadpool(st.store.append_audit, who.name, "password_change", dict(client=client))
+    return _redirect("/account?changed=1")
+
+
 # ----- labeling -------------------------------------------------------------------------------------
 
 def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) -> Optional[dict]:
