@@ -355,6 +355,41 @@ def test_hole06_tokens_cannot_impersonate_and_carry_scope_and_expiry(tmp_path):
     assert row["scopes"] == ["read"] and row["expires_at"] < dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=3, minutes=1)
 
 
+def test_hole06_upgrade_revokes_tokens_minted_for_someone_else(tmp_path):
+    """Tokens from before scopes existed: a program's keeps working (label, read; 90 days); a person's
+    own token (the audit log shows they minted it) keeps their role's scopes; a token an admin
+    minted for a labeler is revoked."""
+    from alembic import command
+    from sqlalchemy import create_engine, text
+
+    from megacoach.labels.store import LabelStore
+
+    path = tmp_path / "old.db"
+    engine = create_engine(f"sqlite:///{path}")
+    cfg = LabelStore._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003_app_auth")
+    with engine.begin() as c:
+        for i, (name, kind, role) in enumerate([("trainer", "program", "program"), ("root", "person", "admin"),
+                                                ("alice", "person", "labeler")], start=1):
+            c.execute(text("INSERT INTO labelers (id, name, kind, role, active, created_at) "
+                           "VALUES (:i, :n, :k, :r, 1, '2024-01-01 00:00:00')"), dict(i=i, n=name, k=kind, r=role))
+            c.execute(text("INSERT INTO api_tokens (id, token_hash, name, labeler_id, created_at) "
+                           "VALUES (:i, :h, :n, :i, '2024-01-01 00:00:00')"), dict(i=i, h=f"{i:064d}", n=name))
+        for token_id, actor, owner in ((1, "root", "trainer"), (2, "root", "root"), (3, "root", "alice")):
+            c.execute(text("INSERT INTO audit_log (at, actor, action, detail) VALUES ('2024-01-01 00:00:00', :a, "
+                           "'token_create', :d)"), dict(a=actor, d=json.dumps(dict(owner=owner, token_id=token_id))))
+    engine.dispose()
+    store = LabelStore(f"sqlite:///{path}")  # migrates to head
+    with store.session(write=False) as s:
+        rows = {r.id: r for r in s.execute(text("SELECT id, scopes, expires_at, revoked_at, created_by FROM api_tokens"))}
+    store.close()
+    assert rows[1].scopes == "label,read" and rows[1].revoked_at is None and rows[1].expires_at is not None
+    assert rows[2].scopes == "label,read,andon,admin" and rows[2].revoked_at is None and rows[2].created_by == "root"
+    assert rows[3].revoked_at is not None
+
+
 # 7 ---------------------------------------------------------------------------------------------------
 
 def test_hole07_shown_order_is_not_computable_without_the_server_secret(tmp_path):

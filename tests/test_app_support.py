@@ -57,10 +57,14 @@ def make_person(store, name: str, role: str = "labeler", password: str = PASSWOR
 
 
 def make_token(store, owner: str = "trainer") -> str:
-    from megacoach.app.auth import Auth
+    """An API token with every scope the account can have: a program's, or a person's own (minted
+    by that person: nobody mints a token for someone else)."""
+    from megacoach.app.auth import Auth, Principal
     from megacoach.app.settings import AppSettings
 
-    raw, _ = Auth(store, AppSettings(**FAST)).create_api_token(owner, owner)
+    rec = store.get_labeler(owner)
+    by = Principal(rec.id, rec.name, rec.role, rec.kind, "session") if rec is not None and rec.kind == "person" else None
+    raw, _ = Auth(store, AppSettings(**FAST)).create_api_token(owner, owner, by=by)
     return raw
 
 

@@ -28,7 +28,7 @@ from megacoach.app.core import (
 from megacoach.app.dashboard import dashboard
 from megacoach.app.errors import BadInput
 from megacoach.app.export import export_lines, label_json
-from megacoach.app.web import _set_active, publish_guideline
+from megacoach.app.web import _set_active, publish_guideline, token_audit
 
 router = APIRouter(prefix="/api")
 
@@ -92,8 +92,12 @@ class ActiveIn(Strict):
 
 
 class TokenIn(Strict):
-    owner: str = Field(min_length=1, max_length=1000, description="account; created as a program if missing")
+    owner: str = Field(min_length=1, max_length=1000,
+                       description="a program account (created if missing) or yourself; never another person")
     name: Optional[str] = Field(None, max_length=1000)
+    scopes: Optional[list[str]] = Field(None, max_length=10,
+                                        description="some of label, read, andon, admin (default: all the owner can have)")
+    days: Optional[int] = Field(None, ge=1, le=3650, description="lifetime in days (default: api_token_days)")
 
 
 class GuidelineIn(Strict):
@@ -225,8 +229,8 @@ def admin_labelers(request: Request, who: Principal = Depends(api_admin)) -> dic
     return dict(labelers=[dict(id=r.id, name=r.name, kind=r.kind, role=r.role, active=r.active,
                                created_at=_iso(r.created_at)) for r in st.store.labelers()],
                 invitations=[dict(i, created_at=_iso(i["created_at"])) for i in st.auth.invitations()],
-                tokens=[dict(t, created_at=_iso(t["created_at"]), last_used_at=_iso(t["last_used_at"]))
-                        for t in st.auth.api_tokens()])
+                tokens=[dict(t, created_at=_iso(t["created_at"]), last_used_at=_iso(t["last_used_at"]),
+                             expires_at=_iso(t["expires_at"])) for t in st.auth.api_tokens()])
 
 
 @router.post("/admin/invites", status_code=201, tags=["admin"])
@@ -249,11 +253,13 @@ def admin_set_active(body: ActiveIn, request: Request, labeler_id: int = Path(..
 
 @router.post("/admin/tokens", status_code=201, tags=["admin"])
 def admin_token(body: TokenIn, request: Request, who: Principal = Depends(api_admin)) -> dict:
-    """A new API token (shown once) for an account; a missing account is created as a program."""
+    """A new API token (shown once) for a program account (a missing one is created) or for
+    yourself, with scopes and an expiry. A token acts as its owner: none for another person."""
     st = state_of(request)
-    raw, info = st.auth.create_api_token(body.owner, body.name or body.owner)
-    st.store.append_audit(who.name, "token_create", dict(owner=info["owner"], name=info["name"], token_id=info["id"]))
-    return dict(info, token=raw)
+    raw, info = st.auth.create_api_token(body.owner, body.name or body.owner, by=who, scopes=body.scopes,
+                                         days=body.days)
+    st.store.append_audit(who.name, "token_create", token_audit(info, who))
+    return dict(info, expires_at=_iso(info["expires_at"]), token=raw)
 
 
 @router.post("/admin/tokens/{token_id}/revoke", tags=["admin"])

@@ -4,7 +4,7 @@
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
     megacoach label reset-password NAME --db URL                   # a person's new password (role kept)
     megacoach label invite NAME --db URL [--role admin]            # an invitation link from the shell
-    megacoach label token OWNER --db URL                           # an API token for the trainer/scripts
+    megacoach label token OWNER --db URL [--scope read] [--days 90] # an API token for the trainer/scripts
 """
 
 from __future__ import annotations
@@ -117,20 +117,26 @@ def invite_cmd(
 
 @app.command("token")
 def token_cmd(
-    owner: Annotated[str, typer.Argument(help="Account; a new name becomes a program account.")] = "trainer",
+    owner: Annotated[str, typer.Argument(help="A program account; a new name becomes one.")] = "trainer",
     db: DbOpt = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Token name.")] = None,
+    scope: Annotated[Optional[list[str]], typer.Option(
+        "--scope", help="label, read (repeatable; default: both, all a program can have).")] = None,
+    days: Annotated[Optional[int], typer.Option("--days", help="Lifetime in days (default 90).")] = None,
 ):
-    """Print a new API token (Authorization: Bearer ...) for the trainer or a script."""
+    """Print a new API token (Authorization: Bearer ...) for the trainer or a script: program
+    accounts only (a person mints their own token on the app's People page)."""
     # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
     from megacoach.app.auth import Auth
     from megacoach.labels.store import LabelStore
 
     with LabelStore(db) as store:
         try:
-            raw, info = Auth(store, _settings()).create_api_token(owner, name or owner)
+            raw, info = Auth(store, _settings()).create_api_token(owner, name or owner, scopes=scope or None, days=days,
+                                                                   minted_by="megacoach label token")
         except AppError as e:
             raise DataError(f"token for {owner!r}: {e.message}") from None
-        store.append_audit("megacoach label token", "token_create", dict(owner=info["owner"], name=info["name"],
-                                                                         token_id=info["id"]))
+        store.append_audit("megacoach label token", "token_create", dict(
+            owner=info["owner"], name=info["name"], token_id=info["id"], scopes=info["scopes"],
+            expires_at=info["expires_at"].isoformat()))
     typer.echo(raw)

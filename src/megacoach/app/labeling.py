@@ -82,9 +82,10 @@ class Labeling:
             with self.store.transaction():
                 rec = self.store.add_comparison(
                     item_id, chosen, who.id, shown_order=order, time_taken_s=round(taken, 3), flagged=flagged,
-                    note=note, too_fast=too_fast, confidence=confidence)
+                    note=note, too_fast=too_fast, confidence=confidence, via=who.via, api_token_id=who.token_id)
                 detail = dict(item_id=item_id, comparison_id=rec.id, chosen=chosen, position=position,
-                              time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version)
+                              time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version,
+                              via=who.via, api_token_id=who.token_id)
                 self.store.append_audit(who.name, "label", detail)
                 if flagged:
                     self.store.append_audit(who.name, "flag", dict(item_id=item_id, comparison_id=rec.id, note=note))
@@ -114,7 +115,8 @@ class Labeling:
         try:
             with self.store.transaction():
                 rec = self.store.add_skip(item_id, who.id, reason)
-                self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason))
+                self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason,
+                                                               via=who.via, api_token_id=who.token_id))
         except DataError as e:
             raise BadInput(str(e)) from None
         return dict(skip_id=rec.id, item_id=item_id, reason=reason)

@@ -360,14 +360,28 @@ def _set_active(st, who: Principal, labeler_id: int, active: bool) -> dict:
     return dict(id=rec.id, name=rec.name, active=rec.active)
 
 
+def token_audit(info: dict, who: Principal) -> dict:
+    return dict(owner=info["owner"], name=info["name"], token_id=info["id"], scopes=info["scopes"],
+                expires_at=info["expires_at"].isoformat(), via=who.via, by_token_id=who.token_id)
+
+
 @router.post("/admin/tokens", response_class=HTMLResponse)
 def admin_token(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
-                owner: str = Form("", max_length=1000), token_name: str = Form("", max_length=1000)):
+                owner: str = Form("", max_length=1000), token_name: str = Form("", max_length=1000),
+                scopes: list[str] = Form([], max_length=10), days: str = Form("", max_length=10)):
+    """A token for a program account (or yourself), with the ticked scopes (none ticked: all the
+    account can have) and a lifetime in days (empty: api_token_days)."""
     st = state_of(request)
     check_csrf(who, csrf_token)
-    raw, info = st.auth.create_api_token(owner, token_name or owner)
-    st.store.append_audit(who.name, "token_create", dict(owner=info["owner"], name=info["name"], token_id=info["id"]))
-    return _people_page(request, who, created=dict(kind="token", name=f"{info['name']} ({info['owner']})", secret=raw))
+    try:
+        n_days = int(days) if days.strip() else None
+    except ValueError:
+        raise BadInput("days: expected a whole number of days") from None
+    raw, info = st.auth.create_api_token(owner, token_name or owner, by=who, scopes=scopes or None, days=n_days)
+    st.store.append_audit(who.name, "token_create", token_audit(info, who))
+    return _people_page(request, who, created=dict(
+        kind="token", name=f"{info['name']} ({info['owner']}; {', '.join(info['scopes'])}; "
+                           f"expires {info['expires_at']:%Y-%m-%d})", secret=raw))
 
 
 @router.post("/admin/tokens/{token_id}/revoke")
