@@ -83,6 +83,21 @@ def login(client, name: str, password: str = PASSWORD) -> str:
     return client.get("/api/me").json()["csrf_token"]
 
 
+def take_next(client, headers: Optional[dict] = None):
+    """POST /api/next (taking an item is a write): with the given headers (an API token, or a
+    session's CSRF token), else with the session's CSRF token fetched from /api/me. The response."""
+    if headers is None:
+        headers = {"x-csrf-token": client.get("/api/me").json().get("csrf_token") or ""}
+    return client.post("/api/next", headers=headers)
+
+
+def take_page_item(client) -> None:
+    """What the labeling page does without an item: POST /label/next (the form label.js sends)."""
+    page = client.get("/label")
+    r = client.post("/label/next", data=dict(csrf_token=csrf_of(page.text)), follow_redirects=False)
+    assert r.status_code == 303, r.text
+
+
 @dataclass
 class World:
     store: object

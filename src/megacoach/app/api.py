@@ -157,9 +157,10 @@ def progress(request: Request, who: Principal = Depends(api_user)) -> dict:
 
 # ----- labeling ---------------------------------------------------------------------------------------
 
-@router.get("/next", response_model=NextItem, tags=["labeling"])
+@router.post("/next", response_model=NextItem, tags=["labeling"])
 def next_item(request: Request, who: Principal = Depends(api_labeler)) -> NextItem:
-    """The item to label now (held for you until ``expires_at``), continuations in your shown order."""
+    """Take the item to label now (held for you until ``expires_at``; asking again gives the same
+    item and renews the hold), continuations in your shown order. A POST: it assigns the item."""
     shown = state_of(request).labeling.next_item(who)
     if shown is None:
         return NextItem(item=None)
@@ -204,11 +205,12 @@ def labels(request: Request, who: Principal = Depends(api_reader), after_id: int
     return dict(labels=[label_json(c) for c in page], next_after_id=page[-1].id if page else after_id)
 
 
-@router.get("/export.jsonl", tags=["labels"])
+@router.post("/export.jsonl", tags=["labels"])
 def export(request: Request, who: Principal = Depends(api_reader), after_id: int = Query(0, ge=0, le=MAX_ID),
            kind: Optional[Literal["person", "program"]] = None,
            split: Optional[Literal["train", "valid"]] = None) -> StreamingResponse:
-    """Every label as JSON lines."""
+    """Every label as JSON lines (a POST: the export is audited). ``GET /api/labels`` pages
+    through the same labels without an audit entry."""
     st = state_of(request)
     st.store.append_audit(who.name, "export", dict(via="api", after_id=after_id, labeler_kind=kind, split=split))
     return StreamingResponse(export_lines(st.store, labeler_kind=kind, split=split, after_id=after_id),

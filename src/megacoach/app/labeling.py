@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, or_, select
 
 from megacoach.app.auth import Principal
 from megacoach.app.errors import BadInput, Conflict, NotFound
@@ -16,7 +16,7 @@ from megacoach.app.settings import AppSettings
 from megacoach.errors import DataError
 from megacoach.labels.assignment import Assigner, shown_order
 from megacoach.labels.records import DuplicateLabelError
-from megacoach.labels.schema import ComparisonRow, SkipRow, utcnow
+from megacoach.labels.schema import ComparisonRow, ItemLockRow, ItemRow, SkipRow, utcnow
 from megacoach.labels.store import LabelStore
 
 
@@ -39,12 +39,36 @@ class Labeling:
         self.assigner = assigner
 
     def next_item(self, who: Principal) -> Optional[ShownItem]:
+        """Assign (and lock) the item this labeler should label now: a write, for POST requests.
+        The item they already hold comes back (its hold renewed)."""
         got = self.assigner.next_item(who.id)
         if got is None:
             return None
-        (content,) = self.store.item_contents([got.item_id])
-        texts = [content.samples[c].text for c in got.shown_order]
-        return ShownItem(got.item_id, got.k, content.query.text, texts, got.shown_order, got.expires_at)
+        return self._shown(who, got.item_id, got.k, got.expires_at)
+
+    def held_item(self, who: Principal) -> Optional[ShownItem]:
+        """The item this labeler holds now (unexpired, not yet labeled or skipped), or None.
+        Read only: what a page GET shows."""
+        now = utcnow()
+        mine = ItemLockRow.labeler_id == who.id
+        done = or_(
+            exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == who.id),
+            exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == who.id),
+        )
+        with self.store.session(write=False) as s:
+            row = s.execute(select(ItemLockRow.item_id, ItemLockRow.expires_at, ItemRow.k)
+                            .join(ItemRow, ItemRow.id == ItemLockRow.item_id)
+                            .where(mine, ItemLockRow.expires_at > now, ~done)
+                            .order_by(ItemLockRow.locked_at).limit(1)).first()
+        if row is None:
+            return None
+        return self._shown(who, row.item_id, row.k, row.expires_at)
+
+    def _shown(self, who: Principal, item_id: int, k: int, expires_at: dt.datetime) -> ShownItem:
+        order = shown_order(who.id, item_id, k)
+        (content,) = self.store.item_contents([item_id])
+        texts = [content.samples[c].text for c in order]
+        return ShownItem(item_id, k, content.query.text, texts, order, expires_at)
 
     def submit(self, who: Principal, item_id: int, position: int, *, client_elapsed_s: Optional[float] = None,
                flagged: bool = False, note: Optional[str] = None, confidence: Optional[int] = None) -> dict:

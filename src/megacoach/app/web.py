@@ -207,16 +207,33 @@ def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) ->
 
 @router.get("/label", response_class=HTMLResponse)
 def label_page(request: Request, who: Principal = Depends(page_labeler), saved: int = Query(0, ge=0, le=1),
-               skipped: int = Query(0, ge=0, le=1), result: Optional[str] = Query(None, max_length=10)):
+               skipped: int = Query(0, ge=0, le=1), empty: int = Query(0, ge=0, le=1),
+               result: Optional[str] = Query(None, max_length=10)):
+    """The item this labeler holds (read only: a GET assigns nothing). Without one, a form that
+    POSTs /label/next (label.js sends it at once, unless nothing was left a moment ago)."""
     st = state_of(request)
-    shown = st.labeling.next_item(who)
+    shown = st.labeling.held_item(who)
     progress = st.labeling.progress(who)
     guideline, guideline_html = guideline_view(st)
     ctx = dict(title="Label", item=shown, prompt=shown.prompt if shown else "",
                choices=shown.continuations if shown else [], progress=progress, guideline=guideline,
                guideline_html=guideline_html, skip_reasons=st.settings.skip_reasons,
-               max_chars=st.settings.max_text_chars)
+               max_chars=st.settings.max_text_chars, empty=bool(empty))
     return render(request, "label.html", ctx, who=who, flash=_label_flash(saved, skipped, 0, result))
+
+
+def _after(st, who: Principal, query: str) -> RedirectResponse:
+    """Assign the next item (this is a POST) and show it: PRG to /label."""
+    nxt = st.labeling.next_item(who)
+    return _redirect("/label" + query + (("&" if query else "?") + "empty=1" if nxt is None else ""))
+
+
+@router.post("/label/next")
+def label_next(request: Request, who: Principal = Depends(page_labeler), csrf_token: str = Form("", max_length=200)):
+    """Take the next item (or the one held already), then show it."""
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    return _after(st, who, "")
 
 
 def _elapsed(elapsed_ms: str) -> Optional[float]:
@@ -236,7 +253,7 @@ def label_submit(request: Request, who: Principal = Depends(page_labeler), csrf_
     check_csrf(who, csrf_token)
     out = st.labeling.submit(who, item_id, choice, client_elapsed_s=_elapsed(elapsed_ms),
                              flagged=flagged in ("1", "on", "true"), note=note or None)
-    return _redirect("/label?saved=1" + ("&result=fast" if out["too_fast"] else ""))
+    return _after(st, who, "?saved=1" + ("&result=fast" if out["too_fast"] else ""))
 
 
 @router.post("/skip")
@@ -258,7 +275,7 @@ def skip_submit(request: Request, who: Principal = Depends(page_labeler), csrf_t
     if reason_text.strip():
         parts.append(reason_text.strip())
     st.labeling.skip(who, item_id, ": ".join(parts))
-    return _redirect("/label?skipped=1")
+    return _after(st, who, "?skipped=1")
 
 
 @router.get("/guidelines", response_class=HTMLResponse)
@@ -461,14 +478,16 @@ def recent_audit(st, action: Optional[str], before_id: Optional[int], limit: int
         return [dict(id=r.id, at=r.at, actor=r.actor, action=r.action, detail=r.detail) for r in s.scalars(q)]
 
 
-@router.get("/admin/export.jsonl")
-def admin_export(request: Request, who: Principal = Depends(page_admin),
-                 kind: Optional[str] = Query(None, pattern="^(person|program)$"),
-                 split: Optional[str] = Query(None, pattern="^(train|valid)$")):
+@router.post("/admin/export.jsonl")
+def admin_export(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                 kind: str = Form("", pattern="^(|person|program)$"), split: str = Form("", pattern="^(|train|valid)$")):
+    """Download every label (a POST: it writes an audit entry)."""
     st = state_of(request)
-    st.store.append_audit(who.name, "export", dict(via="page", labeler_kind=kind, split=split))
+    check_csrf(who, csrf_token)
+    st.store.append_audit(who.name, "export", dict(via="page", labeler_kind=kind or None, split=split or None))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return StreamingResponse(export_lines(st.store, labeler_kind=kind, split=split), media_type="application/x-ndjson",
+    return StreamingResponse(export_lines(st.store, labeler_kind=kind or None, split=split or None),
+                             media_type="application/x-ndjson",
                              headers={"content-disposition": f'attachment; filename="labels-{stamp}.jsonl"'})
 
 
