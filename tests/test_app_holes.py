@@ -412,6 +412,11 @@ def test_hole07_shown_order_is_not_computable_without_the_server_secret(tmp_path
         (label,) = [x for x in w.store.comparisons() if x.item_id == item["item_id"]]
         assert label.shown_order == shown
     assert predictable < 6, f"{predictable} of 12 orders follow from labeler id and item id alone"
+    # the key lives in the label store: every process (and restart) of the app shows the same order
+    from megacoach.app.server import create_app
+
+    again = create_app(settings=FAST, store=w.store).state.mc.labeling
+    assert again.secret == w.app.state.mc.labeling.secret and len(again.secret) == 32
 
 
 # 8 ---------------------------------------------------------------------------------------------------

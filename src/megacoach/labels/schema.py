@@ -26,10 +26,12 @@ The labeling app's tables (revision 0003_app_auth):
                      account or by the person who minted it; scopes and an expiry (rev 0004).
 - ``item_locks``     an item assigned to a labeler, held until ``expires_at`` (assignment.py).
 - ``andon_clears``   an admin acknowledged the Andon pulls of a run (pulls before it stop counting).
+- ``app_secrets``    server-side secrets made once (rev 0005): the key of the shown order.
 
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
-scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``). A new table
+scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
+app's server-side secrets). A new table
 goes into ``Base.metadata`` here with an Alembic revision whose ``down_revision`` is the current
 head; the store always migrates to head.
 
@@ -328,3 +330,15 @@ class AndonClearRow(Base):
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
     note: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AppSecretRow(Base):
+    """Revision 0005. Server-side secrets of the labeling app, made once (random) and shared by
+    all its processes: ``shown_order`` keys the order in which each labeler sees an item's
+    continuations, so that the order cannot be computed from the labeler's and the item's ids."""
+
+    __tablename__ = "app_secrets"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
