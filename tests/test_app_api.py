@@ -373,14 +373,15 @@ def test_andon_pull_pauses_the_run_and_banner_shows_everywhere(tmp_path):
     r = a.post("/api/andon", json=dict(reason="all continuations are the same word"), headers={"x-csrf-token": ca})
     assert r.status_code == 201 and r.json()["paused"] is False and r.json()["people"] == 1
     assert w.store.get_run_status("run-1").status == "running"
-    # the same person pulling again does not count twice
-    a.post("/api/andon", json=dict(reason="still bad"), headers={"x-csrf-token": ca})
+    # the same person pulling again does not count twice (200 "already pulled", audited, not a pull)
+    r = a.post("/api/andon", json=dict(reason="still bad"), headers={"x-csrf-token": ca})
+    assert r.status_code == 200 and r.json()["already_pulled"] is True
     assert w.store.get_run_status("run-1").status == "running"
     r = b.post("/andon", data=dict(csrf_token=cb, reason="<b>gibberish</b>"), follow_redirects=False)
     assert r.status_code == 303
     run = w.store.get_run_status("run-1")
     assert run.status == "paused" and run.detail["andon"]["reason"] == "<b>gibberish</b>"
-    assert len(w.store.andon_pulls("run-1")) == 3
+    assert len(w.store.andon_pulls("run-1")) == 2
     for client in (a, b, admin):
         for path in ("/label", "/progress", "/guidelines"):
             html = client.get(path).text
@@ -394,7 +395,7 @@ def test_andon_pull_pauses_the_run_and_banner_shows_everywhere(tmp_path):
     assert w.store.get_run_status("run-1").status == "running"
     assert 'id="run-banner"' not in a.get("/label").text
     actions = [e.action for e in w.store.audit_entries()]
-    assert actions.count("andon_pull") == 3 and "andon_clear" in actions
+    assert actions.count("andon_pull") == 2 and actions.count("andon_repeat") == 1 and "andon_clear" in actions
 
 
 def test_default_single_pull_pauses(world):

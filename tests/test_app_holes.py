@@ -493,7 +493,13 @@ def test_hole10_andon_flood_is_counted_once_rate_limited_and_attributed(tmp_path
     login(admin, "root")
     d = admin.get("/api/admin/dashboard").json()["andon"]
     assert [p["name"] for p in d["pulls"]] == ["alice"] and d["repeats"] == {"alice": 5}
-    assert "alice" in admin.get("/admin").text
+    assert "alice × 5" in admin.get("/admin").text
+    # another person at the same address: their first pull is instant and counts
+    b = TestClient(w.app)
+    cb = login(b, "bob")
+    r = b.post("/api/andon", json=dict(reason="gibberish"), headers={"x-csrf-token": cb})
+    assert r.status_code == 201 and r.json()["paused"] is True
+    assert w.store.audit_entries(action="andon_pull")[-1].detail["client"] == "testclient"
 
 
 # 11 --------------------------------------------------------------------------------------------------

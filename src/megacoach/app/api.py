@@ -10,7 +10,7 @@ import datetime as dt
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from megacoach.app import andon as andon_mod
@@ -21,6 +21,7 @@ from megacoach.app.core import (
     api_andon,
     api_labeler,
     api_reader,
+    andon_pull,
     api_user,
     invite_link,
     state_of,
@@ -184,13 +185,18 @@ def skip(body: SkipIn, request: Request, who: Principal = Depends(api_labeler)) 
 
 
 @router.post("/andon", status_code=201, tags=["andon"])
-def pull_andon(body: AndonIn, request: Request, who: Principal = Depends(api_andon)) -> dict:
-    """Pull the Andon cord: training is producing bad output (enough pulls pause the run)."""
+def pull_andon(body: AndonIn, request: Request, response: Response, who: Principal = Depends(api_andon)) -> dict:
+    """Pull the Andon cord: training is producing bad output (enough pulls pause the run). 201 when
+    the pull counts; 200 with ``already_pulled`` when you pulled on this run already (it counts
+    once; the repeat is audited); 429 with Retry-After beyond ``andon_rate_per_min``."""
     st = state_of(request)
     reason = st.labeling._text(body.reason, "reason")
     if not reason:
         raise BadInput("reason: say what is wrong with the output")
-    return andon_mod.pull(st.store, st.settings, who, reason)
+    out = andon_pull(request, who, reason)
+    if out["already_pulled"]:
+        response.status_code = 200
+    return out
 
 
 # ----- reading labels (admins, the trainer) -------------------------------------------------------------

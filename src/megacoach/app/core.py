@@ -14,12 +14,13 @@ from fastapi.templating import Jinja2Templates
 
 from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Auth, Principal
-from megacoach.app.errors import Forbidden, NotLoggedIn
+from megacoach.app.errors import Forbidden, NotLoggedIn, retry_later
 from megacoach.app.labeling import Labeling
 from megacoach.app.logredact import install_log_redaction
 from megacoach.app.markdown import render_markdown
 from megacoach.app.security import new_secret, same_secret
 from megacoach.app.settings import AppSettings
+from megacoach.app.throttle import RateLimit
 from megacoach.labels.assignment import Assigner
 from megacoach.labels.store import LabelStore
 
@@ -39,6 +40,7 @@ class AppState:
     labeling: Labeling
     templates: Jinja2Templates
     static_versions: dict[str, str]
+    andon_rate: RateLimit  # Andon requests per (client address, person) per minute
 
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
@@ -52,7 +54,7 @@ def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     templates.env.globals["fmt_pct"] = lambda x: "–" if x is None else f"{x:.1f}%"
     templates.env.globals["fmt_dt"] = lambda t: "–" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
     return AppState(store, settings, Auth(store, settings), assigner, Labeling(store, settings, assigner),
-                    templates, versions)
+                    templates, versions, RateLimit(settings.andon_rate_per_min, 60.0))
 
 
 def _fmt_s(x: Optional[float]) -> str:
@@ -167,6 +169,22 @@ def api_reader(request: Request) -> Principal:
 
 def api_admin(request: Request) -> Principal:
     return api_principal(request).require("admin")
+
+
+def andon_pull(request: Request, who: Principal, reason: str) -> dict:
+    """Pull the Andon cord for ``who``: instant for a person's first pull; a repeat counts once
+    (andon.pull); beyond ``andon_rate_per_min`` requests a minute from this person at this address:
+    429 with Retry-After (the first refusal in a minute is audited)."""
+    st = state_of(request)
+    client = client_address(request)
+    key = (client, who.id)
+    wait = st.andon_rate.hit(key)
+    if wait:
+        if st.andon_rate.note_refusal(key):
+            st.store.append_audit(who.name, "andon_rate_limited", dict(
+                client=client, via=who.via, limit_per_min=st.settings.andon_rate_per_min))
+        raise retry_later(f"too many Andon cord requests from you; try again in {wait} s", wait)
+    return andon_mod.pull(st.store, st.settings, who, reason, client)
 
 
 # ----- rendering ----------------------------------------------------------------------------------

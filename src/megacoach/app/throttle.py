@@ -149,6 +149,7 @@ class RateLimit:
         self.window_s = window_s
         self.max_keys = max_keys
         self._events: OrderedDict[Hashable, deque[float]] = OrderedDict()
+        self._noted: OrderedDict[Hashable, float] = OrderedDict()  # when a refusal of the key was last noted
         self._lock = threading.Lock()
 
     def hit(self, key: Hashable, now: Optional[float] = None) -> int:
@@ -165,3 +166,14 @@ class RateLimit:
                 return max(1, int(math.ceil(q[0] + self.window_s - now)))
             q.append(now)
             return 0
+
+    def note_refusal(self, key: Hashable, now: Optional[float] = None) -> bool:
+        """True for the first refusal of this key within a window (worth an audit entry), else False."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            last = self._noted.pop(key, None)
+            first = last is None or now - last >= self.window_s
+            self._noted[key] = now if first else last
+            while len(self._noted) > self.max_keys:
+                self._noted.popitem(last=False)
+            return first

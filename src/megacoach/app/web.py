@@ -15,6 +15,7 @@ from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal, clean_name
 from megacoach.app.core import (
     MAX_ID,
+    andon_pull,
     PRE_COOKIE,
     SESSION_COOKIE,
     check_csrf,
@@ -293,11 +294,15 @@ def progress_page(request: Request, who: Principal = Depends(page_user)):
 # ----- Andon cord -------------------------------------------------------------------------------------
 
 @router.get("/andon", response_class=HTMLResponse)
-def andon_page(request: Request, who: Principal = Depends(page_user), pulled: int = Query(0, ge=0, le=1)):
+def andon_page(request: Request, who: Principal = Depends(page_user), pulled: int = Query(0, ge=0, le=1),
+               already: int = Query(0, ge=0, le=1)):
     st = state_of(request)
     who.require("andon")
     s = andon_mod.state(st.store, st.settings)
     flash = dict(kind="ok", text="Thank you: your pull is recorded. Admins have been alerted.") if pulled else None
+    if already:
+        flash = dict(kind="ok", text="You pulled the cord on this run already; it counts once. Admins see your "
+                                     "pull and this repeat.")
     return render(request, "andon.html", dict(title="Andon cord", run_id=s.run_id, pulls=s.people, needed=s.needed,
                                              max_chars=st.settings.max_text_chars), who=who, flash=flash)
 
@@ -311,8 +316,8 @@ def andon_submit(request: Request, who: Principal = Depends(page_user), csrf_tok
     reason = st.labeling._text(reason, "reason") or ""
     if not reason:
         raise BadInput("reason: say what is wrong with the output")
-    andon_mod.pull(st.store, st.settings, who, reason)
-    return _redirect("/andon?pulled=1")
+    out = andon_pull(request, who, reason)
+    return _redirect("/andon?already=1" if out["already_pulled"] else "/andon?pulled=1")
 
 
 # ----- admin ------------------------------------------------------------------------------------------
