@@ -24,7 +24,7 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
-              item_sources: Optional[list[str]] = None):
+              item_sources: Optional[list[str]] = None, trusted_proxies: Optional[list[str]] = None):
     """The app's settings from the command's flags (unset flags keep the app's defaults)."""
     # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
     from megacoach.app.settings import AppSettings
@@ -32,7 +32,8 @@ def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, o
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
-                       ("item_sources", tuple(item_sources) if item_sources else None)):
+                       ("item_sources", tuple(item_sources) if item_sources else None),
+                       ("trusted_proxies", tuple(trusted_proxies) if trusted_proxies else None)):
         if value is not None:
             values[key] = value
     return AppSettings.from_mapping(values)
@@ -48,14 +49,20 @@ def serve_cmd(
     overlap: Annotated[Optional[int], typer.Option("--overlap", help="Labels per ordinary item.")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="The training run to watch (default: latest).")] = None,
     too_fast: Annotated[Optional[float], typer.Option("--too-fast", help="Seconds under which a label is marked too fast.")] = None,
-    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL used in invitation links.")] = None,
+    public_url: Annotated[Optional[str], typer.Option(
+        "--public-url", help="Where people reach the app (https://...): the base of invitation links "
+                             "(default: links are paths; never the request's Host header).")] = None,
     item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
+    trusted_proxy: Annotated[Optional[list[str]], typer.Option(
+        "--trusted-proxy", help="IP address of a reverse proxy whose X-Forwarded-For names the client "
+                                "(repeatable; default none: the peer is the client).")] = None,
 ):
     """Run the human evaluators' labeling app (web pages + JSON API)."""
     # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
     from megacoach.app.server import serve
 
-    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
+    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source,
+                                    trusted_proxy))
 
 
 def _new_password(password: Optional[str]) -> str:
