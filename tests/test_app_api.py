@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from test_app_support import FAST, PASSWORD, add_items, csrf_of, login, make_person, make_world
+from test_app_support import (
+    FAST,
+    PASSWORD,
+    add_items,
+    csrf_of,
+    login,
+    make_person,
+    make_world,
+    take_next,
+    take_page_item,
+)
 
 
 @pytest.fixture
@@ -50,7 +60,7 @@ def test_secure_cookie_setting(tmp_path):
 
 
 def test_wrong_password_is_401_audited_and_throttled(tmp_path):
-    w = make_world(tmp_path, login_failures_before_lock=3)
+    w = make_world(tmp_path, login_free_failures=3)
     c = TestClient(w.app)
     for _ in range(3):
         page = c.get("/login")
@@ -108,10 +118,10 @@ def test_invitation_expires(tmp_path):
 def test_label_flow_records_shown_order_time_and_guideline(world):
     c = TestClient(world.app)
     csrf = login(c, "alice")
-    nxt = c.get("/api/next").json()["item"]
+    nxt = take_next(c).json()["item"]
     assert nxt and nxt["k"] == 4 and [x["position"] for x in nxt["continuations"]] == [1, 2, 3, 4]
     # stable per labeler and item: asking again gives the same item, same order
-    again = c.get("/api/next").json()["item"]
+    again = take_next(c).json()["item"]
     assert {k: v for k, v in again.items() if k != "expires_at"} == {k: v for k, v in nxt.items() if k != "expires_at"}
     r = c.post("/api/labels", json=dict(item_id=nxt["item_id"], choice=3, time_taken_s=9.5, note="fine"),
                headers={"x-csrf-token": csrf})
@@ -148,13 +158,13 @@ def test_slow_label_is_not_too_fast(tmp_path):
     w = make_world(tmp_path)
     c = TestClient(w.app)
     csrf = login(c, "alice")
-    item = c.get("/api/next").json()["item"]
+    item = take_next(c).json()["item"]
     with w.store.session() as s, s.begin():  # pretend the item was shown 30 s ago
         lock = s.query(ItemLockRow).one()
         lock.locked_at = lock.locked_at - dt.timedelta(seconds=30)
     r = c.post("/api/labels", json=dict(item_id=item["item_id"], choice=1, time_taken_s=12.0), headers={"x-csrf-token": csrf})
     assert r.status_code == 201 and r.json()["too_fast"] is False and r.json()["time_taken_s"] == 12.0
-    item2 = c.get("/api/next").json()["item"]
+    item2 = take_next(c).json()["item"]
     r = c.post("/api/labels", json=dict(item_id=item2["item_id"], choice=1, time_taken_s=0.4), headers={"x-csrf-token": csrf})
     assert r.json()["too_fast"] is True
 
@@ -162,12 +172,14 @@ def test_slow_label_is_not_too_fast(tmp_path):
 def test_form_labeling_and_flag(world):
     c = TestClient(world.app)
     login(c, "alice")
+    take_page_item(c)  # the page's POST /label/next (a GET assigns nothing)
     page = c.get("/label")
     assert page.status_code == 200 and 'id="label-form"' in page.text
     item_id = int(page.text.split('name="item_id" value="')[1].split('"')[0])
     r = c.post("/label", data=dict(csrf_token=csrf_of(page.text), item_id=item_id, choice=2, elapsed_ms="8000",
                                    flagged="1", note="garbled text"), follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"].startswith("/label?saved=1")
+    assert 'id="label-form"' in c.get(r.headers["location"]).text  # the POST took the next item
     (label,) = world.store.comparisons()
     assert label.flagged and label.note == "garbled text"
     assert [e.detail["item_id"] for e in world.store.audit_entries(action="flag")] == [item_id]
@@ -177,12 +189,12 @@ def test_skip_requeues_for_someone_else_not_the_skipper(tmp_path):
     w = make_world(tmp_path, n_items=1)
     a, b = TestClient(w.app), TestClient(w.app)
     ca, cb = login(a, "alice"), login(b, "bob")
-    item = a.get("/api/next").json()["item"]
-    assert b.get("/api/next").json()["item"] is None  # locked for alice (overlap 1)
+    item = take_next(a).json()["item"]
+    assert take_next(b).json()["item"] is None  # locked for alice (overlap 1)
     r = a.post("/api/skips", json=dict(item_id=item["item_id"], reason="cannot judge"), headers={"x-csrf-token": ca})
     assert r.status_code == 201
-    assert a.get("/api/next").json()["item"] is None  # never back to the skipper
-    got = b.get("/api/next").json()["item"]
+    assert take_next(a).json()["item"] is None  # never back to the skipper
+    got = take_next(b).json()["item"]
     assert got["item_id"] == item["item_id"]
     assert b.post("/api/labels", json=dict(item_id=got["item_id"], choice=1), headers={"x-csrf-token": cb}).status_code == 201
     (skip,) = w.store.skips()
@@ -193,6 +205,7 @@ def test_skip_requeues_for_someone_else_not_the_skipper(tmp_path):
 def test_skip_form_needs_reason(world):
     c = TestClient(world.app)
     login(c, "alice")
+    take_page_item(c)
     page = c.get("/label")
     item_id = int(page.text.split('name="item_id" value="')[1].split('"')[0])
     r = c.post("/skip", data=dict(csrf_token=csrf_of(page.text), item_id=item_id))
@@ -209,11 +222,11 @@ def test_lock_times_out_and_frees_the_item(tmp_path):
     w = make_world(tmp_path, n_items=1)
     a, b = TestClient(w.app), TestClient(w.app)
     login(a, "alice"), login(b, "bob")
-    item = a.get("/api/next").json()["item"]
-    assert b.get("/api/next").json()["item"] is None
+    item = take_next(a).json()["item"]
+    assert take_next(b).json()["item"] is None
     with w.store.session() as s, s.begin():
         s.query(ItemLockRow).update({ItemLockRow.expires_at: dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)})
-    assert b.get("/api/next").json()["item"]["item_id"] == item["item_id"]
+    assert take_next(b).json()["item"]["item_id"] == item["item_id"]
 
 
 def test_overlap_calibration_and_gold_assignment(tmp_path):
@@ -249,9 +262,11 @@ def test_gold_items_are_unmarked_on_the_page(tmp_path):
     add_items(w.store, 1, gold=True)
     c = TestClient(w.app)
     login(c, "alice")
+    take_page_item(c)
     page = c.get("/label").text
+    assert 'id="prompt"' in page
     assert "gold" not in page.lower() and "calibration" not in page.lower()
-    item = c.get("/api/next").json()["item"]
+    item = take_next(c).json()["item"]
     assert set(item) == {"item_id", "k", "prompt", "continuations", "expires_at"}
 
 
@@ -259,7 +274,7 @@ def test_api_token_reads_labels_and_labels_as_program(world):
     c = TestClient(world.app)
     me = c.get("/api/me", headers=bearer(world.token)).json()
     assert me["role"] == "program" and me["via"] == "token"
-    item = c.get("/api/next", headers=bearer(world.token)).json()["item"]
+    item = take_next(c, bearer(world.token)).json()["item"]
     r = c.post("/api/labels", json=dict(item_id=item["item_id"], choice=1), headers=bearer(world.token))
     assert r.status_code == 201  # no CSRF needed with a bearer token
     page = c.get("/api/labels?after_id=0&limit=10", headers=bearer(world.token)).json()
@@ -313,21 +328,23 @@ def test_guidelines_versioned_and_rendered_safely(world):
     page = lab.get("/guidelines").text
     assert "<strong>bold</strong>" in page and "<script>alert" not in page and "javascript:alert" not in page.split("<main>")[1].split('href="')[-1][:30]
     assert 'href="javascript:' not in page
-    item = lab.get("/api/next").json()["item"]
+    item = take_next(lab).json()["item"]
     lab.post("/api/labels", json=dict(item_id=item["item_id"], choice=1), headers={"x-csrf-token": lcsrf})
     assert world.store.comparisons()[0].guideline_version == "2"
     assert [e.detail["version"] for e in world.store.audit_entries(action="guideline")] == ["2"]
+    take_page_item(lab)
     assert "guidelines-dialog" in lab.get("/label").text  # G opens them on the labeling page
 
 
 def test_export_jsonl_has_provenance_and_is_audited(world):
     c = TestClient(world.app)
     csrf = login(c, "alice")
-    item = c.get("/api/next").json()["item"]
+    item = take_next(c).json()["item"]
     c.post("/api/labels", json=dict(item_id=item["item_id"], choice=2), headers={"x-csrf-token": csrf})
     admin = TestClient(world.app)
     login(admin, "root")
-    r = admin.get("/admin/export.jsonl")
+    assert admin.get("/admin/export.jsonl").status_code == 405  # a download that writes the audit log is a POST
+    r = admin.post("/admin/export.jsonl", data=dict(csrf_token=admin.get("/api/me").json()["csrf_token"]))
     assert r.status_code == 200 and "attachment" in r.headers["content-disposition"]
     (line,) = [json.loads(x) for x in r.text.splitlines()]
     for key in ("item", "query", "samples", "chosen", "shown_order", "labeler", "batch", "split", "guideline_version",
@@ -356,14 +373,15 @@ def test_andon_pull_pauses_the_run_and_banner_shows_everywhere(tmp_path):
     r = a.post("/api/andon", json=dict(reason="all continuations are the same word"), headers={"x-csrf-token": ca})
     assert r.status_code == 201 and r.json()["paused"] is False and r.json()["people"] == 1
     assert w.store.get_run_status("run-1").status == "running"
-    # the same person pulling again does not count twice
-    a.post("/api/andon", json=dict(reason="still bad"), headers={"x-csrf-token": ca})
+    # the same person pulling again does not count twice (200 "already pulled", audited, not a pull)
+    r = a.post("/api/andon", json=dict(reason="still bad"), headers={"x-csrf-token": ca})
+    assert r.status_code == 200 and r.json()["already_pulled"] is True
     assert w.store.get_run_status("run-1").status == "running"
     r = b.post("/andon", data=dict(csrf_token=cb, reason="<b>gibberish</b>"), follow_redirects=False)
     assert r.status_code == 303
     run = w.store.get_run_status("run-1")
     assert run.status == "paused" and run.detail["andon"]["reason"] == "<b>gibberish</b>"
-    assert len(w.store.andon_pulls("run-1")) == 3
+    assert len(w.store.andon_pulls("run-1")) == 2
     for client in (a, b, admin):
         for path in ("/label", "/progress", "/guidelines"):
             html = client.get(path).text
@@ -377,7 +395,7 @@ def test_andon_pull_pauses_the_run_and_banner_shows_everywhere(tmp_path):
     assert w.store.get_run_status("run-1").status == "running"
     assert 'id="run-banner"' not in a.get("/label").text
     actions = [e.action for e in w.store.audit_entries()]
-    assert actions.count("andon_pull") == 3 and "andon_clear" in actions
+    assert actions.count("andon_pull") == 2 and actions.count("andon_repeat") == 1 and "andon_clear" in actions
 
 
 def test_default_single_pull_pauses(world):
@@ -440,13 +458,13 @@ def test_dashboard_numbers(tmp_path):
 def test_labeler_sees_only_own_progress(world):
     a = TestClient(world.app)
     ca = login(a, "alice")
-    item = a.get("/api/next").json()["item"]
+    item = take_next(a).json()["item"]
     a.post("/api/labels", json=dict(item_id=item["item_id"], choice=1), headers={"x-csrf-token": ca})
     b = TestClient(world.app)
     login(b, "bob")
     assert b.get("/api/progress").json()["labels_total"] == 0
     assert a.get("/api/progress").json()["labels_total"] == 1
-    assert b.get("/api/labels").status_code == 403 and b.get("/admin/export.jsonl").status_code == 403
+    assert b.get("/api/labels").status_code == 403 and b.post("/admin/export.jsonl").status_code == 403
 
 
 def test_static_assets_local_and_security_headers(world):

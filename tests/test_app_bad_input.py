@@ -9,7 +9,7 @@ import random
 import pytest
 from fastapi.testclient import TestClient
 
-from test_app_support import PASSWORD, csrf_of, login, make_world
+from test_app_support import PASSWORD, csrf_of, login, make_world, take_next
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_oversized_bodies_are_413(world):
 
 def test_long_text_fields_are_refused(world):
     c = TestClient(world.app)
-    item = c.get("/api/next", headers=bearer(world.token)).json()["item"]
+    item = take_next(c, bearer(world.token)).json()["item"]
     r = c.post("/api/labels", json=dict(item_id=item["item_id"], choice=1, note="n" * 5000), headers=bearer(world.token))
     assert r.status_code == 422 and "note: at most" in r.json()["detail"]
     r = c.post("/api/skips", json=dict(item_id=item["item_id"], reason="bad\x00byte"), headers=bearer(world.token))
@@ -118,10 +118,10 @@ def test_script_in_text_fields_is_escaped_everywhere(world):
     world.store.set_run_status("run-x", "running")
     lab = TestClient(world.app)
     csrf = login(lab, "alice")
-    item = lab.get("/api/next").json()["item"]
+    item = take_next(lab).json()["item"]
     h = {"x-csrf-token": csrf}
     assert lab.post("/api/labels", json=dict(item_id=item["item_id"], choice=1, flagged=True, note=SCRIPT), headers=h).status_code == 201
-    item = lab.get("/api/next").json()["item"]
+    item = take_next(lab).json()["item"]
     assert lab.post("/api/skips", json=dict(item_id=item["item_id"], reason=SCRIPT), headers=h).status_code == 201
     assert lab.post("/api/andon", json=dict(reason=SCRIPT), headers=h).status_code == 201
     admin = TestClient(world.app)
@@ -141,7 +141,7 @@ def test_script_in_text_fields_is_escaped_everywhere(world):
 def test_foreign_replayed_and_missing_csrf_tokens_are_403(world):
     a, b = TestClient(world.app), TestClient(world.app)
     ca, cb = login(a, "alice"), login(b, "bob")
-    item = a.get("/api/next").json()["item"]
+    item = take_next(a).json()["item"]
     # bob's token on alice's session: foreign
     r = a.post("/label", data=dict(csrf_token=cb, item_id=item["item_id"], choice=1))
     assert r.status_code == 403 and "CSRF" in r.text
@@ -249,7 +249,8 @@ def test_random_junk_never_500(world):
     routes = [("POST", p) for p in ("/api/labels", "/api/skips", "/api/andon", "/api/admin/invites", "/api/admin/tokens",
                                     "/api/admin/guidelines", "/api/admin/andon/clear", "/api/admin/labelers/1/active",
                                     "/label", "/skip", "/andon", "/admin/invites", "/admin/tokens", "/admin/guidelines",
-                                    "/admin/andon/clear", "/login", "/logout", "/invite/abc")]
+                                    "/admin/andon/clear", "/login", "/logout", "/invite/abc", "/label/next",
+                                    "/admin/export.jsonl", "/api/next", "/api/export.jsonl", "/account/password")]
     routes += [("GET", p) for p in ("/api/labels?after_id=x", "/api/labels?limit=-1", "/label?saved=7",
                                     "/admin/audit?before_id=abc", "/admin/export.jsonl?kind=robot", "/login?next=%00",
                                     "/api/admin/audit?action=" + "a" * 300, "/invite/" + "%ff" * 10)]

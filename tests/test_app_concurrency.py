@@ -8,7 +8,17 @@ from collections import Counter
 
 import httpx
 
-from test_app_support import FAST, PASSWORD, add_items, csrf_of, live_server, make_person, make_store, make_token
+from test_app_support import (
+    FAST,
+    PASSWORD,
+    add_items,
+    csrf_of,
+    live_server,
+    make_person,
+    make_store,
+    make_token,
+    take_next,
+)
 
 N_PEOPLE = 16
 N_PROGRAMS = 4
@@ -49,7 +59,7 @@ def test_concurrent_labelers_no_label_lost_or_doubled(tmp_path):
             barrier.wait()
             n = 0
             while True:
-                r = client.get("/api/next", headers=headers)
+                r = take_next(client, headers)
                 with lock:
                     statuses[r.status_code] += 1
                 if r.status_code != 200:

@@ -39,7 +39,8 @@ class Ctx:
 
     def held_item(self) -> int:
         """An item held by this caller (or item 1 when the caller may not label)."""
-        r = self.client.get("/api/next", headers=self.headers)
+        headers = dict(self.headers, **({"x-csrf-token": self.csrf} if self.csrf else {}))
+        r = self.client.post("/api/next", headers=headers)
         if r.status_code == 200 and r.json()["item"]:
             return r.json()["item"]["item_id"]
         return 1
@@ -88,7 +89,11 @@ CASES: list[Case] = [
     ("POST", "/logout", PERSON, lambda c: ("/logout", c.form())),
     ("GET", "/invite/{token}", PUBLIC, lambda c: (f"/invite/{c.invite_token()}", {})),
     ("POST", "/invite/{token}", PUBLIC, _invite_post),
+    ("GET", "/account", PERSON, lambda c: ("/account", {})),
+    ("POST", "/account/password", PERSON, lambda c: ("/account/password", c.form(
+        current_password=PASSWORD, new_password=PASSWORD + " 2", new_password2=PASSWORD + " 2"))),
     ("GET", "/label", PERSON, lambda c: ("/label", {})),
+    ("POST", "/label/next", PERSON, lambda c: ("/label/next", c.form())),
     ("POST", "/label", PERSON, lambda c: ("/label", c.form(item_id=c.held_item(), choice=1, elapsed_ms="9000"))),
     ("POST", "/skip", PERSON, lambda c: ("/skip", c.form(item_id=c.held_item(), reason_choice="1"))),
     ("GET", "/guidelines", PERSON, lambda c: ("/guidelines", {})),
@@ -106,19 +111,19 @@ CASES: list[Case] = [
     ("POST", "/admin/guidelines", ADMIN_PAGE,
      lambda c: ("/admin/guidelines", c.form(version=f"v-{c.role}", markdown="# new"))),
     ("GET", "/admin/audit", ADMIN_PAGE, lambda c: ("/admin/audit", {})),
-    ("GET", "/admin/export.jsonl", ADMIN_PAGE, lambda c: ("/admin/export.jsonl", {})),
+    ("POST", "/admin/export.jsonl", ADMIN_PAGE, lambda c: ("/admin/export.jsonl", c.form())),
     ("POST", "/admin/andon/clear", ADMIN_PAGE, lambda c: ("/admin/andon/clear", c.form(note="ok", resume="1"))),
     ("GET", "/api/health", PUBLIC, lambda c: ("/api/health", dict(headers=c.headers))),
     ("GET", "/api/me", API_ANY, lambda c: ("/api/me", dict(headers=c.headers))),
     ("GET", "/api/status", API_ANY, lambda c: ("/api/status", dict(headers=c.headers))),
     ("GET", "/api/guidelines", API_ANY, lambda c: ("/api/guidelines", dict(headers=c.headers))),
     ("GET", "/api/progress", API_ANY, lambda c: ("/api/progress", dict(headers=c.headers))),
-    ("GET", "/api/next", API_LABEL, lambda c: ("/api/next", dict(headers=c.headers))),
+    ("POST", "/api/next", API_LABEL, lambda c: ("/api/next", c.json())),
     ("POST", "/api/labels", API_LABEL, lambda c: ("/api/labels", c.json(item_id=c.held_item(), choice=2))),
     ("POST", "/api/skips", API_LABEL, lambda c: ("/api/skips", c.json(item_id=c.held_item(), reason="unsure"))),
     ("POST", "/api/andon", API_ANDON, lambda c: ("/api/andon", c.json(reason="loops"))),
     ("GET", "/api/labels", API_READ, lambda c: ("/api/labels", dict(headers=c.headers))),
-    ("GET", "/api/export.jsonl", API_READ, lambda c: ("/api/export.jsonl", dict(headers=c.headers))),
+    ("POST", "/api/export.jsonl", API_READ, lambda c: ("/api/export.jsonl", c.json())),
     ("GET", "/api/admin/dashboard", API_ADMIN, lambda c: ("/api/admin/dashboard", dict(headers=c.headers))),
     ("GET", "/api/admin/labelers", API_ADMIN, lambda c: ("/api/admin/labelers", dict(headers=c.headers))),
     ("POST", "/api/admin/invites", API_ADMIN, lambda c: ("/api/admin/invites", c.json(name=f"api{c.role}"))),

@@ -57,10 +57,14 @@ def make_person(store, name: str, role: str = "labeler", password: str = PASSWOR
 
 
 def make_token(store, owner: str = "trainer") -> str:
-    from megacoach.app.auth import Auth
+    """An API token with every scope the account can have: a program's, or a person's own (minted
+    by that person: nobody mints a token for someone else)."""
+    from megacoach.app.auth import Auth, Principal
     from megacoach.app.settings import AppSettings
 
-    raw, _ = Auth(store, AppSettings(**FAST)).create_api_token(owner, owner)
+    rec = store.get_labeler(owner)
+    by = Principal(rec.id, rec.name, rec.role, rec.kind, "session") if rec is not None and rec.kind == "person" else None
+    raw, _ = Auth(store, AppSettings(**FAST)).create_api_token(owner, owner, by=by)
     return raw
 
 
@@ -77,6 +81,21 @@ def login(client, name: str, password: str = PASSWORD) -> str:
                     follow_redirects=False)
     assert r.status_code == 303, r.text
     return client.get("/api/me").json()["csrf_token"]
+
+
+def take_next(client, headers: Optional[dict] = None):
+    """POST /api/next (taking an item is a write): with the given headers (an API token, or a
+    session's CSRF token), else with the session's CSRF token fetched from /api/me. The response."""
+    if headers is None:
+        headers = {"x-csrf-token": client.get("/api/me").json().get("csrf_token") or ""}
+    return client.post("/api/next", headers=headers)
+
+
+def take_page_item(client) -> None:
+    """What the labeling page does without an item: POST /label/next (the form label.js sends)."""
+    page = client.get("/label")
+    r = client.post("/label/next", data=dict(csrf_token=csrf_of(page.text)), follow_redirects=False)
+    assert r.status_code == 303, r.text
 
 
 @dataclass

@@ -83,7 +83,7 @@ def test_item_sources_setting_limits_what_people_get(tmp_path):
     from fastapi.testclient import TestClient
 
     from megacoach.app.server import create_app
-    from test_app_support import FAST, add_items, login, make_person, make_store
+    from test_app_support import FAST, add_items, login, make_person, make_store, take_next
 
     store = make_store(tmp_path)
     make_person(store, "alice")
@@ -91,7 +91,7 @@ def test_item_sources_setting_limits_what_people_get(tmp_path):
     human = add_items(store, 1, source="human")
     c = TestClient(create_app(settings=dict(FAST, item_sources=("human",)), store=store))
     login(c, "alice")
-    assert c.get("/api/next").json()["item"]["item_id"] == human[0]
+    assert take_next(c).json()["item"]["item_id"] == human[0]
 
 
 def test_serve_prints_admin_link_and_answers(tmp_path):

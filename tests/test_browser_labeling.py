@@ -178,10 +178,11 @@ def test_labeler_keyboard_only_flag_skip_andon_and_admin_export(tmp_path, browse
         with admin.expect_navigation():
             admin.click("#invite-submit")
         link = admin.locator("#created-secret").inner_text().strip()
-        assert re.match(re.escape(base) + r"/invite/[\w-]+$", link)
+        assert re.match(r"/invite/[\w-]+$", link)  # no public_url configured: a path, never the Host header's
+        assert "public URL" in admin.locator("#created-note").inner_text()
         gctx = browser.new_context()
         guest = gctx.new_page()
-        guest.goto(link)
+        guest.goto(base + link)
         guest.wait_for_function("document.activeElement && document.activeElement.name === 'password'")
         guest.keyboard.type(PASSWORD)
         guest.keyboard.press("Tab")

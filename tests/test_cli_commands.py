@@ -13,7 +13,8 @@ from megacoach.cli import app, main
 from megacoach.config import build_config, save_config
 
 TOP = ["pretrain", "sample", "incident", "train", "andon", "config", "label", "reward"]
-GROUPS = {"config": ["show"], "label": ["auto", "export", "import", "serve", "create-admin", "invite", "token"],
+GROUPS = {"config": ["show"], "label": ["auto", "export", "import", "serve", "create-admin", "reset-password", "invite",
+                    "token"],
           "reward": ["train", "eval"]}
 
 

@@ -30,7 +30,7 @@ app.add_typer(config.app, name="config")
 label_app = typer.Typer(no_args_is_help=True,
                         help="Human evaluators: collect, import, export labels; the labeling app.")
 label_app.add_typer(labels.app)  # auto, export, import
-label_app.add_typer(labeling_app.app)  # serve, create-admin, invite, token
+label_app.add_typer(labeling_app.app)  # serve, create-admin, reset-password, invite, token
 app.add_typer(label_app, name="label")
 
 app.add_typer(reward.app, name="reward")

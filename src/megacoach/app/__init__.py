@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["create_app", "serve", "create_admin", "AppSettings"]
+__all__ = ["create_app", "serve", "create_admin", "reset_password", "AppSettings"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("create_app", "serve", "create_admin"):
+    if name in ("create_app", "serve"):
         from megacoach.app import server
 
         return getattr(server, name)
+    if name in ("create_admin", "reset_password"):
+        from megacoach.app import accounts
+
+        return getattr(accounts, name)
     if name == "AppSettings":
         from megacoach.app.settings import AppSettings
 

@@ -9,10 +9,16 @@ clears the pulls (and may resume the run: status back to ``running``).
 The watched run is ``settings.run_id`` if set, else the most recently updated run that is running
 or paused (else the most recently updated run). Pulls made while no run exists have ``run_id``
 NULL (they count for every run).
+
+Floods: a person's pull counts once per run within ``andon_repeat_window_s``; repeats answer
+"already pulled" and are audited (``andon_repeat``, with the client address); the web layer also
+limits each person at each client address to ``andon_rate_per_min`` requests (429 beyond). The
+dashboard lists who pulled and who repeated.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 from typing import Optional
 
@@ -21,7 +27,7 @@ from sqlalchemy import or_, select
 from megacoach.app.auth import Principal
 from megacoach.app.settings import AppSettings
 from megacoach.labels.records import RunStatus
-from megacoach.labels.schema import AndonClearRow, AndonPullRow, LabelerRow, RunStatusRow, utcnow
+from megacoach.labels.schema import AndonClearRow, AndonPullRow, AuditRow, LabelerRow, RunStatusRow, utcnow
 from megacoach.labels.store import LabelStore
 
 
@@ -68,36 +74,71 @@ def state(store: LabelStore, settings: AppSettings) -> AndonState:
     return AndonState(run, pulls, len({p.labeler_id for p, _ in rows}), settings.andon_pulls_to_pause)
 
 
-def pull(store: LabelStore, settings: AppSettings, who: Principal, reason: str) -> dict:
-    """Record a pull; pause the watched run when enough people pulled. Returns what happened."""
+def pull(store: LabelStore, settings: AppSettings, who: Principal, reason: str, client: str = "unknown") -> dict:
+    """Record a pull; pause the watched run when enough people pulled. Returns what happened.
+
+    A person's pull counts once per run within ``andon_repeat_window_s`` (until an admin clears):
+    a repeat is not recorded as a pull, only audited (``andon_repeat``), and the answer says
+    ``already_pulled``. Every pull and repeat is audited with the client address."""
     run = watched_run(store, settings)
     run_id = run.run_id if run else None
     now = utcnow()
+    needed = settings.andon_pulls_to_pause
     with store.session() as s, s.begin():
-        s.add(AndonPullRow(run_id=run_id, labeler_id=who.id, reason=reason, at=now))
-        s.flush()
         rows = _active_pulls(s, run_id)
-        people = len({p.labeler_id for p, _ in rows})
-        paused = False
-        if run_id is not None and people >= settings.andon_pulls_to_pause:
-            row = s.get(RunStatusRow, run_id, populate_existing=True)
-            if row is not None and row.status == "running":
-                detail = dict(row.detail or {})
-                detail["andon"] = dict(
-                    reason=reason, pulls=people, by=sorted({name for _, name in rows}), at=now.isoformat(),
-                    reasons=[p.reason for p, _ in rows][-10:],
-                )
-                # top-level reason/who: what the trainer's loop reads when it finds the run paused
-                detail["reason"] = reason
-                detail["who"] = ", ".join(detail["andon"]["by"])
-                row.status = "paused"
-                row.detail = detail
-                row.updated_at = now
-                paused = True
-        store_detail = dict(run_id=run_id, reason=reason, people=people, needed=settings.andon_pulls_to_pause,
-                            paused=paused)
+        since = now - dt.timedelta(seconds=settings.andon_repeat_window_s)
+        mine = [p for p, _ in rows if p.labeler_id == who.id and p.run_id == run_id and p.at > since]
+        if mine:  # already counted: nothing changes
+            repeat = dict(run_id=run_id, reason=reason, client=client, via=who.via,
+                          first_pull_at=mine[0].at.isoformat(), people=len({p.labeler_id for p, _ in rows}),
+                          needed=needed, paused=False)
+        else:
+            repeat = None
+            s.add(AndonPullRow(run_id=run_id, labeler_id=who.id, reason=reason, at=now))
+            s.flush()
+            rows = _active_pulls(s, run_id)
+            people = len({p.labeler_id for p, _ in rows})
+            paused = False
+            if run_id is not None and people >= needed:
+                row = s.get(RunStatusRow, run_id, populate_existing=True)
+                if row is not None and row.status == "running":
+                    detail = dict(row.detail or {})
+                    detail["andon"] = dict(
+                        reason=reason, pulls=people, by=sorted({name for _, name in rows}), at=now.isoformat(),
+                        reasons=[p.reason for p, _ in rows][-10:],
+                    )
+                    # top-level reason/who: what the trainer's loop reads when it finds the run paused
+                    detail["reason"] = reason
+                    detail["who"] = ", ".join(detail["andon"]["by"])
+                    row.status = "paused"
+                    row.detail = detail
+                    row.updated_at = now
+                    paused = True
+            store_detail = dict(run_id=run_id, reason=reason, people=people, needed=needed, paused=paused,
+                                client=client, via=who.via)
+    if repeat is not None:
+        store.append_audit(who.name, "andon_repeat", repeat)
+        return dict(repeat, already_pulled=True)
     store.append_audit(who.name, "andon_pull", store_detail)
-    return store_detail
+    return dict(store_detail, already_pulled=False)
+
+
+def repeats(store: LabelStore, settings: AppSettings) -> dict[str, int]:
+    """Refused repeat pulls per person since the watched run's last clear (who floods the cord)."""
+    run = watched_run(store, settings)
+    run_id = run.run_id if run else None
+    with store.session(write=False) as s:
+        clear_cond = AndonClearRow.run_id.is_(None) if run_id is None else or_(
+            AndonClearRow.run_id == run_id, AndonClearRow.run_id.is_(None))
+        last_clear = s.scalar(select(AndonClearRow.at).where(clear_cond).order_by(AndonClearRow.at.desc()).limit(1))
+        q = select(AuditRow.actor, AuditRow.detail).where(AuditRow.action == "andon_repeat")
+        if last_clear is not None:
+            q = q.where(AuditRow.at > last_clear)
+        out: dict[str, int] = {}
+        for actor, detail in s.execute(q.order_by(AuditRow.id.desc()).limit(10_000)):
+            if isinstance(detail, dict) and detail.get("run_id") == run_id:
+                out[actor] = out.get(actor, 0) + 1
+    return out
 
 
 def clear(store: LabelStore, settings: AppSettings, who: Principal, note: str, resume: bool) -> dict:

@@ -10,16 +10,26 @@ import datetime as dt
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal
-from megacoach.app.core import MAX_ID, api_admin, api_andon, api_labeler, api_reader, api_user, state_of
+from megacoach.app.core import (
+    MAX_ID,
+    api_admin,
+    api_andon,
+    api_labeler,
+    api_reader,
+    andon_pull,
+    api_user,
+    invite_link,
+    state_of,
+)
 from megacoach.app.dashboard import dashboard
 from megacoach.app.errors import BadInput
 from megacoach.app.export import export_lines, label_json
-from megacoach.app.web import _set_active, publish_guideline
+from megacoach.app.web import _set_active, publish_guideline, token_audit
 
 router = APIRouter(prefix="/api")
 
@@ -83,8 +93,12 @@ class ActiveIn(Strict):
 
 
 class TokenIn(Strict):
-    owner: str = Field(min_length=1, max_length=1000, description="account; created as a program if missing")
+    owner: str = Field(min_length=1, max_length=1000,
+                       description="a program account (created if missing) or yourself; never another person")
     name: Optional[str] = Field(None, max_length=1000)
+    scopes: Optional[list[str]] = Field(None, max_length=10,
+                                        description="some of label, read, andon, admin (default: all the owner can have)")
+    days: Optional[int] = Field(None, ge=1, le=3650, description="lifetime in days (default: api_token_days)")
 
 
 class GuidelineIn(Strict):
@@ -144,9 +158,10 @@ def progress(request: Request, who: Principal = Depends(api_user)) -> dict:
 
 # ----- labeling ---------------------------------------------------------------------------------------
 
-@router.get("/next", response_model=NextItem, tags=["labeling"])
+@router.post("/next", response_model=NextItem, tags=["labeling"])
 def next_item(request: Request, who: Principal = Depends(api_labeler)) -> NextItem:
-    """The item to label now (held for you until ``expires_at``), continuations in your shown order."""
+    """Take the item to label now (held for you until ``expires_at``; asking again gives the same
+    item and renews the hold), continuations in your shown order. A POST: it assigns the item."""
     shown = state_of(request).labeling.next_item(who)
     if shown is None:
         return NextItem(item=None)
@@ -170,13 +185,18 @@ def skip(body: SkipIn, request: Request, who: Principal = Depends(api_labeler)) 
 
 
 @router.post("/andon", status_code=201, tags=["andon"])
-def pull_andon(body: AndonIn, request: Request, who: Principal = Depends(api_andon)) -> dict:
-    """Pull the Andon cord: training is producing bad output (enough pulls pause the run)."""
+def pull_andon(body: AndonIn, request: Request, response: Response, who: Principal = Depends(api_andon)) -> dict:
+    """Pull the Andon cord: training is producing bad output (enough pulls pause the run). 201 when
+    the pull counts; 200 with ``already_pulled`` when you pulled on this run already (it counts
+    once; the repeat is audited); 429 with Retry-After beyond ``andon_rate_per_min``."""
     st = state_of(request)
     reason = st.labeling._text(body.reason, "reason")
     if not reason:
         raise BadInput("reason: say what is wrong with the output")
-    return andon_mod.pull(st.store, st.settings, who, reason)
+    out = andon_pull(request, who, reason)
+    if out["already_pulled"]:
+        response.status_code = 200
+    return out
 
 
 # ----- reading labels (admins, the trainer) -------------------------------------------------------------
@@ -191,11 +211,12 @@ def labels(request: Request, who: Principal = Depends(api_reader), after_id: int
     return dict(labels=[label_json(c) for c in page], next_after_id=page[-1].id if page else after_id)
 
 
-@router.get("/export.jsonl", tags=["labels"])
+@router.post("/export.jsonl", tags=["labels"])
 def export(request: Request, who: Principal = Depends(api_reader), after_id: int = Query(0, ge=0, le=MAX_ID),
            kind: Optional[Literal["person", "program"]] = None,
            split: Optional[Literal["train", "valid"]] = None) -> StreamingResponse:
-    """Every label as JSON lines."""
+    """Every label as JSON lines (a POST: the export is audited). ``GET /api/labels`` pages
+    through the same labels without an audit entry."""
     st = state_of(request)
     st.store.append_audit(who.name, "export", dict(via="api", after_id=after_id, labeler_kind=kind, split=split))
     return StreamingResponse(export_lines(st.store, labeler_kind=kind, split=split, after_id=after_id),
@@ -216,18 +237,19 @@ def admin_labelers(request: Request, who: Principal = Depends(api_admin)) -> dic
     return dict(labelers=[dict(id=r.id, name=r.name, kind=r.kind, role=r.role, active=r.active,
                                created_at=_iso(r.created_at)) for r in st.store.labelers()],
                 invitations=[dict(i, created_at=_iso(i["created_at"])) for i in st.auth.invitations()],
-                tokens=[dict(t, created_at=_iso(t["created_at"]), last_used_at=_iso(t["last_used_at"]))
-                        for t in st.auth.api_tokens()])
+                tokens=[dict(t, created_at=_iso(t["created_at"]), last_used_at=_iso(t["last_used_at"]),
+                             expires_at=_iso(t["expires_at"])) for t in st.auth.api_tokens()])
 
 
 @router.post("/admin/invites", status_code=201, tags=["admin"])
 def admin_invite(body: InviteIn, request: Request, who: Principal = Depends(api_admin)) -> dict:
-    """Invite a person; the answer holds the one-time link (only its hash is stored)."""
+    """Invite a person; the answer holds the one-time link (only its hash is stored). The link is
+    built on the configured ``public_url``; without one it is a path, and ``note`` says so."""
     st = state_of(request)
     token, info = st.auth.create_invitation(body.name, body.role, who.name)
     st.store.append_audit(who.name, "invite", dict(name=info["name"], role=info["role"], invitation_id=info["id"]))
-    base = (st.settings.public_url or str(request.base_url)).rstrip("/")
-    return dict(id=info["id"], name=info["name"], role=info["role"], url=f"{base}/invite/{token}",
+    url, note = invite_link(st, token)  # public_url, never the request's Host header
+    return dict(id=info["id"], name=info["name"], role=info["role"], url=url, note=note,
                 expires_at=_iso(info["expires_at"]))
 
 
@@ -239,11 +261,13 @@ def admin_set_active(body: ActiveIn, request: Request, labeler_id: int = Path(..
 
 @router.post("/admin/tokens", status_code=201, tags=["admin"])
 def admin_token(body: TokenIn, request: Request, who: Principal = Depends(api_admin)) -> dict:
-    """A new API token (shown once) for an account; a missing account is created as a program."""
+    """A new API token (shown once) for a program account (a missing one is created) or for
+    yourself, with scopes and an expiry. A token acts as its owner: none for another person."""
     st = state_of(request)
-    raw, info = st.auth.create_api_token(body.owner, body.name or body.owner)
-    st.store.append_audit(who.name, "token_create", dict(owner=info["owner"], name=info["name"], token_id=info["id"]))
-    return dict(info, token=raw)
+    raw, info = st.auth.create_api_token(body.owner, body.name or body.owner, by=who, scopes=body.scopes,
+                                         days=body.days)
+    st.store.append_audit(who.name, "token_create", token_audit(info, who))
+    return dict(info, expires_at=_iso(info["expires_at"]), token=raw)
 
 
 @router.post("/admin/tokens/{token_id}/revoke", tags=["admin"])

@@ -2,8 +2,9 @@
 
     megacoach label serve --db URL --host 127.0.0.1 --port 8000   # prints a one-time admin link if no admin
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
+    megacoach label reset-password NAME --db URL                   # a person's new password (role kept)
     megacoach label invite NAME --db URL [--role admin]            # an invitation link from the shell
-    megacoach label token OWNER --db URL                           # an API token for the trainer/scripts
+    megacoach label token OWNER --db URL [--scope read] [--days 90] # an API token for the trainer/scripts
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
-              item_sources: Optional[list[str]] = None):
+              item_sources: Optional[list[str]] = None, trusted_proxies: Optional[list[str]] = None):
     """The app's settings from the command's flags (unset flags keep the app's defaults)."""
     # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
     from megacoach.app.settings import AppSettings
@@ -31,7 +32,8 @@ def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, o
     values: dict = {"secure_cookies": secure_cookies}
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
-                       ("item_sources", tuple(item_sources) if item_sources else None)):
+                       ("item_sources", tuple(item_sources) if item_sources else None),
+                       ("trusted_proxies", tuple(trusted_proxies) if trusted_proxies else None)):
         if value is not None:
             values[key] = value
     return AppSettings.from_mapping(values)
@@ -47,14 +49,26 @@ def serve_cmd(
     overlap: Annotated[Optional[int], typer.Option("--overlap", help="Labels per ordinary item.")] = None,
     run_id: Annotated[Optional[str], typer.Option("--run-id", help="The training run to watch (default: latest).")] = None,
     too_fast: Annotated[Optional[float], typer.Option("--too-fast", help="Seconds under which a label is marked too fast.")] = None,
-    public_url: Annotated[Optional[str], typer.Option("--public-url", help="Base URL used in invitation links.")] = None,
+    public_url: Annotated[Optional[str], typer.Option(
+        "--public-url", help="Where people reach the app (https://...): the base of invitation links "
+                             "(default: links are paths; never the request's Host header).")] = None,
     item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
+    trusted_proxy: Annotated[Optional[list[str]], typer.Option(
+        "--trusted-proxy", help="IP address of a reverse proxy whose X-Forwarded-For names the client "
+                                "(repeatable; default none: the peer is the client).")] = None,
 ):
     """Run the human evaluators' labeling app (web pages + JSON API)."""
     # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
     from megacoach.app.server import serve
 
-    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source))
+    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source,
+                                    trusted_proxy))
+
+
+def _new_password(password: Optional[str]) -> str:
+    if password is None:
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    return password
 
 
 @app.command("create-admin")
@@ -63,14 +77,27 @@ def create_admin_cmd(
     db: DbOpt = None,
     password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
 ):
-    """Create an admin account (or reset its password) without the invitation link."""
-    # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
-    from megacoach.app.server import create_admin
+    """Create an admin account without the invitation link (an existing admin gets the new password;
+    an existing labeler is refused: use reset-password, roles never change here)."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.accounts import create_admin
 
-    if password is None:
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    create_admin(db, name, password)
+    create_admin(db, name, _new_password(password))
     typer.echo(f"admin {name!r} ready")
+
+
+@app.command("reset-password")
+def reset_password_cmd(
+    name: Annotated[str, typer.Argument(help="The person's account name.")],
+    db: DbOpt = None,
+    password: Annotated[Optional[str], typer.Option("--password", help="Default: asked for (hidden).")] = None,
+):
+    """Set a person's password (their role stays); their log-ins end."""
+    # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
+    from megacoach.app.accounts import reset_password
+
+    role = reset_password(db, name, _new_password(password))
+    typer.echo(f"password of {name!r} ({role}) reset; their sessions ended")
 
 
 @app.command("invite")
@@ -97,20 +124,26 @@ def invite_cmd(
 
 @app.command("token")
 def token_cmd(
-    owner: Annotated[str, typer.Argument(help="Account; a new name becomes a program account.")] = "trainer",
+    owner: Annotated[str, typer.Argument(help="A program account; a new name becomes one.")] = "trainer",
     db: DbOpt = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Token name.")] = None,
+    scope: Annotated[Optional[list[str]], typer.Option(
+        "--scope", help="label, read (repeatable; default: both, all a program can have).")] = None,
+    days: Annotated[Optional[int], typer.Option("--days", help="Lifetime in days (default 90).")] = None,
 ):
-    """Print a new API token (Authorization: Bearer ...) for the trainer or a script."""
+    """Print a new API token (Authorization: Bearer ...) for the trainer or a script: program
+    accounts only (a person mints their own token on the app's People page)."""
     # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
     from megacoach.app.auth import Auth
     from megacoach.labels.store import LabelStore
 
     with LabelStore(db) as store:
         try:
-            raw, info = Auth(store, _settings()).create_api_token(owner, name or owner)
+            raw, info = Auth(store, _settings()).create_api_token(owner, name or owner, scopes=scope or None, days=days,
+                                                                   minted_by="megacoach label token")
         except AppError as e:
             raise DataError(f"token for {owner!r}: {e.message}") from None
-        store.append_audit("megacoach label token", "token_create", dict(owner=info["owner"], name=info["name"],
-                                                                         token_id=info["id"]))
+        store.append_audit("megacoach label token", "token_create", dict(
+            owner=info["owner"], name=info["name"], token_id=info["id"], scopes=info["scopes"],
+            expires_at=info["expires_at"].isoformat()))
     typer.echo(raw)

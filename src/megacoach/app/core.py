@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -13,11 +14,13 @@ from fastapi.templating import Jinja2Templates
 
 from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Auth, Principal
-from megacoach.app.errors import Forbidden, NotLoggedIn
+from megacoach.app.errors import Forbidden, NotLoggedIn, retry_later
 from megacoach.app.labeling import Labeling
+from megacoach.app.logredact import install_log_redaction
 from megacoach.app.markdown import render_markdown
 from megacoach.app.security import new_secret, same_secret
 from megacoach.app.settings import AppSettings
+from megacoach.app.throttle import RateLimit
 from megacoach.labels.assignment import Assigner
 from megacoach.labels.store import LabelStore
 
@@ -37,9 +40,11 @@ class AppState:
     labeling: Labeling
     templates: Jinja2Templates
     static_versions: dict[str, str]
+    andon_rate: RateLimit  # Andon requests per (client address, person) per minute
 
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
+    install_log_redaction()  # wherever the app runs, its logs never hold invitation secrets
     assigner = Assigner(lambda: store.session(write=True), overlap=settings.overlap,
                         lock_timeout_s=settings.lock_timeout_s, sources=settings.item_sources)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
@@ -49,7 +54,7 @@ def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     templates.env.globals["fmt_pct"] = lambda x: "–" if x is None else f"{x:.1f}%"
     templates.env.globals["fmt_dt"] = lambda t: "–" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
     return AppState(store, settings, Auth(store, settings), assigner, Labeling(store, settings, assigner),
-                    templates, versions)
+                    templates, versions, RateLimit(settings.andon_rate_per_min, 60.0))
 
 
 def _fmt_s(x: Optional[float]) -> str:
@@ -76,6 +81,24 @@ def session_principal(request: Request) -> Optional[Principal]:
     principal = state_of(request).auth.resolve_session(cookie) if cookie else None
     request.state.principal = principal
     return principal
+
+
+def client_address(request: Request) -> str:
+    """The client's IP address: the connection's peer, or, when the peer is one of the
+    ``trusted_proxies``, the nearest address in X-Forwarded-For that is not a trusted proxy.
+    A client's own X-Forwarded-For header is never believed."""
+    peer = request.client.host if request.client else "unknown"
+    proxies = state_of(request).settings.trusted_proxies
+    if peer not in proxies:
+        return peer
+    hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        if hop not in proxies:
+            try:
+                return str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # a garbled header: the proxy itself is what we know
+    return peer
 
 
 def page_user(request: Request) -> Principal:
@@ -148,6 +171,22 @@ def api_admin(request: Request) -> Principal:
     return api_principal(request).require("admin")
 
 
+def andon_pull(request: Request, who: Principal, reason: str) -> dict:
+    """Pull the Andon cord for ``who``: instant for a person's first pull; a repeat counts once
+    (andon.pull); beyond ``andon_rate_per_min`` requests a minute from this person at this address:
+    429 with Retry-After (the first refusal in a minute is audited)."""
+    st = state_of(request)
+    client = client_address(request)
+    key = (client, who.id)
+    wait = st.andon_rate.hit(key)
+    if wait:
+        if st.andon_rate.note_refusal(key):
+            st.store.append_audit(who.name, "andon_rate_limited", dict(
+                client=client, via=who.via, limit_per_min=st.settings.andon_rate_per_min))
+        raise retry_later(f"too many Andon cord requests from you; try again in {wait} s", wait)
+    return andon_mod.pull(st.store, st.settings, who, reason, client)
+
+
 # ----- rendering ----------------------------------------------------------------------------------
 
 def banner_for(st: AppState) -> Optional[dict]:
@@ -187,6 +226,19 @@ def render_pre(request: Request, name: str, context: dict[str, Any], status: int
 def guideline_view(st: AppState) -> tuple[Optional[Any], Any]:
     g = st.store.latest_guideline()
     return g, (render_markdown(g.markdown) if g else "")
+
+
+NO_PUBLIC_URL_NOTE = ("No public URL is configured (megacoach label serve --public-url https://...), so this is "
+                      "the link's path: put the address people use to reach the app in front of it.")
+
+
+def invite_link(st: AppState, token: str) -> tuple[str, Optional[str]]:
+    """An invitation link and a note for the admin. The base is the configured ``public_url``,
+    never the request's Host header (which the client chooses); without one, the link is a path."""
+    path = f"/invite/{token}"
+    if st.settings.public_url:
+        return st.settings.public_url + path, None
+    return path, NO_PUBLIC_URL_NOTE
 
 
 def safe_next(value: Optional[str]) -> str:

@@ -129,7 +129,7 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
         people=people,
         runs=runs,
         andon=dict(run_id=st.run_id, pulls=[dict(p, at=p["at"].isoformat()) for p in st.pulls], people=st.people,
-                   needed=st.needed),
+                   needed=st.needed, repeats=andon_mod.repeats(store, settings)),
         too_fast_s=settings.too_fast_s,
     )
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from starlette.exceptions import HTTPException
 
 
 class AppError(Exception):
     """A request the app refuses: HTTP status and a message meant for the person or script."""
 
     status = 400
+    retry_after: Optional[int] = None  # seconds, for 429/503: the answer's Retry-After header
+    first_refusal: bool = True  # for throttled tries: the first one since the client's last failure
 
     def __init__(self, message: str, status: Optional[int] = None) -> None:
         super().__init__(message)
@@ -45,3 +50,10 @@ class Conflict(AppError):
 
 class TooMany(AppError):
     status = 429
+
+
+def retry_later(message: str, retry_after: int, status: int = 429) -> "HTTPException":
+    """A 429/503 answer with a Retry-After header (the app's error handler keeps the header)."""
+    from starlette.exceptions import HTTPException  # the web stack only when a request is refused
+
+    return HTTPException(status, message, headers={"retry-after": str(max(1, int(retry_after)))})

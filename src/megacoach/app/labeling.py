@@ -3,21 +3,59 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import math
+import secrets
 from dataclasses import dataclass
 from typing import Optional
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, or_, select
+from sqlalchemy.exc import IntegrityError
 
 from megacoach.app.auth import Principal
 from megacoach.app.errors import BadInput, Conflict, NotFound
 from megacoach.app.metrics import quantile
 from megacoach.app.settings import AppSettings
-from megacoach.errors import DataError
-from megacoach.labels.assignment import Assigner, shown_order
+from megacoach.errors import DataError, StoreError
+from megacoach.labels.assignment import Assigner
 from megacoach.labels.records import DuplicateLabelError
-from megacoach.labels.schema import ComparisonRow, SkipRow, utcnow
+from megacoach.labels.schema import AppSecretRow, ComparisonRow, ItemLockRow, ItemRow, SkipRow, utcnow
 from megacoach.labels.store import LabelStore
+
+
+ORDER_SECRET = "shown_order"
+
+
+def order_secret(store: LabelStore) -> bytes:
+    """The server-side key of the shown order: made once (random), kept in the label store so that
+    every process of the app, and every restart, shows a labeler the same order."""
+    def read() -> Optional[bytes]:
+        with store.session(write=False) as s:
+            row = s.get(AppSecretRow, ORDER_SECRET)
+            return bytes.fromhex(row.value) if row is not None else None
+
+    found = read()
+    if found is None:
+        try:
+            with store.session() as s, s.begin():
+                s.add(AppSecretRow(name=ORDER_SECRET, value=secrets.token_hex(32), created_at=utcnow()))
+        except IntegrityError:  # another process made it first
+            pass
+        found = read()
+    if found is None:
+        raise StoreError(f"label store {store.url}: cannot keep the app's {ORDER_SECRET!r} secret")
+    return found
+
+
+def keyed_order(secret: bytes, labeler_id: int, item_id: int, k: int) -> list[int]:
+    """The order of an item's K continuations for one labeler: ``order[p]`` is the canonical index
+    shown at position p. Stable for a labeler and item (reloads), different between labelers, and
+    not computable without the server's secret (an HMAC per continuation)."""
+    def key(i: int) -> bytes:
+        return hmac.new(secret, f"order:{labeler_id}:{item_id}:{i}".encode(), hashlib.sha256).digest()
+
+    return sorted(range(k), key=key)
 
 
 @dataclass(frozen=True)
@@ -33,18 +71,48 @@ class ShownItem:
 
 
 class Labeling:
-    def __init__(self, store: LabelStore, settings: AppSettings, assigner: Assigner) -> None:
+    def __init__(self, store: LabelStore, settings: AppSettings, assigner: Assigner,
+                 secret: Optional[bytes] = None) -> None:
         self.store = store
         self.settings = settings
         self.assigner = assigner
+        self.secret = secret if secret is not None else order_secret(store)
+
+    def order(self, labeler_id: int, item_id: int, k: int) -> list[int]:
+        """This labeler's shown order of the item (see ``keyed_order``)."""
+        return keyed_order(self.secret, labeler_id, item_id, k)
 
     def next_item(self, who: Principal) -> Optional[ShownItem]:
+        """Assign (and lock) the item this labeler should label now: a write, for POST requests.
+        The item they already hold comes back (its hold renewed)."""
         got = self.assigner.next_item(who.id)
         if got is None:
             return None
-        (content,) = self.store.item_contents([got.item_id])
-        texts = [content.samples[c].text for c in got.shown_order]
-        return ShownItem(got.item_id, got.k, content.query.text, texts, got.shown_order, got.expires_at)
+        return self._shown(who, got.item_id, got.k, got.expires_at)
+
+    def held_item(self, who: Principal) -> Optional[ShownItem]:
+        """The item this labeler holds now (unexpired, not yet labeled or skipped), or None.
+        Read only: what a page GET shows."""
+        now = utcnow()
+        mine = ItemLockRow.labeler_id == who.id
+        done = or_(
+            exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == who.id),
+            exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == who.id),
+        )
+        with self.store.session(write=False) as s:
+            row = s.execute(select(ItemLockRow.item_id, ItemLockRow.expires_at, ItemRow.k)
+                            .join(ItemRow, ItemRow.id == ItemLockRow.item_id)
+                            .where(mine, ItemLockRow.expires_at > now, ~done)
+                            .order_by(ItemLockRow.locked_at).limit(1)).first()
+        if row is None:
+            return None
+        return self._shown(who, row.item_id, row.k, row.expires_at)
+
+    def _shown(self, who: Principal, item_id: int, k: int, expires_at: dt.datetime) -> ShownItem:
+        order = self.order(who.id, item_id, k)
+        (content,) = self.store.item_contents([item_id])
+        texts = [content.samples[c].text for c in order]
+        return ShownItem(item_id, k, content.query.text, texts, order, expires_at)
 
     def submit(self, who: Principal, item_id: int, position: int, *, client_elapsed_s: Optional[float] = None,
                flagged: bool = False, note: Optional[str] = None, confidence: Optional[int] = None) -> dict:
@@ -76,15 +144,16 @@ class Labeling:
         if client_elapsed_s is not None and math.isfinite(client_elapsed_s) and client_elapsed_s >= 0:
             taken = min(client_elapsed_s, server_s + 1.0)  # the page's own clock, never beyond the server's
         too_fast = taken < self.settings.too_fast_s
-        order = shown_order(who.id, item_id, item.k)
+        order = self.order(who.id, item_id, item.k)
         chosen = order[position - 1]
         try:
             with self.store.transaction():
                 rec = self.store.add_comparison(
                     item_id, chosen, who.id, shown_order=order, time_taken_s=round(taken, 3), flagged=flagged,
-                    note=note, too_fast=too_fast, confidence=confidence)
+                    note=note, too_fast=too_fast, confidence=confidence, via=who.via, api_token_id=who.token_id)
                 detail = dict(item_id=item_id, comparison_id=rec.id, chosen=chosen, position=position,
-                              time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version)
+                              time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version,
+                              via=who.via, api_token_id=who.token_id)
                 self.store.append_audit(who.name, "label", detail)
                 if flagged:
                     self.store.append_audit(who.name, "flag", dict(item_id=item_id, comparison_id=rec.id, note=note))
@@ -114,7 +183,8 @@ class Labeling:
         try:
             with self.store.transaction():
                 rec = self.store.add_skip(item_id, who.id, reason)
-                self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason))
+                self.store.append_audit(who.name, "skip", dict(item_id=item_id, skip_id=rec.id, reason=reason,
+                                                               via=who.via, api_token_id=who.token_id))
         except DataError as e:
             raise BadInput(str(e)) from None
         return dict(skip_id=rec.id, item_id=item_id, reason=reason)

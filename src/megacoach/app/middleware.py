@@ -1,10 +1,12 @@
-"""ASGI middleware: a request body limit, same-origin checks on writes, and security headers."""
+"""ASGI middleware: a request body limit (size and time), same-origin checks on writes, and security headers."""
 
 from __future__ import annotations
 
 import json
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Optional
 from urllib.parse import urlsplit
+
+import anyio
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -17,7 +19,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 
 
-async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
+async def _refuse(scope: Scope, send: Send, status: int, message: str, close: bool = False) -> None:
     """A plain 4xx answer (JSON for /api and scripts, a short HTML page for browsers)."""
     path = scope.get("path", "")
     accept = dict(scope.get("headers") or []).get(b"accept", b"").decode("latin-1")
@@ -30,18 +32,31 @@ async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
         body = (f"<!doctype html><meta charset=utf-8><title>{status}</title>"
                 f"<h1>Request refused ({status})</h1><p>{escape(message)}</p><p><a href=\"/\">Home</a></p>").encode()
         ctype = b"text/html; charset=utf-8"
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]})
+    headers = [(b"content-type", ctype), (b"content-length", str(len(body)).encode())]
+    if close:  # the rest of the request is not read: the connection cannot carry another one
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413 (declared or streamed), before the app
-    parses anything. The body is buffered (it is small) and replayed to the app."""
+    """Refuses request bodies over ``max_bytes`` with 413 (declared or streamed), and bodies that
+    take longer than ``timeout_s`` to arrive with 408, before the app parses anything. The body is
+    buffered (it is small) and replayed to the app. ``timeout_s`` None: the app's
+    ``AppSettings.body_timeout_s`` (from ``scope["app"].state.mc``), else 30 s."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: Optional[float] = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
+
+    def _timeout(self, scope: Scope) -> float:
+        if self.timeout_s is not None:
+            return self.timeout_s
+        try:
+            return float(scope["app"].state.mc.settings.body_timeout_s)
+        except (KeyError, AttributeError):
+            return 30.0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,18 +78,23 @@ class BodyLimit:
             return
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_bytes:
-                await _refuse(scope, send, 413, too_big)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        timeout = self._timeout(scope)
+        with anyio.move_on_after(timeout) as deadline:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body = message.get("body", b"")
+                size += len(body)
+                if size > self.max_bytes:
+                    await _refuse(scope, send, 413, too_big, close=True)
+                    return
+                chunks.append(body)
+                if not message.get("more_body", False):
+                    break
+        if deadline.cancelled_caught:
+            await _refuse(scope, send, 408, f"request body not received within {timeout:g} s", close=True)
+            return
         data = b"".join(chunks)
         sent = False
 

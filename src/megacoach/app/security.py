@@ -9,7 +9,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
@@ -43,9 +44,21 @@ def same_secret(a: str | None, b: str | None) -> bool:
 
 @dataclass
 class Passwords:
-    """argon2id password hashing with the app's cost settings."""
+    """argon2id password hashing with the app's cost settings.
+
+    A check for an account without a password (an unknown name, a program) verifies against a
+    dummy hash of the same cost, computed once: every log-in costs exactly one verification, so
+    the answer time does not tell known names from unknown ones."""
 
     hasher: PasswordHasher
+    _dummy: str = field(init=False, repr=False, default="")
+
+    def __post_init__(self) -> None:
+        key = self._key()
+        with _DUMMY_LOCK:
+            if key not in _DUMMY_HASHES:
+                _DUMMY_HASHES[key] = self.hasher.hash(secrets.token_urlsafe(16))
+            self._dummy = _DUMMY_HASHES[key]
 
     @classmethod
     def from_settings(cls, settings: AppSettings) -> "Passwords":
@@ -61,14 +74,11 @@ class Passwords:
         return self.hasher.hash(password)
 
     def verify(self, password_hash: str | None, password: str) -> bool:
-        """True when the password matches. Without a stored hash, still spends the same time."""
-        if not password_hash:
-            try:
-                self.hasher.verify(_DUMMY_HASHES.setdefault(self._key(), self.hasher.hash("x")), password)
-            except (VerificationError, InvalidHashError):
-                pass
-            return False
+        """True when the password matches. Without a stored hash: one verification of the dummy."""
         try:
+            if not password_hash:
+                self.hasher.verify(self._dummy, password)
+                return False
             return self.hasher.verify(password_hash, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return False
@@ -84,6 +94,7 @@ class Passwords:
 
 
 _DUMMY_HASHES: dict[tuple[int, int, int], str] = {}
+_DUMMY_LOCK = threading.Lock()
 
 
 def password_problem(password: str, name: str, min_chars: int) -> str | None:

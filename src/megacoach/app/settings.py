@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Mapping, Optional
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megacoach.errors import ConfigError
 
@@ -14,6 +16,18 @@ class AppSettings(BaseModel):
 
     Times are in seconds. The argon2 costs are the OWASP-recommended minimums by default;
     tests lower them to stay fast.
+
+    Log-in throttling (in memory, per server process): failures are counted per client address
+    and per client address + account name. The first ``login_free_failures`` failures of one
+    client for one name (``login_client_free_failures`` for one client over all names) cost
+    nothing more than the password check; after that the client must wait ``login_backoff_s``,
+    doubling with every further failure up to ``login_backoff_max_s``, before it may try again
+    (429 with Retry-After). No account is ever locked: the right password from another client
+    always gets in. A client's failures are forgotten ``login_forget_s`` after its last one.
+
+    HTTP limits: ``max_body_bytes`` and ``body_timeout_s`` are enforced by the app's middleware;
+    ``header_timeout_s``, ``keep_alive_timeout_s`` and ``max_header_bytes`` by the HTTP server
+    (``megacoach.app.httpguard.uvicorn_options`` turns them into uvicorn's options).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -26,24 +40,76 @@ class AppSettings(BaseModel):
     too_fast_s: float = Field(3.0, ge=0.0)  # labels faster than this are marked too_fast
     overlap: int = Field(1, ge=1, le=50)  # minimum labels per ordinary item (items.overlap may ask more)
     andon_pulls_to_pause: int = Field(1, ge=1, le=1000)  # distinct labelers whose pull pauses training
+    # a person's pull counts once per run within this window; repeats answer "already pulled" (audited)
+    andon_repeat_window_s: int = Field(3600, ge=1, le=7 * 24 * 3600)
+    # Andon requests per client address per minute (counted or not); beyond: 429 with Retry-After
+    andon_rate_per_min: int = Field(6, ge=1, le=10_000)
     run_id: Optional[str] = None  # the training run the app watches; default: most recently updated
     item_sources: Optional[tuple[str, ...]] = None  # serve only items of these sources (None: every item)
     max_body_bytes: int = Field(256 * 1024, ge=1024)  # larger request bodies get 413
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)  # a request body must arrive within this (else 408)
+    header_timeout_s: float = Field(10.0, gt=0, le=600)  # request headers must arrive within this (server)
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600)  # an idle kept-alive connection closes (server)
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)  # request line + headers (server)
     max_text_chars: int = Field(2000, ge=10)  # notes, reasons, names
     max_guideline_chars: int = Field(100_000, ge=100)
     min_password_chars: int = Field(10, ge=8)
-    login_failures_before_lock: int = Field(10, ge=1)  # per account name, within login_lock_s
-    login_lock_s: int = Field(15 * 60, ge=1)
+    login_free_failures: int = Field(5, ge=1, le=1000)  # per client address + account name
+    login_client_free_failures: int = Field(20, ge=1, le=100_000)  # per client address, all names
+    login_backoff_s: float = Field(1.0, gt=0, le=3600)  # first wait after the free failures; doubles
+    login_backoff_max_s: float = Field(15 * 60, gt=0, le=24 * 3600)
+    login_forget_s: int = Field(3600, ge=1)  # a client's failures are forgotten this long after the last
+    login_throttle_entries: int = Field(100_000, ge=10, le=10_000_000)  # memory bound of each table
+    password_hash_concurrency: int = Field(2, ge=1, le=64)  # password hashes computed at once (threads)
+    password_hash_queue: int = Field(64, ge=0, le=100_000)  # log-ins waiting for a hash; beyond: 503
+    # peers whose X-Forwarded-For names the client (a reverse proxy); by default the peer itself is the client
+    trusted_proxies: tuple[str, ...] = ()
     argon2_time_cost: int = Field(3, ge=1)
     argon2_memory_kib: int = Field(64 * 1024, ge=8)
     argon2_parallelism: int = Field(1, ge=1)
+    api_token_days: int = Field(90, ge=1, le=3650)  # default lifetime of a new API token
     skip_reasons: tuple[str, ...] = (
         "cannot judge: continuations are all equally bad",
         "cannot judge: I do not understand the prompt",
         "offensive or unsafe content",
         "technical problem (text garbled, empty, duplicated)",
     )
-    public_url: Optional[str] = None  # used to print invite links; default http://host:port
+    # where people reach the app, e.g. https://label.example.org: the base of invitation links.
+    # Unset: links are printed as paths (/invite/...) to put after the address people use.
+    # The request's Host header is never used for links.
+    public_url: Optional[str] = None
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return None
+        v = v.strip()
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("expected an http(s) URL such as https://label.example.org")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("a base URL has no query, fragment or user name")
+        if any(ch.isspace() for ch in v):
+            raise ValueError("must not contain spaces")
+        return v.rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for addr in v:
+            try:
+                ipaddress.ip_address(addr)
+            except ValueError:
+                raise ValueError(f"{addr!r} is not an IP address") from None
+        return v
+
+    @model_validator(mode="after")
+    def _check_login_times(self) -> "AppSettings":
+        if self.login_forget_s < self.login_backoff_max_s:
+            raise ValueError(f"login_forget_s ({self.login_forget_s}) must be at least login_backoff_max_s "
+                             f"({self.login_backoff_max_s}): a client would be forgotten while it waits")
+        return self
 
     @classmethod
     def from_mapping(cls, values: Optional[Mapping[str, Any]] = None) -> "AppSettings":

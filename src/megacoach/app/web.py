@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Optional
 
 from fastapi import APIRouter, Depends, Form, Path, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, StreamingResponse
 from markupsafe import Markup
 from sqlalchemy import select
@@ -14,11 +15,14 @@ from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal, clean_name
 from megacoach.app.core import (
     MAX_ID,
+    andon_pull,
     PRE_COOKIE,
     SESSION_COOKIE,
     check_csrf,
     check_pre_csrf,
+    client_address,
     guideline_view,
+    invite_link,
     page_admin,
     page_labeler,
     page_user,
@@ -77,18 +81,28 @@ def login_page(request: Request, next: str = Query("/", max_length=500), expired
 
 
 @router.post("/login")
-def login_submit(request: Request, name: str = Form("", max_length=200), password: str = Form("", max_length=1024),
-                 csrf_token: str = Form("", max_length=200), next: str = Form("/", max_length=500)):
+async def login_submit(request: Request, name: str = Form("", max_length=200),
+                       password: str = Form("", max_length=1024), csrf_token: str = Form("", max_length=200),
+                       next: str = Form("/", max_length=500)):
+    # async: the password check runs in the auth's bounded hashing threads (HashSlots), the store's
+    # writes and the page in the ordinary thread pool; nothing here blocks the event loop
     st = state_of(request)
     check_pre_csrf(request, csrf_token)
+    client = client_address(request)
     try:
-        who = st.auth.authenticate(name, password)
+        who = await st.auth.authenticate_async(name, password, client)
     except AppError as e:
-        st.store.append_audit(name.strip()[:200] or "?", "login_failed", dict(reason=e.message))
-        return render_pre(request, "login.html", dict(title="Log in", next_url=safe_next(next), name=name),
-                          status=e.status, flash=dict(kind="err", text=e.message))
-    secret, who = st.auth.start_session(who)
-    st.store.append_audit(who.name, "login", dict(via="password"))
+        if e.status != 429 or e.first_refusal:  # a throttled client's repeats are not each audited
+            await run_in_threadpool(st.store.append_audit, name.strip()[:200] or "?", "login_failed",
+                                    dict(reason=e.message, client=client))
+        resp = await run_in_threadpool(render_pre, request, "login.html",
+                                       dict(title="Log in", next_url=safe_next(next), name=name),
+                                       e.status, dict(kind="err", text=e.message))
+        if e.retry_after:
+            resp.headers["retry-after"] = str(e.retry_after)
+        return resp
+    secret, who = await run_in_threadpool(st.auth.start_session, who)
+    await run_in_threadpool(st.store.append_audit, who.name, "login", dict(via="password", client=client))
     resp = _redirect(safe_next(next))
     _set_session_cookie(request, resp, secret)
     return resp
@@ -140,6 +154,45 @@ def invite_submit(request: Request, token: str = Path(..., max_length=200), pass
     return resp
 
 
+# ----- own account -----------------------------------------------------------------------------------
+
+def _account_page(request: Request, who: Principal, status: int = 200, flash: Optional[dict] = None) -> HTMLResponse:
+    st = state_of(request)
+    return render(request, "account.html", dict(title="My account", min_chars=st.settings.min_password_chars),
+                  who=who, status=status, flash=flash)
+
+
+@router.get("/account", response_class=HTMLResponse)
+def account_page(request: Request, who: Principal = Depends(page_user), changed: int = Query(0, ge=0, le=1)):
+    return _account_page(request, who, flash=dict(kind="ok", text="Password changed.") if changed else None)
+
+
+@router.post("/account/password")
+async def account_password(request: Request, who: Principal = Depends(page_user),
+                           csrf_token: str = Form("", max_length=200),
+                           current_password: str = Form("", max_length=1024),
+                           new_password: str = Form("", max_length=1024),
+                           new_password2: str = Form("", max_length=1024)):
+    """Change your own password: the current one, the new one twice, the session's CSRF token."""
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    client = client_address(request)
+    try:
+        if new_password != new_password2:
+            raise BadInput("the two new passwords differ")
+        await st.auth.change_password_async(who, current_password, new_password, client)
+    except AppError as e:
+        if e.status in (401, 403):
+            await run_in_threadpool(st.store.append_audit, who.name, "password_change_failed",
+                                    dict(reason=e.message, client=client))
+        resp = await run_in_threadpool(_account_page, request, who, e.status, dict(kind="err", text=e.message))
+        if e.retry_after:
+            resp.headers["retry-after"] = str(e.retry_after)
+        return resp
+    await run_in_threadpool(st.store.append_audit, who.name, "password_change", dict(client=client))
+    return _redirect("/account?changed=1")
+
+
 # ----- labeling -------------------------------------------------------------------------------------
 
 def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) -> Optional[dict]:
@@ -155,16 +208,33 @@ def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) ->
 
 @router.get("/label", response_class=HTMLResponse)
 def label_page(request: Request, who: Principal = Depends(page_labeler), saved: int = Query(0, ge=0, le=1),
-               skipped: int = Query(0, ge=0, le=1), result: Optional[str] = Query(None, max_length=10)):
+               skipped: int = Query(0, ge=0, le=1), empty: int = Query(0, ge=0, le=1),
+               result: Optional[str] = Query(None, max_length=10)):
+    """The item this labeler holds (read only: a GET assigns nothing). Without one, a form that
+    POSTs /label/next (label.js sends it at once, unless nothing was left a moment ago)."""
     st = state_of(request)
-    shown = st.labeling.next_item(who)
+    shown = st.labeling.held_item(who)
     progress = st.labeling.progress(who)
     guideline, guideline_html = guideline_view(st)
     ctx = dict(title="Label", item=shown, prompt=shown.prompt if shown else "",
                choices=shown.continuations if shown else [], progress=progress, guideline=guideline,
                guideline_html=guideline_html, skip_reasons=st.settings.skip_reasons,
-               max_chars=st.settings.max_text_chars)
+               max_chars=st.settings.max_text_chars, empty=bool(empty))
     return render(request, "label.html", ctx, who=who, flash=_label_flash(saved, skipped, 0, result))
+
+
+def _after(st, who: Principal, query: str) -> RedirectResponse:
+    """Assign the next item (this is a POST) and show it: PRG to /label."""
+    nxt = st.labeling.next_item(who)
+    return _redirect("/label" + query + (("&" if query else "?") + "empty=1" if nxt is None else ""))
+
+
+@router.post("/label/next")
+def label_next(request: Request, who: Principal = Depends(page_labeler), csrf_token: str = Form("", max_length=200)):
+    """Take the next item (or the one held already), then show it."""
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    return _after(st, who, "")
 
 
 def _elapsed(elapsed_ms: str) -> Optional[float]:
@@ -184,7 +254,7 @@ def label_submit(request: Request, who: Principal = Depends(page_labeler), csrf_
     check_csrf(who, csrf_token)
     out = st.labeling.submit(who, item_id, choice, client_elapsed_s=_elapsed(elapsed_ms),
                              flagged=flagged in ("1", "on", "true"), note=note or None)
-    return _redirect("/label?saved=1" + ("&result=fast" if out["too_fast"] else ""))
+    return _after(st, who, "?saved=1" + ("&result=fast" if out["too_fast"] else ""))
 
 
 @router.post("/skip")
@@ -206,7 +276,7 @@ def skip_submit(request: Request, who: Principal = Depends(page_labeler), csrf_t
     if reason_text.strip():
         parts.append(reason_text.strip())
     st.labeling.skip(who, item_id, ": ".join(parts))
-    return _redirect("/label?skipped=1")
+    return _after(st, who, "?skipped=1")
 
 
 @router.get("/guidelines", response_class=HTMLResponse)
@@ -224,11 +294,15 @@ def progress_page(request: Request, who: Principal = Depends(page_user)):
 # ----- Andon cord -------------------------------------------------------------------------------------
 
 @router.get("/andon", response_class=HTMLResponse)
-def andon_page(request: Request, who: Principal = Depends(page_user), pulled: int = Query(0, ge=0, le=1)):
+def andon_page(request: Request, who: Principal = Depends(page_user), pulled: int = Query(0, ge=0, le=1),
+               already: int = Query(0, ge=0, le=1)):
     st = state_of(request)
     who.require("andon")
     s = andon_mod.state(st.store, st.settings)
     flash = dict(kind="ok", text="Thank you: your pull is recorded. Admins have been alerted.") if pulled else None
+    if already:
+        flash = dict(kind="ok", text="You pulled the cord on this run already; it counts once. Admins see your "
+                                     "pull and this repeat.")
     return render(request, "andon.html", dict(title="Andon cord", run_id=s.run_id, pulls=s.people, needed=s.needed,
                                              max_chars=st.settings.max_text_chars), who=who, flash=flash)
 
@@ -242,8 +316,8 @@ def andon_submit(request: Request, who: Principal = Depends(page_user), csrf_tok
     reason = st.labeling._text(reason, "reason") or ""
     if not reason:
         raise BadInput("reason: say what is wrong with the output")
-    andon_mod.pull(st.store, st.settings, who, reason)
-    return _redirect("/andon?pulled=1")
+    out = andon_pull(request, who, reason)
+    return _redirect("/andon?already=1" if out["already_pulled"] else "/andon?pulled=1")
 
 
 # ----- admin ------------------------------------------------------------------------------------------
@@ -274,11 +348,6 @@ def admin_people(request: Request, who: Principal = Depends(page_admin)):
     return _people_page(request, who)
 
 
-def _public_base(request: Request) -> str:
-    s = state_of(request).settings
-    return (s.public_url or str(request.base_url)).rstrip("/")
-
-
 @router.post("/admin/invites", response_class=HTMLResponse)
 def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
                  name: str = Form("", max_length=1000), role: str = Form("labeler", max_length=20)):
@@ -286,8 +355,8 @@ def admin_invite(request: Request, who: Principal = Depends(page_admin), csrf_to
     check_csrf(who, csrf_token)
     token, info = st.auth.create_invitation(name, role, who.name)
     st.store.append_audit(who.name, "invite", dict(name=info["name"], role=info["role"], invitation_id=info["id"]))
-    link = f"{_public_base(request)}/invite/{token}"
-    return _people_page(request, who, created=dict(kind="invite", name=info["name"], secret=link,
+    link, note = invite_link(st, token)
+    return _people_page(request, who, created=dict(kind="invite", name=info["name"], secret=link, note=note,
                                                    expires_at=info["expires_at"]))
 
 
@@ -313,14 +382,28 @@ def _set_active(st, who: Principal, labeler_id: int, active: bool) -> dict:
     return dict(id=rec.id, name=rec.name, active=rec.active)
 
 
+def token_audit(info: dict, who: Principal) -> dict:
+    return dict(owner=info["owner"], name=info["name"], token_id=info["id"], scopes=info["scopes"],
+                expires_at=info["expires_at"].isoformat(), via=who.via, by_token_id=who.token_id)
+
+
 @router.post("/admin/tokens", response_class=HTMLResponse)
 def admin_token(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
-                owner: str = Form("", max_length=1000), token_name: str = Form("", max_length=1000)):
+                owner: str = Form("", max_length=1000), token_name: str = Form("", max_length=1000),
+                scopes: list[str] = Form([], max_length=10), days: str = Form("", max_length=10)):
+    """A token for a program account (or yourself), with the ticked scopes (none ticked: all the
+    account can have) and a lifetime in days (empty: api_token_days)."""
     st = state_of(request)
     check_csrf(who, csrf_token)
-    raw, info = st.auth.create_api_token(owner, token_name or owner)
-    st.store.append_audit(who.name, "token_create", dict(owner=info["owner"], name=info["name"], token_id=info["id"]))
-    return _people_page(request, who, created=dict(kind="token", name=f"{info['name']} ({info['owner']})", secret=raw))
+    try:
+        n_days = int(days) if days.strip() else None
+    except ValueError:
+        raise BadInput("days: expected a whole number of days") from None
+    raw, info = st.auth.create_api_token(owner, token_name or owner, by=who, scopes=scopes or None, days=n_days)
+    st.store.append_audit(who.name, "token_create", token_audit(info, who))
+    return _people_page(request, who, created=dict(
+        kind="token", name=f"{info['name']} ({info['owner']}; {', '.join(info['scopes'])}; "
+                           f"expires {info['expires_at']:%Y-%m-%d})", secret=raw))
 
 
 @router.post("/admin/tokens/{token_id}/revoke")
@@ -400,14 +483,16 @@ def recent_audit(st, action: Optional[str], before_id: Optional[int], limit: int
         return [dict(id=r.id, at=r.at, actor=r.actor, action=r.action, detail=r.detail) for r in s.scalars(q)]
 
 
-@router.get("/admin/export.jsonl")
-def admin_export(request: Request, who: Principal = Depends(page_admin),
-                 kind: Optional[str] = Query(None, pattern="^(person|program)$"),
-                 split: Optional[str] = Query(None, pattern="^(train|valid)$")):
+@router.post("/admin/export.jsonl")
+def admin_export(request: Request, who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                 kind: str = Form("", pattern="^(|person|program)$"), split: str = Form("", pattern="^(|train|valid)$")):
+    """Download every label (a POST: it writes an audit entry)."""
     st = state_of(request)
-    st.store.append_audit(who.name, "export", dict(via="page", labeler_kind=kind, split=split))
+    check_csrf(who, csrf_token)
+    st.store.append_audit(who.name, "export", dict(via="page", labeler_kind=kind or None, split=split or None))
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return StreamingResponse(export_lines(st.store, labeler_kind=kind, split=split), media_type="application/x-ndjson",
+    return StreamingResponse(export_lines(st.store, labeler_kind=kind or None, split=split or None),
+                             media_type="application/x-ndjson",
                              headers={"content-disposition": f'attachment; filename="labels-{stamp}.jsonl"'})
 
 

@@ -241,6 +241,8 @@ def comparison_to_dict(c: ComparisonRecord) -> dict[str, Any]:
         "too_fast": c.too_fast,
         "confidence": c.confidence,
         "labeled_at": _iso(c.created_at),
+        "via": c.via,
+        "api_token_id": c.api_token_id,
     }
 
 
@@ -324,6 +326,7 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
             guideline_version=_need(row, "guideline_version", where, str),
             time_taken_s=row.get("time_taken_s"), flagged=bool(row.get("flagged", False)), note=row.get("note"),
             too_fast=bool(row.get("too_fast", False)), confidence=row.get("confidence"),
+            via=row.get("via"),  # the token id means nothing in another store; how it arrived does
             labeled_at=_parse_time(row.get("labeled_at"), f"{where}: labeled_at")))
     if not rows:
         raise DataError(f"{path}: no label rows")
@@ -370,7 +373,8 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
             labels.append(dict(item_id=new_id[r["item_key"]], chosen=r["chosen"], labeler=r["labeler"],
                                shown_order=r["shown_order"], guideline_version=r["guideline_version"],
                                time_taken_s=r["time_taken_s"], flagged=r["flagged"], note=r["note"],
-                               too_fast=r["too_fast"], confidence=r["confidence"], created_at=r["labeled_at"]))
+                               too_fast=r["too_fast"], confidence=r["confidence"], created_at=r["labeled_at"],
+                               via=r["via"]))
         try:
             ids = store.add_comparisons(labels)
         except DataError as e:  # name the line, not the position in the list

@@ -129,6 +129,8 @@ class ComparisonRecord:
     is_calibration: bool
     item_created_at: dt.datetime
     created_at: dt.datetime
+    via: Optional[str] = None  # "session" | "token" (the app) | None (the store's API, an import)
+    api_token_id: Optional[int] = None  # the API token a label came through (via "token")
 
     @property
     def k(self) -> int:
@@ -341,6 +343,18 @@ def check_item_spec(spec: dict[str, Any], what: str) -> dict[str, Any]:
     except DataError as e:
         raise DataError(f"{what}: {e}") from None
     return out
+
+
+LABEL_VIAS = ("session", "token")
+
+
+def check_via(where: str, via: Any, api_token_id: Any) -> None:
+    """How a label arrived: via None | "session" | "token"; a token id only (and always) with "token"."""
+    if via is not None and via not in LABEL_VIAS:
+        raise DataError(f"{where}via: expected one of {', '.join(LABEL_VIAS)} or none, got {via!r}")
+    if api_token_id is not None and (via != "token" or isinstance(api_token_id, bool)
+                                     or not isinstance(api_token_id, int) or api_token_id < 1):
+        raise DataError(f"{where}api_token_id: a positive token id, only for labels made via a token")
 
 
 def check_label_extras(where: str, time_taken_s: Any, note: Any, confidence: Any, created_at: Any) -> None:

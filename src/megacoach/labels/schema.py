@@ -22,12 +22,16 @@ Tables
 The labeling app's tables (revision 0003_app_auth):
 - ``web_sessions``   a log-in: SHA-256 of the session cookie, its CSRF token, expiry.
 - ``invitations``    an invitation link (SHA-256 of its token) for a new labeler or admin.
-- ``api_tokens``     bearer tokens for the trainer and scripts (SHA-256 stored), owned by a labeler.
+- ``api_tokens``     bearer tokens for the trainer and scripts (SHA-256 stored), owned by a program
+                     account or by the person who minted it; scopes and an expiry (rev 0004).
 - ``item_locks``     an item assigned to a labeler, held until ``expires_at`` (assignment.py).
 - ``andon_clears``   an admin acknowledged the Andon pulls of a run (pulls before it stop counting).
+- ``app_secrets``    server-side secrets made once (rev 0005): the key of the shown order.
 
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
-too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables). A new table
+too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
+scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
+app's server-side secrets). A new table
 goes into ``Base.metadata`` here with an Alembic revision whose ``down_revision`` is the current
 head; the store always migrates to head.
 
@@ -195,6 +199,10 @@ class ComparisonRow(Base):
     confidence: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)  # rev 0002, e.g. 1..5
     split: Mapped[str] = mapped_column(String(10))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # rev 0004: how the label reached the store: "session" (a person's log-in in the app), "token"
+    # (an API token, whose id is kept), None (written with the store's API, or imported)
+    via: Mapped[Optional[str]] = mapped_column(String(10), nullable=True)
+    api_token_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
 
 
 class SkipRow(Base):
@@ -294,6 +302,10 @@ class ApiTokenRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime, nullable=True)
     revoked_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime, nullable=True)
+    # rev 0004: what the token may do (comma-separated scopes), until when, minted by whom
+    scopes: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    expires_at: Mapped[Optional[dt.datetime]] = mapped_column(UTCDateTime, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(200), default="", server_default="")
 
 
 class ItemLockRow(Base):
@@ -318,3 +330,15 @@ class AndonClearRow(Base):
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"))
     note: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AppSecretRow(Base):
+    """Revision 0005. Server-side secrets of the labeling app, made once (random) and shared by
+    all its processes: ``shown_order`` keys the order in which each labeler sees an item's
+    continuations, so that the order cannot be computed from the labeler's and the item's ids."""
+
+    __tablename__ = "app_secrets"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

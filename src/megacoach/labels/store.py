@@ -93,6 +93,7 @@ from megacoach.labels.records import (
     check_item_fields,
     check_item_spec,
     check_label_extras,
+    check_via,
     check_sample,
     check_shown_order,
     item_rec,
@@ -510,13 +511,16 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     @staticmethod
     def _label_values(item: ItemRow, lab: LabelerRow, where: str, chosen: Any, shown_order: Any,
                       guideline_version: str, time_taken_s: Any, flagged: Any, note: Any, too_fast: Any,
-                      confidence: Any, created_at: Optional[dt.datetime]) -> dict[str, Any]:
+                      confidence: Any, created_at: Optional[dt.datetime], via: Any = None,
+                      api_token_id: Any = None) -> dict[str, Any]:
+        check_via(where, via, api_token_id)
         values = dict(
             item_id=item.id, chosen=check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
             shown_order=check_shown_order(shown_order, item.k, f"{where}item {item.id}: shown_order"),
             labeler_id=lab.id, labeler_kind=lab.kind, guideline_version=str(guideline_version),
             time_taken_s=None if time_taken_s is None else float(time_taken_s), flagged=bool(flagged), note=note,
-            too_fast=bool(too_fast), confidence=None if confidence is None else int(confidence), split=item.split)
+            too_fast=bool(too_fast), confidence=None if confidence is None else int(confidence), split=item.split,
+            via=via, api_token_id=api_token_id)
         if created_at is not None:
             values["created_at"] = created_at
         return values
@@ -524,11 +528,13 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     def add_comparison(self, item_id: int, chosen: int, labeler: LabelerRef, *,
                        shown_order: Optional[Sequence[int]] = None, guideline_version: Optional[str] = None,
                        time_taken_s: Optional[float] = None, flagged: bool = False, note: Optional[str] = None,
-                       too_fast: bool = False, confidence: Optional[int] = None) -> ComparisonRecord:
+                       too_fast: bool = False, confidence: Optional[int] = None, via: Optional[str] = None,
+                       api_token_id: Optional[int] = None) -> ComparisonRecord:
         """Record that `labeler` judged canonical sample `chosen` best in item `item_id`.
 
         shown_order: shown position -> canonical index (identity if None). guideline_version: defaults
-        to the latest guideline ("" if none). A second label by the same labeler -> DuplicateLabelError."""
+        to the latest guideline ("" if none). via: how the label arrived ("session", "token" with its
+        api_token_id, None). A second label by the same labeler -> DuplicateLabelError."""
         check_label_extras("", time_taken_s, note, confidence, None)
         with self._write("add a label") as s:
             item = s.get(ItemRow, item_id)
@@ -539,7 +545,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 latest = latest_guideline_row(s)
                 guideline_version = latest.version if latest is not None else ""
             values = self._label_values(item, lab, "", chosen, shown_order, guideline_version, time_taken_s, flagged,
-                                        note, too_fast, confidence, None)
+                                        note, too_fast, confidence, None, via, api_token_id)
             prior = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
                                                             ComparisonRow.labeler_id == lab.id))
             if prior is not None:
@@ -560,7 +566,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
         Any bad or doubled label -> DataError / DuplicateLabelError naming it, and nothing is written.
         Returns the new comparison ids in order."""
         allowed = {"item_id", "chosen", "labeler", "shown_order", "guideline_version", "time_taken_s", "flagged",
-                   "note", "too_fast", "confidence", "created_at"}
+                   "note", "too_fast", "confidence", "created_at", "via"}
         for i, spec in enumerate(labels):
             unknown = set(spec) - allowed
             if unknown:
@@ -605,7 +611,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 params.append(self._label_values(
                     item, lab, where, x["chosen"], x.get("shown_order"),
                     default_version if version is None else version, x.get("time_taken_s"), x.get("flagged", False),
-                    x.get("note"), x.get("too_fast", False), x.get("confidence"), x.get("created_at")))
+                    x.get("note"), x.get("too_fast", False), x.get("confidence"), x.get("created_at"), x.get("via")))
             now = utcnow()
             for p in params:
                 p.setdefault("created_at", now)
@@ -628,7 +634,8 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 guideline_version=c.guideline_version, time_taken_s=c.time_taken_s, flagged=bool(c.flagged),
                 note=c.note, too_fast=bool(c.too_fast), confidence=c.confidence, split=c.split, batch=it.batch,
                 item_source=it.source, is_gold=bool(it.is_gold), gold_choice=it.gold_choice,
-                is_calibration=bool(it.is_calibration), item_created_at=it.created_at, created_at=c.created_at))
+                is_calibration=bool(it.is_calibration), item_created_at=it.created_at, created_at=c.created_at,
+                via=c.via, api_token_id=c.api_token_id))
         return out
 
     def comparisons(self, split: Optional[str] = None, after_id: Optional[int] = None, *,

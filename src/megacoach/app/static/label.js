@@ -5,6 +5,10 @@
 //   G     open / close the guidelines
 "use strict";
 (function () {
+  // Without an item held, the page has a form that takes the next one (a POST: a GET never
+  // assigns an item). Send it at once, unless the queue was empty a moment ago.
+  const next = document.getElementById("next-form");
+  if (next && next.dataset.auto === "1") { next.submit(); return; }
   const form = document.getElementById("label-form");
   if (!form) return;
   const skipForm = document.getElementById("skip-form");
