@@ -94,8 +94,8 @@ class RunDir:
             return None
         info = json.loads(latest.read_text())
         path = self.ckpt_dir / info["file"]
-        try:
-            return torch.load(path, weights_only=False)
+        try:  # on the host, whatever device saved it: the trainer copies each tensor to where its model lives
+            return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             raise DataError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
                             "delete checkpoints/latest.json to start over") from None
