@@ -88,3 +88,29 @@ def test_a_family_runs_through_megacoach(family, tiny_model_dir, tmp_path):
     trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries)
     batch, metrics = trainer.iteration()
     assert batch.values.shape == (4, T) and all(v == v for v in metrics.values() if isinstance(v, float))
+
+
+def test_transformers_older_than_the_cache_argument_is_refused_with_a_clear_error():
+    from megacoach.errors import ConfigError
+    from megacoach.lm.hf import MIN_TRANSFORMERS, require_transformers
+
+    assert MIN_TRANSFORMERS == "5.24.0"
+    require_transformers("5.24.0")
+    require_transformers("5.30.1")
+    for old in ("5.0.0", "5.23.0", "4.57.6"):
+        with pytest.raises(ConfigError, match=r"transformers>=5\.24\.0"):
+            require_transformers(old)
+
+
+def test_a_trunk_that_ignores_the_kv_cache_is_caught(tiny_model_dir):
+    """What transformers 5.0-5.23 do with `cache=`: swallow it and start a fresh cache (log-probs silently off)."""
+    from megacoach.errors import ConfigError
+    from megacoach.lm.hf import CACHE_KW
+
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    gen = HFGenerator(lm, tok.pad_token_id)
+    trunk = gen.trunk
+    gen.trunk = lambda **kw: trunk(**{k: v for k, v in kw.items() if k != CACHE_KW})
+    q = torch.full((1, 4), 5, dtype=torch.long, device="cpu")
+    with pytest.raises(ConfigError, match="ignored the KV cache"):
+        gen.generate(q, 3, 1.0, torch.Generator(device="cpu").manual_seed(0))
