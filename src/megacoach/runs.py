@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/       state_NNNNNN.pt + latest.json      RUN_DIR/HALTED.json     why a run was halted
     RUN_DIR/ANDON.json         an Andon cord pull waiting to be honoured (removed by --resume)
     RUN_DIR/STATUS.json        running / halted / finished, with the iteration and pid
+    RUN_DIR/precision.json     the device and each model's precision (written by the pipeline, hardware.py)
 """
 
 from __future__ import annotations
