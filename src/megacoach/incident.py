@@ -42,7 +42,8 @@ from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
 from megacoach.lm.loading import load_model
 from megacoach.lm.hf import autocast, device_of, lm_inputs
-from megacoach.pipeline import collect_labels, eval_queries, seed_everything, train, values_coach
+from megacoach import pipeline
+from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
 from megacoach.ppo import episodes, maths
 from megacoach.ppo.episodes import stop_token_ids
 from megacoach.ppo.policy import Apprentice, frozen_reference
@@ -263,7 +264,7 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     ref = frozen_reference(load_policy_base(cfg))
     labeler = load_labeler(cfg.labels.labeler)
     n_eval = eval_queries or cfg.run.eval_queries
-    queries = eval_queries(cfg, tok, n_eval)
+    queries = pipeline.eval_queries(cfg, tok, n_eval)  # (the parameter `eval_queries` is a count)
     sampling_seed = seeds.seed_of(cfg.run.seed, seeds.Stream.EVAL_SAMPLING)
     ini = evaluate_policy(ref, ref, tok, cfg, queries, labeler, sampling_seed)
     fin = evaluate_policy(lm, ref, tok, cfg, queries, labeler, sampling_seed)
