@@ -109,7 +109,7 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
             except GuardSaysNo as err:
                 trainer.lockstep.release(HaltError(f"halted: {err}"))
                 halted = str(err)
-        else:
+        elif trainer.lockstep is not None:  # several processes: release the followers
             trainer.lockstep.release()
     else:
         try:
