@@ -13,7 +13,7 @@ from rich.panel import Panel
 
 from megacoach.config import Config, TaskConfig
 from megacoach.errors import DataError
-from megacoach.lm.loading import load_model
+from megacoach.hardware import load_model
 from megacoach.ppo import episodes
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach.tasks import Query, load_queries

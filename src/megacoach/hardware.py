@@ -1,5 +1,6 @@
 """Where the models run and in which numeric precision: `run.device`, `model.precision`,
-`model.reference_precision`, `reward.precision` and `model.tf32`, resolved once per process (`resolve`).
+`model.reference_precision`, `reward.precision` and `model.tf32`, resolved once per process (`resolve`); and the
+base model loaded there (`load_model`).
 
 Devices: 'auto' is the accelerator this process owns where there is one (under `accelerate launch` / `torchrun`
 each process takes its local GPU, `Dist.device`), else the CPU; 'cpu', 'cuda' (this process's GPU) and 'cuda:N'
@@ -160,3 +161,15 @@ def resolve(cfg, local_rank: int = 0, processes: int = 1) -> Hardware:
 def cpu_fp32() -> Hardware:
     """The plan of a CPU run on the defaults."""
     return Hardware(torch.device("cpu"), "fp32", "fp32", "fp32", "fp32", False)
+
+
+def load_model(cfg, hw: Hardware | None = None):
+    """(model, tokenizer): `model.name_or_path` on the run's device in the Apprentice's precision (`hw`, default
+    resolved from `cfg` for one process)."""
+    from megacoach.lm.loading import load_causal_lm
+
+    hw = hw or resolve(cfg)
+    model, tok = load_causal_lm(cfg.model.name_or_path, weights_dtype_name(hw.apprentice),
+                                fused_activation=cfg.model.fused_activation, device=hw.device)
+    set_precision(model, hw.apprentice)
+    return model, tok

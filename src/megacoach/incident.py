@@ -40,7 +40,7 @@ from megacoach.guards.alarms import GuardFailure
 from megacoach.labels.labelers import labeler_scores, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
-from megacoach.lm.loading import load_model
+from megacoach.hardware import load_model
 from megacoach.lm.hf import autocast, device_of, lm_inputs
 from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach

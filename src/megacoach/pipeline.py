@@ -29,7 +29,6 @@ from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
-from megacoach.lm.loading import load_model
 from megacoach.lm.hf import check_logits, left_pad
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
@@ -186,7 +185,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     checked once against its own forward (`lm.hf.check_logits`)."""
     hw = hw or resolve_hardware(cfg, dist)
     if lm is None:
-        lm, tok = load_model(cfg, hw)
+        lm, tok = hardware.load_model(cfg, hw)
     hardware.place(lm, hw.device, hw.apprentice)
     check_logits(lm, tok.pad_token_id)
     if values_coach is None:
@@ -259,7 +258,7 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     dist.run_on_main(lambda: (run.path / "precision.json").write_text(json.dumps(hw.describe(), indent=2)))
 
     # 1. the Apprentice (and, in build_trainer, the original model)
-    policy_lm, tok = load_model(cfg, hw)
+    policy_lm, tok = hardware.load_model(cfg, hw)
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
     labeler = store = None
 

@@ -28,7 +28,7 @@ def label_auto(
     # torch-heavy (and the mock labelers, 3 ms): imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.continuations import TaskSampler
     from megacoach.labels.labelers import load_labeler
-    from megacoach.lm.loading import load_model
+    from megacoach.hardware import load_model
     from megacoach.pipeline import collect_labels, seed_everything
     from megacoach.sampling import HFGenerator
 

@@ -25,8 +25,7 @@ def reward_train(
 
     from megacoach import seeds
     from megacoach.continuations import TaskSampler
-    from megacoach.hardware import weights_dtype_name
-    from megacoach.lm.loading import load_model
+    from megacoach.hardware import load_model, weights_dtype_name
     from megacoach.pipeline import resolve_hardware, seed_everything
     from megacoach.reward.train import retrain_from_scratch
     from megacoach.sampling import HFGenerator

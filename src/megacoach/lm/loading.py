@@ -85,14 +85,3 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None, fu
     model.eval()
     return model, tok
 
-
-def load_model(cfg, hardware=None):
-    """(model, tokenizer): `model.name_or_path` on the run's device in the Apprentice's precision
-    (megacoach/hardware.py; `hardware` default: resolved from `cfg` for one process)."""
-    from megacoach import hardware as hw_mod
-
-    hw = hardware or hw_mod.resolve(cfg)
-    model, tok = load_causal_lm(cfg.model.name_or_path, hw_mod.weights_dtype_name(hw.apprentice),
-                                fused_activation=cfg.model.fused_activation, device=hw.device)
-    hw_mod.set_precision(model, hw.apprentice)
-    return model, tok
