@@ -59,7 +59,8 @@ class HFGenerator:
     query's other positions never need logits). With `return_hidden`, it also returns the final hidden
     state that predicted each response token, so a value head on the same trunk needs no second pass.
     Everything is computed on the model's device (queries are moved there; `generator` must live there too); the
-    trunk runs in the model's precision (hardware.autocast), the LM head and the log-softmax in float32."""
+    trunk runs in the model's precision (lm.hf.autocast), the LM head outside autocast (float32 unless the model's
+    weights are bf16) and the log-softmax in float32."""
 
     def __init__(self, model, pad_id: int):
         self.model = model
