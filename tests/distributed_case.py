@@ -107,10 +107,9 @@ def run_case(model_dir: str, dist: Dist, replay: Rollout | None = None) -> dict:
             try:
                 trainer.iteration(before_update=guard_halts)
             except GuardSaysNo as err:
-                if trainer.lockstep is not None:  # one process: nobody to release
-                    trainer.lockstep.release(HaltError(f"halted: {err}"))
+                trainer.lockstep.release(HaltError(f"halted: {err}"))
                 halted = str(err)
-        elif trainer.lockstep is not None:
+        elif trainer.lockstep is not None:  # several processes: release the followers
             trainer.lockstep.release()
     else:
         try:

@@ -43,7 +43,7 @@ class CoachLabeler:
             q = self.tok(query)["input_ids"][-24:]
             r = self.tok(text)["input_ids"] if text else []
             ids = left_pad([q], self.tok.pad_token_id, 24)
-            ids = torch.cat([ids, torch.tensor([r], dtype=torch.long).reshape(1, -1)], 1)
+            ids = torch.cat([ids, torch.tensor([r], dtype=torch.long, device="cpu").reshape(1, -1)], 1)
             with torch.no_grad():
                 self.cache[key] = float(self.coach(ids)[0])
         return self.cache[key]

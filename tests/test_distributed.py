@@ -199,7 +199,7 @@ def test_sharded_engines_are_refused_at_start(monkeypatch, var):
 
 def test_launcher_notes(monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert any("model.dtype" in n for n in Dist.launcher_notes())
+    assert any("model.precision" in n for n in Dist.launcher_notes())
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     assert Dist.launcher_notes() == []

@@ -32,7 +32,19 @@ class ModelConfig(_Section):
     name_or_path: str = Field("builtin", description="'builtin' (the shipped Shakespeare GPT-2), a local "
                               "Hugging Face model folder, or a hub name such as 'gpt2' where a hub is reachable.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype. float32: on CPUs without AVX-512 bf16 matmul is ~100x slower.")
+        "float32", description="The older way to set the weights' dtype of every model (bfloat16 = model.precision "
+        "bf16, float16 = fp16), used while model.precision is 'auto'. Default float32 (then model.precision decides).")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        "auto", description="The Apprentice's numeric precision. 'fp32'; 'bf16-mixed': float32 master weights and "
+        "optimiser state, bf16 autocast for the forward passes, log-probs, KL, values, advantages and losses in "
+        "float32; 'bf16': bfloat16 weights (meant for models that only infer). Default 'auto': fp32 on the CPU, "
+        "bf16-mixed on a GPU with bfloat16 (fp32 on one without). The run says which at start and in "
+        "RUN_DIR/precision.json.")
+    reference_precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        "auto", description="The original model's (the Coherence Coach's frozen reference) precision; it only infers, "
+        "so 'bf16' halves its memory. Default 'auto': the Apprentice's.")
+    tf32: bool = Field(True, description="TF32 matmuls for float32 work on GPUs that have them (NVIDIA Ampere and "
+                       "later). No effect on the CPU. Default true.")
     fused_activation: bool = Field(True, description="Run GPT-2's tanh-GELU as PyTorch's fused kernel (same formula, "
                                    "equal up to float rounding). False: the model's own Python implementation.")
 
@@ -89,6 +101,10 @@ class RewardConfig(_Section):
                                    "rewards have mean 0, std 1 (before and after training).")
     path: str | None = Field(None, description="Use an already trained Values Coach from this folder instead of "
                              "training one.")
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
+        "auto", description="The Values Coach's precision while PPO uses it (model.precision lists them); 'bf16' "
+        "keeps bfloat16 weights for scoring and trains (first and online retrains) in bf16-mixed. Default 'auto': "
+        "the Apprentice's.")
 
 
 class KLConfig(_Section):
@@ -219,6 +235,10 @@ class RunConfig(_Section):
 
     out: str = Field("runs/latest", description="Run folder: config, metrics, checkpoints, report.")
     seed: int = Field(1, description="Seed for torch, numpy and python.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="Where every model runs: 'auto' (this process's GPU where there is one — under "
+                        "accelerate launch / torchrun each process takes its local GPU — else the CPU), 'cpu', "
+                        "'cuda' or 'cuda:N'. Default 'auto'.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
     mmap_threshold_mib: float | None = Field(
         None, gt=0, le=32, description="Trade speed for memory: allocations of at least this many MiB are served by "

@@ -13,7 +13,7 @@ from rich.panel import Panel
 
 from megacoach.config import Config, TaskConfig
 from megacoach.errors import DataError
-from megacoach.lm.loading import load_causal_lm
+from megacoach.hardware import load_model
 from megacoach.ppo import episodes
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach.tasks import Query, load_queries
@@ -33,7 +33,13 @@ class TaskSampler:
 
     def __init__(self, generator: ResponseGenerator, tokenizer, task: TaskConfig):
         self.gen, self.tok, self.task = generator, tokenizer, task
-        self.stop_ids = episodes.stop_token_ids(tokenizer, task.truncate_token)
+        self.stop_ids = episodes.stop_token_ids(tokenizer, task.truncate_token, device=self.device)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the generator samples (its random generator must live there): the CPU for an engine that says
+        nothing."""
+        return getattr(self.gen, "device", torch.device("cpu"))
 
     def query_tensor(self, queries: list[Query]) -> torch.Tensor:
         return episodes.pad_queries(queries, self.tok.pad_token_id, self.task.query_length)
@@ -52,7 +58,7 @@ class TaskSampler:
 def print_samples(cfg: Config, n: int, n_queries: int, prompt: str | None, console) -> None:
     torch.manual_seed(cfg.run.seed)
     torch.set_num_threads(cfg.run.threads)
-    model, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    model, tok = load_model(cfg)
     if prompt is not None:
         if not prompt.strip():
             raise DataError("--prompt is empty (expected some text to continue)")
@@ -60,7 +66,7 @@ def print_samples(cfg: Config, n: int, n_queries: int, prompt: str | None, conso
     else:
         queries = load_queries(cfg.task, tok, "eval", n_queries, cfg.run.seed)
     sampler = TaskSampler(HFGenerator(model, tok.pad_token_id), tok, cfg.task)
-    groups = sampler.continuations(queries, n, torch.Generator().manual_seed(cfg.run.seed))
+    groups = sampler.continuations(queries, n, torch.Generator(device=sampler.device).manual_seed(cfg.run.seed))
     console.print(f"[dim]Apprentice: {cfg.model.name_or_path} | response {cfg.task.response_length} tokens, "
                   f"temperature {cfg.task.temperature}, truncate after {cfg.task.truncate_token!r} "
                   f"(position >= {cfg.task.truncate_after})[/]")

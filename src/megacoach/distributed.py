@@ -156,8 +156,8 @@ class Dist:
 
     @property
     def device(self) -> torch.device:
-        """The accelerator this process owns (cuda:LOCAL_RANK where CUDA is present), else the CPU. The PPO trainer
-        and the sampler compute on the CPU today; this is where a device-aware trainer puts each replica."""
+        """The accelerator this process owns (cuda:LOCAL_RANK where CUDA is present), else the CPU: where
+        `run.device=auto` puts this process's replica of every model (megacoach/hardware.py)."""
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank % torch.cuda.device_count())
         return torch.device("cpu")
@@ -168,8 +168,8 @@ class Dist:
         notes = []
         mp = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
         if mp not in ("", "no"):
-            notes.append(f"accelerate's mixed_precision={mp} is not applied by megacoach: set model.dtype "
-                         "(e.g. --set model.dtype=bfloat16) instead")
+            notes.append(f"accelerate's mixed_precision={mp} is not applied by megacoach: set model.precision "
+                         "(e.g. --set model.precision=bf16-mixed; auto picks bf16-mixed on a GPU with bfloat16)")
         dyn = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "NO")
         if dyn.upper() not in ("", "NO"):
             notes.append(f"accelerate's dynamo_backend={dyn} is not applied by megacoach")
@@ -271,7 +271,8 @@ class Dist:
         keys = sorted(metrics)
         if self.gather_object(keys) != [keys] * self.world_size:
             raise RuntimeError("distributed: processes reported different metric names")
-        vals = self.all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)) / self.world_size
+        vals = self.all_sum(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                                         device="cpu")) / self.world_size
         return {k: float(v) for k, v in zip(keys, vals.tolist())}
 
     def reduce_gradients(self, params: Iterable[torch.nn.Parameter], op: str = "mean") -> None:
@@ -284,7 +285,7 @@ class Dist:
         import torch.distributed as td
 
         params = [p for p in params if p.requires_grad]
-        has = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float64))
+        has = self.all_sum(torch.tensor([p.grad is not None for p in params], dtype=torch.float64, device="cpu"))
         grads = []
         for p, n in zip(params, has.tolist()):
             if n == 0:
@@ -424,8 +425,8 @@ class Lockstep:
                     if msg["error"] is not None:
                         raise msg["error"]
                     return
-                if msg["coach"] is not None:
-                    trainer.values_coach = self._coach_shared = msg["coach"]
+                if msg["coach"] is not None:  # unpickled where rank 0 held it: onto this process's device
+                    trainer.values_coach = self._coach_shared = msg["coach"].to(trainer.device)
                 if msg["state"] is not None:
                     trainer.load_state_dict(msg["state"])
                 shared = msg["shared"]

@@ -40,10 +40,10 @@ from megacoach.guards.alarms import GuardFailure
 from megacoach.labels.labelers import labeler_scores, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
-from megacoach.lm.loading import load_causal_lm
-from megacoach.lm.hf import lm_inputs
+from megacoach.hardware import load_model
+from megacoach.lm.hf import autocast, device_of, lm_inputs
+from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
-from megacoach.pipeline import eval_queries as held_out_queries
 from megacoach.ppo import episodes, maths
 from megacoach.ppo.episodes import stop_token_ids
 from megacoach.ppo.policy import Apprentice, frozen_reference
@@ -136,7 +136,7 @@ def prepare(cfg, cache: Path, bug: str | None, log) -> tuple[Path, Path]:
         return db, coach_dir
     root.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
-    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    lm, tok = load_model(cfg)
     store = LabelStore(f"sqlite:///{db.resolve()}")
     have = store.count_comparisons()  # the labels may be there already, made for another coach
     if 0 < have < cfg.labels.num_comparisons:  # an interrupted collection: start it again
@@ -185,13 +185,16 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
     (sampled log-ratio summed over the response) and perplexity under the original model (truncated text)."""
     t = cfg.task
     pad = tok.pad_token_id
-    s = episodes.sample(HFGenerator(lm, pad), tok, t, stop_token_ids(tok, t.truncate_token), queries,
-                        torch.Generator().manual_seed(seed), 64)
+    gen = HFGenerator(lm, pad)
+    s = episodes.sample(gen, tok, t, stop_token_ids(tok, t.truncate_token, device=gen.device), queries,
+                        torch.Generator(device=gen.device).manual_seed(seed), 64)
     ls = labeler_scores(labeler, [q.text for q in queries], s.texts)
     kls, nll_sum, n_tok = [], 0.0, 0
     for i in range(0, len(queries), 64):
-        qr = torch.cat([s.query_ids[i:i + 64], s.responses[i:i + 64]], 1)
-        logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1].float() / t.temperature
+        qr = torch.cat([s.query_ids[i:i + 64], s.responses[i:i + 64]], 1).to(device_of(ref_lm))
+        with autocast(ref_lm):
+            logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1]
+        logits = logits.float().to(s.logprobs.device) / t.temperature
         ref_lp = torch.log_softmax(logits, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
         kls.append(maths.sequence_kl(s.logprobs[i:i + 64], ref_lp))
         # fluency: the original model's perplexity (temperature 1) of the truncated text it would read
@@ -205,11 +208,11 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
 
 
 def _latest_policy(run_dir: Path, cfg):
-    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    lm, tok = load_model(cfg)
     latest = run_dir / "checkpoints" / "latest.json"
     if latest.is_file():
         info = json.loads(latest.read_text())
-        state = torch.load(run_dir / "checkpoints" / info["file"], weights_only=False)
+        state = torch.load(run_dir / "checkpoints" / info["file"], map_location="cpu", weights_only=False)
         app = Apprentice(lm, cfg.ppo.separate_value_model)
         app.load_state_dict(state["trainer"]["apprentice"])
     return lm, tok
@@ -261,7 +264,7 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     ref = frozen_reference(load_policy_base(cfg))
     labeler = load_labeler(cfg.labels.labeler)
     n_eval = eval_queries or cfg.run.eval_queries
-    queries = held_out_queries(cfg, tok, n_eval)
+    queries = pipeline.eval_queries(cfg, tok, n_eval)  # (the parameter `eval_queries` is a count)
     sampling_seed = seeds.seed_of(cfg.run.seed, seeds.Stream.EVAL_SAMPLING)
     ini = evaluate_policy(ref, ref, tok, cfg, queries, labeler, sampling_seed)
     fin = evaluate_policy(lm, ref, tok, cfg, queries, labeler, sampling_seed)
@@ -278,5 +281,5 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
 
 
 def load_policy_base(cfg):
-    lm, _ = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    lm, _ = load_model(cfg)
     return lm

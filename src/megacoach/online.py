@@ -22,6 +22,7 @@ import torch
 
 from megacoach import seeds
 from megacoach.errors import HaltError
+from megacoach.hardware import Hardware, resolve, weights_dtype_name
 from megacoach.labels.labelers import label_items
 from megacoach.labels.records import NewSample
 from megacoach.reward.train import retrain_from_scratch
@@ -30,8 +31,9 @@ from megacoach.tasks import load_queries
 
 class OnlineLabeling:
     def __init__(self, cfg, store, sampler, run_id: str, run_path: Path, norm_sequences: torch.Tensor, log,
-                 mock_labeler=None):
+                 mock_labeler=None, hw: Hardware | None = None):
         self.cfg, self.store, self.sampler, self.run_id = cfg, store, sampler, run_id
+        self.hw = hw or resolve(cfg)  # the retrained Values Coaches live on the run's device
         self.run_path, self.norm, self.log, self.mock = run_path, norm_sequences, log, mock_labeler
         self.last_retrain_count = store.count_comparisons(split="train")
         self.retrains = 0
@@ -48,7 +50,8 @@ class OnlineLabeling:
         queries = load_queries(self.cfg.task, self.sampler.tok, "train", o.items_per_batch,
                                seeds.seed_of(seed, seeds.Stream.ONLINE_QUERIES, iteration))
         groups = self.sampler.continuations(queries, self.cfg.labels.k,
-                                            seeds.generator(seed, seeds.Stream.ONLINE_SAMPLING, iteration))
+                                            seeds.generator(seed, seeds.Stream.ONLINE_SAMPLING, iteration,
+                                                            device=self.sampler.device))
         rng = seeds.rng(seed, seeds.Stream.ONLINE_SAMPLING, iteration)
         specs = [dict(query_text=q.text, query_token_ids=q.token_ids, batch=batch, source="online", run_id=self.run_id,
                       split="valid" if rng.random() < self.cfg.labels.valid_fraction else "train",
@@ -74,9 +77,12 @@ class OnlineLabeling:
     def _retrain(self, seed: int):
         train = self.store.comparisons(split="train")
         valid = self.store.comparisons(split="valid")
+        hw = self.hw
         model, metrics = retrain_from_scratch(self.cfg.model.name_or_path, train, valid, self.cfg.reward,
                                               normalisation_samples=self.norm, seed=seed, log=None,
-                                              dtype=self.cfg.model.dtype, tokenizer=self.sampler.tok)
+                                              dtype=weights_dtype_name(hw.values_coach_training),
+                                              tokenizer=self.sampler.tok, device=hw.device,
+                                              precision=hw.values_coach_training)
         model.eval()
         return model, metrics, len(train)
 
@@ -115,6 +121,7 @@ class OnlineLabeling:
         self.retrains += 1
         path = self.run_path / f"values_coach_r{self.retrains:02d}"
         model.save_pretrained(path)
+        model.set_precision(self.hw.values_coach)  # saved as trained; PPO scores with it in its own precision
         self.log(f"Values Coach retrained (#{self.retrains}) on {n_labels} labels: held-out accuracy "
                  f"{metrics.get('valid_accuracy')}; saved to {path}")
         metrics = {"online/retrains": self.retrains, "online/labels": n_labels,

@@ -20,7 +20,7 @@ import torch
 
 from rich.console import Console
 
-from megacoach import seeds
+from megacoach import hardware, seeds
 from megacoach.config import Config
 from megacoach.continuations import TaskSampler
 from megacoach.distributed import Dist, check_world
@@ -29,8 +29,7 @@ from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
-from megacoach.lm.loading import load_causal_lm
-from megacoach.lm.hf import left_pad
+from megacoach.lm.hf import check_logits, left_pad
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
 from megacoach.online import OnlineLabeling
@@ -72,7 +71,7 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
     if cfg.labels.num_comparisons > have:
         queries = load_queries(cfg.task, sampler.tok, "train", cfg.labels.num_comparisons,
                                seeds.seed_of(cfg.run.seed, seeds.Stream.LABEL_QUERIES))[have:]
-        gen = seeds.generator(cfg.run.seed, seeds.Stream.LABEL_SAMPLING, have)
+        gen = seeds.generator(cfg.run.seed, seeds.Stream.LABEL_SAMPLING, have, device=sampler.device)
         rng = seeds.rng(cfg.run.seed, seeds.Stream.LABEL_SPLITS, have)
         specs = []
         for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
@@ -114,15 +113,23 @@ def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_lengt
         if len(seqs) >= n:
             break
     width = max(len(s) for s in seqs)
-    return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device="cpu")
 
 
-def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: Dist | None = None):
-    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far.
+def resolve_hardware(cfg: Config, dist: Dist | None = None) -> hardware.Hardware:
+    """The run's device and precisions, for this process (its local GPU under several processes)."""
+    dist = dist or Dist.single()
+    return hardware.resolve(cfg, dist.local_rank, dist.processes)
+
+
+def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: Dist | None = None,
+                 hw: hardware.Hardware | None = None):
+    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far, on the run's device.
 
     Several processes: rank 0 reads the store and the files and hands the comparisons (or the loaded
     Values Coach) to the others; all of them train it together; rank 0 saves it."""
     dist = dist or Dist.single()
+    hw = hw or resolve_hardware(cfg, dist)
     path = Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
 
     def saved() -> bool:
@@ -134,7 +141,8 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
 
     if dist.run_on_main(saved):
         log(f"Values Coach: loaded from {path}")
-        return dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok), None
+        coach = dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok)  # handed over on the host
+        return hardware.move(coach, hw.device).set_precision(hw.values_coach), None
 
     def labels():
         train = as_comparisons(store.comparisons(split="train"))
@@ -145,14 +153,16 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
 
     train, valid, norm = dist.run_on_main(labels)
     model, metrics = retrain_from_scratch(cfg.model.name_or_path, train, valid, cfg.reward, normalisation_samples=norm,
-                                          seed=cfg.run.seed, log=log, dtype=cfg.model.dtype, tokenizer=tok, dist=dist)
+                                          seed=cfg.run.seed, log=log,
+                                          dtype=hardware.weights_dtype_name(hw.values_coach_training), tokenizer=tok,
+                                          device=hw.device, dist=dist, precision=hw.values_coach_training)
 
     def save() -> None:
         model.save_pretrained(path)
         (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
 
     dist.run_on_main(save)
-    return model, metrics
+    return model.set_precision(hw.values_coach), metrics
 
 
 # ------------------------------------------------------------------------------------------ the composition root
@@ -163,21 +173,31 @@ def train_queries(cfg: Config, tok) -> list[Query]:
 
 
 def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries: list[Query] | None = None,
-                  generator: ResponseGenerator | None = None, dist: Dist | None = None) -> PPOTrainer:
+                  generator: ResponseGenerator | None = None, dist: Dist | None = None,
+                  hw: hardware.Hardware | None = None) -> PPOTrainer:
     """The PPO trainer of a run, assembled in one place (`megacoach train`, the guards' scenarios, benchmarks
     and tests all build it here): the Apprentice (`lm`, default `model.name_or_path` loaded), the frozen
     original model for the Coherence Coach, the Values Coach (default: `reward.path`, else a fresh head on the
-    base model, seeded `run.seed`), the training queries (default `train_queries`) and the sampler."""
+    base model, seeded `run.seed`), the training queries (default `train_queries`) and the sampler.
+
+    Every model is put here on the run's device (`hw`, default resolved from `run.device` for this process) in its
+    precision (`model.precision`, `model.reference_precision`, `reward.precision`); the Apprentice's log-probs are
+    checked once against its own forward (`lm.hf.check_logits`)."""
+    hw = hw or resolve_hardware(cfg, dist)
     if lm is None:
-        lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype, fused_activation=cfg.model.fused_activation)
+        lm, tok = hardware.load_model(cfg, hw)
+    hardware.place(lm, hw.device, hw.apprentice)
+    check_logits(lm, tok.pad_token_id)
     if values_coach is None:
         if cfg.reward.path:
-            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok)
+            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok, device=hw.device)
         else:
             values_coach = RewardModel.from_base(cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
         values_coach.eval()
+    hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
+    ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     queries = train_queries(cfg, tok) if queries is None else queries
-    return PPOTrainer(cfg, lm, frozen_reference(lm), tok, values_coach, queries, generator=generator, dist=dist)
+    return PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
 
 
 def eval_queries(cfg: Config, tok, n: int | None = None) -> list[Query]:
@@ -231,9 +251,14 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     for note in dist.launcher_notes():
         log(f"[yellow]note[/]: {note}")
 
+    # where every model runs, and in which precision (said once, and kept in RUN_DIR/precision.json)
+    hw = resolve_hardware(cfg, dist)
+    hw.apply()
+    log(f"hardware: {hw.line()}")
+    dist.run_on_main(lambda: (run.path / "precision.json").write_text(json.dumps(hw.describe(), indent=2)))
+
     # 1. the Apprentice (and, in build_trainer, the original model)
-    policy_lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype,
-                                    fused_activation=cfg.model.fused_activation)
+    policy_lm, tok = hardware.load_model(cfg, hw)
     sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
     labeler = store = None
 
@@ -246,7 +271,7 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
 
     # 2-3. the human evaluators and the Values Coach
     dist.run_on_main(collect_labels, cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log)
-    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist)
+    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist, hw)
     coach.eval()
 
     # held-out queries and the initial Apprentice's samples of them (kept for the before/after report)
@@ -255,21 +280,21 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     def initial_samples() -> None:
         initial_path = run.path / "initial_samples.jsonl"
         if not initial_path.is_file():
-            initial = [g[0] for g in sampler.continuations(held_out, 1, seeds.generator(cfg.run.seed,
-                                                                                        seeds.Stream.EVAL_SAMPLING))]
+            initial = [g[0] for g in sampler.continuations(held_out, 1, seeds.generator(
+                cfg.run.seed, seeds.Stream.EVAL_SAMPLING, device=sampler.device))]
             initial_path.write_text("".join(json.dumps({"query": c.query.text, "response": c.text, "valid": c.valid})
                                             + "\n" for c in initial))
 
     dist.run_on_main(initial_samples)
 
     # 4. PPO
-    trainer = build_trainer(cfg, lm=policy_lm, tok=tok, values_coach=coach, dist=dist)
+    trainer = build_trainer(cfg, lm=policy_lm, tok=tok, values_coach=coach, dist=dist, hw=hw)
     if not dist.is_main:
         trainer.lockstep.follow(trainer)  # every iteration rank 0 runs, until it finishes (or halts: raised here too)
         return {}
     with dist.local():  # from here on rank 0 works alone, except inside trainer.iteration()
         try:
-            summary, loop = _ppo(cfg, run, trainer, store, labeler, sampler, run_id, console, tok, resume, log)
+            summary, loop = _ppo(cfg, run, trainer, store, labeler, sampler, run_id, console, tok, resume, log, hw)
         except BaseException as err:
             if trainer.lockstep is not None:
                 trainer.lockstep.release(err)
@@ -283,14 +308,15 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     return summary
 
 
-def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str, console, tok, resume: bool, log):
+def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str, console, tok, resume: bool, log,
+         hw: hardware.Hardware):
     """Stage 4 on rank 0: the PPO loop with the guards (and online labeling)."""
     online = None
     if cfg.online.enabled:
         mock = load_labeler(cfg.online.mock_labeler) if cfg.online.mock_labeler else None
         norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
                                        cfg.task.query_length)
-        online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock)
+        online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock, hw=hw)
     guards = Guards(cfg, trainer, store, labeler) if cfg.guards.enabled else None
     loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console, guards=guards, online=online)
     if resume:

@@ -5,6 +5,7 @@
     RUN_DIR/checkpoints/       state_NNNNNN.pt + latest.json      RUN_DIR/HALTED.json     why a run was halted
     RUN_DIR/ANDON.json         an Andon cord pull waiting to be honoured (removed by --resume)
     RUN_DIR/STATUS.json        running / halted / finished, with the iteration and pid
+    RUN_DIR/precision.json     the device and each model's precision (written by the pipeline, hardware.py)
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ class RunDir:
             return None
         info = json.loads(latest.read_text())
         path = self.ckpt_dir / info["file"]
-        try:
-            return torch.load(path, weights_only=False)
+        try:  # on the host, whatever device saved it: the trainer copies each tensor to where its model lives
+            return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             raise DataError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
                             "delete checkpoints/latest.json to start over") from None

@@ -20,7 +20,8 @@ from typing import Protocol
 
 import torch
 
-from megacoach.lm.hf import CACHE_KW, cache_of, position_ids_from_mask, trunk_of
+from megacoach.errors import ConfigError
+from megacoach.lm.hf import CACHE_KW, autocast, cache_of, device_of, lm_logits, position_ids_from_mask, trunk_of
 
 
 @dataclass
@@ -40,7 +41,8 @@ def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = N
     """One token per row from softmax-normalised log-probabilities `logp` [B, V]: [B, 1] long.
 
     Inverse-CDF sampling: a uniform draw per row located in the row's cumulative distribution (float64, so that
-    8192-way sums keep every token's share). Exactly the categorical distribution, like `torch.multinomial`,
+    8192-way sums keep every token's share); the draw is made on `logp`'s device, with `generator` (which must live
+    there). Exactly the categorical distribution, like `torch.multinomial`,
     which on CPU draws an exponential variate for every vocabulary entry (a torch profile with the built-in model:
     16 ms per step of 128 rows, 28% of the sampling time); this draws one number per row (benchmarks/sampling.py:
     1.36x more samples/s at batch 128). Tokens of probability 0 (the pad token) are never returned: a zero-width
@@ -55,13 +57,24 @@ class HFGenerator:
 
     Runs the model's trunk and applies the LM head only at the positions that are sampled from (the
     query's other positions never need logits). With `return_hidden`, it also returns the final hidden
-    state that predicted each response token, so a value head on the same trunk needs no second pass."""
+    state that predicted each response token, so a value head on the same trunk needs no second pass.
+    Everything is computed on the model's device (queries are moved there; `generator` must live there too); the
+    trunk runs in the model's precision (lm.hf.autocast), the LM head outside autocast (float32 unless the model's
+    weights are bf16) and the log-softmax in float32."""
 
     def __init__(self, model, pad_id: int):
         self.model = model
         self.trunk = trunk_of(model)
-        self.head = model.get_output_embeddings()
         self.pad_id = pad_id
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.model)
+
+    def _step(self, **kwargs):
+        with autocast(self.model):
+            out = self.trunk(use_cache=True, **kwargs)
+        return cache_of(out), out.last_hidden_state[:, -1, :]
 
     @torch.inference_mode()
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
@@ -69,24 +82,28 @@ class HFGenerator:
                  repeats: int = 1) -> Rollout:
         """`repeats` continuations of each query (rows query-major: q0, q0, ..., q1, ...); the query is read once."""
         T = response_length
+        device = self.device
+        if generator is not None and torch.device(generator.device) != device:
+            raise ConfigError(f"the sampling generator lives on {generator.device} but the model on {device}: make "
+                              f"it with torch.Generator(device=...) (seeds.generator(..., device=...))")
+        queries = queries.to(device)
         mask = (queries != self.pad_id).long()
         pos = position_ids_from_mask(mask)
-        out = self.trunk(input_ids=queries, attention_mask=mask, position_ids=pos, use_cache=True)
-        past, h = cache_of(out), out.last_hidden_state[:, -1, :]
+        past, h = self._step(input_ids=queries, attention_mask=mask, position_ids=pos)
         if repeats > 1:  # one prefill per distinct query, then its KV cache serves all its continuations
             past.batch_repeat_interleave(repeats)
             h, mask, pos = (x.repeat_interleave(repeats, dim=0) for x in (h, mask, pos))
         B = h.shape[0]
         next_pos = pos[:, -1:] + 1
-        responses = torch.empty(B, T, dtype=torch.long)
-        logprobs = torch.empty(B, T, dtype=torch.float32)
-        hidden = torch.empty(B, T, h.shape[-1], dtype=h.dtype) if return_hidden else None
-        full_mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype)], dim=1)
+        responses = torch.empty(B, T, dtype=torch.long, device=device)
+        logprobs = torch.empty(B, T, dtype=torch.float32, device=device)
+        hidden = torch.empty(B, T, h.shape[-1], dtype=h.dtype, device=device) if return_hidden else None
+        full_mask = torch.cat([mask, torch.ones(B, T, dtype=mask.dtype, device=device)], dim=1)
         Q = mask.shape[1]
         for t in range(T):
             if hidden is not None:
                 hidden[:, t] = h
-            scaled = self.head(h).float() / temperature
+            scaled = lm_logits(self.model, h).float() / temperature
             scaled[:, self.pad_id] = float("-inf")  # the pad token is never sampled
             logp = torch.log_softmax(scaled, dim=-1)
             tok = sample_categorical(logp, generator)
@@ -94,9 +111,12 @@ class HFGenerator:
             logprobs[:, t] = logp.gather(1, tok)[:, 0]
             if t == T - 1:
                 break
-            out = self.trunk(input_ids=tok, attention_mask=full_mask[:, :Q + t + 1], position_ids=next_pos,
-                             use_cache=True, **{CACHE_KW: past})
-            past, h = cache_of(out), out.last_hidden_state[:, -1, :]
+            before = past
+            past, h = self._step(input_ids=tok, attention_mask=full_mask[:, :Q + t + 1], position_ids=next_pos,
+                                 **{CACHE_KW: before})
+            if t == 0 and past is not before:
+                raise ConfigError(f"{type(self.trunk).__name__} ignored the KV cache passed as `{CACHE_KW}` "
+                                  "(an older transformers?): sampled log-probs would be wrong")
             next_pos = next_pos + 1
         return Rollout(responses, logprobs, hidden)
 

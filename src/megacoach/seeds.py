@@ -38,9 +38,10 @@ def seed_of(base: int, stream: Stream, offset: int = 0) -> int:
     return int(base) + int(stream) + int(offset)
 
 
-def generator(base: int, stream: Stream, offset: int = 0) -> torch.Generator:
-    """A CPU torch generator for `stream`."""
-    return torch.Generator().manual_seed(seed_of(base, stream, offset))
+def generator(base: int, stream: Stream, offset: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for `stream` on `device` (default the CPU; a stream that samples from a model lives on the
+    model's device). The same seed gives another sequence on another kind of device."""
+    return torch.Generator(device=device).manual_seed(seed_of(base, stream, offset))
 
 
 def rng(base: int, stream: Stream, offset: int = 0) -> random.Random:

@@ -28,7 +28,7 @@ def label_auto(
     # torch-heavy (and the mock labelers, 3 ms): imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.continuations import TaskSampler
     from megacoach.labels.labelers import load_labeler
-    from megacoach.lm.loading import load_causal_lm
+    from megacoach.hardware import load_model
     from megacoach.pipeline import collect_labels, seed_everything
     from megacoach.sampling import HFGenerator
 
@@ -37,7 +37,7 @@ def label_auto(
     seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     lab = load_labeler(cfg.labels.labeler)
     store = open_store(db, cfg)
-    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    lm, tok = load_model(cfg)
     sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
     total = collect_labels(cfg, store, sampler, lab, run_id=batch, batch=batch, policy=cfg.model.name_or_path,
                            log=console.print)

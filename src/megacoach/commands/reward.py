@@ -25,8 +25,8 @@ def reward_train(
 
     from megacoach import seeds
     from megacoach.continuations import TaskSampler
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.pipeline import seed_everything
+    from megacoach.hardware import load_model, weights_dtype_name
+    from megacoach.pipeline import resolve_hardware, seed_everything
     from megacoach.reward.train import retrain_from_scratch
     from megacoach.sampling import HFGenerator
     from megacoach.tasks import load_queries
@@ -34,15 +34,18 @@ def reward_train(
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed, labels__db=db)
     seed_everything(cfg.run.seed, cfg.run.threads, cfg.run.mmap_threshold_mib)
     store = open_store(db, cfg)
-    lm, tok = load_causal_lm(cfg.model.name_or_path, cfg.model.dtype)
+    hw = resolve_hardware(cfg)
+    lm, tok = load_model(cfg, hw)
     sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)
     qs = load_queries(cfg.task, tok, "train", cfg.reward.normalize_samples,
                       seeds.seed_of(cfg.run.seed, seeds.Stream.NORMALISATION_QUERIES))
-    conts = [g[0] for g in sampler.continuations(qs, 1, torch.Generator().manual_seed(cfg.run.seed))]
+    conts = [g[0] for g in sampler.continuations(qs, 1, torch.Generator(device=sampler.device).manual_seed(cfg.run.seed))]
     norm = _sequences(conts, tok.pad_token_id, cfg.task.query_length)
     model_, metrics = retrain_from_scratch(cfg.model.name_or_path, store.comparisons(split="train"),
                                            store.comparisons(split="valid"), cfg.reward, normalisation_samples=norm,
-                                           seed=cfg.run.seed, log=console.print, tokenizer=tok)
+                                           seed=cfg.run.seed, log=console.print, tokenizer=tok, device=hw.device,
+                                           dtype=weights_dtype_name(hw.values_coach_training),
+                                           precision=hw.values_coach_training)
     model_.save_pretrained(out)
     console.print(f"Values Coach saved to {out}: held-out accuracy {metrics.get('valid_accuracy')}")
 
@@ -56,7 +59,7 @@ def _sequences(conts, pad_id: int, query_length: int):
 
     rows = [left_pad([c.query.token_ids], pad_id, query_length)[0].tolist() + c.response_ids for c in conts]
     width = max(len(r) for r in rows)
-    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    return torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long, device="cpu")
 
 
 @app.command("eval")

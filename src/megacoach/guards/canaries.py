@@ -168,9 +168,9 @@ def load_canaries(spec: str, tokenizer, task, labeler=None, log=None) -> list[Ca
             dropped["invalid"] += 1
             continue
         T = task.response_length
-        rows = torch.full((2, T), pad, dtype=torch.long)
-        rows[0, :len(g_ids)] = torch.tensor(g_ids)
-        rows[1, :len(b_ids)] = torch.tensor(b_ids)
+        rows = torch.full((2, T), pad, dtype=torch.long, device="cpu")
+        rows[0, :len(g_ids)] = torch.tensor(g_ids, dtype=torch.long, device="cpu")
+        rows[1, :len(b_ids)] = torch.tensor(b_ids, dtype=torch.long, device="cpu")
         _, valid = truncate_responses(rows, stop, task.truncate_after, pad)
         if not bool(valid.all()):
             dropped["invalid"] += 1

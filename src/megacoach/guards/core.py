@@ -57,7 +57,7 @@ class Guards:
                              self.g.agreement_floor, self.g.winrate_floor)
         self.canaries = load_canaries(self.g.canaries, trainer.tok, cfg.task, labeler, self.log)
         self.ref_generator = HFGenerator(trainer.ref_lm, trainer.pad_id)
-        self.gen = seeds.generator(cfg.run.seed, seeds.Stream.GUARD_SAMPLING)
+        self.gen = seeds.generator(cfg.run.seed, seeds.Stream.GUARD_SAMPLING, device=trainer.device)  # it samples
         self.rng = seeds.rng(cfg.run.seed, seeds.Stream.GUARD_CHOICES)
         self.history: list[dict] = []
         self.fresh: list[dict] = []
@@ -171,14 +171,14 @@ class Guards:
                 raise GuardHalt(Alarm("nonfinite", "halt", f"non-finite {name} in the batch of iteration "
                                       f"{tr.iteration_no + 1}, before the update"))
         score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)  # the Values Coach, asked again
-        raw_now = torch.as_tensor(score)
+        raw_now = torch.as_tensor(score, device="cpu")
         raw_batch = batch.path.scores.float().cpu()  # what the rollout carried into the reward path
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
         tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
         k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).cpu().numpy()
         p = tr.cfg.ppo
         push = objective.loss_push(batch.logprobs, path.advantages, batch.values, path.returns, p.cliprange,
-                                   p.cliprange_value, p.vf_coef).numpy()
+                                   p.cliprange_value, p.vf_coef).cpu().numpy()
         fit = ols(push, score, k1)
         m = {"guard/score_gap": gap}
         figs = {"score_gap": gap}
@@ -252,8 +252,9 @@ class Guards:
             if values is None:  # the Values Coach was reloaded since: score the samples again
                 t, tr = self.cfg.task, self.trainer
                 q_ids = episodes.pad_queries([Query(comp.query_text, comp.query_token_ids)] * comp.k, tr.pad_id,
-                                             t.query_length)
-                resp = episodes.pad_responses([s.token_ids for s in comp.samples], tr.pad_id, t.response_length)
+                                             t.query_length, device=tr.device)
+                resp = episodes.pad_responses([s.token_ids for s in comp.samples], tr.pad_id, t.response_length,
+                                              device=tr.device)
                 truncated, valid = episodes.settle(resp, tr.stop_ids, t, tr.pad_id)
                 values = self._episode_scores(q_ids, truncated, valid).tolist()
             self.fresh.append({"iteration": meta["iteration"], "values": values, "chosen": comp.chosen,

@@ -82,11 +82,12 @@ def _fmt_p(p: float) -> str:
 
 # ------------------------------------------------------------------------------------------ 1. the loss
 def check_ppo_loss(trainer, alpha: float, seed: int) -> Check:
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the same synthetic batch on every device
     B, T = 16, max(2, trainer.cfg.task.response_length)
-    old = -torch.rand(B, T, generator=gen) * 5
-    adv = torch.randn(B, T, generator=gen)
-    values = torch.randn(B, T, generator=gen) * 0.1
+    dev = trainer.device
+    old = (-torch.rand(B, T, generator=gen, device="cpu") * 5).to(dev)
+    adv = torch.randn(B, T, generator=gen, device="cpu").to(dev)
+    values = (torch.randn(B, T, generator=gen, device="cpu") * 0.1).to(dev)
     p = trainer.cfg.ppo
     with torch.enable_grad():
         new = old.clone().requires_grad_(True)
@@ -141,7 +142,7 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     scored = P.with_scores(trainer, batch, batch.raw_scores, torch.ones_like(batch.valid))
     st = P.stages(trainer, scored)
     tests = {name: rank_test(_grouped(v, rows), chosen) for name, v in st.items()}
-    as_is = rank_test(_grouped(P.ppo_push(trainer, batch).numpy(), rows), chosen)
+    as_is = rank_test(_grouped(P.ppo_push(trainer, batch).cpu().numpy(), rows), chosen)
     figs = {name: t.as_dict() for name, t in tests.items()}
     figs["with_penalty"] = as_is.as_dict()
     figs["valid_share"] = float(batch.valid.float().mean())
@@ -215,12 +216,12 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
                 P.perturb_(trainer.apprentice.lm, s, seed)
             b = trainer.rollout(queries)
             ex = P.exact_kl(trainer, b.query_responses).numpy()
-            non_score = b.path.non_score.float().sum(1).numpy()
+            non_score = b.path.non_score.float().sum(1).cpu().numpy()
             # the score held fixed: what the path does with the KL alone, on the furthest copy
             fixed = P.with_scores(trainer, b, torch.zeros_like(b.raw_scores), torch.ones_like(b.valid))
-            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float()).numpy()
-            reward = fixed.path.rewards.float().sum(1).numpy()
-            push = P.ppo_push(trainer, fixed).numpy()
+            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float()).cpu().numpy()
+            reward = fixed.path.rewards.float().sum(1).cpu().numpy()
+            push = P.ppo_push(trainer, fixed).cpu().numpy()
         xs.append(ex), ns.append(non_score)
         per_level.append({"sigma": s, "exact_kl": float(ex.mean()), "kl_term": float(non_score.mean()),
                           "log_ratio": float(log_ratio.mean())})
@@ -285,7 +286,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
     does on its own."""
     pairs = [q for q in queries for _ in (0, 1)]
     n = len(queries)
-    sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(n)])
+    sign = torch.tensor([1.0 if j % 2 == 0 else -1.0 for j in range(n)], device=trainer.device)
     per_ep = torch.stack([sign, -sign], 1).reshape(-1)  # pair j: episode 2j gets sign_j, 2j+1 the opposite
     with P.scratch(trainer):
         b = trainer.rollout(pairs)

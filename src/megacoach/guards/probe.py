@@ -51,11 +51,11 @@ def stages(trainer, batch) -> dict[str, np.ndarray]:
     """Per-episode values along the reward path, in order (see `STAGES`)."""
     path = batch.path
     return {
-        "values_coach": batch.raw_scores.detach().float().numpy(),
-        "episode_score": path.scores.detach().float().numpy(),
-        "megacoach_reward": path.rewards.detach().float().sum(1).numpy(),
-        "advantages": path.advantages.detach().float().sum(1).numpy(),
-        "ppo_push": ppo_push(trainer, batch).float().numpy(),
+        "values_coach": batch.raw_scores.detach().float().cpu().numpy(),
+        "episode_score": path.scores.detach().float().cpu().numpy(),
+        "megacoach_reward": path.rewards.detach().float().sum(1).cpu().numpy(),
+        "advantages": path.advantages.detach().float().sum(1).cpu().numpy(),
+        "ppo_push": ppo_push(trainer, batch).float().cpu().numpy(),
     }
 
 
@@ -87,13 +87,14 @@ def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.T
 
 
 def perturb_(module: torch.nn.Module, sigma: float, seed: int) -> None:
-    """Add Gaussian noise of `sigma` times each tensor's RMS to every parameter, in place."""
-    gen = torch.Generator().manual_seed(seed)
+    """Add Gaussian noise of `sigma` times each tensor's RMS to every parameter, in place (drawn on the CPU: the
+    same noise for a seed on every device)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
             rms = p.detach().float().pow(2).mean().sqrt()
             if rms > 0:
-                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32) * (sigma * rms)
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu") * (sigma * rms.cpu())
                 p.add_(noise.to(p.dtype).to(p.device))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from megacoach.errors import ConfigError, DataError
+from megacoach.lm.hf import require_transformers
 
 PAD_TOKEN = "<|pad|>"
 
@@ -56,10 +57,13 @@ def load_tokenizer(name_or_path: str):
 FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None, fused_activation: bool = True):
-    """(model, tokenizer). The model is in eval mode, dropout disabled (the paper uses none)."""
+def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None, fused_activation: bool = True,
+                   device: torch.device | str | None = None):
+    """(model, tokenizer). The model is in eval mode, dropout disabled (the paper uses none), its weights in
+    `dtype`, on `device` (default: where transformers puts it, the CPU)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    require_transformers()
     path = resolve_model_path(name_or_path)
     tok = tokenizer or load_tokenizer(name_or_path)
     try:
@@ -76,5 +80,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", tokenizer=None, fu
     if len(tok) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tok))
     model.config.pad_token_id = tok.pad_token_id
+    if device is not None:
+        model.to(device)
     model.eval()
     return model, tok
+

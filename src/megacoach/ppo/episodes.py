@@ -14,8 +14,9 @@ The trainer's rollout (`rollout`), the guards' probes and checks (`build`, `epis
 incident's evaluation and the continuations sampler (`sample`) all build episodes here, so the guards' promise
 that they run the same code as training is the structure of the code, not a convention. Functions that need the
 models take the trainer `tr` (its `cfg`, `tok`, `pad_id`, `stop_ids`, `apprentice`, `ref_lm`, `values_coach`,
-`kl_ctl`, `dist`, `ddp`), read at call time: a Values Coach swapped in, or a probe's scratch config, is what they use.
+`kl_ctl`, `dist`, `ddp`, `device`), read at call time: a Values Coach swapped in, or a probe's scratch config, is what they use.
 Links of the reward path are looked up through `objective` at call time (the incident's bug variants patch them).
+Every tensor of a batch is made on the trainer's device (`tr.device`); only decoding reads them on the host.
 """
 
 from __future__ import annotations
@@ -78,45 +79,49 @@ class Sampled:
 # `response_length` tokens; truncation keeps the first token at response position >= `truncate_after` whose text
 # contains `truncate_token` and replaces everything after it by the pad token (the Values Coach scores the
 # truncated text); a response with no such token is invalid and gets `penalty_reward` instead of a score.
-def stop_token_ids(tokenizer, truncate_token: str | None) -> torch.Tensor:
+def stop_token_ids(tokenizer, truncate_token: str | None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Ids of every vocabulary token whose text contains the truncate token (BPE may merge '.' with others)."""
     if truncate_token is None:
-        return torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, dtype=torch.long, device=device)
     ids = [i for i in range(len(tokenizer)) if truncate_token in tokenizer.decode([i])]
     if not ids:
         raise ConfigError(f"task.truncate_token {truncate_token!r} occurs in no token of the tokenizer")
-    return torch.tensor(sorted(ids), dtype=torch.long)
+    return torch.tensor(sorted(ids), dtype=torch.long, device=device)
 
 
 def truncate_responses(responses: torch.Tensor, stop_ids: torch.Tensor, truncate_after: int,
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(truncated [B,T], valid [B] bool). Keeps the first stop token at position >= truncate_after, pads after it.
 
-    With no truncate token (empty stop_ids) every response is valid and kept whole."""
+    With no truncate token (empty stop_ids) every response is valid and kept whole. Computed on the responses'
+    device."""
     B, T = responses.shape
+    device = responses.device
     if stop_ids.numel() == 0:
-        return responses.clone(), torch.ones(B, dtype=torch.bool)
-    is_stop = torch.isin(responses, stop_ids)
+        return responses.clone(), torch.ones(B, dtype=torch.bool, device=device)
+    is_stop = torch.isin(responses, stop_ids.to(device))
     is_stop[:, :truncate_after] = False
     valid = is_stop.any(dim=1)
-    first = torch.where(valid, is_stop.float().argmax(dim=1), torch.full((B,), T - 1))
-    keep = torch.arange(T).unsqueeze(0) <= first.unsqueeze(1)
+    first = torch.where(valid, is_stop.float().argmax(dim=1), torch.full((B,), T - 1, device=device))
+    keep = torch.arange(T, device=device).unsqueeze(0) <= first.unsqueeze(1)
     return torch.where(keep, responses, torch.full_like(responses, pad_id)), valid
 
 
 # ------------------------------------------------------------------------------------------ steps 1-3
-def pad_queries(queries: list[Query], pad_id: int, query_length: int) -> torch.Tensor:
-    return left_pad([q.token_ids for q in queries], pad_id, query_length)
+def pad_queries(queries: list[Query], pad_id: int, query_length: int,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    return left_pad([q.token_ids for q in queries], pad_id, query_length, device=device)
 
 
-def pad_responses(responses: list[list[int]], pad_id: int, response_length: int) -> torch.Tensor:
-    """Given responses cut or right-padded to exactly `response_length` tokens."""
-    out = torch.full((len(responses), response_length), pad_id, dtype=torch.long)
+def pad_responses(responses: list[list[int]], pad_id: int, response_length: int,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """Given responses cut or right-padded to exactly `response_length` tokens (built on the host, put on `device`)."""
+    out = torch.full((len(responses), response_length), pad_id, dtype=torch.long, device="cpu")
     for i, r in enumerate(responses):
         r = list(r)[:response_length]
         if r:
-            out[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    return out
+            out[i, :len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
+    return out.to(device)
 
 
 def settle(responses: torch.Tensor, stop_ids: torch.Tensor, task: TaskConfig,
@@ -126,18 +131,21 @@ def settle(responses: torch.Tensor, stop_ids: torch.Tensor, task: TaskConfig,
 
 
 def decode(tok, truncated: torch.Tensor, pad_id: int) -> tuple[list[list[int]], list[str]]:
-    """(token ids without padding, decoded text) of each truncated response."""
-    ids = [[x for x in row if x != pad_id] for row in truncated.tolist()]
+    """(token ids without padding, decoded text) of each truncated response (read on the host)."""
+    ids = [[x for x in row if x != pad_id] for row in truncated.cpu().tolist()]
     return ids, [tok.decode(x) for x in ids]
 
 
 def sample(generator: ResponseGenerator, tok, task: TaskConfig, stop_ids: torch.Tensor, queries: list[Query],
            rng: torch.Generator | None, batch_size: int = 64, repeats: int = 1) -> Sampled:
-    """`repeats` responses per query (rows query-major), about `batch_size` sequences per generate call."""
+    """`repeats` responses per query (rows query-major), about `batch_size` sequences per generate call; the
+    tensors are on the generator's device (the queries are padded on it)."""
     pad = tok.pad_token_id
-    q_ids = pad_queries(queries, pad, task.query_length)
+    device = getattr(generator, "device", torch.device("cpu"))
+    q_ids = pad_queries(queries, pad, task.query_length, device=device)
     roll = sample_in_batches(generator, q_ids, task.response_length, task.temperature, rng, batch_size,
                              repeats=repeats)
+    q_ids = q_ids.to(roll.responses.device)
     truncated, valid = settle(roll.responses, stop_ids, task, pad)
     ids, texts = decode(tok, truncated, pad)
     rows = [q for q in queries for _ in range(repeats)]
@@ -165,9 +173,10 @@ def chunk_rows(tr) -> int:
 
 @torch.inference_mode()
 def values_coach_scores(tr, query_ids: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
-    """[B] the Values Coach's normalised score of query + truncated response, read at the last real token."""
-    return in_chunks(lambda q, r: tr.values_coach(torch.cat([q, r], dim=1), tr.pad_id).float(), chunk_rows(tr),
-                     query_ids, truncated)
+    """[B] the Values Coach's normalised score of query + truncated response, read at the last real token
+    (on the trainer's device)."""
+    return in_chunks(lambda q, r: tr.values_coach(torch.cat([q, r], dim=1), tr.pad_id).float().to(tr.device),
+                     chunk_rows(tr), query_ids.to(tr.device), truncated.to(tr.device))
 
 
 def episode_scores(tr, query_ids: torch.Tensor, truncated: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -214,7 +223,7 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     """PPO's batch: each process samples its share of the global batch with the Apprentice; the reward path runs
     on the whole (gathered) batch on every process."""
     t = tr.cfg.task
-    all_query_ids = pad_queries(queries, tr.pad_id, t.query_length)
+    all_query_ids = pad_queries(queries, tr.pad_id, t.query_length, device=tr.device)
     query_ids = tr.dist.shard(all_query_ids) if tr.ddp else all_query_ids  # this process's share
     tr.apprentice.eval()
     from_sampling = tr.cfg.ppo.rollout_pass == "sampling" and tr.apprentice.value_trunk is None
@@ -227,7 +236,7 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     if from_sampling:  # old log-probs and values from the sampling pass itself
         logprobs = roll.logprobs.clone()
         with torch.inference_mode():
-            values = tr.apprentice.value_head(roll.hidden).squeeze(-1).float()
+            values = tr.apprentice.values_from(roll.hidden)
         values = values.clone()
         ref_logprobs = reference_logprobs(tr, qr).clone()
     else:  # the straightforward path: one more full forward of the Apprentice
@@ -246,8 +255,8 @@ def build(tr, queries: list[Query], responses: list[list[int]]) -> Batch:
     """A batch of GIVEN responses (each cut or padded to the response length), built as `rollout` builds PPO's:
     same truncation and validity, Values Coach score, forward passes (with the entropy), reward path."""
     t = tr.cfg.task
-    query_ids = pad_queries(queries, tr.pad_id, t.query_length)
-    resp = pad_responses(responses, tr.pad_id, t.response_length)
+    query_ids = pad_queries(queries, tr.pad_id, t.query_length, device=tr.device)
+    resp = pad_responses(responses, tr.pad_id, t.response_length, device=tr.device)
     truncated, valid = settle(resp, tr.stop_ids, t, tr.pad_id)
     raw = values_coach_scores(tr, query_ids, truncated)
     lp, ref, val, ent = forward_old(tr, torch.cat([query_ids, resp], 1))

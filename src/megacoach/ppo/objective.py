@@ -72,7 +72,7 @@ def loss_push(old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torc
         loss, _ = ppo_loss(new, old, adv, values.clone(), values, returns, cliprange, cliprange_value, vf_coef)
         (grad,) = torch.autograd.grad(loss, new, allow_unused=True)
     if grad is None:
-        return torch.zeros(old.shape[0])
+        return torch.zeros(old.shape[0], device=old.device)
     return (-grad * grad.numel()).sum(1).detach()
 
 

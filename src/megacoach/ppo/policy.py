@@ -2,7 +2,10 @@
 
 As in ORIG/DET, the value head sits on the policy's trunk by default (one forward pass gives log-probs and
 values); `separate_value_model=True` gives the value function its own copy of the trunk instead.
-Only response positions go through the LM head (the query positions' logits are never used).
+Only response positions go through the LM head (the query positions' logits are never used), and the head's
+output becomes the model's real logits through `lm.hf.lm_logits` (the family's own scaling or capping).
+Precision (megacoach/hardware.py): the trunks run under the model's autocast; the LM head, the value head (always
+float32) and everything after them in float32.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from megacoach.lm.hf import hidden_size_of, lm_inputs, trunk_of
+from megacoach.lm.hf import autocast, hidden_size_of, lm_inputs, lm_logits, trunk_of
 
 
 @dataclass
@@ -23,29 +26,38 @@ class PolicyOutput:
 
 
 class Apprentice(nn.Module):
-    """A causal LM plus a scalar value head (initialised to zero, as the paper does)."""
+    """A causal LM plus a scalar value head (initialised to zero, as the paper does).
+
+    The value head is float32 on the LM's device, whatever the LM's precision, and reads the hidden state the LM
+    head reads (`hidden_size_of`: e.g. OPT's projected width)."""
 
     def __init__(self, lm, separate_value_model: bool = False):
         super().__init__()
         self.lm = lm
         d = hidden_size_of(lm)
-        self.value_head = nn.Linear(d, 1)
+        device = next(lm.parameters()).device
+        self.value_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_trunk = copy.deepcopy(trunk_of(lm)) if separate_value_model else None
+
+    def values_from(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T] float32 values from hidden states [B, T, d] (of the policy's trunk, or the value trunk)."""
+        return self.value_head(hidden.float()).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor, pad_id: int, response_length: int, temperature: float,
                 with_values: bool = True) -> PolicyOutput:
         """input_ids = [left-padded query | sampled response]; returns logits/values for the T response tokens."""
         T = response_length
-        inputs = lm_inputs(input_ids, pad_id)
-        hidden = trunk_of(self.lm)(**inputs).last_hidden_state
+        inputs = lm_inputs(input_ids.to(self.value_head.weight.device), pad_id)
+        with autocast(self.lm):
+            hidden = trunk_of(self.lm)(**inputs).last_hidden_state
+            vh = None
+            if with_values and self.value_trunk is not None:
+                vh = self.value_trunk(**inputs).last_hidden_state[:, -T - 1:-1]
         h = hidden[:, -T - 1:-1]  # the positions whose next-token predictions are the response tokens
-        logits = self.lm.get_output_embeddings()(h).float() / temperature
-        values = None
-        if with_values:
-            vh = h if self.value_trunk is None else self.value_trunk(**inputs).last_hidden_state[:, -T - 1:-1]
-            values = self.value_head(vh).squeeze(-1).float()
+        logits = lm_logits(self.lm, h).float() / temperature
+        values = self.values_from(h if vh is None else vh) if with_values else None
         return PolicyOutput(logits, values)
 
 
@@ -61,6 +73,9 @@ def frozen_reference(lm) -> nn.Module:
 @torch.inference_mode()
 def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_length: int,
                      temperature: float) -> torch.Tensor:
+    """[B, T, V] the original model's temperature-scaled float32 logits that predict the response tokens."""
     T = response_length
-    hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
-    return ref_lm.get_output_embeddings()(hidden).float() / temperature
+    input_ids = input_ids.to(next(ref_lm.parameters()).device)
+    with autocast(ref_lm):
+        hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
+    return lm_logits(ref_lm, hidden).float() / temperature

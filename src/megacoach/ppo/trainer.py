@@ -29,6 +29,7 @@ from megacoach.ppo import episodes, maths, objective
 from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
+from megacoach.lm.hf import device_of
 from megacoach.ppo.policy import Apprentice
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
@@ -39,15 +40,19 @@ __all__ = ["Batch", "PPOTrainer"]
 
 def rng_state(generators: dict[str, torch.Generator]) -> dict:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            **{f"gen_{k}": g.get_state() for k, g in generators.items()}}
+            **{f"gen_{k}": g.get_state() for k, g in generators.items()},
+            **{f"gen_{k}_device": torch.device(g.device).type for k, g in generators.items()}}
 
 
 def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
+    """Restore the random streams. A generator saved on another kind of device (a checkpoint of a GPU run resumed on
+    the CPU, say) has another state format: it keeps its own stream (the weights load either way)."""
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     for k, g in generators.items():
-        g.set_state(state[f"gen_{k}"])
+        if state.get(f"gen_{k}_device", "cpu") == torch.device(g.device).type:
+            g.set_state(state[f"gen_{k}"])
 
 
 def check_finite(batch: Batch, iteration: int) -> None:
@@ -63,6 +68,7 @@ class PPOTrainer:
     def __init__(self, cfg: Config, policy_lm, ref_lm, tokenizer, values_coach,
                  train_queries: list[Query], generator: ResponseGenerator | None = None, dist: Dist | None = None):
         self.cfg, self.tok = cfg, tokenizer
+        self.device = device_of(policy_lm)  # every model of the run is here (pipeline.build_trainer puts them)
         self.dist = dist or Dist.single()  # several processes: see megacoach/distributed.py
         self.ddp = self.dist.processes > 1  # as nanoGPT's `if ddp:` — one process never talks to the others
         check_world(cfg, self.dist)
@@ -76,7 +82,7 @@ class PPOTrainer:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
         self.generator = generator or HFGenerator(policy_lm, self.pad_id)
-        self.stop_ids = episodes.stop_token_ids(tokenizer, cfg.task.truncate_token)
+        self.stop_ids = episodes.stop_token_ids(tokenizer, cfg.task.truncate_token, device=self.device)
         self.kl_ctl = make_kl_controller(cfg.kl)
         p = cfg.ppo
         self.n_iterations = max(1, p.total_episodes // p.batch_size)
@@ -92,7 +98,8 @@ class PPOTrainer:
         decay = (lambda step: linear_decay(step, total_updates)) if p.lr_decay else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         seed = cfg.run.seed
-        self.gens = {"sample": torch.Generator().manual_seed(self.dist.seed(seed)),  # seed + rank * 100003
+        # sampling draws on the models' device; which queries and which minibatch rows are host-side choices
+        self.gens = {"sample": torch.Generator(device=self.device).manual_seed(self.dist.seed(seed)),  # + rank * 100003
                      "queries": seeds.generator(seed, seeds.Stream.PPO_QUERIES),
                      "minibatch": seeds.generator(seed, seeds.Stream.PPO_MINIBATCHES)}
         self.iteration_no = 0
@@ -131,7 +138,8 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout (steps 1-6)
     def next_queries(self) -> list[Query]:
-        idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size,), generator=self.gens["queries"])
+        idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size,), generator=self.gens["queries"],
+                            device="cpu")
         return [self.train_queries[i] for i in idx.tolist()]
 
     def rollout(self, queries: list[Query]) -> Batch:
@@ -146,7 +154,7 @@ class PPOTrainer:
         self.apprentice.train()
         acc: dict[str, list[float]] = {}
         for _epoch in range(p.ppo_epochs):
-            order = torch.randperm(B, generator=self.gens["minibatch"])
+            order = torch.randperm(B, generator=self.gens["minibatch"], device="cpu").to(self.device)
             for mb_start in range(0, B, p.mini_batch_size):
                 mb = order[mb_start:mb_start + p.mini_batch_size]
                 if self.ddp:

@@ -104,12 +104,12 @@ def sequences_tensor(queries: Sequence[Sequence[int]], responses: Sequence[Seque
     qs = [_strip(q, pad_id, "left") for q in queries]
     rs = [_strip(r, pad_id, "right") for r in responses]
     tq, tr = max((len(q) for q in qs), default=0), max((len(r) for r in rs), default=0)
-    out = torch.full((len(qs), tq + tr), pad_id, dtype=torch.long)
+    out = torch.full((len(qs), tq + tr), pad_id, dtype=torch.long, device="cpu")
     for i, (q, r) in enumerate(zip(qs, rs)):
         if q:
-            out[i, tq - len(q):tq] = torch.tensor(q, dtype=torch.long)
+            out[i, tq - len(q):tq] = torch.tensor(q, dtype=torch.long, device="cpu")
         if r:
-            out[i, tq:tq + len(r)] = torch.tensor(r, dtype=torch.long)
+            out[i, tq:tq + len(r)] = torch.tensor(r, dtype=torch.long, device="cpu")
     return out
 
 
@@ -120,15 +120,15 @@ def comparison_tensors(comparisons: Sequence[Comparison], pad_id: int) -> tuple[
     k = max((len(c.sample_ids) for c in comparisons), default=0)
     tq = max((len(q) for q in qs), default=0)
     tr = max((len(s) for group in rs for s in group), default=0)
-    queries = torch.full((len(qs), tq), pad_id, dtype=torch.long)
-    responses = torch.full((len(qs), k, tr), pad_id, dtype=torch.long)
+    queries = torch.full((len(qs), tq), pad_id, dtype=torch.long, device="cpu")
+    responses = torch.full((len(qs), k, tr), pad_id, dtype=torch.long, device="cpu")
     for b, (q, group) in enumerate(zip(qs, rs)):
         if q:
-            queries[b, tq - len(q):] = torch.tensor(q, dtype=torch.long)
+            queries[b, tq - len(q):] = torch.tensor(q, dtype=torch.long, device="cpu")
         for j, s in enumerate(group):
             if s:
-                responses[b, j, :len(s)] = torch.tensor(s, dtype=torch.long)
-    chosen = torch.tensor([c.chosen for c in comparisons], dtype=torch.long)
+                responses[b, j, :len(s)] = torch.tensor(s, dtype=torch.long, device="cpu")
+    chosen = torch.tensor([c.chosen for c in comparisons], dtype=torch.long, device="cpu")
     return queries, responses, chosen
 
 
@@ -136,5 +136,5 @@ def comparison_batch(comparisons: Sequence[Comparison], pad_id: int) -> tuple[to
     """(input_ids [B*K, T], chosen [B]) with rows ordered comparison-major: row b*K + k is sample k of b."""
     queries = [c.query_ids for c in comparisons for _ in c.sample_ids]
     responses = [s for c in comparisons for s in c.sample_ids]
-    chosen = torch.tensor([c.chosen for c in comparisons], dtype=torch.long)
+    chosen = torch.tensor([c.chosen for c in comparisons], dtype=torch.long, device="cpu")
     return sequences_tensor(queries, responses, pad_id), chosen

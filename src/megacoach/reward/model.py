@@ -2,7 +2,10 @@
 
 As in the paper's reference code (ORIG):
 - the trunk is the base language model without its LM head; no dropout anywhere;
-- the head is Linear(d_model, 1) with weight ~ N(0, 1/sqrt(d_model + 1)) and bias 0;
+- the head is Linear(d_model, 1) with weight ~ N(0, 1/sqrt(d_model + 1)) and bias 0, where d_model is the width
+  of the hidden state the trunk hands on (what the LM head reads: OPT's `word_embed_proj_dim` when it projects);
+- precision (megacoach/hardware.py, `set_precision`): the trunk runs in the coach's precision (fp32, bf16 autocast
+  over float32 weights, or bf16 weights); the head, gain and bias are float32 and score in float32;
 - the raw reward of a query + response sequence is the head applied to the hidden state of its LAST REAL
   (non-pad) token; queries are left-padded and responses right-padded with the pad token, so with the
   attention mask and shifted position ids of `lm_inputs` padding changes nothing;
@@ -28,7 +31,9 @@ import torch
 from torch import nn
 
 from megacoach.errors import ConfigError, DataError
-from megacoach.lm.hf import CACHE_KW, cache_of, lm_inputs, position_ids_from_mask
+from megacoach.hardware import set_precision
+from megacoach.lm.hf import (CACHE_KW, autocast, cache_of, device_of, hidden_size_of, lm_inputs, position_ids_from_mask,
+                             precision_of, require_transformers)
 from megacoach.lm.loading import load_causal_lm, load_tokenizer
 
 HEAD_FILE = "reward_head.safetensors"
@@ -56,6 +61,12 @@ def last_real_index(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return (mask * positions).argmax(dim=1)
 
 
+def trunk_width(trunk: nn.Module) -> int:
+    """The width of a bare trunk's output (no LM head to ask): OPT projects it to `word_embed_proj_dim`."""
+    cfg = trunk.config
+    return int(getattr(cfg, "word_embed_proj_dim", None) or getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+
 def check_same_tokenizer(reward_tokenizer, policy_tokenizer) -> None:
     """ConfigError unless the two tokenizers map the same strings to the same ids (pad token included)."""
     if policy_tokenizer is None or reward_tokenizer is None:
@@ -73,36 +84,48 @@ class RewardModel(nn.Module):
     """The Values Coach. `forward(input_ids)` -> normalised scores [B]; `raw(input_ids)` -> raw rewards [B]."""
 
     def __init__(self, trunk: nn.Module, pad_id: int, base_model: str = "", tokenizer=None,
-                 seed: int | None = None):
+                 seed: int | None = None, d_model: int | None = None):
         super().__init__()
         _no_dropout(trunk)
         self.trunk = trunk
-        self.d_model = int(trunk.config.hidden_size)
+        self.d_model = int(d_model or trunk_width(trunk))
         self.pad_id = int(pad_id)
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.normalisation: dict = {}
-        dtype = next(trunk.parameters()).dtype
-        self.head = nn.Linear(self.d_model, 1, dtype=dtype)
+        device = device_of(trunk)
+        self.head = nn.Linear(self.d_model, 1, dtype=torch.float32, device=device)
         self.reset_head(seed)
-        self.register_buffer("gain", torch.tensor(1.0))
-        self.register_buffer("bias", torch.tensor(0.0))
+        self.register_buffer("gain", torch.tensor(1.0, device=device))
+        self.register_buffer("bias", torch.tensor(0.0, device=device))
 
     # ------------------------------------------------------------------------------------------ building
     @classmethod
     def from_base(cls, name_or_path: str, dtype: str = "float32", tokenizer=None, seed: int | None = None) -> "RewardModel":
         """A fresh Values Coach on the base LM `name_or_path` ('builtin', a folder, or a hub name)."""
         lm, tok = load_causal_lm(name_or_path, dtype=dtype, tokenizer=tokenizer)
-        return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed)
+        return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed,
+                   d_model=hidden_size_of(lm))
 
     def reset_head(self, seed: int | None = None) -> None:
-        """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1); drawn on the CPU, whatever the
+        device (the same head everywhere for a seed)."""
+        gen = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
         std = 1.0 / math.sqrt(self.d_model + 1)
         with torch.no_grad():
-            w = torch.randn(self.head.weight.shape, generator=gen, dtype=torch.float32) * std
-            self.head.weight.copy_(w.to(self.head.weight.dtype))
+            w = torch.randn(self.head.weight.shape, generator=gen, dtype=torch.float32, device="cpu") * std
+            self.head.weight.copy_(w.to(self.head.weight.device, self.head.weight.dtype))
             self.head.bias.zero_()
+
+    def set_precision(self, precision: str) -> "RewardModel":
+        """Run the trunk in `precision` (fp32, bf16-mixed, bf16: megacoach/hardware.py); the head stays float32."""
+        set_precision(self.trunk, precision)
+        set_precision(self, precision, cast=False)
+        return self
+
+    @property
+    def precision(self) -> str:
+        return precision_of(self)
 
     def set_normalisation(self, gain: float, bias: float) -> None:
         with torch.no_grad():
@@ -118,10 +141,11 @@ class RewardModel(nn.Module):
         """[B] float32 raw rewards of query+response sequences [B, T] (any padding with the pad token)."""
         pad = self.pad_id if pad_id is None else pad_id
         input_ids = input_ids.to(self.device)
-        hidden = self.trunk(**lm_inputs(input_ids, pad), use_cache=False).last_hidden_state  # [B, T, d]
+        with autocast(self):
+            hidden = self.trunk(**lm_inputs(input_ids, pad), use_cache=False).last_hidden_state  # [B, T, d]
         idx = last_real_index(input_ids, pad)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]  # [B, d]
-        return self.head(last).squeeze(-1).float()
+        return self.head(last.float()).squeeze(-1)
 
     def raw_best_of_k(self, queries: torch.Tensor, responses: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """[B, K] raw rewards of K responses per query, the query computed ONCE and shared by its K responses.
@@ -133,8 +157,9 @@ class RewardModel(nn.Module):
         queries, responses = queries.to(self.device), responses.to(self.device)
         B, K, R = responses.shape
         qmask = (queries != pad).long()
-        out = self.trunk(input_ids=queries, attention_mask=qmask, position_ids=position_ids_from_mask(qmask),
-                         use_cache=True)
+        with autocast(self):
+            out = self.trunk(input_ids=queries, attention_mask=qmask, position_ids=position_ids_from_mask(qmask),
+                             use_cache=True)
         cache = cache_of(out)
         r = responses.reshape(B * K, R)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # a trunk without a usable KV cache
@@ -144,15 +169,16 @@ class RewardModel(nn.Module):
         qlen = qmask.sum(dim=1).repeat_interleave(K)
         rpos = qlen[:, None] + rmask.cumsum(dim=1) - rmask
         mask = torch.cat([qmask.repeat_interleave(K, dim=0), rmask], dim=1)
-        hidden = self.trunk(input_ids=r, attention_mask=mask, position_ids=rpos, use_cache=True,
-                            **{CACHE_KW: cache}).last_hidden_state  # [B*K, R, d]
+        with autocast(self):
+            hidden = self.trunk(input_ids=r, attention_mask=mask, position_ids=rpos, use_cache=True,
+                                **{CACHE_KW: cache}).last_hidden_state  # [B*K, R, d]
         rows = torch.arange(B * K, device=hidden.device)
         last = hidden[rows, last_real_index(r, pad)]
         empty = rmask.sum(dim=1) == 0  # no response token: the last real token is the query's last
         if empty.any():
             q_last = out.last_hidden_state[:, -1].repeat_interleave(K, dim=0)
-            last = torch.where(empty[:, None], q_last, last)
-        return self.head(last).squeeze(-1).float().view(B, K)
+            last = torch.where(empty[:, None], q_last.to(last.dtype), last)
+        return self.head(last.float()).squeeze(-1).view(B, K)
 
     def forward(self, input_ids: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
         """[B] normalised scores gain * raw + bias (what PPO adds on the last response token)."""
@@ -189,11 +215,15 @@ class RewardModel(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, policy_tokenizer=None, dtype: str = "float32") -> "RewardModel":
-        """Load a saved Values Coach; ConfigError if its tokenizer differs from `policy_tokenizer`."""
+    def from_pretrained(cls, path: str | Path, policy_tokenizer=None, dtype: str = "float32",
+                        device: torch.device | str | None = None) -> "RewardModel":
+        """Load a saved Values Coach onto `device` (default the CPU), whatever device it was saved from;
+        ConfigError if its tokenizer differs from `policy_tokenizer`."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
+        require_transformers()
+        device = torch.device(device or "cpu")
         p = Path(path)
         if not (p / CONFIG_FILE).is_file() or not (p / HEAD_FILE).is_file():
             raise DataError(f"reward.path: {str(p)!r} is not a saved Values Coach (expected {CONFIG_FILE} and "
@@ -212,12 +242,12 @@ class RewardModel(nn.Module):
             for attr in _DROPOUT_ATTRS:
                 if hasattr(cfg, attr):
                     setattr(cfg, attr, 0.0)
-            trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype))
-            tensors = load_file(str(p / HEAD_FILE))
+            trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype)).to(device)
+            tensors = load_file(str(p / HEAD_FILE), device=str(device))
         except (OSError, ValueError) as err:
             raise DataError(f"Values Coach at {str(p)!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
         model = cls(trunk, meta.get("pad_token_id", tok.pad_token_id), base_model=meta.get("base_model", ""),
-                    tokenizer=tok)
+                    tokenizer=tok, d_model=meta.get("d_model"))
         try:
             with torch.no_grad():
                 model.head.weight.copy_(tensors["head.weight"])

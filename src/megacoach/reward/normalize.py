@@ -34,7 +34,8 @@ def gain_bias(raw: torch.Tensor, target_mean: float = 0.0, target_std: float = 1
 
 @torch.no_grad()
 def raw_rewards(model, sequences, batch_size: int = 64) -> torch.Tensor:
-    """[N] raw rewards of query+response sequences: a LongTensor [N, T] or a list of token-id lists."""
+    """[N] raw rewards of query+response sequences: a LongTensor [N, T] or a list of token-id lists (each chunk
+    is scored on the model's device; the rewards come back to the host, where the statistics are made)."""
     if not isinstance(sequences, torch.Tensor):
         sequences = left_pad([list(s) for s in sequences], model.pad_id)
     was_training = model.training
@@ -51,7 +52,7 @@ def normalise(model, sequences, target_mean: float = 0.0, target_std: float = 1.
     passes all of them); the statistics are over all of them, the same on every process."""
     if dist is not None and dist.distributed:
         mine = dist.shard(sequences)
-        raw = raw_rewards(model, mine, batch_size) if len(mine) else torch.zeros(0)
+        raw = raw_rewards(model, mine, batch_size) if len(mine) else torch.zeros(0, device="cpu")
         raw = torch.cat(dist.gather_object(raw))
     else:
         raw = raw_rewards(model, sequences, batch_size)

@@ -77,7 +77,7 @@ def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int 
         loss_sum += loss.item() * len(part)
         acc_sum += acc.item() * len(part)
     if dist is not None and dist.distributed:
-        loss_sum, acc_sum = dist.all_sum(torch.tensor([loss_sum, acc_sum], dtype=torch.float64)).tolist()
+        loss_sum, acc_sum = dist.all_sum(torch.tensor([loss_sum, acc_sum], dtype=torch.float64, device="cpu")).tolist()
     model.train(was_training)
     return {"accuracy": acc_sum / len(comps), "loss": loss_sum / len(comps), "n": len(comps)}
 
@@ -110,7 +110,7 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
         log(f"Values Coach: normalised before training on {n['n']} initial-policy samples "
             f"(raw mean {n['mean']:+.4f}, std {n['std']:.4f} -> gain {n['gain']:.4f}, bias {n['bias']:+.4f})")
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # the order of the comparisons: a host-side choice
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     params = [p for p in model.parameters() if p.requires_grad]
@@ -120,7 +120,7 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     t_train = time.perf_counter()
     log_every = max(1, total_steps // 10)
     for epoch in range(cfg.epochs):
-        order = torch.randperm(len(train), generator=gen).tolist()
+        order = torch.randperm(len(train), generator=gen, device="cpu").tolist()
         for b in range(steps_per_epoch):
             part = [train[i] for i in order[b * cfg.batch_size:(b + 1) * cfg.batch_size]]
             lr = cfg.learning_rate * (1.0 - step / total_steps)
@@ -136,10 +136,11 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
                 if mine:  # the last, short batch may leave a process nothing
                     rewards, chosen = batch_rewards(model, mine, pad)
                     loss, acc = best_of_k_loss(rewards, chosen)
-                    sums = torch.tensor([loss.item() * len(mine), acc.item() * len(mine)], dtype=torch.float64)
+                    sums = torch.tensor([loss.item() * len(mine), acc.item() * len(mine)], dtype=torch.float64,
+                                        device="cpu")
                     loss = loss * (len(mine) / len(part))
                 else:
-                    sums = torch.zeros(2, dtype=torch.float64)
+                    sums = torch.zeros(2, dtype=torch.float64, device="cpu")
                 step_loss, step_acc = (dist.all_sum(sums) / len(part)).tolist()
             if not math.isfinite(step_loss):
                 raise DataError(f"Values Coach training diverged: loss {step_loss} at step {step + 1}")
@@ -182,13 +183,14 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
 
 def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=None, cfg: RewardConfig | None = None,
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
-                         dtype: str = "float32", tokenizer=None, device: str | None = None,
-                         dist: Dist | None = None) -> tuple[RewardModel, dict]:
+                         dtype: str = "float32", tokenizer=None, device: torch.device | str | None = None,
+                         dist: Dist | None = None, precision: str | None = None) -> tuple[RewardModel, dict]:
     """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
     tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
     'train' split, and its 'valid' split unless valid_comparisons is given). device: e.g. 'cuda' (default: CPU).
+    precision: what it trains in ('fp32', 'bf16-mixed', ...: megacoach/hardware.py; default: its weights' dtype).
     dist: several processes train one model together (each passes the same comparisons). Returns (model, metrics)."""
     if hasattr(train_comparisons, "comparisons"):
         store_train, store_valid = labels_from_store(train_comparisons)
@@ -199,6 +201,8 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
     model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
     if device is not None:
         model.to(device)
+    if precision is not None:
+        model.set_precision(precision)
     if dist is not None:
         dist.broadcast_module(model)  # every replica starts from rank 0's weights
     metrics = train_reward_model(model, train_comparisons, valid_comparisons, cfg, model.pad_id,
