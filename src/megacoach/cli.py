@@ -21,6 +21,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 app.command("pretrain")(model.pretrain)
 app.command("sample")(model.sample)
+app.command("export-merged")(model.export_merged)
 app.command("incident")(incident.incident)
 app.command("train")(train.train)
 app.command("andon")(train.andon)

@@ -158,6 +158,19 @@ class PPOConfig(_Section):
         "sampling", description="Where the old log-probs and values come from. 'sampling': kept from the KV-cached "
         "sampling pass (no second forward of the Apprentice; equal up to float rounding). 'forward': recomputed in a "
         "separate full forward pass (the straightforward path, as ORIG).")
+    lora_r: int = Field(0, ge=0, description="Rank of a LoRA adapter (through PEFT) on the Apprentice; 0 (default): "
+                        "off, every weight trains (the paper). With LoRA only the adapter and the value head train, and "
+                        "the original model is the same base with the adapter switched off (one copy of the weights; "
+                        "the original model then runs in the Apprentice's precision). RUN_DIR/apprentice holds the "
+                        "adapter; `megacoach export-merged` writes the merged model.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator: the adapter's update is scaled by "
+                              "lora_alpha / lora_r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input during PPO updates "
+                                "(0: the updates see the same function the rollout sampled from).")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Names of the modules that get an adapter (e.g. ['q_proj', 'v_proj']); None: PEFT's default "
+        "for the model's family (GPT-2: c_attn; Llama, Mistral, Qwen2: q_proj and v_proj). The LM head is refused: "
+        "the Apprentice shares it with the original model.")
 
     @model_validator(mode="after")
     def _check(self):
@@ -167,6 +180,9 @@ class PPOConfig(_Section):
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                              f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
+        if self.lora_r and self.separate_value_model:
+            raise ValueError("ppo.lora_r with ppo.separate_value_model: a LoRA Apprentice keeps its value head on the "
+                             "shared trunk (set one of them off)")
         return self
 
 

@@ -29,6 +29,7 @@ from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
+from megacoach.lm.adapters import AdapterOff, add_lora
 from megacoach.lm.hf import check_logits, left_pad
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
@@ -182,7 +183,8 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
 
     Every model is put here on the run's device (`hw`, default resolved from `run.device` for this process) in its
     precision (`model.precision`, `model.reference_precision`, `reward.precision`); the Apprentice's log-probs are
-    checked once against its own forward (`lm.hf.check_logits`)."""
+    checked once against its own forward (`lm.hf.check_logits`). With `ppo.lora_r` the Apprentice is `lm` with a
+    LoRA adapter (lm.adapters) and the original model is the same weights with the adapter off."""
     hw = hw or resolve_hardware(cfg, dist)
     if lm is None:
         lm, tok = hardware.load_model(cfg, hw)
@@ -195,7 +197,11 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
             values_coach = RewardModel.from_base(cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
         values_coach.eval()
     hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
-    ref = hardware.set_precision(frozen_reference(lm), hw.reference)
+    if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
+        lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
+        ref = AdapterOff(lm)
+    else:
+        ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     queries = train_queries(cfg, tok) if queries is None else queries
     return PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
 

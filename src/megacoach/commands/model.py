@@ -43,3 +43,18 @@ def sample(
 
     cfg = resolve_config(config, preset, set_, model__name_or_path=model, run__seed=seed)
     print_samples(cfg, n=n, n_queries=queries, prompt=prompt, console=console)
+
+
+def export_merged(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder trained with a LoRA adapter (ppo.lora_r > 0).")],
+    out: Annotated[Path, typer.Argument(help="Where to write the merged model and its tokenizer.")],
+):
+    """Write the Apprentice of a LoRA run as one plain model: the base (the run's model.name_or_path) with
+    RUN_DIR/apprentice's adapter merged into its weights."""
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
+    from megacoach.lm.adapters import export_merged as merge
+    from megacoach.runs import RunDir
+
+    cfg = RunDir(run_dir).load_config()
+    path = merge(cfg.model.name_or_path, run_dir / "apprentice", out)
+    console.print(f"merged model: {cfg.model.name_or_path} + adapter {run_dir / 'apprentice'} -> {path}")

@@ -185,15 +185,35 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:
-        state = {"apprentice": self.apprentice.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = {"apprentice": self.apprentice_state(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "kl_ctl": self.kl_ctl.state_dict(),
                  "iteration": self.iteration_no, "episodes": self.episodes, "rng": rng_state(self.gens)}
         if self.lockstep is not None:
             state.update(self.lockstep.state_dict())
         return state
 
+    def apprentice_state(self) -> dict:
+        """The Apprentice's weights for a checkpoint; with a LoRA adapter (ppo.lora_r) only what trains (the adapter
+        and the value head): the frozen base is the model the run loads at start."""
+        state = self.apprentice.state_dict()
+        if not self.cfg.ppo.lora_r:
+            return state
+        trained = {name for name, q in self.apprentice.named_parameters() if q.requires_grad}
+        return {k: v for k, v in state.items() if k in trained}
+
+    def load_apprentice_state(self, state: dict) -> None:
+        if not self.cfg.ppo.lora_r:
+            self.apprentice.load_state_dict(state)
+            return
+        missing, unexpected = self.apprentice.load_state_dict(state, strict=False)
+        trained = {name for name, q in self.apprentice.named_parameters() if q.requires_grad}
+        if unexpected or trained & set(missing):
+            raise DataError(f"checkpoint: the Apprentice's LoRA state does not fit this run (missing "
+                            f"{sorted(trained & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}): was it saved "
+                            "with other ppo.lora_* settings?")
+
     def load_state_dict(self, state: dict) -> None:
-        self.apprentice.load_state_dict(state["apprentice"])
+        self.load_apprentice_state(state["apprentice"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])

@@ -1,0 +1,113 @@
+"""LoRA adapters through PEFT: the Apprentice as the base model plus a low-rank adapter, and the original model
+as the same base with the adapter switched off, so one copy of the weights serves both.
+
+`add_lora(lm, ...)` injects the adapter into `lm` in place (PEFT's `get_peft_model`; the base weights are frozen)
+and returns the PEFT model, which runs, samples and saves like the model it wraps (its `save_pretrained` writes
+the adapter only). The adapter's B matrices start at zero, so the adapted model computes exactly what the base
+computes until the first update: the Coherence Coach's KL is 0 at the start.
+
+`AdapterOff(peft_model)` is the original model for the Coherence Coach, the guards' baseline samples and anything
+else that reads the reference: every forward of its trunk (and of the whole model) runs inside PEFT's
+`disable_adapter()`. The LM head is never adapted (`lm_head` in the target modules is refused), so the head it
+shares with the Apprentice is the original's.
+
+`merge_adapter(base_lm, adapter_dir)` folds a saved adapter into its base: a plain model of the base's family.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from megacoach.errors import ConfigError
+from megacoach.lm.hf import PRECISION_ATTR, trunk_of
+
+
+def add_lora(lm, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None):
+    """`lm` with a LoRA adapter of rank `r` (scaling alpha / r) on `target_modules` (None: PEFT's default for the
+    model's family, e.g. GPT-2's `c_attn`, Llama's `q_proj`/`v_proj`). Only the adapter's parameters train."""
+    from peft import LoraConfig, get_peft_model
+
+    head = lm.get_output_embeddings()
+    head_names = {name.split(".")[-1] for name, m in lm.named_modules() if m is head}
+    if target_modules and head_names & set(target_modules):
+        raise ConfigError(f"ppo.lora_target_modules: {sorted(head_names & set(target_modules))} is the LM head, "
+                          "which the Apprentice shares with the original model; adapt the trunk's layers only")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                        target_modules=list(target_modules) if target_modules else None)
+    try:
+        peft_model = get_peft_model(lm, config)
+    except ValueError as err:  # PEFT knows no default for this family, or a module name is not in the model
+        raise ConfigError(f"ppo.lora_target_modules: {err}") from None
+    precision = getattr(lm, PRECISION_ATTR, None)
+    if precision is not None:
+        setattr(peft_model, PRECISION_ATTR, precision)  # lm.hf.autocast reads it on the model it is given
+    return peft_model
+
+
+def has_adapter(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class _TrunkAdapterOff(nn.Module):
+    def __init__(self, trunk: nn.Module, peft_model):
+        super().__init__()
+        self.trunk = trunk
+        object.__setattr__(self, "_peft", peft_model)  # not a submodule: the view owns no weights of its own
+
+    def forward(self, *args, **kwargs):
+        with self._peft.disable_adapter():
+            return self.trunk(*args, **kwargs)
+
+
+class AdapterOff(nn.Module):
+    """The original model inside a PEFT model: the same weights, the adapter off in every forward pass."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self.model = peft_model
+        self._trunk = _TrunkAdapterOff(trunk_of(peft_model), peft_model)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def _megacoach_precision(self):  # PRECISION_ATTR: the precision of the model it shares
+        return getattr(self.model, PRECISION_ATTR, None)
+
+    def get_decoder(self):
+        return self._trunk
+
+    def get_output_embeddings(self):
+        return self.model.get_output_embeddings()
+
+    def forward(self, *args, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
+def merge_adapter(base_lm, adapter_dir: str | Path):
+    """The base model with the adapter saved in `adapter_dir` folded into its weights (a plain model)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: no LoRA adapter here (expected adapter_config.json)")
+    return PeftModel.from_pretrained(base_lm, str(adapter_dir)).merge_and_unload()
+
+
+def export_merged(base_name_or_path: str, adapter_dir: str | Path, out: str | Path) -> Path:
+    """Write the base model with the adapter of `adapter_dir` merged in, and the tokenizer saved beside the adapter
+    (else the base's), to `out` as a plain Hugging Face model (float32). Returns `out`."""
+    from megacoach.lm.loading import load_causal_lm, load_tokenizer
+
+    adapter_dir, out = Path(adapter_dir), Path(out)
+    base, tok = load_causal_lm(base_name_or_path, fused_activation=False)
+    merged = merge_adapter(base, adapter_dir)
+    if (adapter_dir / "tokenizer_config.json").is_file():
+        tok = load_tokenizer(str(adapter_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
