@@ -90,12 +90,36 @@ def perturb_(module: torch.nn.Module, sigma: float, seed: int) -> None:
     """Add Gaussian noise of `sigma` times each tensor's RMS to every parameter, in place (drawn on the CPU: the
     same noise for a seed on every device)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    lora_b = _lora_b_scales(module, sigma)
     with torch.no_grad():
         for p in module.parameters():
+            if not p.requires_grad:  # frozen: a LoRA Apprentice's base, shared with the original model
+                continue
+            if id(p) in lora_b:  # an adapter's B (zero at the start): noise that moves B @ A like noise on W
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu") * lora_b[id(p)]
+                p.add_(noise.to(p.dtype).to(p.device))
+                continue
             rms = p.detach().float().pow(2).mean().sqrt()
             if rms > 0:
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device="cpu") * (sigma * rms.cpu())
                 p.add_(noise.to(p.dtype).to(p.device))
+
+
+def _lora_b_scales(module: torch.nn.Module, sigma: float) -> dict[int, float]:
+    """For each LoRA layer's B matrix (PEFT): the noise scale s with which scaling * B @ A moves about as much as
+    noise of `sigma` x RMS on the frozen weight W would (each entry of B @ A then has RMS s * sqrt(r) * rms(A))."""
+    out = {}
+    with torch.no_grad():
+        for m in module.modules():
+            if not (hasattr(m, "lora_B") and hasattr(m, "base_layer")):
+                continue
+            w_rms = float(m.base_layer.weight.detach().float().pow(2).mean().sqrt())
+            for name, b in m.lora_B.items():
+                a = m.lora_A[name].weight.detach().float()
+                a_rms = float(a.pow(2).mean().sqrt())
+                if a_rms > 0:
+                    out[id(b.weight)] = sigma * w_rms / (float(m.scaling[name]) * a.shape[0] ** 0.5 * a_rms)
+    return out
 
 
 def params_checksum(module: torch.nn.Module) -> float:
