@@ -12,7 +12,7 @@ import typer
 from megacoach.cli import app, main
 from megacoach.config import build_config, save_config
 
-TOP = ["pretrain", "sample", "incident", "train", "andon", "config", "label", "reward"]
+TOP = ["pretrain", "sample", "export-merged", "incident", "train", "andon", "config", "label", "reward"]
 GROUPS = {"config": ["show"], "label": ["auto", "export", "import", "serve", "create-admin", "reset-password", "invite",
                     "token"],
           "reward": ["train", "eval"]}
