@@ -14,13 +14,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from megacoach.app import api, web
-from megacoach.app.auth import Auth, clean_name
+from megacoach.app.accounts import create_admin  # noqa: F401  (the one create-admin: never promotes anyone)
+from megacoach.app.auth import Auth
 from megacoach.app.core import HERE, SESSION_COOKIE, build_state, render
 from megacoach.app.errors import AppError, NotLoggedIn
+from megacoach.app.httpguard import uvicorn_options
 from megacoach.app.middleware import BodyLimit, SameOrigin, SecurityHeaders
-from megacoach.app.security import password_problem
 from megacoach.app.settings import AppSettings
-from megacoach.errors import ConfigError, DataError, StoreError
+from megacoach.errors import DataError, StoreError
 from megacoach.labels.store import LabelStore
 
 log = logging.getLogger("megacoach.app")
@@ -153,27 +154,6 @@ def admin_invite_link(store: LabelStore, settings: AppSettings, base_url: str, n
     return f"{base_url.rstrip('/')}/invite/{token}"
 
 
-def create_admin(db_url: Optional[str], name: str, password: str, settings: SettingsLike = None) -> int:
-    """Create (or reset the password of) an admin account directly; returns its id."""
-    cfg = _settings(settings)
-    try:
-        name = clean_name(name, "admin name")
-    except AppError as e:
-        raise ConfigError(e.message) from None
-    problem = password_problem(password, name, cfg.min_password_chars)
-    if problem:
-        raise ConfigError(f"admin password: {problem}")
-    with LabelStore(db_url) as store:
-        auth = Auth(store, cfg)
-        existing = store.get_labeler(name)
-        if existing is not None and existing.kind != "person":
-            raise DataError(f"account {name!r} is a program, not a person")
-        rec = store.get_or_create_labeler(name, kind="person", role="admin")
-        store.update_labeler(rec.id, role="admin", active=True, password_hash=auth.passwords.hash(password))
-        store.append_audit("megacoach label create-admin", "create_admin", dict(name=name))
-        return rec.id
-
-
 def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, settings: SettingsLike = None,
           *, log_level: str = "info") -> None:
     """Run the labeling app with uvicorn. Prints a one-time admin invitation link when no admin exists."""
@@ -187,4 +167,6 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
     if link:
         print(f"No admin yet. Open this one-time link to create the admin account:\n  {link}", file=sys.stderr)
     app = create_app(settings=cfg, store=store)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False)
+    # header deadline, keep-alive timeout and largest request head (AppSettings.header_timeout_s ...)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False,
+                **uvicorn_options(cfg))
