@@ -318,16 +318,21 @@ def check_item_fields(k: int, split: str, source: str, is_gold: bool, gold_choic
     check_int(overlap, "overlap (labels wanted per item)", 1)
 
 
+def check_fields(spec: dict[str, Any], allowed: set[str], required: Sequence[str], what: str) -> None:
+    """DataError naming `what` when `spec` has a field outside `allowed` or lacks one of `required`."""
+    unknown = set(spec) - allowed
+    if unknown:
+        raise DataError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
+    for req in required:
+        if req not in spec:
+            raise DataError(f"{what}: missing field {req!r}")
+
+
 def check_item_spec(spec: dict[str, Any], what: str) -> dict[str, Any]:
     """One ``create_items`` spec checked, with its defaults filled in (samples as ``check_sample`` returns)."""
     allowed = {"query_text", "query_token_ids", "samples", "query_source", "split", "batch", "source",
                "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at"}
-    unknown = set(spec) - allowed
-    if unknown:
-        raise DataError(f"{what}: unknown field(s) {', '.join(sorted(unknown))}")
-    for req in ("query_text", "query_token_ids", "samples"):
-        if req not in spec:
-            raise DataError(f"{what}: missing field {req!r}")
+    check_fields(spec, allowed, ("query_text", "query_token_ids", "samples"), what)
     if not isinstance(spec["query_text"], str):
         raise DataError(f"{what} query_text: expected a string")
     samples = [check_sample(x, f"{what} sample {j}") for j, x in enumerate(spec["samples"])]

@@ -89,6 +89,7 @@ from megacoach.labels.records import (
     QueryRecord,
     SampleRecord,
     check_choice,
+    check_fields,
     check_int,
     check_item_fields,
     check_item_spec,
@@ -568,12 +569,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
         allowed = {"item_id", "chosen", "labeler", "shown_order", "guideline_version", "time_taken_s", "flagged",
                    "note", "too_fast", "confidence", "created_at", "via"}
         for i, spec in enumerate(labels):
-            unknown = set(spec) - allowed
-            if unknown:
-                raise DataError(f"label {i}: unknown field(s) {', '.join(sorted(unknown))}")
-            for req in ("item_id", "chosen", "labeler"):
-                if req not in spec:
-                    raise DataError(f"label {i}: missing field {req!r}")
+            check_fields(spec, allowed, ("item_id", "chosen", "labeler"), f"label {i}")
             check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
                                      spec.get("confidence"), spec.get("created_at"))
         if not labels:
