@@ -116,3 +116,24 @@ def new_run(tmp: Path, db: Path) -> Path:
     run.mkdir(parents=True)
     shutil.copy(db, run / "labels.db")
     return run
+
+
+def build_rig(prepared, base: Path, **sections):
+    """(cfg, trainer, store, labeler) of the guards' tiny rig, built as the pipeline builds them: the prepared
+    labels copied into a fresh run under `base`, the prepared Values Coach, `sections` over the tiny config."""
+    from megacoach.labels.labelers import load_labeler
+    from megacoach.labels.store import LabelStore
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.pipeline import build_trainer
+    from megacoach.reward.model import RewardModel
+    from megacoach.tasks import load_queries
+
+    md, db, coach_dir = prepared
+    run = new_run(base, db)
+    cfg = tiny_config(run, md, coach_dir, **sections)
+    torch.manual_seed(0)
+    lm, tok = load_causal_lm(str(md))
+    coach = RewardModel.from_pretrained(coach_dir, policy_tokenizer=tok)
+    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 64, 31))
+    store = LabelStore(f"sqlite:///{run / 'labels.db'}")
+    return cfg, trainer, store, load_labeler(cfg.labels.labeler)

@@ -26,23 +26,7 @@ def prepared(tiny_model_dir, tmp_path_factory):
 
 def _rig(prepared, tmp_path, device: str, precision: str = "auto"):
     """(cfg, trainer, store, labeler) of the guards' tiny rig with every model on `device`."""
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.labels.store import LabelStore
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.pipeline import build_trainer
-    from megacoach.reward.model import RewardModel
-    from megacoach.tasks import load_queries
-
-    md, db, coach_dir = prepared
-    run = H.new_run(tmp_path, db)
-    cfg = H.tiny_config(run, md, coach_dir, run={"out": str(run), "max_iterations": 2, "device": device},
-                        model={"name_or_path": str(md), "precision": precision})
-    torch.manual_seed(0)
-    lm, tok = load_causal_lm(str(md))
-    coach = RewardModel.from_pretrained(coach_dir, policy_tokenizer=tok)
-    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 64, 31))
-    store = LabelStore(f"sqlite:///{run / 'labels.db'}")
-    return cfg, trainer, store, load_labeler(cfg.labels.labeler)
+    return H.build_rig(prepared, tmp_path, run={"device": device}, model={"precision": precision})
 
 
 def test_one_ppo_iteration_on_cuda_in_bf16_mixed(prepared, tmp_path):

@@ -162,22 +162,7 @@ def run_tiny(prepared, tmp_path, bug=None, guards=None, **sections):
 @pytest.fixture(scope="module")
 def rig(prepared, tmp_path_factory):
     """A trainer, store and labeler as the pipeline builds them, for preflight-level tests."""
-    from megacoach.labels.labelers import load_labeler
-    from megacoach.labels.store import LabelStore
-    from megacoach.lm.loading import load_causal_lm
-    from megacoach.pipeline import build_trainer
-    from megacoach.reward.model import RewardModel
-    from megacoach.tasks import load_queries
-
-    md, db, coach_dir = prepared
-    run = H.new_run(tmp_path_factory.mktemp("rig"), db)
-    cfg = H.tiny_config(run, md, coach_dir)
-    torch.manual_seed(0)
-    lm, tok = load_causal_lm(str(md))
-    coach = RewardModel.from_pretrained(coach_dir, policy_tokenizer=tok)
-    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 64, 31))
-    store = LabelStore(f"sqlite:///{run / 'labels.db'}")
-    return cfg, trainer, store, load_labeler(cfg.labels.labeler)
+    return H.build_rig(prepared, tmp_path_factory.mktemp("rig"))
 
 
 def _guards(rig):
