@@ -124,3 +124,27 @@ def test_linear_decay_with_lambda_lr():
         opt.step()
         sched.step()
     assert seen == pytest.approx([1e-5, 0.75e-5, 0.5e-5, 0.25e-5])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_foreach_is_the_same_update_as_one_parameter_at_a_time(dtype):
+    """ppo.fused_optimizer with tf_adam: the multi-tensor form, also when one parameter misses a gradient once
+    (its own step count)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (5,), (2, 2, 2)]
+    start = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+    grads = [[torch.randn(s, generator=gen, dtype=dtype) for s in shapes] for _ in range(4)]
+    grads[1][2] = None  # the third parameter gets no gradient at step 2
+    results = []
+    for foreach in (False, True):
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = AdamTFStyle(params, lr=0.05, eps=1e-5, foreach=foreach)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = None if g is None else g.clone()
+            opt.step()
+        results.append(([p.detach() for p in params], [opt.state[p]["step"] for p in params]))
+    (loop, loop_steps), (multi, multi_steps) = results
+    assert loop_steps == multi_steps == [4, 4, 3]
+    for a, b in zip(loop, multi):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)

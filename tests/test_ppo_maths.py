@@ -15,6 +15,7 @@ from megacoach.ppo.maths import (
     gae,
     kl_per_token,
     last_true_index,
+    logprobs_and_entropy,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -426,3 +427,23 @@ def test_explained_variance():
     )
     # constant returns: undefined -> 0, never NaN
     close(explained_variance(torch.zeros(1, 3), torch.ones(1, 3)), 0.0)
+
+
+def test_logprobs_and_entropy_are_the_two_functions_in_one_pass():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 5, 11, generator=gen) * 4
+    logits[0, 0, 2] = float("-inf")
+    tokens = torch.randint(0, 11, (3, 5), generator=gen)
+    tokens[0, 0] = 3
+    for temp in (1.0, 0.7):
+        x = logits.clone().requires_grad_(True)
+        logp, ent = logprobs_and_entropy(x, tokens, temp)
+        assert torch.equal(logp, logprobs_from_logits(logits, tokens, temp))
+        assert torch.equal(ent, entropy_from_logits(logits, temp))
+        assert logp.requires_grad and not ent.requires_grad
+        logp.sum().backward()
+        y = logits.clone().requires_grad_(True)
+        logprobs_from_logits(y, tokens, temp).sum().backward()
+        assert torch.equal(x.grad, y.grad)
+    with pytest.raises(DataError, match="tokens"):
+        logprobs_and_entropy(logits, tokens[:, :4])

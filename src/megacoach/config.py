@@ -143,6 +143,9 @@ class PPOConfig(_Section):
     optimizer: Literal["adam", "tf_adam"] = Field("adam", description="'tf_adam' = TF1-style Adam (DET) whose "
                                                   "epsilon is not bias-corrected.")
     adam_eps: float = Field(1e-5, gt=0, description="Adam epsilon. DET: 1e-5.")
+    fused_optimizer: bool = Field(True, description="Update every parameter in one call: torch's fused Adam "
+                                  "('adam'), the multi-tensor (foreach) form of 'tf_adam'. The same update up to float "
+                                  "rounding. False: one parameter at a time (torch's default on the CPU).")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. Paper: 0.2.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip. Paper: 0.2.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient. Paper: 0.1.")
@@ -256,6 +259,9 @@ class RunConfig(_Section):
                         "accelerate launch / torchrun each process takes its local GPU — else the CPU), 'cpu', "
                         "'cuda' or 'cuda:N'. Default 'auto'.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
+    compile: bool = Field(False, description="Compile the PPO update's response head (LM head, temperature, "
+                          "log-softmax, log-probs and entropy) with torch.compile (Inductor: needs a C++ compiler; "
+                          "without one the run says so and stays eager). Compile time is paid in the first update.")
     mmap_threshold_mib: float | None = Field(
         None, gt=0, le=32, description="Trade speed for memory: allocations of at least this many MiB are served by "
         "mmap and given back to the system when freed (glibc mallopt; megacoach/memory.py). None (default): the C "

@@ -20,7 +20,9 @@ passes use, so the sampler, the Apprentice, the original model and the Values Co
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +77,22 @@ def tf32_capable(device: torch.device) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ precisions
+def compile_blocker(device: torch.device) -> str | None:
+    """Why torch.compile (run.compile) cannot run on `device` here, or None when it can: Inductor's CPU backend
+    builds C++ kernels and needs a C++ compiler ($CXX, g++, clang++ or c++; Debian: `apt-get install g++`); on a
+    GPU it needs Triton, which CUDA builds of torch ship."""
+    if device.type == "cpu":
+        names = [os.environ.get("CXX"), "g++", "clang++", "c++"]
+        if not any(n and shutil.which(n) for n in names):
+            return "no C++ compiler found (set CXX, or install g++: apt-get install g++)"
+        return None
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return f"torch.compile on {device.type} needs Triton, which is not installed"
+    return None
+
+
 def set_precision(module: nn.Module, precision: str, cast: bool = True) -> nn.Module:
     """Record `precision` on `module` (and cast its floating weights to the precision's dtype when `cast` and
     they are not in it already)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -203,7 +204,14 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     else:
         ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     queries = train_queries(cfg, tok) if queries is None else queries
-    return PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
+    trainer = PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
+    if cfg.run.compile:
+        blocker = hardware.compile_blocker(hw.device)
+        if blocker is None:
+            trainer.apprentice.compile_head()
+        else:
+            warnings.warn(f"run.compile: staying eager: {blocker}", stacklevel=2)
+    return trainer
 
 
 def eval_queries(cfg: Config, tok, n: int | None = None) -> list[Query]:

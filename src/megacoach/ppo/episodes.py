@@ -188,9 +188,8 @@ def episode_scores(tr, query_ids: torch.Tensor, truncated: torch.Tensor, valid: 
 def _forward_old(tr, query_responses: torch.Tensor):
     t = tr.cfg.task
     responses = query_responses[:, -t.response_length:]
-    out = tr.apprentice(query_responses, tr.pad_id, t.response_length, t.temperature)
-    logprobs = maths.logprobs_from_logits(out.logits, responses)
-    entropy = maths.entropy_from_logits(out.logits)
+    out = tr.apprentice(query_responses, tr.pad_id, t.response_length, t.temperature, responses=responses)
+    logprobs, entropy = out.logprobs, out.entropy
     ref_logprobs = maths.logprobs_from_logits(
         reference_logits(tr.ref_lm, query_responses, tr.pad_id, t.response_length, t.temperature), responses)
     return logprobs, ref_logprobs, out.values, entropy

@@ -49,6 +49,7 @@ __all__ = [
     "kl_per_token",
     "last_true_index",
     "logprobs_from_logits",
+    "logprobs_and_entropy",
     "masked_mean",
     "masked_var",
     "mean_sequence_kl",
@@ -207,6 +208,31 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     # the gradient sees 0 * (-inf) (a where() after the product would still backpropagate NaN).
     safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     return -(p * safe_logp).sum(dim=-1)
+
+
+def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of the chosen tokens [B, T], entropies [B, T]) from ONE log-softmax of ``logits`` [B, T, V].
+
+    The same numbers as :func:`logprobs_from_logits` and :func:`entropy_from_logits` (the same operations in the
+    same order), in one pass over the vocabulary instead of two: the PPO update needs both at every response
+    position. Gradients flow into the log-probs only; the entropy is a statistic (computed without gradient).
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise DataError(f"tokens: expected shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
+    if temperature <= 0:
+        raise DataError(f"temperature: expected > 0, got {temperature}")
+    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        lg = lg / temperature
+    logp = F.log_softmax(lg, dim=-1)
+    chosen = torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        lp = logp.detach()
+        p = lp.exp()
+        safe_logp = torch.where(p > 0, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+        entropy = -(p * safe_logp).sum(dim=-1)
+    return chosen, entropy
 
 
 def kl_per_token(

@@ -35,6 +35,8 @@ class AdamTFStyle(torch.optim.Optimizer):
         lr: learning rate (> 0; schedules such as ``LambdaLR`` change ``param_groups[i]['lr']``).
         betas: (b1, b2), each in [0, 1).
         eps: 1e-5 by default, as ORIG's Adam (TF's own default is 1e-8).
+        foreach: update all parameters of a group with torch's multi-tensor (``torch._foreach_*``) ops, a few
+            calls per step instead of a few per parameter; the same arithmetic.
 
     State per parameter: ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v); ``state_dict()`` /
     ``load_state_dict()`` come from ``torch.optim.Optimizer``.
@@ -46,6 +48,7 @@ class AdamTFStyle(torch.optim.Optimizer):
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-5,
+        foreach: bool = False,
     ) -> None:
         if not lr > 0:
             raise ConfigError(f"lr: expected > 0, got {lr}")
@@ -53,7 +56,7 @@ class AdamTFStyle(torch.optim.Optimizer):
             raise ConfigError(f"betas: expected two numbers in [0, 1), got {betas}")
         if not eps >= 0:
             raise ConfigError(f"eps: expected >= 0, got {eps}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "foreach": foreach})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -62,6 +65,9 @@ class AdamTFStyle(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if group.get("foreach"):
+                self._foreach_step(group)
+                continue
             lr = group["lr"]
             b1, b2 = group["betas"]
             eps = group["eps"]
@@ -85,6 +91,36 @@ class AdamTFStyle(torch.optim.Optimizer):
                 denom = v.sqrt().add_(eps)  # eps NOT scaled by the bias correction
                 p.addcdiv_(m, denom, value=-lr_t)
         return loss
+
+    def _foreach_step(self, group: dict) -> None:
+        """The same update for every parameter of `group` that has a gradient, in multi-tensor calls (parameters
+        are bucketed by their step count, which differs only for one that missed a gradient)."""
+        b1, b2 = group["betas"]
+        buckets: dict[int, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("AdamTFStyle does not support sparse gradients")
+            state = self.state[p]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] = int(state["step"]) + 1
+            buckets.setdefault(state["step"], []).append(p)
+        for t, params in buckets.items():
+            grads = [p.grad for p in params]
+            ms = [self.state[p]["exp_avg"] for p in params]
+            vs = [self.state[p]["exp_avg_sq"] for p in params]
+            torch._foreach_mul_(ms, b1)
+            torch._foreach_add_(ms, grads, alpha=1.0 - b1)
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
+            lr_t = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, group["eps"])  # eps NOT scaled by the bias correction
+            torch._foreach_addcdiv_(params, ms, denom, value=-lr_t)
 
 
 def linear_decay(step: int, total_steps: int) -> float:

@@ -17,12 +17,23 @@ import torch
 from torch import nn
 
 from megacoach.lm.hf import autocast, hidden_size_of, lm_inputs, lm_logits, trunk_of
+from megacoach.ppo import maths
 
 
 @dataclass
 class PolicyOutput:
-    logits: torch.Tensor  # [B, T, V] temperature-scaled logits that predict each response token
+    logits: torch.Tensor | None  # [B, T, V] temperature-scaled logits that predict each response token
     values: torch.Tensor | None  # [B, T]
+    logprobs: torch.Tensor | None = None  # [B, T] of the given response tokens (instead of logits)
+    entropy: torch.Tensor | None = None  # [B, T] without gradient (with logprobs)
+
+
+def response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs of `tokens` [B, T], entropies [B, T]) from the hidden states [B, T, d] that predict them: the LM
+    head, the family's logit transform, the temperature and one log-softmax (maths.logprobs_and_entropy). The
+    [B, T, V] logits live only inside this function, which is what `Apprentice.compile_head` compiles (one fused
+    pass over the vocabulary forward and backward instead of five)."""
+    return maths.logprobs_and_entropy(lm_logits(lm, hidden).float(), tokens, temperature)
 
 
 class Apprentice(nn.Module):
@@ -40,14 +51,21 @@ class Apprentice(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_trunk = copy.deepcopy(trunk_of(lm)) if separate_value_model else None
+        self.head = response_head
+
+    def compile_head(self) -> None:
+        """Run `response_head` through torch.compile (Inductor; run.compile): same maths, fused kernels. Shapes are
+        specialised: the update's minibatches all have one shape, so it compiles once (forward and backward)."""
+        self.head = torch.compile(response_head, dynamic=False)
 
     def values_from(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T] float32 values from hidden states [B, T, d] (of the policy's trunk, or the value trunk)."""
         return self.value_head(hidden.float()).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor, pad_id: int, response_length: int, temperature: float,
-                with_values: bool = True) -> PolicyOutput:
-        """input_ids = [left-padded query | sampled response]; returns logits/values for the T response tokens."""
+                with_values: bool = True, responses: torch.Tensor | None = None) -> PolicyOutput:
+        """input_ids = [left-padded query | sampled response]; returns logits/values for the T response tokens, or,
+        given `responses` (the last T tokens of input_ids), their log-probs and entropies instead of the logits."""
         T = response_length
         inputs = lm_inputs(input_ids.to(self.value_head.weight.device), pad_id)
         with autocast(self.lm):
@@ -56,9 +74,12 @@ class Apprentice(nn.Module):
             if with_values and self.value_trunk is not None:
                 vh = self.value_trunk(**inputs).last_hidden_state[:, -T - 1:-1]
         h = hidden[:, -T - 1:-1]  # the positions whose next-token predictions are the response tokens
-        logits = lm_logits(self.lm, h).float() / temperature
         values = self.values_from(h if vh is None else vh) if with_values else None
-        return PolicyOutput(logits, values)
+        if responses is not None:
+            head = self.head if torch.is_grad_enabled() else response_head  # compiled for the update's shape only
+            logprobs, entropy = head(self.lm, h, responses.to(h.device), temperature)
+            return PolicyOutput(None, values, logprobs, entropy)
+        return PolicyOutput(lm_logits(self.lm, h).float() / temperature, values)
 
 
 def frozen_reference(lm) -> nn.Module:

@@ -92,9 +92,9 @@ class PPOTrainer:
         total_updates = max(1, p.total_episodes // p.batch_size) * p.ppo_epochs * self.n_minibatches
         params = [q for q in self.apprentice.parameters() if q.requires_grad]
         if p.optimizer == "tf_adam":
-            self.optimizer = AdamTFStyle(params, lr=p.learning_rate, eps=p.adam_eps)
+            self.optimizer = AdamTFStyle(params, lr=p.learning_rate, eps=p.adam_eps, foreach=p.fused_optimizer)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=p.learning_rate, eps=p.adam_eps)
+            self.optimizer = torch.optim.Adam(params, lr=p.learning_rate, eps=p.adam_eps, fused=p.fused_optimizer or None)
         decay = (lambda step: linear_decay(step, total_updates)) if p.lr_decay else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, decay)
         seed = cfg.run.seed
@@ -162,17 +162,15 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for mi in range(0, len(mb), micro):
                     idx = mb[mi:mi + micro]
-                    out = self.apprentice(qr[idx], self.pad_id, T, temp)
-                    new_logp = maths.logprobs_from_logits(out.logits, batch.responses[idx])
-                    loss, stats = objective.ppo_loss(new_logp, batch.logprobs[idx], batch.path.advantages[idx],
+                    out = self.apprentice(qr[idx], self.pad_id, T, temp, responses=batch.responses[idx])
+                    loss, stats = objective.ppo_loss(out.logprobs, batch.logprobs[idx], batch.path.advantages[idx],
                                                      out.values, batch.values[idx], batch.path.returns[idx],
                                                      p.cliprange, p.cliprange_value, p.vf_coef)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite PPO loss ({loss.item()}) at iteration {self.iteration_no}")
                     (loss / p.gradient_accumulation_steps).backward()
-                    with torch.no_grad():
-                        stats["entropy"] = maths.entropy_from_logits(out.logits).mean()
-                        stats["total_loss"] = loss.detach()
+                    stats["entropy"] = out.entropy.mean()
+                    stats["total_loss"] = loss.detach()
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
                 if self.ddp:

@@ -1,0 +1,92 @@
+"""The speed levers change no maths: the compiled response head (run.compile), the fused optimiser
+(ppo.fused_optimizer) and the static KV cache of the sampler give what the straightforward path gives, up to float
+rounding, and one PPO update with them moves the Apprentice as the straightforward one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megacoach import hardware
+from megacoach.config import load_config
+from megacoach.lm.loading import load_causal_lm
+from megacoach.pipeline import build_trainer
+from megacoach.ppo.policy import Apprentice, response_head
+from megacoach.reward.model import RewardModel
+from megacoach.tasks import load_queries
+
+needs_compiler = pytest.mark.skipif(hardware.compile_blocker(torch.device("cpu")) is not None,
+                                    reason="torch.compile needs a C++ compiler")
+
+
+def _trainer(tiny_model_dir, **sections):
+    overrides = {"model": {"name_or_path": str(tiny_model_dir)}, "task": {"truncate_token": "e"}}
+    for k, v in sections.items():
+        overrides.setdefault(k, {}).update(v)
+    cfg = load_config(preset="tiny", overrides=[overrides])
+    torch.manual_seed(0)
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    coach = RewardModel.from_base(str(tiny_model_dir), tokenizer=tok, seed=0).eval()
+    return build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=load_queries(cfg.task, tok, "train", 32, 31))
+
+
+@needs_compiler
+def test_the_compiled_head_gives_the_eager_log_probs_entropies_and_gradients(tiny_model_dir):
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, len(tok), (3, 12), generator=gen)
+    T = 5
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        app = Apprentice(lm)
+        if compiled:
+            app.compile_head()
+        app.zero_grad(set_to_none=True)
+        out = app(ids, tok.pad_token_id, T, 0.7, responses=ids[:, -T:])
+        (out.logprobs.sum() + out.values.sum()).backward()
+        grad = lm.get_output_embeddings().weight.grad.clone()
+        results.append((out.logprobs.detach(), out.entropy, grad))
+        lm.zero_grad(set_to_none=True)
+    (lp0, ent0, g0), (lp1, ent1, g1) = results
+    torch.testing.assert_close(lp1, lp0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent1, ent0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-4, atol=1e-6)
+    assert app.head is not response_head  # the compiled one ran
+
+
+def _one_update(tiny_model_dir, **sections):
+    tr = _trainer(tiny_model_dir, **sections)
+    before = {n: p.detach().clone() for n, p in tr.apprentice.named_parameters()}
+    batch = tr.rollout(tr.next_queries())
+    stats = tr.update(batch)
+    moved = {n: (p.detach() - before[n]) for n, p in tr.apprentice.named_parameters()}
+    return stats, moved
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "tf_adam"])
+def test_the_fused_optimiser_moves_the_apprentice_as_the_one_at_a_time_one(tiny_model_dir, optimizer):
+    plain_stats, plain = _one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": False})
+    fused_stats, fused = _one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": True})
+    assert any(float(d.abs().max()) > 0 for d in plain.values())
+    for name, d in plain.items():
+        torch.testing.assert_close(fused[name], d, rtol=1e-3, atol=1e-7, msg=name)
+    for k in ("pg_loss", "approxkl", "entropy"):
+        assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-4, abs=1e-7), k
+
+
+@needs_compiler
+def test_a_compiled_update_moves_the_apprentice_as_the_eager_one(tiny_model_dir):
+    eager_stats, eager = _one_update(tiny_model_dir, run={"compile": False})
+    comp_stats, comp = _one_update(tiny_model_dir, run={"compile": True})
+    for name, d in eager.items():
+        torch.testing.assert_close(comp[name], d, rtol=1e-3, atol=1e-7, msg=name)
+    for k in ("pg_loss", "approxkl", "entropy"):
+        assert comp_stats[k] == pytest.approx(eager_stats[k], rel=1e-4, abs=1e-7), k
+
+
+def test_without_a_compiler_the_run_stays_eager_and_says_so(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(hardware, "compile_blocker", lambda device: "no C++ compiler found")
+    with pytest.warns(UserWarning, match="run.compile: staying eager: no C"):
+        tr = _trainer(tiny_model_dir, run={"compile": True})
+    assert tr.apprentice.head is response_head
