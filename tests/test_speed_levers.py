@@ -7,12 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from families import build_family_model
 from megacoach import hardware
 from megacoach.config import load_config
+from megacoach.lm.hf import cache_of, lm_inputs, trunk_of
 from megacoach.lm.loading import load_causal_lm
 from megacoach.pipeline import build_trainer
 from megacoach.ppo.policy import Apprentice, response_head
 from megacoach.reward.model import RewardModel
+from megacoach.sampling import HFGenerator, static_cache
 from megacoach.tasks import load_queries
 
 needs_compiler = pytest.mark.skipif(hardware.compile_blocker(torch.device("cpu")) is not None,
@@ -90,3 +93,27 @@ def test_without_a_compiler_the_run_stays_eager_and_says_so(tiny_model_dir, monk
     with pytest.warns(UserWarning, match="run.compile: staying eager: no C"):
         tr = _trainer(tiny_model_dir, run={"compile": True})
     assert tr.apprentice.head is response_head
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neo"])
+def test_the_static_cache_samples_what_the_growing_cache_samples(family, tiny_model_dir, tmp_path):
+    """model.static_cache: the same tokens and log-probs (float rounding) with K continuations per query and
+    left-padded queries; a model with windowed attention (GPT-Neo's local layers) keeps the growing cache."""
+
+    path = build_family_model(family, tmp_path / family, tiny_model_dir)
+    lm, tok = load_causal_lm(str(path))
+    pad = tok.pad_token_id
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(2, len(tok), (5, 10), generator=gen)
+    q[q == pad] = pad + 1
+    q[:2, :4] = pad  # left padding
+    rolls = [HFGenerator(lm, pad, use_static_cache=use).generate(q, 7, 0.7, torch.Generator().manual_seed(3),
+                                                                  return_hidden=True, repeats=3)
+             for use in (False, True)]
+    assert torch.equal(rolls[0].responses, rolls[1].responses)
+    torch.testing.assert_close(rolls[1].logprobs, rolls[0].logprobs, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rolls[1].hidden, rolls[0].hidden, rtol=1e-4, atol=1e-4)
+    with torch.inference_mode():
+        prefill = cache_of(trunk_of(lm)(**lm_inputs(q, pad), use_cache=True))
+        used = static_cache(lm, prefill, 3, 17)
+    assert (used is None) == (family == "gpt_neo")

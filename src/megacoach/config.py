@@ -45,6 +45,9 @@ class ModelConfig(_Section):
         "so 'bf16' halves its memory. Default 'auto': the Apprentice's.")
     tf32: bool = Field(True, description="TF32 matmuls for float32 work on GPUs that have them (NVIDIA Ampere and "
                        "later). No effect on the CPU. Default true.")
+    static_cache: bool = Field(True, description="Sample into a preallocated KV cache (transformers' StaticCache) "
+                               "where the model's attention allows one, instead of a cache that grows by concatenation "
+                               "(which copies the whole cache at every token). The same samples up to float rounding.")
     fused_activation: bool = Field(True, description="Run GPT-2's tanh-GELU as PyTorch's fused kernel (same formula, "
                                    "equal up to float rounding). False: the model's own Python implementation.")
 
@@ -81,6 +84,9 @@ class LabelsConfig(_Section):
     k: int = Field(4, ge=2, description="Continuations per comparison (best of K). Paper: 4.")
     valid_fraction: float = Field(0.1, ge=0, lt=1, description="Share of comparisons held out for validation.")
     guideline_version: str = Field("v1", description="Guideline version stored with every label.")
+    sample_batch_size: int = Field(128, ge=1, description="Continuations per sampling call while the initial "
+                                   "comparisons are collected (queries x k). The built-in model on 2 cores samples "
+                                   "fastest at 128-256 (docs/benchmarks.md).")
 
 
 class RewardConfig(_Section):

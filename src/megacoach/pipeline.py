@@ -76,7 +76,7 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
         gen = seeds.generator(cfg.run.seed, seeds.Stream.LABEL_SAMPLING, have, device=sampler.device)
         rng = seeds.rng(cfg.run.seed, seeds.Stream.LABEL_SPLITS, have)
         specs = []
-        for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=128)):
+        for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=cfg.labels.sample_batch_size)):
             split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
             specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=batch,
                               source="offline", run_id=run_id,
@@ -273,7 +273,7 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
 
     # 1. the Apprentice (and, in build_trainer, the original model)
     policy_lm, tok = hardware.load_model(cfg, hw)
-    sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id), tok, cfg.task)
+    sampler = TaskSampler(HFGenerator(policy_lm, tok.pad_token_id, cfg.model.static_cache), tok, cfg.task)
     labeler = store = None
 
     def open_store() -> None:

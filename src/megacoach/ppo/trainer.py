@@ -81,7 +81,7 @@ class PPOTrainer:
         if not train_queries:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
-        self.generator = generator or HFGenerator(policy_lm, self.pad_id)
+        self.generator = generator or HFGenerator(policy_lm, self.pad_id, cfg.model.static_cache)
         self.stop_ids = episodes.stop_token_ids(tokenizer, cfg.task.truncate_token, device=self.device)
         self.kl_ctl = make_kl_controller(cfg.kl)
         p = cfg.ppo
