@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what the tests need besides Python packages (CI gets a bare machine, as root):
 #  - PostgreSQL (Debian's package) on loopback, for the label store's tests against PostgreSQL;
-#  - Debian's Chromium, for the labeling app's browser tests.
+#  - Debian's Chromium, for the labeling app's browser tests;
+#  - a C++ compiler (Debian's g++), which torch.compile's CPU backend needs (run.compile).
 # Writes .ci/env.sh with the variables the tests read; .ci/run sources it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,7 @@ cd "$(dirname "$0")/.."
 need_apt=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian's packages"
   apt-get update -qq

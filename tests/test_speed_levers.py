@@ -117,3 +117,18 @@ def test_the_static_cache_samples_what_the_growing_cache_samples(family, tiny_mo
         prefill = cache_of(trunk_of(lm)(**lm_inputs(q, pad), use_cache=True))
         used = static_cache(lm, prefill, 3, 17)
     assert (used is None) == (family == "gpt_neo")
+
+
+def test_a_compiler_that_fails_leaves_the_update_eager(tiny_model_dir, monkeypatch):
+    """A broken toolchain shows up at the first compiled call: the run warns and goes on eagerly."""
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("C++ compile error: cannot find Python.h")
+        return call
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(hardware, "compile_blocker", lambda device: None)
+    tr = _trainer(tiny_model_dir, run={"compile": True})
+    batch = tr.rollout(tr.next_queries())
+    with pytest.warns(UserWarning, match="compiled response head failed .*RuntimeError: C\\+\\+ compile error"):
+        stats = tr.update(batch)
+    assert tr.apprentice.head is response_head and stats["pg_loss"] == stats["pg_loss"]

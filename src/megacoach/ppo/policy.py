@@ -11,6 +11,7 @@ float32) and everything after them in float32.
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,18 @@ class Apprentice(nn.Module):
     def compile_head(self) -> None:
         """Run `response_head` through torch.compile (Inductor; run.compile): same maths, fused kernels. Shapes are
         specialised: the update's minibatches all have one shape, so it compiles once (forward and backward)."""
-        self.head = torch.compile(response_head, dynamic=False)
+        compiled = torch.compile(response_head, dynamic=False)
+
+        def head(*args):
+            try:
+                return compiled(*args)
+            except Exception as e:  # a compiler that fails here (a broken toolchain): the run goes on eagerly
+                warnings.warn(f"run.compile: the compiled response head failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); staying eager", stacklevel=2)
+                self.head = response_head
+                return response_head(*args)
+
+        self.head = head
 
     def values_from(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, T] float32 values from hidden states [B, T, d] (of the policy's trunk, or the value trunk)."""
