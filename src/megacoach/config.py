@@ -265,9 +265,11 @@ class RunConfig(_Section):
                         "accelerate launch / torchrun each process takes its local GPU — else the CPU), 'cpu', "
                         "'cuda' or 'cuda:N'. Default 'auto'.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
-    compile: bool = Field(False, description="Compile the PPO update's response head (LM head, temperature, "
+    compile: bool = Field(True, description="Compile the PPO update's response head (LM head, temperature, "
                           "log-softmax, log-probs and entropy) with torch.compile (Inductor: needs a C++ compiler; "
-                          "without one the run says so and stays eager). Compile time is paid in the first update.")
+                          "without one the run says so and stays eager). Compile time (seconds, once per process; "
+                          "Inductor caches kernels on disk) is paid in the first update. Default true; the `tiny` "
+                          "preset turns it off (its updates are too small to repay the compile).")
     mmap_threshold_mib: float | None = Field(
         None, gt=0, le=32, description="Trade speed for memory: allocations of at least this many MiB are served by "
         "mmap and given back to the system when freed (glibc mallopt; megacoach/memory.py). None (default): the C "
@@ -311,7 +313,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "labels": {"num_comparisons": 16},
         "reward": {"batch_size": 4, "epochs": 1, "normalize_samples": 16},
         "ppo": {"total_episodes": 16, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 1},
-        "run": {"eval_queries": 4, "checkpoint_every": 1},
+        "run": {"eval_queries": 4, "checkpoint_every": 1, "compile": False},
         # random tiny models cannot pass the preflight (their Values Coach agrees with nobody): tests that
         # exercise the guards switch them on with a Values Coach built to agree with the labels
         "guards": {"enabled": False, "fresh_labels_per_iteration": 2, "min_evidence": 4, "probe_queries": 8,
