@@ -132,3 +132,12 @@ def test_a_compiler_that_fails_leaves_the_update_eager(tiny_model_dir, monkeypat
     with pytest.warns(UserWarning, match="compiled response head failed .*RuntimeError: C\\+\\+ compile error"):
         stats = tr.update(batch)
     assert tr.apprentice.head is response_head and stats["pg_loss"] == stats["pg_loss"]
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
+    """ppo.gradient_checkpointing: activations recomputed in the backward pass, the same step."""
+    plain_stats, plain = _one_update(tiny_model_dir, ppo={"gradient_checkpointing": False})
+    ckpt_stats, ckpt = _one_update(tiny_model_dir, ppo={"gradient_checkpointing": True})
+    for name, d in plain.items():
+        torch.testing.assert_close(ckpt[name], d, rtol=1e-4, atol=1e-8, msg=name)
+    assert ckpt_stats["pg_loss"] == pytest.approx(plain_stats["pg_loss"], rel=1e-5, abs=1e-8)

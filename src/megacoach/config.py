@@ -180,6 +180,10 @@ class PPOConfig(_Section):
         None, description="Names of the modules that get an adapter (e.g. ['q_proj', 'v_proj']); None: PEFT's default "
         "for the model's family (GPT-2: c_attn; Llama, Mistral, Qwen2: q_proj and v_proj). The LM head is refused: "
         "the Apprentice shares it with the original model.")
+    gradient_checkpointing: bool = Field(False, description="Recompute the Apprentice's layer activations in the "
+                                         "backward pass instead of keeping them (transformers' gradient checkpointing): "
+                                         "less memory in the PPO update for about one more forward pass of compute. "
+                                         "The same gradients. Default false.")
 
     @model_validator(mode="after")
     def _check(self):

@@ -203,6 +203,8 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
         ref = AdapterOff(lm)
     else:
         ref = hardware.set_precision(frozen_reference(lm), hw.reference)
+    if cfg.ppo.gradient_checkpointing:  # only the update's backward pass recomputes (sampling is inference)
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     queries = train_queries(cfg, tok) if queries is None else queries
     trainer = PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
     if cfg.run.compile:
