@@ -60,15 +60,19 @@ def test_benchmark_bad_model(tmp_path, capsys):
 
 
 def test_sampling_benchmark_smoke(tiny_model_dir, capsys):
-    """benchmarks/sampling.py runs on the tiny model, times both draws, and restores megacoach's own afterwards."""
+    """benchmarks/sampling.py runs on the tiny model, times both caches and both draws, and restores megacoach's own
+    draw afterwards."""
     import megacoach.sampling as sampling
 
     own = sampling.sample_categorical
     bench = load_benchmark("sampling")
     assert bench.main(["--model", str(tiny_model_dir), "--queries", "2", "--k", "2", "--batch-sizes", "2,4",
+                       "--caches", "static,growing", "--draws", "inverse_cdf,multinomial",
                        "--repeats", "1", "--threads", "1"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(summary["samples_per_s"]) == {"inverse_cdf", "multinomial"}
+    assert set(summary["samples_per_s"]) == {"static/inverse_cdf", "static/multinomial", "growing/inverse_cdf",
+                                             "growing/multinomial"}
     assert all(v > 0 for d in summary["samples_per_s"].values() for v in d.values())
-    assert set(summary["speedup"]) == {"2", "4"}
+    assert all(set(d) == {"2", "4"} for d in summary["samples_per_s"].values())
+    assert summary["matmul_peak_gflop_per_s"] > 0
     assert sampling.sample_categorical is own
