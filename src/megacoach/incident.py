@@ -41,12 +41,13 @@ from megacoach.labels.labelers import labeler_scores, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
 from megacoach.hardware import load_model
+from megacoach.lm.adapters import add_lora
 from megacoach.lm.hf import autocast, device_of, lm_inputs
 from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
 from megacoach.ppo import episodes, maths
 from megacoach.ppo.episodes import stop_token_ids
-from megacoach.ppo.policy import Apprentice, frozen_reference
+from megacoach.ppo.policy import Apprentice, frozen_reference, load_apprentice_state
 from megacoach.runs import RunDir
 from megacoach.sampling import HFGenerator
 
@@ -208,13 +209,17 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
 
 
 def _latest_policy(run_dir: Path, cfg):
+    """The Apprentice of the run's latest checkpoint (the base model when there is none); with LoRA
+    (`ppo.lora_r`) the base with the checkpoint's adapter."""
     lm, tok = load_model(cfg)
     latest = run_dir / "checkpoints" / "latest.json"
     if latest.is_file():
         info = json.loads(latest.read_text())
-        state = torch.load(run_dir / "checkpoints" / info["file"], map_location="cpu", weights_only=False)
-        app = Apprentice(lm, cfg.ppo.separate_value_model)
-        app.load_state_dict(state["trainer"]["apprentice"])
+        state = torch.load(run_dir / "checkpoints" / info["file"], map_location=device_of(lm), weights_only=False)
+        if cfg.ppo.lora_r:
+            lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
+        load_apprentice_state(Apprentice(lm, cfg.ppo.separate_value_model), state["trainer"]["apprentice"],
+                              bool(cfg.ppo.lora_r))
     return lm, tok
 
 

@@ -17,10 +17,10 @@ confidence. A failure names the component of the reward path where the direction
                        labels) is checked apart: it must reach exactly the invalid responses, and the path
                        with it may not rank the labelers' choice significantly below chance.
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
-                       weights, at levels calibrated to ~2 and ~8 nats): the reward path's KL term must fall
-                       as the exact KL (from the full next-token distributions) grows, at a slope of at least
-                       half of -beta; and, with the score held fixed, the Megacoach reward and PPO's push must
-                       fall with the KL as well.
+                       weights that train — with LoRA, the adapter's — at levels calibrated to ~2 and ~8
+                       nats): the reward path's KL term must fall as the exact KL (from the full next-token
+                       distributions) grows, at a slope of at least half of -beta; and, with the score held
+                       fixed, the Megacoach reward and PPO's push must fall with the KL as well.
 5. `optimiser`         one optimiser step of PPO's update (`trainer.update` with its loop cut to one step over
                        the whole probe batch; on the trainer itself, then restored exactly) on response pairs
                        with advantages +1 / -1, against the same step with the signs swapped (cancelling Adam's
@@ -45,6 +45,7 @@ import torch
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
 from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
+from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, maths, objective
 from megacoach.tasks import Query
 
@@ -236,9 +237,14 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
         figs[f"{name}_t"] = None if f is None else float(f.t[1])
     spread = float(x.max() - x.min())
     if spread < 0.5:
-        return Check("coherence_coach", COMPONENTS["coherence_coach"], False,
-                     f"could not move a copy of the Apprentice away from the original model (exact KL spread "
-                     f"{spread:.2f} nats): the policy and reference look identical to the KL computation", figs)
+        msg = (f"could not move a copy of the Apprentice away from the original model (exact KL spread {spread:.2f} "
+               "nats): the policy and reference look identical to the KL computation")
+        if has_adapter(trainer.apprentice.lm):
+            msg += (f" — with a LoRA adapter only the adapter moves (noise up to {2 * sigma:.3g}x the weights' RMS): "
+                    "the frozen base, its final norm and LM head included, bounds how far the adapter can take the "
+                    "model (a model whose next-token distributions are nearly uniform, as a random tiny one's are, "
+                    "cannot be moved far); more of the model in ppo.lora_target_modules reaches further")
+        return Check("coherence_coach", COMPONENTS["coherence_coach"], False, msg, figs)
     if beta <= 0 and require_kl:
         return Check("coherence_coach", COMPONENTS["coherence_coach"], False,
                      "β (the Coherence Coach's weight) is 0: nothing keeps the Apprentice near the original model "

@@ -10,7 +10,8 @@ gradient step makes, so its sign is "PPO will make this response more (or less) 
 sits between the Values Coach and the loss.
 
 `scratch(trainer)` lets a probe perturb the Apprentice or take real optimiser steps and then puts
-everything back exactly (weights, optimiser and schedule state, beta, random generators, gradients).
+everything back exactly (the weights that train, optimiser and schedule state, beta, random generators,
+gradients).
 """
 
 from __future__ import annotations
@@ -127,13 +128,21 @@ def params_checksum(module: torch.nn.Module) -> float:
         return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
+def mutable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what a probe may change: the parameters that train and the buffers. Frozen parameters (a LoRA
+    Apprentice's base, shared with the original model) are neither perturbed nor stepped, so they are not copied:
+    the preflight of a LoRA run holds one copy of the base, as training does."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k not in frozen}
+
+
 @contextmanager
 def scratch(trainer):
     """Run a probe on the trainer itself, then restore it exactly: Apprentice weights, optimiser and
     schedule state, KL controller, random generators, gradients, counters and config."""
     params = list(trainer.apprentice.parameters())
     snap = {
-        "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()},
+        "apprentice": mutable_state(trainer.apprentice),
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
         "kl_ctl": copy.deepcopy(trainer.kl_ctl.state_dict()),
@@ -148,7 +157,7 @@ def scratch(trainer):
         yield trainer
     finally:
         trainer.cfg = snap["cfg"]
-        trainer.apprentice.load_state_dict(snap["apprentice"])
+        trainer.apprentice.load_state_dict(snap["apprentice"], strict=False)
         trainer.optimizer.load_state_dict(snap["optimizer"])
         trainer.scheduler.load_state_dict(snap["scheduler"])
         trainer.kl_ctl.load_state_dict(snap["kl_ctl"])

@@ -30,7 +30,7 @@ from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.lm.hf import device_of
-from megacoach.ppo.policy import Apprentice
+from megacoach.ppo.policy import Apprentice, load_apprentice_state
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
 from megacoach.tasks import Query
@@ -200,15 +200,7 @@ class PPOTrainer:
         return {k: v for k, v in state.items() if k in trained}
 
     def load_apprentice_state(self, state: dict) -> None:
-        if not self.cfg.ppo.lora_r:
-            self.apprentice.load_state_dict(state)
-            return
-        missing, unexpected = self.apprentice.load_state_dict(state, strict=False)
-        trained = {name for name, q in self.apprentice.named_parameters() if q.requires_grad}
-        if unexpected or trained & set(missing):
-            raise DataError(f"checkpoint: the Apprentice's LoRA state does not fit this run (missing "
-                            f"{sorted(trained & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}): was it saved "
-                            "with other ppo.lora_* settings?")
+        load_apprentice_state(self.apprentice, state, bool(self.cfg.ppo.lora_r))
 
     def load_state_dict(self, state: dict) -> None:
         self.load_apprentice_state(state["apprentice"])
