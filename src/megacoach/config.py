@@ -111,6 +111,17 @@ class RewardConfig(_Section):
         "auto", description="The Values Coach's precision while PPO uses it (model.precision lists them); 'bf16' "
         "keeps bfloat16 weights for scoring and trains (first and online retrains) in bf16-mixed. Default 'auto': "
         "the Apprentice's.")
+    lora_r: int = Field(0, ge=0, description="Rank of a LoRA adapter (through PEFT) on the Values Coach's trunk; 0 "
+                        "(default): off, every weight of the Values Coach trains (the paper). With LoRA only the adapter "
+                        "and the scalar head train, and a saved Values Coach holds the adapter and the head (its base "
+                        "is loaded from where it was trained from).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator of the Values Coach's adapter: its "
+                              "update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the Values Coach's adapter input while it "
+                                "trains (the paper's Values Coach has no dropout).")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Modules of the Values Coach's trunk that get an adapter (e.g. ['q_proj', 'v_proj']); None: "
+        "PEFT's default for the family (GPT-2: c_attn; Llama, Mistral, Qwen2: q_proj and v_proj).")
 
 
 class KLConfig(_Section):

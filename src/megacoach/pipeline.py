@@ -195,7 +195,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
         if cfg.reward.path:
             values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok, device=hw.device)
         else:
-            values_coach = RewardModel.from_base(cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
+            values_coach = RewardModel.for_run(cfg.reward, cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
         values_coach.eval()
     hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
     if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off

@@ -14,11 +14,16 @@ As in the paper's reference code (ORIG):
 - `best_of_k(queries, responses)` scores K responses per query computing each query once (a KV cache
   repeated K times, differentiably): the same rewards as the full sequences at about half the cost.
 
+With `reward.lora_r` (`add_lora`) the trunk trains through a LoRA adapter (PEFT): only the adapter and the head
+change.
+
 Saved in the Hugging Face style (`save_pretrained` / `RewardModel.from_pretrained`):
-  config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel)
+  config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel); with LoRA,
+                                    adapter_config.json + adapter_model.safetensors instead (the adapter; the base
+                                    is reloaded from reward_config.json's `base_model`)
   tokenizer files                   the tokenizer, so the Apprentice's can be checked against it
   reward_head.safetensors           head.weight, head.bias, gain, bias
-  reward_config.json                base model, d_model, pad id, gain/bias and normalisation stats
+  reward_config.json                base model, d_model, pad id, gain/bias, normalisation stats, LoRA settings
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class RewardModel(nn.Module):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.normalisation: dict = {}
+        self.lora: dict | None = None  # the adapter's settings when the trunk trains through LoRA (add_lora)
         device = device_of(trunk)
         self.head = nn.Linear(self.d_model, 1, dtype=torch.float32, device=device)
         self.reset_head(seed)
@@ -106,6 +112,26 @@ class RewardModel(nn.Module):
         lm, tok = load_causal_lm(name_or_path, dtype=dtype, tokenizer=tokenizer)
         return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed,
                    d_model=hidden_size_of(lm))
+
+    @classmethod
+    def for_run(cls, reward_cfg, apprentice_base: str, tokenizer=None, dtype: str = "float32",
+                seed: int | None = None) -> "RewardModel":
+        """A fresh Values Coach as the run's `reward` section asks for it: on the Apprentice's base
+        `apprentice_base` (sharing its `tokenizer`), with a LoRA adapter when `reward.lora_r` > 0."""
+        model = cls.from_base(apprentice_base, dtype=dtype, tokenizer=tokenizer, seed=seed)
+        if reward_cfg.lora_r:
+            model.add_lora(reward_cfg.lora_r, reward_cfg.lora_alpha, reward_cfg.lora_dropout,
+                           reward_cfg.lora_target_modules)
+        return model
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+        """Train the trunk through a LoRA adapter of rank `r` (PEFT; the base weights are frozen): only the adapter and
+        the head train. The adapter starts as the identity, so the scores are unchanged until the first step."""
+        from megacoach.lm.adapters import add_trunk_lora
+
+        self.trunk = add_trunk_lora(self.trunk, r, alpha, dropout, target_modules)
+        self.lora = {"r": int(r), "alpha": float(alpha), "dropout": float(dropout),
+                     "target_modules": list(target_modules) if target_modules else None}
 
     def reset_head(self, seed: int | None = None) -> None:
         """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1); drawn on the CPU, whatever the
@@ -197,7 +223,7 @@ class RewardModel(nn.Module):
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model,
                 "d_model": self.d_model, "pad_token_id": self.pad_id, "gain": float(self.gain),
                 "bias": float(self.bias), "head_init_std": 1.0 / math.sqrt(self.d_model + 1),
-                "normalisation": self.normalisation}
+                "normalisation": self.normalisation, "lora": self.lora}
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -238,11 +264,14 @@ class RewardModel(nn.Module):
         tok = load_tokenizer(str(p))
         check_same_tokenizer(tok, policy_tokenizer)
         try:
-            cfg = AutoConfig.from_pretrained(str(p))
-            for attr in _DROPOUT_ATTRS:
-                if hasattr(cfg, attr):
-                    setattr(cfg, attr, 0.0)
-            trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype)).to(device)
+            if meta.get("lora"):  # the adapter is here; its base is where the Values Coach was trained from
+                trunk = _adapter_trunk(p, meta, tok, dtype).to(device)
+            else:
+                cfg = AutoConfig.from_pretrained(str(p))
+                for attr in _DROPOUT_ATTRS:
+                    if hasattr(cfg, attr):
+                        setattr(cfg, attr, 0.0)
+                trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype)).to(device)
             tensors = load_file(str(p / HEAD_FILE), device=str(device))
         except (OSError, ValueError) as err:
             raise DataError(f"Values Coach at {str(p)!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
@@ -257,5 +286,20 @@ class RewardModel(nn.Module):
             raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
                             f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
         model.normalisation = meta.get("normalisation", {})
+        model.lora = meta.get("lora")
         model.eval()
         return model
+
+
+def _adapter_trunk(path: Path, meta: dict, tokenizer, dtype: str):
+    """The trunk of a saved LoRA Values Coach: its base model (reward_config.json's `base_model`) with the adapter
+    saved in `path`."""
+    from peft import PeftModel
+
+    base = meta.get("base_model") or ""
+    try:
+        lm, _ = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer)
+    except (ConfigError, DataError) as err:
+        raise DataError(f"reward.path: the Values Coach at {str(path)!r} is a LoRA adapter on the base model {base!r}, "
+                        f"which cannot be loaded here ({err})") from None
+    return PeftModel.from_pretrained(lm.base_model, str(path))

@@ -185,7 +185,8 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
                          dtype: str = "float32", tokenizer=None, device: torch.device | str | None = None,
                          dist: Dist | None = None, precision: str | None = None) -> tuple[RewardModel, dict]:
-    """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
+    """A fresh Values Coach (the base LM's weights + a fresh head, seeded; with `cfg.lora_r`, a LoRA adapter on the
+    trunk) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
     tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
@@ -198,7 +199,7 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
         valid_comparisons = store_valid if valid_comparisons is None else valid_comparisons
     cfg = cfg or RewardConfig()
     torch.manual_seed(seed)
-    model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    model = RewardModel.for_run(cfg, base_model, tokenizer=tokenizer, dtype=dtype, seed=seed)
     if device is not None:
         model.to(device)
     if precision is not None:
