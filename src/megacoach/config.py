@@ -92,6 +92,10 @@ class LabelsConfig(_Section):
 class RewardConfig(_Section):
     """The Values Coach: base LM + scalar head, trained on best-of-K comparisons."""
 
+    model: str | None = Field(None, description="The Values Coach's base model ('builtin', a local Hugging Face "
+                              "model folder, or a hub name); None (default): the Apprentice's (model.name_or_path). "
+                              "With a tokenizer other than the Apprentice's it scores the text: query and truncated "
+                              "response decoded by the Apprentice's tokenizer and tokenized again with its own.")
     learning_rate: float = Field(3e-4, gt=0, description="Adam learning rate, decayed linearly to 0. Paper: 5e-5 "
                                  "(GPT-2 124M); the built-in 5M model learns far less in one epoch at that rate "
                                  "(held-out best-of-4 accuracy 38% vs 54% at 3e-4 on 1,800 VADER comparisons).")

@@ -174,8 +174,8 @@ def chunk_rows(tr) -> int:
 @torch.inference_mode()
 def values_coach_scores(tr, query_ids: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     """[B] the Values Coach's normalised score of query + truncated response, read at the last real token
-    (on the trainer's device)."""
-    return in_chunks(lambda q, r: tr.values_coach(torch.cat([q, r], dim=1), tr.pad_id).float().to(tr.device),
+    (on the trainer's device); a Values Coach with its own tokenizer reads them as text (`RewardModel.score`)."""
+    return in_chunks(lambda q, r: tr.values_coach.score(q, r, tr.pad_id).float().to(tr.device),
                      chunk_rows(tr), query_ids.to(tr.device), truncated.to(tr.device))
 
 
