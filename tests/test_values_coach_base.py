@@ -142,3 +142,16 @@ def test_missing_reward_model_is_named(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="^reward.model: no model folder"):
         train(cfg, console=QUIET)
     assert not (tmp_path / "run" / "labels.db").exists()  # refused before anything was labeled
+
+
+def test_reading_the_text_makes_no_tensor_off_the_models_device(trained):
+    """Scoring through the retokenizer, and a PPO step, under the meta default device of test_device."""
+    from test_device import explicit_devices
+
+    from megacoach.pipeline import build_trainer
+
+    cfg, lm, tok, _, coach, _ = trained
+    tr = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach)
+    with explicit_devices() as found:
+        batch, _ = tr.step()
+    assert not found, "tensors or generators made without a device at:\n" + "\n".join(sorted(found))
