@@ -194,12 +194,12 @@ def _kl_levels(trainer, queries, seed: int, target: float = 2.0):
     with P.scratch(trainer):
         base = trainer.rollout(queries)
     qr = base.query_responses
-    start = float(P.exact_kl(trainer, qr).mean())
+    start = float(P.exact_kl(trainer, qr, mask=base.mask).mean())
     sigma = 0.05
     for _ in range(8):  # KL grows about as sigma^2: aim at the target in a few steps
         with P.scratch(trainer):
             P.perturb_(trainer.apprentice.lm, sigma, seed)
-            moved = float(P.exact_kl(trainer, qr).mean()) - start
+            moved = float(P.exact_kl(trainer, qr, mask=base.mask).mean()) - start
         if target <= moved <= 3 * target:
             break
         sigma *= float(np.clip(np.sqrt(1.5 * target / max(moved, 1e-4)), 0.25, 8.0))
@@ -216,11 +216,11 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
             if s > 0:
                 P.perturb_(trainer.apprentice.lm, s, seed)
             b = trainer.rollout(queries)
-            ex = P.exact_kl(trainer, b.query_responses).numpy()
+            ex = P.exact_kl(trainer, b.query_responses, mask=b.mask).numpy()
             non_score = b.path.non_score.float().sum(1).cpu().numpy()
             # the score held fixed: what the path does with the KL alone, on the furthest copy
             fixed = P.with_scores(trainer, b, torch.zeros_like(b.raw_scores), torch.ones_like(b.valid))
-            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float()).cpu().numpy()
+            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float(), b.mask).cpu().numpy()
             reward = fixed.path.rewards.float().sum(1).cpu().numpy()
             push = P.ppo_push(trainer, fixed).cpu().numpy()
         xs.append(ex), ns.append(non_score)
@@ -307,7 +307,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
             trainer.update(b)
             moved = moved and P.params_checksum(trainer.apprentice) != before
             after, _, _, _ = episodes.forward_old(trainer, b.query_responses)
-            deltas.append((after.float() - b.logprobs.float()).sum(1))
+            deltas.append(episodes.real(after.float() - b.logprobs.float(), b.mask).sum(1))
     dlogp = deltas[0] - deltas[1]  # what the advantages' sign did, the optimiser's own drift cancelled
     d = []
     for j in range(n):

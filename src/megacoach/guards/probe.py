@@ -45,7 +45,7 @@ def ppo_push(trainer, batch, advantages: torch.Tensor | None = None) -> torch.Te
     p = trainer.cfg.ppo
     adv = batch.path.advantages if advantages is None else advantages
     return objective.loss_push(batch.logprobs, adv, batch.values, batch.path.returns, p.cliprange,
-                               p.cliprange_value, p.vf_coef)
+                               p.cliprange_value, p.vf_coef, batch.mask)
 
 
 def stages(trainer, batch) -> dict[str, np.ndarray]:
@@ -71,9 +71,10 @@ STAGES = {
 }
 
 
-def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """[B] KL(Apprentice || original model) summed over the response positions, computed from the full
-    next-token distributions (not the sampled tokens): an independent measure of how far the policy is."""
+def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] KL(Apprentice || original model) summed over the response positions (`mask`'s real ones; None: all),
+    computed from the full next-token distributions (not the sampled tokens): an independent measure of how far
+    the policy is."""
     t = trainer.cfg.task
     out = []
     with torch.inference_mode():
@@ -83,7 +84,8 @@ def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.T
             ref = reference_logits(trainer.ref_lm, qr, trainer.pad_id, t.response_length, t.temperature)
             lp = torch.log_softmax(logits.float(), -1)
             lq = torch.log_softmax(ref.float(), -1)
-            out.append((lp.exp() * (lp - lq)).sum(-1).sum(-1).cpu())
+            kl = episodes.real((lp.exp() * (lp - lq)).sum(-1), None if mask is None else mask[s].to(lp.device))
+            out.append(kl.sum(-1).cpu())
     return torch.cat(out)
 
 
