@@ -274,6 +274,7 @@ def test_guards_preflight_with_stops_passes_and_catches_flipped_signs(stop_rig):
         assert component in err.value.component, str(err.value)
 
 
+@pytest.mark.slow
 def test_guarded_run_with_stops(stop_rig, tmp_path):
     import guard_helpers as H
     from rich.console import Console

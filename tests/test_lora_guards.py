@@ -96,6 +96,7 @@ def test_lora_on_a_near_uniform_model_is_refused_saying_why(tiny_model_dir):
     assert "could not move" in check.message and "LoRA adapter" in check.message
 
 
+@pytest.mark.slow
 def test_guarded_lora_run_trains_and_its_checkpoint_loads(lora_prepared, tmp_path):
     from megacoach.incident import _latest_policy
     from megacoach.lm.adapters import has_adapter
