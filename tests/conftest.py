@@ -33,8 +33,11 @@ def tiny_corpus_texts(max_chars: int = TINY_TEXT_CHARS) -> list[str]:
 
 
 def build_tiny_model(out_dir: Path, seed: int = 0, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                     n_positions: int = 128, vocab_size: int = TINY_VOCAB) -> Path:
-    """Build and save the tiny tokenizer + GPT-2 to `out_dir`; returns `out_dir`."""
+                     n_positions: int = 128, vocab_size: int = TINY_VOCAB, embedding_scale: float = 1.0) -> Path:
+    """Build and save the tiny tokenizer + GPT-2 to `out_dir`; returns `out_dir`.
+
+    embedding_scale multiplies the (tied) token embeddings: at 1 the random model's next-token distributions are
+    nearly uniform (logits within about +-0.5 nats), at 5 they are peaked like a trained model's."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -50,6 +53,9 @@ def build_tiny_model(out_dir: Path, seed: int = 0, n_layer: int = 2, n_embd: int
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config).eval()
+    if embedding_scale != 1.0:
+        with torch.no_grad():
+            model.transformer.wte.weight.mul_(embedding_scale)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir

@@ -67,3 +67,33 @@ def build_family_model(family: str, out_dir: Path, tokenizer_dir: Path, seed: in
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def build_chat_model(out_dir: Path, seed: int = 0, eos_logit: float = 1.5) -> Path:
+    """A tiny random-weight Llama whose local tokenizer (the tests' 300-token BPE) has a chat template (role markers,
+    each message ended by the EOS token) and whose EOS token is likely enough that sampled responses stop at it:
+    the LM head's EOS row points along the mean final hidden state of some text, `eos_logit` long."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_corpus_texts
+    from megacoach.lm.pretrain import train_tokenizer
+
+    out_dir = Path(out_dir)
+    tok_dir = out_dir.parent / (out_dir.name + "-tokenizer")
+    tok = train_tokenizer(tiny_corpus_texts(), 300)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(tok_dir)
+    build_family_model("llama", out_dir, tok_dir, seed=seed)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    ids = torch.tensor([tok(" ".join(tiny_corpus_texts(2000)))["input_ids"][:120]], dtype=torch.long)
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        direction = h.mean(0) / h.mean(0).norm()
+        model.get_output_embeddings().weight[tok.eos_token_id] = eos_logit * direction
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -73,9 +73,10 @@ def tiny_config(run_dir: Path, model_dir: Path, coach: Path | None = None, guard
     return load_config(preset="tiny", overrides=over)
 
 
-def prepare_tiny(base: Path, model_dir: Path) -> tuple[Path, Path]:
+def prepare_tiny(base: Path, model_dir: Path, **sections) -> tuple[Path, Path]:
     """(labels.db, Values Coach folder) for tiny test runs: a Values Coach (random head, normalised on
-    initial-policy samples), and best-of-K labels of the tiny model by CoachLabeler (that coach's taste)."""
+    initial-policy samples), and best-of-K labels of the tiny model by CoachLabeler (that coach's taste).
+    `sections` go over the tiny config (e.g. labels={"num_comparisons": 160})."""
     global COACH_PATH
     from rich.console import Console
 
@@ -91,7 +92,7 @@ def prepare_tiny(base: Path, model_dir: Path) -> tuple[Path, Path]:
 
     run = base / RUN_NAME
     run.mkdir(parents=True, exist_ok=True)
-    cfg = tiny_config(run, model_dir)
+    cfg = tiny_config(run, model_dir, **sections)
     torch.manual_seed(0)
     lm, tok = load_causal_lm(str(model_dir))
     sampler = TaskSampler(HFGenerator(lm, tok.pad_token_id), tok, cfg.task)

@@ -56,11 +56,11 @@ def test_the_continuations_sampler_applies_the_same_rules(trainer):
     sampler = TaskSampler(HFGenerator(trainer.apprentice.lm, trainer.pad_id), trainer.tok, trainer.cfg.task)
     queries = trainer.train_queries[:3]
     groups = sampler.continuations(queries, 2, torch.Generator().manual_seed(5))
-    again = episodes.sample(sampler.gen, trainer.tok, trainer.cfg.task, trainer.stop_ids, queries,
+    again = episodes.sample(sampler.gen, trainer.tok, trainer.cfg.task, trainer.stops, queries,
                             torch.Generator().manual_seed(5), repeats=2)
     flat = [c for g in groups for c in g]
     assert [c.sampled_ids for c in flat] == again.responses.tolist()
-    truncated, valid = episodes.settle(again.responses, trainer.stop_ids, trainer.cfg.task, trainer.pad_id)
+    truncated, valid = episodes.settle(again.responses, trainer.stops, trainer.pad_id)
     assert [c.valid for c in flat] == valid.tolist()
     assert [c.response_ids for c in flat] == [[x for x in row if x != trainer.pad_id] for row in truncated.tolist()]
     assert [c.text for c in flat] == again.texts

@@ -59,14 +59,46 @@ class TaskConfig(_Section):
                               ".txt file (one query per line), a .jsonl file (field 'text'), or 'hf:NAME[:SPLIT[:FIELD]]'.")
     query_length: int = Field(64, ge=1, description="Query tokens (left-padded with the pad token). Paper: 64.")
     query_min_tokens: int = Field(24, ge=1, description="Built-in excerpts are at least this many tokens.")
-    response_length: int = Field(24, ge=1, description="Sampled response tokens; always exactly this many. Paper: 24.")
+    response_length: int = Field(24, ge=1, description="Sampled response tokens: exactly this many (the paper), or at "
+                                 "most this many with task.stop / task.stop_at_eos. Paper: 24.")
     temperature: float = Field(0.7, gt=0, description="Logits are divided by this before sampling. Paper: 0.7.")
     truncate_token: str | None = Field(".", description="Text is cut after the first occurrence of this token "
-                                       "(kept), after `truncate_after`. None: no truncation. Paper: '.'.")
+                                       "(kept), after `truncate_after`. None: no truncation. Paper: '.'. With task.stop "
+                                       "or task.stop_at_eos it is one more place where a response ends (set it to null "
+                                       "to end responses only at the stops).")
     truncate_after: int = Field(16, ge=0, description="The truncate token counts only at response positions >= this. "
-                                "Paper: 16.")
-    penalty_reward: float = Field(-1.0, description="Score given instead of the Values Coach's to a response "
-                                  "without the truncate token (invalid). Paper: -1.")
+                                "Paper: 16. (The stops of task.stop and task.stop_at_eos count anywhere.)")
+    penalty_reward: float = Field(-1.0, description="Score given instead of the Values Coach's to an invalid response: "
+                                  "one without the truncate token; with task.stop / task.stop_at_eos, one that did not "
+                                  "stop within task.response_length tokens. Paper: -1.")
+    chat_template: bool = Field(False, description="Format each query with the tokenizer's chat template (one user "
+                                "message, after task.system_prompt if set), the generation prompt appended, for instruct "
+                                "models. The tokenizer must have a chat template. Default false: queries are plain text "
+                                "(the paper).")
+    system_prompt: str | None = Field(None, description="A system message before each query (needs "
+                                      "task.chat_template). Default none.")
+    stop: list[str] | None = Field(None, description="Stop strings: a response ends at the first token that completes "
+                                   "one of them (kept in the response); the tokens after it are padding, masked out "
+                                   "of every log-prob, value, KL, advantage and loss. Sampling ends early once every "
+                                   "response of a batch has stopped; task.response_length is then the maximum. Default "
+                                   "none (the paper: fixed-length responses).")
+    stop_at_eos: bool = Field(False, description="End a response at the tokenizer's end-of-sequence token (kept, as "
+                              "the stop strings are). Default false (the paper: the built-in model's responses are "
+                              "exactly task.response_length tokens).")
+
+    @property
+    def early_stop(self) -> bool:
+        """Whether responses end at stops (task.stop, task.stop_at_eos) instead of being fixed-length."""
+        return bool(self.stop) or self.stop_at_eos
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.system_prompt is not None and not self.chat_template:
+            raise ValueError("task.system_prompt needs task.chat_template=true (the system message is part of the "
+                             "chat template)")
+        if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("task.stop: expected a list of non-empty strings")
+        return self
 
 
 class LabelsConfig(_Section):
@@ -92,6 +124,10 @@ class LabelsConfig(_Section):
 class RewardConfig(_Section):
     """The Values Coach: base LM + scalar head, trained on best-of-K comparisons."""
 
+    model: str | None = Field(None, description="The Values Coach's base model ('builtin', a local Hugging Face "
+                              "model folder, or a hub name); None (default): the Apprentice's (model.name_or_path). "
+                              "With a tokenizer other than the Apprentice's it scores the text: query and truncated "
+                              "response decoded by the Apprentice's tokenizer and tokenized again with its own.")
     learning_rate: float = Field(3e-4, gt=0, description="Adam learning rate, decayed linearly to 0. Paper: 5e-5 "
                                  "(GPT-2 124M); the built-in 5M model learns far less in one epoch at that rate "
                                  "(held-out best-of-4 accuracy 38% vs 54% at 3e-4 on 1,800 VADER comparisons).")
@@ -111,6 +147,17 @@ class RewardConfig(_Section):
         "auto", description="The Values Coach's precision while PPO uses it (model.precision lists them); 'bf16' "
         "keeps bfloat16 weights for scoring and trains (first and online retrains) in bf16-mixed. Default 'auto': "
         "the Apprentice's.")
+    lora_r: int = Field(0, ge=0, description="Rank of a LoRA adapter (through PEFT) on the Values Coach's trunk; 0 "
+                        "(default): off, every weight of the Values Coach trains (the paper). With LoRA only the adapter "
+                        "and the scalar head train, and a saved Values Coach holds the adapter and the head (its base "
+                        "is loaded from where it was trained from).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator of the Values Coach's adapter: its "
+                              "update is scaled by lora_alpha / lora_r.")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the Values Coach's adapter input while it "
+                                "trains (the paper's Values Coach has no dropout).")
+    lora_target_modules: list[str] | None = Field(
+        None, description="Modules of the Values Coach's trunk that get an adapter (e.g. ['q_proj', 'v_proj']); None: "
+        "PEFT's default for the family (GPT-2: c_attn; Llama, Mistral, Qwen2: q_proj and v_proj).")
 
 
 class KLConfig(_Section):

@@ -16,7 +16,7 @@ from megacoach.errors import DataError
 from megacoach.hardware import load_model
 from megacoach.ppo import episodes
 from megacoach.sampling import HFGenerator, ResponseGenerator
-from megacoach.tasks import Query, load_queries
+from megacoach.tasks import Query, load_queries, query_token_ids
 
 
 @dataclass
@@ -24,8 +24,8 @@ class Continuation:
     query: Query
     response_ids: list[int]  # truncated, without padding
     text: str  # decoded truncated response
-    valid: bool  # contains the truncate token after the minimum position
-    sampled_ids: list[int]  # exactly response_length sampled tokens
+    valid: bool  # contains the truncate token after the minimum position (with stops: stopped in time)
+    sampled_ids: list[int]  # response_length tokens as sampled (with stops: padding after the stop)
 
 
 class TaskSampler:
@@ -33,7 +33,7 @@ class TaskSampler:
 
     def __init__(self, generator: ResponseGenerator, tokenizer, task: TaskConfig):
         self.gen, self.tok, self.task = generator, tokenizer, task
-        self.stop_ids = episodes.stop_token_ids(tokenizer, task.truncate_token, device=self.device)
+        self.stops = episodes.stop_rule(tokenizer, task, device=self.device)
 
     @property
     def device(self) -> torch.device:
@@ -47,7 +47,7 @@ class TaskSampler:
     def continuations(self, queries: list[Query], k: int, generator: torch.Generator | None,
                       batch_size: int = 64) -> list[list[Continuation]]:
         """k continuations of each query (each query is read once; its KV cache serves its k continuations)."""
-        s = episodes.sample(self.gen, self.tok, self.task, self.stop_ids, queries, generator, batch_size, repeats=k)
+        s = episodes.sample(self.gen, self.tok, self.task, self.stops, queries, generator, batch_size, repeats=k)
         out: list[list[Continuation]] = []
         for i, q in enumerate(queries):
             rows = range(i * k, (i + 1) * k)
@@ -62,18 +62,27 @@ def print_samples(cfg: Config, n: int, n_queries: int, prompt: str | None, conso
     if prompt is not None:
         if not prompt.strip():
             raise DataError("--prompt is empty (expected some text to continue)")
-        queries = [Query(prompt, tok(prompt)["input_ids"][-cfg.task.query_length:])]
+        queries = [Query(prompt, query_token_ids(cfg.task, tok, prompt))]
     else:
         queries = load_queries(cfg.task, tok, "eval", n_queries, cfg.run.seed)
     sampler = TaskSampler(HFGenerator(model, tok.pad_token_id), tok, cfg.task)
     groups = sampler.continuations(queries, n, torch.Generator(device=sampler.device).manual_seed(cfg.run.seed))
-    console.print(f"[dim]Apprentice: {cfg.model.name_or_path} | response {cfg.task.response_length} tokens, "
-                  f"temperature {cfg.task.temperature}, truncate after {cfg.task.truncate_token!r} "
-                  f"(position >= {cfg.task.truncate_after})[/]")
+    t = cfg.task
+    if t.early_stop:
+        stops = [repr(x) for x in t.stop or []] + (["EOS"] if t.stop_at_eos else [])
+        if t.truncate_token is not None:
+            stops.append(f"{t.truncate_token!r} (position >= {t.truncate_after})")
+        rule = f"at most {t.response_length} tokens, temperature {t.temperature}, stop at {', '.join(stops)}"
+        missing = "no stop"
+    else:
+        rule = (f"{t.response_length} tokens, temperature {t.temperature}, truncate after {t.truncate_token!r} "
+                f"(position >= {t.truncate_after})")
+        missing = f"no {t.truncate_token!r}"
+    console.print(f"[dim]Apprentice: {cfg.model.name_or_path} | response {rule}[/]")
     for q, group in zip(queries, groups):
         console.print(Panel(q.text, title="query", title_align="left"))
         for j, c in enumerate(group, 1):
-            flag = "[green]valid[/]" if c.valid else f"[red]invalid: no {cfg.task.truncate_token!r} -> penalty {cfg.task.penalty_reward}[/]"
+            flag = "[green]valid[/]" if c.valid else f"[red]invalid: {missing} -> penalty {t.penalty_reward}[/]"
             trunc = " [dim](truncated)[/]" if c.valid and len(c.response_ids) < cfg.task.response_length else ""
             console.print(f"[bold]{j}.[/] {flag}{trunc}")
             console.print("   " + c.text.replace("\n", "\n   "), markup=False, highlight=False)

@@ -41,12 +41,13 @@ from megacoach.labels.labelers import labeler_scores, load_labeler
 from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
 from megacoach.hardware import load_model
+from megacoach.lm.adapters import add_lora
 from megacoach.lm.hf import autocast, device_of, lm_inputs
 from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
 from megacoach.ppo import episodes, maths
-from megacoach.ppo.episodes import stop_token_ids
-from megacoach.ppo.policy import Apprentice, frozen_reference
+from megacoach.ppo.episodes import stop_rule
+from megacoach.ppo.policy import Apprentice, frozen_reference, load_apprentice_state
 from megacoach.runs import RunDir
 from megacoach.sampling import HFGenerator
 
@@ -186,7 +187,7 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
     t = cfg.task
     pad = tok.pad_token_id
     gen = HFGenerator(lm, pad)
-    s = episodes.sample(gen, tok, t, stop_token_ids(tok, t.truncate_token, device=gen.device), queries,
+    s = episodes.sample(gen, tok, t, stop_rule(tok, t, device=gen.device), queries,
                         torch.Generator(device=gen.device).manual_seed(seed), 64)
     ls = labeler_scores(labeler, [q.text for q in queries], s.texts)
     kls, nll_sum, n_tok = [], 0.0, 0
@@ -196,7 +197,7 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
             logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1]
         logits = logits.float().to(s.logprobs.device) / t.temperature
         ref_lp = torch.log_softmax(logits, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
-        kls.append(maths.sequence_kl(s.logprobs[i:i + 64], ref_lp))
+        kls.append(maths.sequence_kl(s.logprobs[i:i + 64], ref_lp, None if s.mask is None else s.mask[i:i + 64]))
         # fluency: the original model's perplexity (temperature 1) of the truncated text it would read
         lp1 = torch.log_softmax(logits * t.temperature, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
         real = s.truncated[i:i + 64] != pad
@@ -208,13 +209,17 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
 
 
 def _latest_policy(run_dir: Path, cfg):
+    """The Apprentice of the run's latest checkpoint (the base model when there is none); with LoRA
+    (`ppo.lora_r`) the base with the checkpoint's adapter."""
     lm, tok = load_model(cfg)
     latest = run_dir / "checkpoints" / "latest.json"
     if latest.is_file():
         info = json.loads(latest.read_text())
-        state = torch.load(run_dir / "checkpoints" / info["file"], map_location="cpu", weights_only=False)
-        app = Apprentice(lm, cfg.ppo.separate_value_model)
-        app.load_state_dict(state["trainer"]["apprentice"])
+        state = torch.load(run_dir / "checkpoints" / info["file"], map_location=device_of(lm), weights_only=False)
+        if cfg.ppo.lora_r:
+            lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
+        load_apprentice_state(Apprentice(lm, cfg.ppo.separate_value_model), state["trainer"]["apprentice"],
+                              bool(cfg.ppo.lora_r))
     return lm, tok
 
 

@@ -32,6 +32,7 @@ from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
 from megacoach.lm.adapters import AdapterOff, add_lora
 from megacoach.lm.hf import check_logits, left_pad
+from megacoach.lm.loading import resolve_model_path
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
 from megacoach.online import OnlineLabeling
@@ -104,6 +105,17 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
     return n
 
 
+def normalisation_samples(cfg: Config, store, run_id: str, pad_id: int):
+    """The INITIAL Apprentice's samples the Values Coach is normalised on, from the offline labels: query + truncated
+    response sequences, or with `reward.model` (query ids, response ids) pairs, which a coach with its own tokenizer
+    reads as text."""
+    if cfg.reward.model is None:
+        return normalisation_sequences(store, run_id, cfg.reward.normalize_samples, pad_id, cfg.task.query_length)
+    pairs = [(list(c.query_token_ids), list(s.token_ids)) for c in store.comparisons(batch=f"{run_id}/offline")
+             for s in c.samples]
+    return pairs[:cfg.reward.normalize_samples]
+
+
 def normalisation_sequences(store, run_id: str, n: int, pad_id: int, query_length: int) -> torch.Tensor:
     """Query + truncated response sequences of the INITIAL Apprentice, from the offline labels."""
     seqs = []
@@ -143,15 +155,14 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
 
     if dist.run_on_main(saved):
         log(f"Values Coach: loaded from {path}")
-        coach = dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok)  # handed over on the host
+        coach = dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok,  # handed over on the host
+                                 read_text=cfg.reward.model is not None)
         return hardware.move(coach, hw.device).set_precision(hw.values_coach), None
 
     def labels():
         train = as_comparisons(store.comparisons(split="train"))
         valid = as_comparisons(store.comparisons(split="valid"))
-        norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
-                                       cfg.task.query_length)
-        return train, valid, norm
+        return train, valid, normalisation_samples(cfg, store, run_id, tok.pad_token_id)
 
     train, valid, norm = dist.run_on_main(labels)
     model, metrics = retrain_from_scratch(cfg.model.name_or_path, train, valid, cfg.reward, normalisation_samples=norm,
@@ -193,9 +204,10 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     check_logits(lm, tok.pad_token_id)
     if values_coach is None:
         if cfg.reward.path:
-            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok, device=hw.device)
+            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok, device=hw.device,
+                                                       read_text=cfg.reward.model is not None)
         else:
-            values_coach = RewardModel.from_base(cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
+            values_coach = RewardModel.for_run(cfg.reward, cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
         values_coach.eval()
     hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
     if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
@@ -252,6 +264,8 @@ def _open_run_folder(run: RunDir, cfg: Config, resume: bool) -> None:
 
 def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     check_world(cfg, dist)  # a process count that cannot split the batches: ConfigError before anything is written
+    if cfg.reward.model is not None:  # the Values Coach's own base: a missing folder is said now, not after labeling
+        resolve_model_path(cfg.reward.model, field="reward.model")
     console = console or Console()
     if not dist.is_main:
         console = Console(quiet=True)  # rank 0 speaks for all processes
@@ -330,8 +344,7 @@ def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str
     online = None
     if cfg.online.enabled:
         mock = load_labeler(cfg.online.mock_labeler) if cfg.online.mock_labeler else None
-        norm = normalisation_sequences(store, run_id, cfg.reward.normalize_samples, tok.pad_token_id,
-                                       cfg.task.query_length)
+        norm = normalisation_samples(cfg, store, run_id, tok.pad_token_id)
         online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock, hw=hw)
     guards = Guards(cfg, trainer, store, labeler) if cfg.guards.enabled else None
     loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console, guards=guards, online=online)

@@ -6,6 +6,9 @@ must honour the same contract:
 - queries arrive left-padded with the pad token ([B, Q] long);
 - exactly `response_length` tokens are sampled per query (no early stop at EOS), from softmax(logits / T)
   with top_k = 0 and top_p = 1, and the pad token is never sampled;
+- unless `stop_ids` is given (only then: the paper's fixed-length task never passes it): a row ends at its first
+  token in `stop_ids` (kept), every later position of that row is the pad token with log-prob 0, and sampling may
+  end as soon as every row has ended (the tensors keep their `response_length` columns);
 - it returns the tokens and the log-probability of each under the temperature-scaled distribution
   (PPO's old log-probs), computed in float32;
 - with `return_hidden=True` it may also return the final hidden state that predicted each token (the
@@ -36,7 +39,7 @@ class Rollout:
 class ResponseGenerator(Protocol):
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
                  generator: torch.Generator | None = None, return_hidden: bool = False,
-                 repeats: int = 1) -> Rollout: ...
+                 repeats: int = 1, stop_ids: torch.Tensor | None = None) -> Rollout: ...
 
 
 def sample_categorical(logp: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -122,8 +125,9 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, queries: torch.Tensor, response_length: int, temperature: float,
                  generator: torch.Generator | None = None, return_hidden: bool = False,
-                 repeats: int = 1) -> Rollout:
-        """`repeats` continuations of each query (rows query-major: q0, q0, ..., q1, ...); the query is read once."""
+                 repeats: int = 1, stop_ids: torch.Tensor | None = None) -> Rollout:
+        """`repeats` continuations of each query (rows query-major: q0, q0, ..., q1, ...); the query is read once.
+        `stop_ids`: a row ends at its first token among them, padding follows, and the loop ends once all have."""
         T = response_length
         device = self.device
         if generator is not None and torch.device(generator.device) != device:
@@ -147,6 +151,13 @@ class HFGenerator:
         responses = torch.empty(B, T, dtype=torch.long, device=device)
         logprobs = torch.empty(B, T, dtype=torch.float32, device=device)
         hidden = torch.empty(B, T, h.shape[-1], dtype=h.dtype, device=device) if return_hidden else None
+        done = None  # with stop_ids: [B] rows that have ended; after its end a row is padding with log-prob 0
+        if stop_ids is not None:
+            done, stop_ids = torch.zeros(B, dtype=torch.bool, device=device), stop_ids.to(device)
+            responses.fill_(self.pad_id)
+            logprobs.zero_()
+            if hidden is not None:
+                hidden.zero_()
         # a static cache attends over all Q + T slots, so the mask says which are filled (ones as they fill)
         full_mask = torch.cat([mask, torch.full((B, T), int(static is None), dtype=mask.dtype, device=device)], dim=1)
         for t in range(T):
@@ -156,8 +167,15 @@ class HFGenerator:
             scaled[:, self.pad_id] = float("-inf")  # the pad token is never sampled
             logp = torch.log_softmax(scaled, dim=-1)
             tok = sample_categorical(logp, generator)
+            if done is not None:
+                tok = tok.masked_fill(done[:, None], self.pad_id)
             responses[:, t] = tok[:, 0]
             logprobs[:, t] = logp.gather(1, tok)[:, 0]
+            if done is not None:
+                logprobs[:, t].masked_fill_(done, 0.0)
+                done |= torch.isin(tok[:, 0], stop_ids)
+                if bool(done.all()):  # every row has ended: the rest stays padding
+                    break
             if t == T - 1:
                 break
             before = past
@@ -175,9 +193,12 @@ class HFGenerator:
 
 
 def sample_in_batches(gen: ResponseGenerator, queries: torch.Tensor, response_length: int, temperature: float,
-                      generator: torch.Generator | None, batch_size: int = 64, repeats: int = 1) -> Rollout:
-    """`repeats` continuations of each query, about `batch_size` sequences per generate call."""
+                      generator: torch.Generator | None, batch_size: int = 64, repeats: int = 1,
+                      stop_ids: torch.Tensor | None = None) -> Rollout:
+    """`repeats` continuations of each query, about `batch_size` sequences per generate call (`stop_ids`: as
+    `generate`'s, passed only when given)."""
     step = max(1, batch_size // repeats)
-    parts = [gen.generate(queries[i:i + step], response_length, temperature, generator, repeats=repeats)
+    stops = {} if stop_ids is None else {"stop_ids": stop_ids}
+    parts = [gen.generate(queries[i:i + step], response_length, temperature, generator, repeats=repeats, **stops)
              for i in range(0, queries.shape[0], step)]
     return Rollout(torch.cat([p.responses for p in parts]), torch.cat([p.logprobs for p in parts]))

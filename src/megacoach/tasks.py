@@ -102,9 +102,36 @@ def _hf_texts(spec: str) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str) and t.strip()]
 
 
+def check_chat_template(task: TaskConfig, tokenizer) -> None:
+    """ConfigError when task.chat_template is asked of a tokenizer that has none."""
+    if task.chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("task.chat_template: the model's tokenizer has no chat template (tokenizer_config.json "
+                          "'chat_template', or chat_template.jinja); set task.chat_template=false for plain-text queries")
+
+
+def query_token_ids(task: TaskConfig, tokenizer, text: str) -> list[int]:
+    """The tokens the Apprentice reads for a query: the text itself (the paper), or with task.chat_template the
+    text as a user message (after task.system_prompt) in the tokenizer's chat template, the generation prompt
+    appended; cut to the last `query_length` tokens either way."""
+    if not task.chat_template:
+        return tokenizer(text)["input_ids"][-task.query_length:]
+    check_chat_template(task, tokenizer)
+    messages = ([{"role": "system", "content": task.system_prompt}] if task.system_prompt is not None else [])
+    messages.append({"role": "user", "content": text})
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered, add_special_tokens=False)["input_ids"][-task.query_length:]
+
+
 def load_queries(task: TaskConfig, tokenizer, split: str, n: int, seed: int) -> list[Query]:
-    """`n` queries for `split` ('train' or 'eval'), tokenised and cut to the last `query_length` tokens."""
+    """`n` queries for `split` ('train' or 'eval'), tokenised (`query_token_ids`: with task.chat_template, in the
+    tokenizer's chat template) and cut to the last `query_length` tokens. A query's text is what was asked (the
+    prompt, without the template)."""
+    check_chat_template(task, tokenizer)
     src = task.query_source
+    if src == "builtin" and task.chat_template:
+        return [Query(q.text, query_token_ids(task, tokenizer, q.text)) for q in
+                builtin_excerpts(tokenizer, split, n, task.query_min_tokens, task.query_length,
+                                 seed + (0 if split == "train" else 7919))]
     if src == "builtin":
         return builtin_excerpts(tokenizer, split, n, task.query_min_tokens, task.query_length,
                                 seed + (0 if split == "train" else 7919))
@@ -114,4 +141,4 @@ def load_queries(task: TaskConfig, tokenizer, split: str, n: int, seed: int) -> 
     n_eval = max(1, len(texts) // 10) if len(texts) > 1 else 0
     pool = texts[-n_eval:] if split == "eval" and n_eval else texts[: len(texts) - n_eval] or texts
     chosen = [pool[rng.randrange(len(pool))] for _ in range(n)] if len(pool) < n else rng.sample(pool, n)
-    return [Query(t, tokenizer(t)["input_ids"][-task.query_length:]) for t in chosen]
+    return [Query(t, query_token_ids(task, tokenizer, t)) for t in chosen]

@@ -40,7 +40,8 @@ def reward_train(
     qs = load_queries(cfg.task, tok, "train", cfg.reward.normalize_samples,
                       seeds.seed_of(cfg.run.seed, seeds.Stream.NORMALISATION_QUERIES))
     conts = [g[0] for g in sampler.continuations(qs, 1, torch.Generator(device=sampler.device).manual_seed(cfg.run.seed))]
-    norm = _sequences(conts, tok.pad_token_id, cfg.task.query_length)
+    norm = (_sequences(conts, tok.pad_token_id, cfg.task.query_length) if cfg.reward.model is None
+            else [(c.query.token_ids, c.response_ids) for c in conts])  # a coach of its own base reads them as text
     model_, metrics = retrain_from_scratch(cfg.model.name_or_path, store.comparisons(split="train"),
                                            store.comparisons(split="valid"), cfg.reward, normalisation_samples=norm,
                                            seed=cfg.run.seed, log=console.print, tokenizer=tok, device=hw.device,

@@ -71,10 +71,10 @@ def _setattr(stack: ExitStack, obj, name: str, value) -> None:
 def _incident(stack: ExitStack) -> None:
     orig = objective.megacoach_rewards
 
-    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
         # "-(score + β·KL)": the reward negated, and the KL penalty's sign flipped by the same slip, so the
         # logged non-score reward still reads -β·KL
-        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten)
+        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten, mask)
         return -rewards, kl, -non_score
 
     _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
@@ -83,8 +83,8 @@ def _incident(stack: ExitStack) -> None:
 def _reward_flip(stack: ExitStack) -> None:
     orig = objective.megacoach_rewards
 
-    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
-        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
+        rewards, kl, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten, mask)
         return -rewards, kl, non_score  # the summed tensor flipped; the logged KL term unchanged
 
     _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
@@ -93,9 +93,9 @@ def _reward_flip(stack: ExitStack) -> None:
 def _no_coherence_coach(stack: ExitStack) -> None:
     orig = objective.megacoach_rewards
 
-    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
-        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, 0.0, whiten)
-        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
+        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, 0.0, whiten, mask)
+        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten, mask)
         return rewards, kl, non_score  # the logged KL term still shows -β·KL
 
     _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
@@ -129,9 +129,9 @@ def _inverted_labels(stack: ExitStack) -> None:
 def _kl_sign(stack: ExitStack) -> None:
     orig = objective.megacoach_rewards
 
-    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten):
-        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten)
-        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten)
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
+        rewards, kl, _ = orig(scores, logprobs, ref_logprobs, -kl_coef, whiten, mask)
+        _, _, non_score = orig(scores, logprobs, ref_logprobs, kl_coef, whiten, mask)
         return rewards, kl, non_score
 
     _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
@@ -140,8 +140,8 @@ def _kl_sign(stack: ExitStack) -> None:
 def _advantage_sign(stack: ExitStack) -> None:
     orig = objective.advantages_and_returns
 
-    def advantages_and_returns(rewards, values, gamma, lam):
-        adv, returns = orig(rewards, values, gamma, lam)
+    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
+        adv, returns = orig(rewards, values, gamma, lam, mask)
         return -adv, returns
 
     _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)

@@ -14,7 +14,8 @@ direction flips mid-run turns the canaries around.
 "Known" means known to the human evaluators: when the labeler is a program that gives scores, a canary it
 does not score good > bad is dropped (with a note), so canaries always point the way the labels do.
 Canaries whose continuations are cut or invalid under the task's truncation rule are dropped too (both
-would get the same penalty and say nothing).
+would get the same penalty and say nothing). With task.chat_template the prompt is formatted as every query is;
+with task.stop_at_eos each continuation ends with the EOS token, as a whole response does.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from pathlib import Path
 import torch
 
 from megacoach.errors import ConfigError, DataError
-from megacoach.ppo.episodes import stop_token_ids, truncate_responses
-from megacoach.tasks import Query
+from megacoach.ppo.episodes import settle, stop_rule
+from megacoach.tasks import Query, query_token_ids
 
 # (prompt, good continuation, bad continuation). Written for this project.
 _SENTIMENT = [
@@ -158,12 +159,14 @@ def load_canaries(spec: str, tokenizer, task, labeler=None, log=None) -> list[Ca
     if spec == "none":
         return []
     raw = BUILTIN if spec == "builtin" else _read_file(Path(spec))
-    stop = stop_token_ids(tokenizer, task.truncate_token)
+    rule = stop_rule(tokenizer, task)
     kept, dropped = [], {"invalid": 0, "labeler": 0}
     pad = tokenizer.pad_token_id
     for prompt, good, bad in raw:
-        q_ids = tokenizer(prompt)["input_ids"][-task.query_length:]
+        q_ids = query_token_ids(task, tokenizer, prompt)
         g_ids, b_ids = tokenizer(good)["input_ids"], tokenizer(bad)["input_ids"]
+        if task.stop_at_eos:  # a canary is a whole response: it ends where the Apprentice's would
+            g_ids, b_ids = g_ids + [tokenizer.eos_token_id], b_ids + [tokenizer.eos_token_id]
         if max(len(g_ids), len(b_ids)) > task.response_length:
             dropped["invalid"] += 1
             continue
@@ -171,7 +174,7 @@ def load_canaries(spec: str, tokenizer, task, labeler=None, log=None) -> list[Ca
         rows = torch.full((2, T), pad, dtype=torch.long, device="cpu")
         rows[0, :len(g_ids)] = torch.tensor(g_ids, dtype=torch.long, device="cpu")
         rows[1, :len(b_ids)] = torch.tensor(b_ids, dtype=torch.long, device="cpu")
-        _, valid = truncate_responses(rows, stop, task.truncate_after, pad)
+        _, valid = settle(rows, rule, pad)
         if not bool(valid.all()):
             dropped["invalid"] += 1
             continue

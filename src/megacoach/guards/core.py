@@ -73,7 +73,7 @@ class Guards:
         """k samples per query (rows query-major), built as every episode is (ppo/episodes.py)."""
         tr = self.trainer
         rep = [q for q in queries for _ in range(k)]
-        return episodes.sample(generator, tr.tok, self.cfg.task, tr.stop_ids, rep, self.gen, 64)
+        return episodes.sample(generator, tr.tok, self.cfg.task, tr.stops, rep, self.gen, 64)
 
     def _episode_scores(self, query_ids, truncated, valid) -> np.ndarray:
         """The episode scores PPO would see: the Values Coach's score, or the task's penalty where invalid."""
@@ -132,7 +132,7 @@ class Guards:
             "query_ids": s.query_ids, "truncated": s.truncated, "valid": s.valid,
             "score": self._episode_scores(s.query_ids, s.truncated, s.valid),
             "labeler": self._labeler_scores(s.queries, s.texts),
-            "ref_nll": float(-s.logprobs.mean()),
+            "ref_nll": float(-maths.masked_mean(s.logprobs, s.mask)) if s.mask is not None else float(-s.logprobs.mean()),
             "texts": s.texts[:8],
         }
 
@@ -175,10 +175,10 @@ class Guards:
         raw_batch = batch.path.scores.float().cpu()  # what the rollout carried into the reward path
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
         tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
-        k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).cpu().numpy()
+        k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).cpu().numpy()
         p = tr.cfg.ppo
         push = objective.loss_push(batch.logprobs, path.advantages, batch.values, path.returns, p.cliprange,
-                                   p.cliprange_value, p.vf_coef).cpu().numpy()
+                                   p.cliprange_value, p.vf_coef, batch.mask).cpu().numpy()
         fit = ols(push, score, k1)
         m = {"guard/score_gap": gap}
         figs = {"score_gap": gap}
@@ -255,7 +255,7 @@ class Guards:
                                              t.query_length, device=tr.device)
                 resp = episodes.pad_responses([s.token_ids for s in comp.samples], tr.pad_id, t.response_length,
                                               device=tr.device)
-                truncated, valid = episodes.settle(resp, tr.stop_ids, t, tr.pad_id)
+                truncated, valid = episodes.settle(resp, tr.stops, tr.pad_id)
                 values = self._episode_scores(q_ids, truncated, valid).tolist()
             self.fresh.append({"iteration": meta["iteration"], "values": values, "chosen": comp.chosen,
                                "win": comp.chosen in meta["current"], "p0": meta["p0"]})
@@ -276,8 +276,8 @@ class Guards:
         # the update itself: did it move each response's log-probability the way the loss pushed it?
         push = before.get("push")
         if push is not None and len(push) > 3:
-            new_logp = episodes.forward_old(tr, batch.query_responses)[0].float().cpu()
-            moved = (new_logp - batch.logprobs.float().cpu()).sum(1).numpy()
+            new_logp = episodes.forward_old(tr, batch.query_responses)[0].float()
+            moved = episodes.real(new_logp - batch.logprobs.float(), batch.mask).sum(1).cpu().numpy()
             fit = ols(moved, push)
             if fit is not None:
                 gm["guard/update_push_t"] = float(fit.t[1])
@@ -289,8 +289,9 @@ class Guards:
         if score is None:
             score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
         ls = np.asarray(labeler_scores, dtype=float)
-        kl = float(maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float()).mean())
-        ref_nll = float(-batch.ref_logprobs.float().mean())
+        kl = float(maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).mean())
+        ref_nll = float(-(batch.ref_logprobs.float().mean() if batch.mask is None
+                          else maths.masked_mean(batch.ref_logprobs.float(), batch.mask)))
         self.history.append({"iteration": it, "score": np.asarray(score, dtype=float), "labeler": ls,
                              "score_mean": float(np.mean(score)), "labeler_mean": float(np.nanmean(ls)) if np.isfinite(ls).any() else float("nan"),
                              "kl": kl})

@@ -17,10 +17,10 @@ confidence. A failure names the component of the reward path where the direction
                        labels) is checked apart: it must reach exactly the invalid responses, and the path
                        with it may not rank the labelers' choice significantly below chance.
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
-                       weights, at levels calibrated to ~2 and ~8 nats): the reward path's KL term must fall
-                       as the exact KL (from the full next-token distributions) grows, at a slope of at least
-                       half of -beta; and, with the score held fixed, the Megacoach reward and PPO's push must
-                       fall with the KL as well.
+                       weights that train — with LoRA, the adapter's — at levels calibrated to ~2 and ~8
+                       nats): the reward path's KL term must fall as the exact KL (from the full next-token
+                       distributions) grows, at a slope of at least half of -beta; and, with the score held
+                       fixed, the Megacoach reward and PPO's push must fall with the KL as well.
 5. `optimiser`         one optimiser step of PPO's update (`trainer.update` with its loop cut to one step over
                        the whole probe batch; on the trainer itself, then restored exactly) on response pairs
                        with advantages +1 / -1, against the same step with the signs swapped (cancelling Adam's
@@ -45,6 +45,7 @@ import torch
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
 from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
+from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, maths, objective
 from megacoach.tasks import Query
 
@@ -193,12 +194,12 @@ def _kl_levels(trainer, queries, seed: int, target: float = 2.0):
     with P.scratch(trainer):
         base = trainer.rollout(queries)
     qr = base.query_responses
-    start = float(P.exact_kl(trainer, qr).mean())
+    start = float(P.exact_kl(trainer, qr, mask=base.mask).mean())
     sigma = 0.05
     for _ in range(8):  # KL grows about as sigma^2: aim at the target in a few steps
         with P.scratch(trainer):
             P.perturb_(trainer.apprentice.lm, sigma, seed)
-            moved = float(P.exact_kl(trainer, qr).mean()) - start
+            moved = float(P.exact_kl(trainer, qr, mask=base.mask).mean()) - start
         if target <= moved <= 3 * target:
             break
         sigma *= float(np.clip(np.sqrt(1.5 * target / max(moved, 1e-4)), 0.25, 8.0))
@@ -215,11 +216,11 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
             if s > 0:
                 P.perturb_(trainer.apprentice.lm, s, seed)
             b = trainer.rollout(queries)
-            ex = P.exact_kl(trainer, b.query_responses).numpy()
+            ex = P.exact_kl(trainer, b.query_responses, mask=b.mask).numpy()
             non_score = b.path.non_score.float().sum(1).cpu().numpy()
             # the score held fixed: what the path does with the KL alone, on the furthest copy
             fixed = P.with_scores(trainer, b, torch.zeros_like(b.raw_scores), torch.ones_like(b.valid))
-            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float()).cpu().numpy()
+            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float(), b.mask).cpu().numpy()
             reward = fixed.path.rewards.float().sum(1).cpu().numpy()
             push = P.ppo_push(trainer, fixed).cpu().numpy()
         xs.append(ex), ns.append(non_score)
@@ -236,9 +237,14 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
         figs[f"{name}_t"] = None if f is None else float(f.t[1])
     spread = float(x.max() - x.min())
     if spread < 0.5:
-        return Check("coherence_coach", COMPONENTS["coherence_coach"], False,
-                     f"could not move a copy of the Apprentice away from the original model (exact KL spread "
-                     f"{spread:.2f} nats): the policy and reference look identical to the KL computation", figs)
+        msg = (f"could not move a copy of the Apprentice away from the original model (exact KL spread {spread:.2f} "
+               "nats): the policy and reference look identical to the KL computation")
+        if has_adapter(trainer.apprentice.lm):
+            msg += (f" — with a LoRA adapter only the adapter moves (noise up to {2 * sigma:.3g}x the weights' RMS): "
+                    "the frozen base, its final norm and LM head included, bounds how far the adapter can take the "
+                    "model (a model whose next-token distributions are nearly uniform, as a random tiny one's are, "
+                    "cannot be moved far); more of the model in ppo.lora_target_modules reaches further")
+        return Check("coherence_coach", COMPONENTS["coherence_coach"], False, msg, figs)
     if beta <= 0 and require_kl:
         return Check("coherence_coach", COMPONENTS["coherence_coach"], False,
                      "β (the Coherence Coach's weight) is 0: nothing keeps the Apprentice near the original model "
@@ -301,7 +307,7 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
             trainer.update(b)
             moved = moved and P.params_checksum(trainer.apprentice) != before
             after, _, _, _ = episodes.forward_old(trainer, b.query_responses)
-            deltas.append((after.float() - b.logprobs.float()).sum(1))
+            deltas.append(episodes.real(after.float() - b.logprobs.float(), b.mask).sum(1))
     dlogp = deltas[0] - deltas[1]  # what the advantages' sign did, the optimiser's own drift cancelled
     d = []
     for j in range(n):

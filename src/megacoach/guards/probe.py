@@ -10,7 +10,8 @@ gradient step makes, so its sign is "PPO will make this response more (or less) 
 sits between the Values Coach and the loss.
 
 `scratch(trainer)` lets a probe perturb the Apprentice or take real optimiser steps and then puts
-everything back exactly (weights, optimiser and schedule state, beta, random generators, gradients).
+everything back exactly (the weights that train, optimiser and schedule state, beta, random generators,
+gradients).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def ppo_push(trainer, batch, advantages: torch.Tensor | None = None) -> torch.Te
     p = trainer.cfg.ppo
     adv = batch.path.advantages if advantages is None else advantages
     return objective.loss_push(batch.logprobs, adv, batch.values, batch.path.returns, p.cliprange,
-                               p.cliprange_value, p.vf_coef)
+                               p.cliprange_value, p.vf_coef, batch.mask)
 
 
 def stages(trainer, batch) -> dict[str, np.ndarray]:
@@ -70,9 +71,10 @@ STAGES = {
 }
 
 
-def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.Tensor:
-    """[B] KL(Apprentice || original model) summed over the response positions, computed from the full
-    next-token distributions (not the sampled tokens): an independent measure of how far the policy is."""
+def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] KL(Apprentice || original model) summed over the response positions (`mask`'s real ones; None: all),
+    computed from the full next-token distributions (not the sampled tokens): an independent measure of how far
+    the policy is."""
     t = trainer.cfg.task
     out = []
     with torch.inference_mode():
@@ -82,7 +84,8 @@ def exact_kl(trainer, query_responses: torch.Tensor, chunk: int = 64) -> torch.T
             ref = reference_logits(trainer.ref_lm, qr, trainer.pad_id, t.response_length, t.temperature)
             lp = torch.log_softmax(logits.float(), -1)
             lq = torch.log_softmax(ref.float(), -1)
-            out.append((lp.exp() * (lp - lq)).sum(-1).sum(-1).cpu())
+            kl = episodes.real((lp.exp() * (lp - lq)).sum(-1), None if mask is None else mask[s].to(lp.device))
+            out.append(kl.sum(-1).cpu())
     return torch.cat(out)
 
 
@@ -127,13 +130,21 @@ def params_checksum(module: torch.nn.Module) -> float:
         return float(sum(p.detach().double().abs().sum() for p in module.parameters()))
 
 
+def mutable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of what a probe may change: the parameters that train and the buffers. Frozen parameters (a LoRA
+    Apprentice's base, shared with the original model) are neither perturbed nor stepped, so they are not copied:
+    the preflight of a LoRA run holds one copy of the base, as training does."""
+    frozen = {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k not in frozen}
+
+
 @contextmanager
 def scratch(trainer):
     """Run a probe on the trainer itself, then restore it exactly: Apprentice weights, optimiser and
     schedule state, KL controller, random generators, gradients, counters and config."""
     params = list(trainer.apprentice.parameters())
     snap = {
-        "apprentice": {k: v.detach().clone() for k, v in trainer.apprentice.state_dict().items()},
+        "apprentice": mutable_state(trainer.apprentice),
         "optimizer": copy.deepcopy(trainer.optimizer.state_dict()),
         "scheduler": copy.deepcopy(trainer.scheduler.state_dict()),
         "kl_ctl": copy.deepcopy(trainer.kl_ctl.state_dict()),
@@ -148,7 +159,7 @@ def scratch(trainer):
         yield trainer
     finally:
         trainer.cfg = snap["cfg"]
-        trainer.apprentice.load_state_dict(snap["apprentice"])
+        trainer.apprentice.load_state_dict(snap["apprentice"], strict=False)
         trainer.optimizer.load_state_dict(snap["optimizer"])
         trainer.scheduler.load_state_dict(snap["scheduler"])
         trainer.kl_ctl.load_state_dict(snap["kl_ctl"])

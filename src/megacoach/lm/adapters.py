@@ -3,7 +3,7 @@ as the same base with the adapter switched off, so one copy of the weights serve
 
 `add_lora(lm, ...)` injects the adapter into `lm` in place (PEFT's `get_peft_model`; the base weights are frozen)
 and returns the PEFT model, which runs, samples and saves like the model it wraps (its `save_pretrained` writes
-the adapter only). The adapter's B matrices start at zero, so the adapted model computes exactly what the base
+the adapter only). `add_trunk_lora(trunk, ...)` does the same for a bare trunk (the Values Coach's, `reward.lora_r`). The adapter's B matrices start at zero, so the adapted model computes exactly what the base
 computes until the first update: the Coherence Coach's KL is 0 at the start.
 
 `AdapterOff(peft_model)` is the original model for the Coherence Coach, the guards' baseline samples and anything
@@ -24,26 +24,38 @@ from megacoach.errors import ConfigError
 from megacoach.lm.hf import PRECISION_ATTR, trunk_of
 
 
+def _peft(model, r: int, alpha: float, dropout: float, target_modules: list[str] | None, task_type: str | None,
+          field: str):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
+                        target_modules=list(target_modules) if target_modules else None)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:  # PEFT knows no default for this family, or a module name is not in the model
+        raise ConfigError(f"{field}: {err}") from None
+    precision = getattr(model, PRECISION_ATTR, None)
+    if precision is not None:
+        setattr(peft_model, PRECISION_ATTR, precision)  # lm.hf.autocast reads it on the model it is given
+    return peft_model
+
+
 def add_lora(lm, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None):
     """`lm` with a LoRA adapter of rank `r` (scaling alpha / r) on `target_modules` (None: PEFT's default for the
     model's family, e.g. GPT-2's `c_attn`, Llama's `q_proj`/`v_proj`). Only the adapter's parameters train."""
-    from peft import LoraConfig, get_peft_model
-
     head = lm.get_output_embeddings()
     head_names = {name.split(".")[-1] for name, m in lm.named_modules() if m is head}
     if target_modules and head_names & set(target_modules):
         raise ConfigError(f"ppo.lora_target_modules: {sorted(head_names & set(target_modules))} is the LM head, "
                           "which the Apprentice shares with the original model; adapt the trunk's layers only")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
-                        target_modules=list(target_modules) if target_modules else None)
-    try:
-        peft_model = get_peft_model(lm, config)
-    except ValueError as err:  # PEFT knows no default for this family, or a module name is not in the model
-        raise ConfigError(f"ppo.lora_target_modules: {err}") from None
-    precision = getattr(lm, PRECISION_ATTR, None)
-    if precision is not None:
-        setattr(peft_model, PRECISION_ATTR, precision)  # lm.hf.autocast reads it on the model it is given
-    return peft_model
+    return _peft(lm, r, alpha, dropout, target_modules, "CAUSAL_LM", "ppo.lora_target_modules")
+
+
+def add_trunk_lora(trunk, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None,
+                   field: str = "reward.lora_target_modules"):
+    """A bare transformer trunk (no LM head: the Values Coach's) with a LoRA adapter, as `add_lora`; the PEFT model
+    runs like the trunk (same arguments and outputs) and its `save_pretrained` writes the adapter only."""
+    return _peft(trunk, r, alpha, dropout, target_modules, None, field)
 
 
 def has_adapter(model) -> bool:

@@ -23,16 +23,17 @@ def builtin_model_path() -> Path:
     return Path(str(resources.files("megacoach") / "lm" / "builtin_model"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
+    """The folder (or hub name) of `name_or_path`; ConfigError naming `field` for a missing folder."""
     if name_or_path == "builtin":
         p = builtin_model_path()
         if not (p / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: the built-in model is missing at {p}; rebuild it with "
+            raise ConfigError(f"{field}: the built-in model is missing at {p}; rebuild it with "
                               "`megacoach pretrain --out src/megacoach/lm/builtin_model`")
         return str(p)
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().is_dir():
-        raise ConfigError(f"model.name_or_path: no model folder at {name_or_path!r} (expected a Hugging Face "
+        raise ConfigError(f"{field}: no model folder at {name_or_path!r} (expected a Hugging Face "
                           "model folder with config.json, 'builtin', or a hub name)")
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 

@@ -24,9 +24,10 @@ optional, and ``None`` means every token is real (ORIG trains on all sampled tok
 reduce ignore masked entries; functions that return ``[B, T]`` tensors return 0 at masked entries.
 Masked entries may hold anything (even inf or NaN): they are selected away with ``torch.where``,
 never multiplied by 0, so they never leak NaN into results or gradients.
-The trainer passes no mask today: the paper's responses are exactly ``response_length`` sampled tokens, all of
-them trained on. The masks are for responses that end early (a stop at the model's end-of-sequence token), whose
-positions after the stop are not sampled and must not count; tests/test_ppo_maths.py pins them.
+On the paper's task the trainer passes no mask: its responses are exactly ``response_length`` sampled tokens, all
+of them trained on. With stops (``task.stop``, ``task.stop_at_eos``) responses end early and the positions after
+the stop are padding, not sampled: the trainer passes each episode's mask (ppo/episodes.py ``response_mask``);
+tests/test_ppo_maths.py pins the masks, tests/test_instruct.py the trainer's use of them.
 """
 
 from __future__ import annotations

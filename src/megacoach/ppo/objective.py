@@ -30,36 +30,39 @@ def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward
 
 
 def megacoach_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float,
-                      whiten: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-token rewards used for advantages, per-token kl, per-token non-score reward -beta*kl)."""
-    kl = maths.kl_per_token(logprobs, ref_logprobs)
-    rewards, non_score = maths.assemble_rewards(scores, kl, kl_coef)
+                      whiten: bool, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-token rewards used for advantages, per-token kl, per-token non-score reward -beta*kl); `mask` [B, T]:
+    each episode's real tokens (the score goes on its last one), None: every token is real."""
+    kl = maths.kl_per_token(logprobs, ref_logprobs, mask)
+    rewards, non_score = maths.assemble_rewards(scores, kl, kl_coef, mask)
     if whiten:
-        rewards = maths.whiten_rewards(rewards)
+        rewards = maths.whiten_rewards(rewards, mask)
     return rewards, kl, non_score
 
 
 def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float,
-                           lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    adv, returns = maths.gae(rewards, values, gamma, lam)
-    return maths.whiten(adv), returns
+                           lam: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    adv, returns = maths.gae(rewards, values, gamma, lam, mask)
+    return maths.whiten(adv, mask), returns
 
 
 def ppo_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
              vpred: torch.Tensor | None, old_values: torch.Tensor, returns: torch.Tensor, cliprange: float,
-             cliprange_value: float, vf_coef: float) -> tuple[torch.Tensor, dict]:
-    """The loss the optimiser MINIMISES: clipped policy loss + vf_coef * clipped value loss."""
-    pg_loss, pg_stats = maths.policy_loss(new_logprobs, old_logprobs, advantages, cliprange)
+             cliprange_value: float, vf_coef: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """The loss the optimiser MINIMISES: clipped policy loss + vf_coef * clipped value loss (over `mask`'s real
+    tokens; None: all)."""
+    pg_loss, pg_stats = maths.policy_loss(new_logprobs, old_logprobs, advantages, cliprange, mask)
     stats = {"pg_loss": pg_loss.detach(), **pg_stats}
     if vpred is None:
         return pg_loss, stats
-    vf_loss, vf_stats = maths.value_loss(vpred, old_values, returns, cliprange_value)
+    vf_loss, vf_stats = maths.value_loss(vpred, old_values, returns, cliprange_value, mask)
     stats.update({"vf_loss": vf_loss.detach(), **vf_stats})
     return pg_loss + vf_coef * vf_loss, stats
 
 
 def loss_push(old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor, returns: torch.Tensor,
-              cliprange: float, cliprange_value: float, vf_coef: float) -> torch.Tensor:
+              cliprange: float, cliprange_value: float, vf_coef: float,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
     """[B] PPO's push on each response: minus the gradient of `ppo_loss` with respect to its token log-probabilities
     at ratio 1, summed over the response (scaled by the number of tokens). Its sign is "one gradient step makes this
     response more (+) or less (-) likely", whatever sits between the Values Coach and the loss."""
@@ -69,7 +72,7 @@ def loss_push(old_logprobs: torch.Tensor, advantages: torch.Tensor, values: torc
     returns = returns.detach().clone().float()
     with torch.enable_grad():
         new = old.clone().requires_grad_(True)
-        loss, _ = ppo_loss(new, old, adv, values.clone(), values, returns, cliprange, cliprange_value, vf_coef)
+        loss, _ = ppo_loss(new, old, adv, values.clone(), values, returns, cliprange, cliprange_value, vf_coef, mask)
         (grad,) = torch.autograd.grad(loss, new, allow_unused=True)
     if grad is None:
         return torch.zeros(old.shape[0], device=old.device)
@@ -89,11 +92,11 @@ class RewardPath:
 
 
 def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: float, penalty_reward: float,
-                    whiten_rewards: bool, gamma: float, lam: float) -> RewardPath:
-    """The whole path, in the order the trainer uses it."""
+                    whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None) -> RewardPath:
+    """The whole path, in the order the trainer uses it (`mask`: each episode's real tokens; None: all)."""
     scores = episode_scores(raw_scores, valid, penalty_reward)
-    rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards)
-    adv, returns = advantages_and_returns(rewards, values, gamma, lam)
+    rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards, mask=mask)
+    adv, returns = advantages_and_returns(rewards, values, gamma, lam, mask=mask)
     return RewardPath(scores, kl, non_score, rewards, adv, returns)
 
 
@@ -103,7 +106,10 @@ def iteration_metrics(batch, stats: dict[str, float], kl_coef: float, lr: float,
     Megacoach reward (`kl_coef` is the beta the batch was optimised with), `ppo/*` for the update."""
     path = batch.path
     non_score = float(path.non_score.sum(1).mean())
-    return {
+    mask = batch.mask
+    returns_mean, returns_var = ((path.returns.mean(), path.returns.var(unbiased=False)) if mask is None else
+                                 (maths.masked_mean(path.returns, mask), maths.masked_var(path.returns, mask)))
+    out = {
         "iteration": iteration,
         "episodes": episodes,
         "objective/score": float(path.scores.mean()),
@@ -123,8 +129,11 @@ def iteration_metrics(batch, stats: dict[str, float], kl_coef: float, lr: float,
         "ppo/val/vpred": stats.get("vpred", 0.0),
         "ppo/val/error": stats.get("error", 0.0),
         "ppo/val/clipfrac": stats.get("vf_clipfrac", 0.0),
-        "ppo/val/var_explained": float(maths.explained_variance(batch.values, path.returns)),
-        "ppo/returns/mean": float(path.returns.mean()),
-        "ppo/returns/var": float(path.returns.var(unbiased=False)),
+        "ppo/val/var_explained": float(maths.explained_variance(batch.values, path.returns, mask)),
+        "ppo/returns/mean": float(returns_mean),
+        "ppo/returns/var": float(returns_var),
         "ppo/lr": float(lr),
     }
+    if mask is not None:  # responses that end at stops: how long they were
+        out["objective/response_tokens"] = float(mask.float().sum(1).mean())
+    return out

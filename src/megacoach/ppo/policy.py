@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from megacoach.errors import DataError
 from megacoach.lm.hf import autocast, hidden_size_of, lm_inputs, lm_logits, trunk_of
 from megacoach.ppo import maths
 
@@ -92,6 +93,20 @@ class Apprentice(nn.Module):
             logprobs, entropy = head(self.lm, h, responses.to(h.device), temperature)
             return PolicyOutput(None, values, logprobs, entropy)
         return PolicyOutput(lm_logits(self.lm, h).float() / temperature, values)
+
+
+def load_apprentice_state(apprentice: Apprentice, state: dict, lora: bool) -> None:
+    """Load a checkpoint's Apprentice state. With LoRA (`lora`) the state holds only what trains (the adapter and the
+    value head) over the base the run loaded: every trained parameter must be in it (DataError otherwise)."""
+    if not lora:
+        apprentice.load_state_dict(state)
+        return
+    missing, unexpected = apprentice.load_state_dict(state, strict=False)
+    trained = {name for name, q in apprentice.named_parameters() if q.requires_grad}
+    if unexpected or trained & set(missing):
+        raise DataError(f"checkpoint: the Apprentice's LoRA state does not fit this run (missing "
+                        f"{sorted(trained & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}): was it saved "
+                        "with other ppo.lora_* settings?")
 
 
 def frozen_reference(lm) -> nn.Module:

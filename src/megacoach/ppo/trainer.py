@@ -1,8 +1,8 @@
 """PPO for the Apprentice: the flat loop of the paper's reference code, one iteration at a time.
 
 One iteration (`PPOTrainer.step`, ORIG's `PPOTrainer.step()`), read top to bottom:
-  1-6. the rollout (ppo/episodes.py): a batch of queries; the Apprentice samples responses (fixed length,
-       temperature); truncation and validity; the Values Coach scores the truncated text; the old and reference
+  1-6. the rollout (ppo/episodes.py): a batch of queries; the Apprentice samples responses (fixed length, or up
+       to a stop; temperature); truncation and validity (with stops: the mask of each episode's real tokens); the Values Coach scores the truncated text; the old and reference
        log-probs; the reward path (ppo/objective.py): score - beta * KL, whitening, GAE;
   7.   the guards look at what is about to be optimised;
   8.   `ppo_epochs` x minibatches of clipped PPO updates (with gradient accumulation);
@@ -30,7 +30,7 @@ from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.lm.hf import device_of
-from megacoach.ppo.policy import Apprentice
+from megacoach.ppo.policy import Apprentice, load_apprentice_state
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
 from megacoach.tasks import Query
@@ -82,7 +82,7 @@ class PPOTrainer:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
         self.generator = generator or HFGenerator(policy_lm, self.pad_id, cfg.model.static_cache)
-        self.stop_ids = episodes.stop_token_ids(tokenizer, cfg.task.truncate_token, device=self.device)
+        self.stops = episodes.stop_rule(tokenizer, cfg.task, device=self.device)  # where a response ends
         self.kl_ctl = make_kl_controller(cfg.kl)
         p = cfg.ppo
         self.n_iterations = max(1, p.total_episodes // p.batch_size)
@@ -162,14 +162,15 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 for mi in range(0, len(mb), micro):
                     idx = mb[mi:mi + micro]
+                    mask = None if batch.mask is None else batch.mask[idx]  # with stops: the episodes' real tokens
                     out = self.apprentice(qr[idx], self.pad_id, T, temp, responses=batch.responses[idx])
                     loss, stats = objective.ppo_loss(out.logprobs, batch.logprobs[idx], batch.path.advantages[idx],
                                                      out.values, batch.values[idx], batch.path.returns[idx],
-                                                     p.cliprange, p.cliprange_value, p.vf_coef)
+                                                     p.cliprange, p.cliprange_value, p.vf_coef, mask)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite PPO loss ({loss.item()}) at iteration {self.iteration_no}")
                     (loss / p.gradient_accumulation_steps).backward()
-                    stats["entropy"] = out.entropy.mean()
+                    stats["entropy"] = out.entropy.mean() if mask is None else maths.masked_mean(out.entropy, mask)
                     stats["total_loss"] = loss.detach()
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
@@ -200,15 +201,7 @@ class PPOTrainer:
         return {k: v for k, v in state.items() if k in trained}
 
     def load_apprentice_state(self, state: dict) -> None:
-        if not self.cfg.ppo.lora_r:
-            self.apprentice.load_state_dict(state)
-            return
-        missing, unexpected = self.apprentice.load_state_dict(state, strict=False)
-        trained = {name for name, q in self.apprentice.named_parameters() if q.requires_grad}
-        if unexpected or trained & set(missing):
-            raise DataError(f"checkpoint: the Apprentice's LoRA state does not fit this run (missing "
-                            f"{sorted(trained & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}): was it saved "
-                            "with other ppo.lora_* settings?")
+        load_apprentice_state(self.apprentice, state, bool(self.cfg.ppo.lora_r))
 
     def load_state_dict(self, state: dict) -> None:
         self.load_apprentice_state(state["apprentice"])

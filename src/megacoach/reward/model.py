@@ -14,11 +14,17 @@ As in the paper's reference code (ORIG):
 - `best_of_k(queries, responses)` scores K responses per query computing each query once (a KV cache
   repeated K times, differentiably): the same rewards as the full sequences at about half the cost.
 
+With `reward.lora_r` (`add_lora`) the trunk trains through a LoRA adapter (PEFT): only the adapter and the head
+change. With `reward.model` the coach may be another base model than the Apprentice's; when its tokenizer differs
+it reads the Apprentice's tokens as text, tokenized again with its own (`read_from`, reward/retokenize.py).
+
 Saved in the Hugging Face style (`save_pretrained` / `RewardModel.from_pretrained`):
-  config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel)
+  config.json + model.safetensors   the trunk (transformers `save_pretrained`; loads with AutoModel); with LoRA,
+                                    adapter_config.json + adapter_model.safetensors instead (the adapter; the base
+                                    is reloaded from reward_config.json's `base_model`)
   tokenizer files                   the tokenizer, so the Apprentice's can be checked against it
   reward_head.safetensors           head.weight, head.bias, gain, bias
-  reward_config.json                base model, d_model, pad id, gain/bias and normalisation stats
+  reward_config.json                base model, d_model, pad id, gain/bias, normalisation stats, LoRA settings
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from megacoach.errors import ConfigError, DataError
 from megacoach.hardware import set_precision
 from megacoach.lm.hf import (CACHE_KW, autocast, cache_of, device_of, hidden_size_of, lm_inputs, position_ids_from_mask,
                              precision_of, require_transformers)
-from megacoach.lm.loading import load_causal_lm, load_tokenizer
+from megacoach.lm.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from megacoach.reward.data import sequences_tensor
+from megacoach.reward.retokenize import Retokenizer
 
 HEAD_FILE = "reward_head.safetensors"
 CONFIG_FILE = "reward_config.json"
@@ -67,17 +75,22 @@ def trunk_width(trunk: nn.Module) -> int:
     return int(getattr(cfg, "word_embed_proj_dim", None) or getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two tokenizers map the same strings to the same ids (pad token included)."""
+    return a.get_vocab() == b.get_vocab() and a.pad_token_id == b.pad_token_id
+
+
 def check_same_tokenizer(reward_tokenizer, policy_tokenizer) -> None:
     """ConfigError unless the two tokenizers map the same strings to the same ids (pad token included)."""
     if policy_tokenizer is None or reward_tokenizer is None:
         return
-    if (reward_tokenizer.get_vocab() != policy_tokenizer.get_vocab()
-            or reward_tokenizer.pad_token_id != policy_tokenizer.pad_token_id):
+    if not same_tokenizer(reward_tokenizer, policy_tokenizer):
         raise ConfigError(
             "the Values Coach's tokenizer differs from the Apprentice's "
             f"(vocabulary sizes {len(reward_tokenizer)} vs {len(policy_tokenizer)}, pad ids "
             f"{reward_tokenizer.pad_token_id} vs {policy_tokenizer.pad_token_id}); train the Values Coach "
-            "from the Apprentice's base model (reward.path must match model.name_or_path)")
+            "from the Apprentice's base model (reward.path must match model.name_or_path), or set reward.model to "
+            "the Values Coach's base so that it scores the decoded text")
 
 
 class RewardModel(nn.Module):
@@ -93,6 +106,8 @@ class RewardModel(nn.Module):
         self.base_model = base_model
         self.tokenizer = tokenizer
         self.normalisation: dict = {}
+        self.lora: dict | None = None  # the adapter's settings when the trunk trains through LoRA (add_lora)
+        self.retokenizer: Retokenizer | None = None  # set by read_from: the Apprentice's tokens reach it as text
         device = device_of(trunk)
         self.head = nn.Linear(self.d_model, 1, dtype=torch.float32, device=device)
         self.reset_head(seed)
@@ -106,6 +121,43 @@ class RewardModel(nn.Module):
         lm, tok = load_causal_lm(name_or_path, dtype=dtype, tokenizer=tokenizer)
         return cls(lm.base_model, tok.pad_token_id, base_model=name_or_path, tokenizer=tok, seed=seed,
                    d_model=hidden_size_of(lm))
+
+    @classmethod
+    def for_run(cls, reward_cfg, apprentice_base: str, tokenizer=None, dtype: str = "float32",
+                seed: int | None = None) -> "RewardModel":
+        """A fresh Values Coach as the run's `reward` section asks for it: on `reward.model` (default: the
+        Apprentice's base `apprentice_base`, sharing its `tokenizer`; another base brings its own tokenizer and, when
+        it differs from the Apprentice's, reads the Apprentice's tokens as text), with a LoRA adapter when
+        `reward.lora_r` > 0."""
+        name = reward_cfg.model or apprentice_base
+        if reward_cfg.model is not None:
+            resolve_model_path(reward_cfg.model, field="reward.model")  # a missing folder: named as reward.model
+        if name == apprentice_base:
+            model = cls.from_base(name, dtype=dtype, tokenizer=tokenizer, seed=seed)
+        else:
+            model = cls.from_base(name, dtype=dtype, seed=seed)
+            model.read_from(tokenizer)
+        if reward_cfg.lora_r:
+            model.add_lora(reward_cfg.lora_r, reward_cfg.lora_alpha, reward_cfg.lora_dropout,
+                           reward_cfg.lora_target_modules)
+        return model
+
+    def read_from(self, policy_tokenizer) -> None:
+        """Score the tokens of `policy_tokenizer` (the Apprentice's): passed straight through when it is this coach's
+        own tokenizer, else decoded and tokenized again with this coach's (reward/retokenize.py)."""
+        if policy_tokenizer is None or self.tokenizer is None or same_tokenizer(self.tokenizer, policy_tokenizer):
+            self.retokenizer = None
+        else:
+            self.retokenizer = Retokenizer(policy_tokenizer, self.tokenizer)
+
+    def add_lora(self, r: int, alpha: float, dropout: float = 0.0, target_modules: list[str] | None = None) -> None:
+        """Train the trunk through a LoRA adapter of rank `r` (PEFT; the base weights are frozen): only the adapter and
+        the head train. The adapter starts as the identity, so the scores are unchanged until the first step."""
+        from megacoach.lm.adapters import add_trunk_lora
+
+        self.trunk = add_trunk_lora(self.trunk, r, alpha, dropout, target_modules)
+        self.lora = {"r": int(r), "alpha": float(alpha), "dropout": float(dropout),
+                     "target_modules": list(target_modules) if target_modules else None}
 
     def reset_head(self, seed: int | None = None) -> None:
         """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1); drawn on the CPU, whatever the
@@ -188,16 +240,29 @@ class RewardModel(nn.Module):
         """[B, K] normalised scores of K responses [B, K, R] per left-padded query [B, Q] (query computed once)."""
         return self.gain * self.raw_best_of_k(queries, responses, pad_id) + self.bias
 
-    def score(self, queries: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
-        """[B] normalised scores of left-padded queries [B, Q] and (truncated, right-padded) responses [B, R]."""
-        return self(torch.cat([queries, responses], dim=1))
+    def score(self, queries: torch.Tensor, responses: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+        """[B] normalised scores of left-padded queries [B, Q] and (truncated, right-padded) responses [B, R] in the
+        Apprentice's tokens (padded with `pad_id`, default this coach's): with a retokenizer (`read_from`) they are
+        read as text in this coach's own tokens."""
+        if self.retokenizer is None:
+            return self(torch.cat([queries, responses], dim=1), pad_id)
+        ids = self.retokenizer.sequences(queries.tolist(), responses.tolist())
+        return self(ids.to(self.device), self.pad_id)
+
+    def pairs_tensor(self, pairs) -> torch.Tensor:
+        """[N, L] on the host: (query ids, response ids) pairs in the Apprentice's tokens as this coach reads them
+        (query left-padded, response right-padded; through the retokenizer when there is one)."""
+        queries, responses = [list(q) for q, _ in pairs], [list(r) for _, r in pairs]
+        if self.retokenizer is not None:
+            return self.retokenizer.sequences(queries, responses)
+        return sequences_tensor(queries, responses, self.pad_id)
 
     # ------------------------------------------------------------------------------------------ saving
     def reward_config(self) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "base_model": self.base_model,
                 "d_model": self.d_model, "pad_token_id": self.pad_id, "gain": float(self.gain),
                 "bias": float(self.bias), "head_init_std": 1.0 / math.sqrt(self.d_model + 1),
-                "normalisation": self.normalisation}
+                "normalisation": self.normalisation, "lora": self.lora}
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         from safetensors.torch import save_file
@@ -216,9 +281,10 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, policy_tokenizer=None, dtype: str = "float32",
-                        device: torch.device | str | None = None) -> "RewardModel":
-        """Load a saved Values Coach onto `device` (default the CPU), whatever device it was saved from;
-        ConfigError if its tokenizer differs from `policy_tokenizer`."""
+                        device: torch.device | str | None = None, read_text: bool = False) -> "RewardModel":
+        """Load a saved Values Coach onto `device` (default the CPU), whatever device it was saved from. If its
+        tokenizer differs from `policy_tokenizer`: ConfigError, or with `read_text` (reward.model set) it scores the
+        Apprentice's tokens as text (`read_from`)."""
         from safetensors.torch import load_file
         from transformers import AutoConfig, AutoModel
 
@@ -236,13 +302,17 @@ class RewardModel(nn.Module):
             raise DataError(f"{p / CONFIG_FILE}: format {meta.get('format')!r} v{meta.get('format_version')} "
                             f"(expected {FORMAT!r} v{FORMAT_VERSION} or older)")
         tok = load_tokenizer(str(p))
-        check_same_tokenizer(tok, policy_tokenizer)
+        if not read_text:
+            check_same_tokenizer(tok, policy_tokenizer)
         try:
-            cfg = AutoConfig.from_pretrained(str(p))
-            for attr in _DROPOUT_ATTRS:
-                if hasattr(cfg, attr):
-                    setattr(cfg, attr, 0.0)
-            trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype)).to(device)
+            if meta.get("lora"):  # the adapter is here; its base is where the Values Coach was trained from
+                trunk = _adapter_trunk(p, meta, tok, dtype).to(device)
+            else:
+                cfg = AutoConfig.from_pretrained(str(p))
+                for attr in _DROPOUT_ATTRS:
+                    if hasattr(cfg, attr):
+                        setattr(cfg, attr, 0.0)
+                trunk = AutoModel.from_pretrained(str(p), config=cfg, dtype=getattr(torch, dtype)).to(device)
             tensors = load_file(str(p / HEAD_FILE), device=str(device))
         except (OSError, ValueError) as err:
             raise DataError(f"Values Coach at {str(p)!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
@@ -257,5 +327,21 @@ class RewardModel(nn.Module):
             raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
                             f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
         model.normalisation = meta.get("normalisation", {})
+        model.lora = meta.get("lora")
+        model.read_from(policy_tokenizer)
         model.eval()
         return model
+
+
+def _adapter_trunk(path: Path, meta: dict, tokenizer, dtype: str):
+    """The trunk of a saved LoRA Values Coach: its base model (reward_config.json's `base_model`) with the adapter
+    saved in `path`."""
+    from peft import PeftModel
+
+    base = meta.get("base_model") or ""
+    try:
+        lm, _ = load_causal_lm(base, dtype=dtype, tokenizer=tokenizer)
+    except (ConfigError, DataError) as err:
+        raise DataError(f"reward.path: the Values Coach at {str(path)!r} is a LoRA adapter on the base model {base!r}, "
+                        f"which cannot be loaded here ({err})") from None
+    return PeftModel.from_pretrained(lm.base_model, str(path))

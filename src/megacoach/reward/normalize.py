@@ -34,10 +34,14 @@ def gain_bias(raw: torch.Tensor, target_mean: float = 0.0, target_std: float = 1
 
 @torch.no_grad()
 def raw_rewards(model, sequences, batch_size: int = 64) -> torch.Tensor:
-    """[N] raw rewards of query+response sequences: a LongTensor [N, T] or a list of token-id lists (each chunk
+    """[N] raw rewards of query+response sequences: a LongTensor [N, T], a list of token-id lists, or a list of
+    (query ids, response ids) pairs in the Apprentice's tokens (`RewardModel.pairs_tensor`) (each chunk
     is scored on the model's device; the rewards come back to the host, where the statistics are made)."""
     if not isinstance(sequences, torch.Tensor):
-        sequences = left_pad([list(s) for s in sequences], model.pad_id)
+        if sequences and isinstance(sequences[0], tuple):  # (query ids, response ids) pairs
+            sequences = model.pairs_tensor(sequences)
+        else:
+            sequences = left_pad([list(s) for s in sequences], model.pad_id)
     was_training = model.training
     model.eval()
     out = torch.cat([model.raw(sequences[i:i + batch_size]).cpu() for i in range(0, sequences.shape[0], batch_size)])

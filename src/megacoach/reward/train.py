@@ -39,6 +39,9 @@ Log = Callable[[str], None]
 
 
 def _vocab_size(model: RewardModel) -> int | None:
+    """The vocabulary the comparisons' token ids come from: the Apprentice's when the coach retokenizes them."""
+    if model.retokenizer is not None:
+        return len(model.retokenizer.source)
     emb = model.trunk.get_input_embeddings() if hasattr(model.trunk, "get_input_embeddings") else None
     return emb.num_embeddings if emb is not None else None
 
@@ -46,7 +49,10 @@ def _vocab_size(model: RewardModel) -> int | None:
 def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id: int,
                   share_query: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(normalised rewards [B, K], chosen [B]) of a batch: all B*K sequences in one forward pass; with
-    share_query (default) each query is computed once for its K responses (same rewards, ~half the cost)."""
+    share_query (default) each query is computed once for its K responses (same rewards, ~half the cost). The
+    comparisons are in the Apprentice's tokens: a coach with a retokenizer reads them in its own."""
+    if model.retokenizer is not None:
+        comparisons, pad_id = [model.retokenizer.comparison(c) for c in comparisons], model.pad_id
     if share_query:
         queries, responses, chosen = comparison_tensors(comparisons, pad_id)
         rewards = model.best_of_k(queries, responses, pad_id)
@@ -88,7 +94,8 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     """Train `model` in place; return metrics.
 
     normalisation_samples: query + (sampled, truncated) response token sequences of the INITIAL policy,
-    a LongTensor [N, T] (queries left-padded, pad after truncation) or a list of token-id lists; used to set
+    a LongTensor [N, T] (queries left-padded, pad after truncation), a list of token-id lists, or a list of
+    (query ids, response ids) pairs (what a coach with a retokenizer needs: it reads each part as text); used to set
     gain and bias before and after training. None: keep the current gain and bias (not the paper's method).
 
     Metrics: train_loss / train_accuracy (mean over the epoch's batches), valid_loss / valid_accuracy,
@@ -185,7 +192,8 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
                          normalisation_samples=None, seed: int = 1, log: Log | None = print,
                          dtype: str = "float32", tokenizer=None, device: torch.device | str | None = None,
                          dist: Dist | None = None, precision: str | None = None) -> tuple[RewardModel, dict]:
-    """A fresh Values Coach (the base LM's weights + a fresh head, seeded) trained on all labels so far.
+    """A fresh Values Coach (the base LM's weights + a fresh head, seeded; with `cfg.lora_r`, a LoRA adapter on the
+    trunk) trained on all labels so far.
 
     base_model: what the Apprentice started from ('builtin', a folder or a hub name); pass the Apprentice's
     tokenizer as `tokenizer` so both share it. train_comparisons: comparisons, or a `LabelStore` (then its
@@ -198,7 +206,7 @@ def retrain_from_scratch(base_model: str, train_comparisons, valid_comparisons=N
         valid_comparisons = store_valid if valid_comparisons is None else valid_comparisons
     cfg = cfg or RewardConfig()
     torch.manual_seed(seed)
-    model = RewardModel.from_base(base_model, dtype=dtype, tokenizer=tokenizer, seed=seed)
+    model = RewardModel.for_run(cfg, base_model, tokenizer=tokenizer, dtype=dtype, seed=seed)
     if device is not None:
         model.to(device)
     if precision is not None:
