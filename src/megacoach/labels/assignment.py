@@ -15,12 +15,27 @@ Rules
 - The continuations are shown in a per-labeler random order, stable per (labeler, item):
   ``shown_order(labeler_id, item_id, k)[p]`` is the canonical index shown at position p.
 
-Concurrency: on SQLite every assignment is one write transaction (the store begins writes with
-BEGIN IMMEDIATE, so writers take turns): find, lock, commit. Elsewhere (PostgreSQL) a lock is
-taken optimistically (insert, commit, then re-count); when more labelers than free slots raced for
-an item, the later locks (higher id) back off and try the next item. Within one process a mutex
-serialises assignment to avoid needless retries. A lock whose holder has labeled or skipped the
-item no longer counts, and is deleted at the holder's next assignment (no extra commit per label).
+How an item is found (revision 0004): ``items.filled`` marks the items that need nothing more from
+the ordinary queue (they have their labels, or they are calibration/gold items, served from the shared
+pool); the assigner reads the open items through the index ``ix_items_open`` (filled, id), oldest first,
+and the shared pool through ``ix_items_is_calibration`` / ``ix_items_is_gold``. Finished items are not
+read again: the assigner marks an item filled when it finds it full (at the holder's next assignment, or
+when a scan passes it, e.g. after labels from the command line). The mark only skips items; whether an
+item has room is always counted from its labels and locks. A server that runs with a larger ``--overlap``
+than the marks were made with re-checks them once when it starts (every server on one store should use
+the same ``--overlap``). A scan still reads the open items this labeler cannot take (held by others,
+skipped or already labeled by them while others still need to label them), which is a few per labeler.
+
+Concurrency: an assignment reads its candidates first, without holding the write lock (a read
+transaction; on SQLite in WAL mode readers do not wait for the writer), then, in a short write
+transaction, re-checks the chosen candidate, locks it and commits. On SQLite writers take turns
+(``BEGIN IMMEDIATE``, and within one process the store's write lock), so the re-check is exact. On
+PostgreSQL the re-check first locks the item's row (``SELECT ... FOR NO KEY UPDATE``), so two processes
+that race for the last free slot of an item take turns, and the later one sees the earlier one's lock.
+A candidate taken meanwhile is passed over (and, when all are, the assigner looks again). A lock whose
+holder has labeled or skipped the item no longer counts, and is deleted at the holder's next assignment
+(no extra commit per label). Nothing here is kept per process except statement caches and a call
+counter, so any number of server processes can share one store.
 """
 
 from __future__ import annotations
@@ -28,15 +43,16 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import random
-import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, case, delete, exists, func, or_, select
+from sqlalchemy import and_, bindparam, case, delete, exists, false, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from megacoach.labels.schema import ComparisonRow, ItemLockRow, ItemRow, SkipRow, UTCDateTime, utcnow
+
+_IN_CHUNK = 500  # ids per IN (...) list
 
 
 def _digest(*parts: object) -> bytes:
@@ -63,9 +79,23 @@ class Assignment:
     expires_at: dt.datetime
 
 
+@dataclass
+class _Look:
+    """What the read phase of one assignment found."""
+
+    held: bool  # the labeler holds an unexpired lock on an item they have not finished
+    candidates: list[int]  # item ids with room for this labeler, in this labeler's mixed order
+    full: list[int]  # open (unfilled) items found full or shared: to be marked filled
+
+
 class Assigner:
-    """Hands out items to labelers. ``session_factory()`` returns a new SQLAlchemy Session (on
-    SQLite a write session, whose transactions take the write lock at BEGIN)."""
+    """Hands out items to labelers. ``session_factory()`` returns a new SQLAlchemy Session for writes
+    (on SQLite its transactions take the write lock at BEGIN); ``read_session_factory()`` one for the
+    reads that find the candidates (default: ``session_factory``; pass the store's read sessions so
+    that finding candidates does not hold the write lock)."""
+
+    SCAN_PAGE = 256  # open items read per query of a scan
+    ROUNDS = 4  # looks per assignment when other labelers took every candidate meanwhile
 
     def __init__(
         self,
@@ -75,24 +105,21 @@ class Assigner:
         window: int = 64,
         clock: Callable[[], dt.datetime] = utcnow,
         sources: Optional[Sequence[str]] = None,
+        read_session_factory: Optional[Callable[[], Session]] = None,
     ) -> None:
         if overlap < 1:
             raise ValueError("overlap must be >= 1")
         self.session_factory = session_factory
+        self.read_session_factory = read_session_factory or session_factory
         self.overlap = overlap
         self.lock_timeout = dt.timedelta(seconds=lock_timeout_s)
         self.window = window
         self.clock = clock
         self.sources = tuple(sources) if sources else None  # only items of these sources (None: all)
-        self._mutex = threading.Lock()
-        # Ordinary items below ``_floor`` have all the labels they need. Label counts only grow, so
-        # the floor only rises; it never passes items younger than FLOOR_GRACE (on PostgreSQL an
-        # item with a lower id can commit after one with a higher id).
-        self._floor = 0
+        # Marks made by a server with a smaller overlap may be too early for this one: re-checked once.
+        self._marks_checked = overlap == 1
         self._calls = 0
         self._stmts: dict = {}
-
-    FLOOR_GRACE = dt.timedelta(minutes=10)
 
     # ----- queries -------------------------------------------------------------------------
     def _source_filter(self) -> list:
@@ -104,6 +131,10 @@ class Assigner:
     @staticmethod
     def _labels():
         return select(func.count(ComparisonRow.id)).where(ComparisonRow.item_id == ItemRow.id).scalar_subquery()
+
+    @staticmethod
+    def _shared():
+        return or_(ItemRow.is_calibration == true(), ItemRow.is_gold == true())
 
     @staticmethod
     def _open_locks(now, labeler_id=None):
@@ -118,47 +149,74 @@ class Assigner:
             q = q.where(ItemLockRow.labeler_id != labeler_id)
         return q.scalar_subquery()
 
-    def _eligible(self, shared: Optional[bool] = None, limit: Optional[int] = None):
-        """A select of item ids labeler ``:me`` may be given at ``:now`` (oldest first); built once
-        per variant with bind parameters me, now, floor. shared: True only calibration/gold items,
-        False only ordinary ones (id >= floor), None both."""
-        key = (shared, limit)
-        if key in self._stmts:
-            return self._stmts[key]
-        me, now, floor = bindparam("me"), bindparam("now", type_=UTCDateTime), bindparam("floor")
-        mine_labeled = exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me)
-        mine_skipped = exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me)
-        is_shared = or_(ItemRow.is_calibration, ItemRow.is_gold)
-        has_room = self._labels() + self._open_locks(now, me) < self._need()
-        if shared is True:
-            cond = is_shared
-        elif shared is False:
-            cond = and_(~is_shared, has_room, ItemRow.id >= floor)
+    def _row_columns(self, me, now) -> list:
+        """What decides whether labeler ``me`` may take an item now (one row per item)."""
+        return [
+            ItemRow.id, ItemRow.k, ItemRow.source, self._shared().label("shared"), self._need().label("need"),
+            self._labels().label("labels"), self._open_locks(now, me).label("others"),
+            exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me).label("mine_labeled"),
+            exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me).label("mine_skipped"),
+        ]
+
+    def _stmt(self, name: str):
+        """The statements of an assignment, built once with bind parameters (me, now, after, item, ids)."""
+        if name in self._stmts:
+            return self._stmts[name]
+        me, now = bindparam("me"), bindparam("now", type_=UTCDateTime)
+        if name == "mine":  # this labeler's locks, oldest first, and whether they finished the item
+            finished = or_(
+                exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == me),
+                exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == me),
+            )
+            stmt = (select(ItemLockRow.id, ItemLockRow.item_id, ItemLockRow.locked_at, ItemLockRow.expires_at,
+                           ItemRow.k, finished.label("finished"))
+                    .join(ItemRow, ItemRow.id == ItemLockRow.item_id)
+                    .where(ItemLockRow.labeler_id == me).order_by(ItemLockRow.locked_at, ItemLockRow.id))
+        elif name == "scan":  # open items after :after, oldest first (index ix_items_open / _source)
+            conds = [ItemRow.filled == false(), ItemRow.id > bindparam("after"), *self._source_filter()]
+            stmt = select(*self._row_columns(me, now)).where(*conds).order_by(ItemRow.id).limit(self.SCAN_PAGE)
+        elif name == "shared":  # calibration and gold items this labeler has not done
+            stmt = (select(ItemRow.id).where(
+                self._shared(), ~exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me),
+                ~exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me), *self._source_filter())
+                .order_by(ItemRow.id).limit(self.window))
+        elif name == "check":  # one candidate, re-checked in the write transaction
+            stmt = select(*self._row_columns(me, now)).where(ItemRow.id == bindparam("item"))
+        elif name == "mark":  # these items need nothing more from the ordinary queue
+            stmt = (update(ItemRow).where(ItemRow.id.in_(bindparam("ids", expanding=True)), ItemRow.filled == false())
+                    .values(filled=True).execution_options(synchronize_session=False))
+        elif name == "mark_if_full":  # the same, after counting (items this labeler just finished)
+            stmt = (update(ItemRow).where(ItemRow.id.in_(bindparam("ids", expanding=True)), ItemRow.filled == false(),
+                                          or_(self._shared(), self._labels() >= self._need()))
+                    .values(filled=True).execution_options(synchronize_session=False))
         else:
-            cond = or_(is_shared, has_room)
-        stmt = select(ItemRow.id).where(~mine_labeled, ~mine_skipped, cond, *self._source_filter()).order_by(ItemRow.id)
-        if limit is not None:
-            stmt = stmt.limit(limit)
-        self._stmts[key] = stmt
+            raise KeyError(name)
+        self._stmts[name] = stmt
         return stmt
+
+    def _has_room(self, row) -> bool:
+        if row.mine_labeled or row.mine_skipped:
+            return False
+        return bool(row.shared) or row.labels + row.others < row.need
 
     def available_count(self, labeler_id: int, session: Optional[Session] = None) -> int:
         """How many items this labeler could be given now (their own lock included)."""
         now = self.clock()
-        with _maybe_session(self.session_factory, session) as s:
-            total = 0
-            for shared in (True, False):
-                sub = self._eligible(shared).subquery()
-                q = select(func.count()).select_from(sub)
-                total += int(s.scalar(q, dict(me=labeler_id, now=now, floor=self._floor)) or 0)
-            return total
+        me = labeler_id
+        mine_labeled = exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me)
+        mine_skipped = exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me)
+        ordinary = and_(ItemRow.filled == false(), ~self._shared(),
+                        self._labels() + self._open_locks(now, me) < self._need())
+        q = select(func.count(ItemRow.id)).where(or_(self._shared(), ordinary), ~mine_labeled, ~mine_skipped,
+                                                 *self._source_filter())
+        with _maybe_session(self.read_session_factory, session) as s:
+            return int(s.scalar(q) or 0)
 
     def queue_length(self, session: Optional[Session] = None) -> int:
         """Ordinary items still short of labels (calibration and gold items not counted)."""
-        with _maybe_session(self.session_factory, session) as s:
+        with _maybe_session(self.read_session_factory, session) as s:
             q = select(func.count(ItemRow.id)).where(
-                ~ItemRow.is_calibration, ~ItemRow.is_gold, ItemRow.id >= self._floor, self._labels() < self._need(),
-                *self._source_filter())
+                ItemRow.filled == false(), ~self._shared(), self._labels() < self._need(), *self._source_filter())
             return int(s.scalar(q) or 0)
 
     def current_lock(self, session: Session, labeler_id: int, item_id: int) -> Optional[ItemLockRow]:
@@ -167,112 +225,110 @@ class Assigner:
             select(ItemLockRow).where(ItemLockRow.item_id == item_id, ItemLockRow.labeler_id == labeler_id)
         )
 
-    def _raise_floor(self, s: Session, now: dt.datetime) -> None:
-        first_open = s.scalar(
-            select(func.min(ItemRow.id)).where(
-                ItemRow.id >= self._floor, ~ItemRow.is_calibration, ~ItemRow.is_gold, *self._source_filter(),
-                or_(self._labels() < self._need(), ItemRow.created_at > now - self.FLOOR_GRACE)))
-        if first_open is None:
-            first_open = (s.scalar(select(func.max(ItemRow.id))) or 0) + 1
-            young = s.scalar(select(func.min(ItemRow.id)).where(ItemRow.created_at > now - self.FLOOR_GRACE))
-            if young is not None:
-                first_open = min(first_open, young)
-        self._floor = max(self._floor, int(first_open))
-
     # ----- assignment ----------------------------------------------------------------------
     def next_item(self, labeler_id: int) -> Optional[Assignment]:
         """The item this labeler should label now, locked for them; None when nothing is left.
 
         A labeler who reloads the page gets the item they already hold (its lock is renewed)."""
-        with self._mutex:
-            return self._next_item(labeler_id)
-
-    def _next_item(self, labeler_id: int) -> Optional[Assignment]:
         now = self.clock()
+        self._calls += 1
+        if not self._marks_checked:
+            self._recheck_marks()
+        for _ in range(self.ROUNDS):
+            look = self._look(labeler_id, now)
+            got, look_again = self._take(labeler_id, now, look)
+            if got is not None or not look_again:
+                return got
+        return None
+
+    def _look(self, labeler_id: int, now: dt.datetime) -> _Look:
+        """The read phase: this labeler's locks, then (unless they hold an item) the candidates."""
+        with self.read_session_factory() as s:
+            mine = s.execute(self._stmt("mine"), dict(me=labeler_id)).all()
+            if any(not r.finished and r.expires_at > now for r in mine):
+                return _Look(True, [], [])
+            ordinary: list[int] = []
+            full: list[int] = []
+            after = 0
+            while len(ordinary) < self.window:
+                rows = s.execute(self._stmt("scan"), dict(me=labeler_id, now=now, after=after)).all()
+                for r in rows:
+                    if r.shared or r.labels >= r.need:
+                        full.append(r.id)
+                    elif self._has_room(r) and len(ordinary) < self.window:
+                        ordinary.append(r.id)
+                if len(rows) < self.SCAN_PAGE:
+                    break
+                after = rows[-1].id
+            shared = list(s.scalars(self._stmt("shared"), dict(me=labeler_id)))
+        ids = ordinary + shared
+        ids.sort(key=lambda i: _mix_key(labeler_id, i))
+        return _Look(False, ids, full)
+
+    def _take(self, labeler_id: int, now: dt.datetime, look: _Look) -> tuple[Optional[Assignment], bool]:
+        """The write phase: tidy this labeler's locks, mark full items, then renew the held lock or lock
+        the first candidate that still has room. Returns (assignment, whether to look again)."""
+        expires = now + self.lock_timeout
         with self.session_factory() as s:
-            serialised = s.get_bind().dialect.name == "sqlite"  # BEGIN IMMEDIATE: one writer at a time
-            self._calls += 1
-            # This labeler's finished locks (item labeled or skipped) go now, in this transaction.
-            finished = or_(
-                exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == labeler_id),
-                exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == labeler_id),
-            )
-            s.execute(delete(ItemLockRow).where(ItemLockRow.labeler_id == labeler_id, finished))
+            serialised = s.get_bind().dialect.name == "sqlite"  # writers take turns: re-checks are exact
+            mine = s.execute(self._stmt("mine"), dict(me=labeler_id)).all()
+            held = next((r for r in mine if not r.finished and r.expires_at > now), None)
+            stale = [r for r in mine if r is not held]
+            if stale:  # finished or expired: they no longer count; the finished items may be full now
+                s.execute(delete(ItemLockRow).where(ItemLockRow.id.in_([r.id for r in stale])))
+                done = [r.item_id for r in stale if r.finished]
+                if done:
+                    s.execute(self._stmt("mark_if_full"), dict(ids=done))
+            for chunk in _chunks(look.full):
+                s.execute(self._stmt("mark"), dict(ids=list(chunk)))
             if self._calls % 200 == 1:
                 s.execute(delete(ItemLockRow).where(ItemLockRow.expires_at < now - self.lock_timeout))
-            if self._calls % 20 == 1:
-                self._raise_floor(s, now)
-            held = s.execute(
-                select(ItemLockRow, ItemRow)
-                .join(ItemRow, ItemRow.id == ItemLockRow.item_id)
-                .where(ItemLockRow.labeler_id == labeler_id, ItemLockRow.expires_at > now)
-                .order_by(ItemLockRow.locked_at)
-                .limit(1)
-            ).first()
+            if not serialised:
+                s.commit()  # PostgreSQL: the tidying commits apart from the row locks taken below
             if held is not None:
-                lock, item = held
-                lock.expires_at = now + self.lock_timeout
-                locked_at = lock.locked_at
+                s.execute(update(ItemLockRow).where(ItemLockRow.id == held.id).values(expires_at=expires)
+                          .execution_options(synchronize_session=False))
                 s.commit()
-                return Assignment(item.id, item.k, shown_order(labeler_id, item.id, item.k), locked_at, now + self.lock_timeout)
-            tried: set[int] = set()
-            for _ in range(8):  # a few rounds in case other processes win races
-                params = dict(me=labeler_id, now=now, floor=self._floor)
-                ids = list(s.scalars(self._eligible(False, self.window), params))
-                ids += list(s.scalars(self._eligible(True, self.window), params))
-                ids = [i for i in ids if i not in tried]
-                if not ids:
+                return Assignment(held.item_id, held.k, shown_order(labeler_id, held.item_id, held.k),
+                                  held.locked_at, expires), False
+            if look.held:  # the lock seen a moment ago ended meanwhile (e.g. in another tab): look again
+                s.commit()
+                return None, True
+            for item_id in look.candidates:
+                if not serialised:  # racing processes take turns on the item's row
+                    s.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update(key_share=True))
+                row = s.execute(self._stmt("check"), dict(me=labeler_id, now=now, item=item_id)).first()
+                if row is None or not self._has_room(row):
+                    if not serialised:
+                        s.rollback()  # releases the row lock
+                    continue
+                s.add(ItemLockRow(item_id=item_id, labeler_id=labeler_id, locked_at=now, expires_at=expires))
+                try:
                     s.commit()
-                    return None
-                ids.sort(key=lambda i: _mix_key(labeler_id, i))
-                for item_id in ids:
-                    tried.add(item_id)
-                    got = self._try_lock(s, labeler_id, item_id, now, serialised)
-                    if got is not None:
-                        return got
+                except IntegrityError:  # this labeler's own concurrent request locked it first
+                    s.rollback()
+                    return None, True
+                return Assignment(item_id, row.k, shown_order(labeler_id, item_id, row.k), now, expires), False
             s.commit()
-            return None
+            return None, bool(look.candidates)
 
-    def _try_lock(self, s: Session, labeler_id: int, item_id: int, now: dt.datetime,
-                  serialised: bool) -> Optional[Assignment]:
-        item = s.get(ItemRow, item_id)
-        if item is None:
-            return None
-        k = item.k
-        # A stale lock row of ours (expired) is replaced so that the new lock gets a fresh id.
-        s.execute(delete(ItemLockRow).where(ItemLockRow.item_id == item_id, ItemLockRow.labeler_id == labeler_id))
-        lock = ItemLockRow(item_id=item_id, labeler_id=labeler_id, locked_at=now, expires_at=now + self.lock_timeout)
-        s.add(lock)
-        try:
+    def _recheck_marks(self) -> None:
+        """Unmark ordinary items marked filled with fewer labels than this server's overlap needs."""
+        with self.session_factory() as s:
+            s.execute(update(ItemRow).where(ItemRow.filled == true(), ~self._shared(), self._labels() < self._need())
+                      .values(filled=False).execution_options(synchronize_session=False))
             s.commit()
-        except IntegrityError:
-            s.rollback()
-            return None
-        if not serialised:  # concurrent writers: re-count, the later locks back off
-            shared, need = item.is_calibration or item.is_gold, max(item.overlap, self.overlap)
-            if not shared:
-                labels = s.scalar(select(func.count(ComparisonRow.id)).where(ComparisonRow.item_id == item_id)) or 0
-                earlier = s.scalar(
-                    select(func.count(ItemLockRow.id)).where(
-                        ItemLockRow.item_id == item_id,
-                        ItemLockRow.labeler_id != labeler_id,
-                        ItemLockRow.expires_at > now,
-                        ItemLockRow.id < lock.id,
-                        ~exists().where(ComparisonRow.item_id == item_id, ComparisonRow.labeler_id == ItemLockRow.labeler_id),
-                        ~exists().where(SkipRow.item_id == item_id, SkipRow.labeler_id == ItemLockRow.labeler_id),
-                    )
-                ) or 0
-                if labels + earlier >= need:
-                    s.delete(lock)
-                    s.commit()
-                    return None
-            s.commit()
-        return Assignment(item_id, k, shown_order(labeler_id, item_id, k), now, now + self.lock_timeout)
+        self._marks_checked = True
 
     def release(self, session: Session, labeler_id: int, item_id: int) -> None:
         """Drop this labeler's lock on the item; the caller commits. (Optional: a lock whose holder
         labeled or skipped the item no longer counts, and goes at the holder's next assignment.)"""
         session.execute(delete(ItemLockRow).where(ItemLockRow.item_id == item_id, ItemLockRow.labeler_id == labeler_id))
+
+
+def _chunks(seq: Sequence[int], n: int = _IN_CHUNK):
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
 
 
 def _greatest(column, value: int):
