@@ -47,12 +47,14 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 from sqlalchemy import and_, bindparam, case, delete, exists, false, func, or_, select, true, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
+from megacoach.errors import StoreError
 from megacoach.labels.schema import ComparisonRow, ItemLockRow, ItemRow, SkipRow, UTCDateTime, utcnow
 
 _IN_CHUNK = 500  # ids per IN (...) list
+_RETRY_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
 
 
 def _digest(*parts: object) -> bytes:
@@ -159,7 +161,7 @@ class Assigner:
         ]
 
     def _stmt(self, name: str):
-        """The statements of an assignment, built once with bind parameters (me, now, after, item, ids)."""
+        """The statements of an assignment, built once with bind parameters (me, now, after, item)."""
         if name in self._stmts:
             return self._stmts[name]
         me, now = bindparam("me"), bindparam("now", type_=UTCDateTime)
@@ -182,13 +184,6 @@ class Assigner:
                 .order_by(ItemRow.id).limit(self.window))
         elif name == "check":  # one candidate, re-checked in the write transaction
             stmt = select(*self._row_columns(me, now)).where(ItemRow.id == bindparam("item"))
-        elif name == "mark":  # these items need nothing more from the ordinary queue
-            stmt = (update(ItemRow).where(ItemRow.id.in_(bindparam("ids", expanding=True)), ItemRow.filled == false())
-                    .values(filled=True).execution_options(synchronize_session=False))
-        elif name == "mark_if_full":  # the same, after counting (items this labeler just finished)
-            stmt = (update(ItemRow).where(ItemRow.id.in_(bindparam("ids", expanding=True)), ItemRow.filled == false(),
-                                          or_(self._shared(), self._labels() >= self._need()))
-                    .values(filled=True).execution_options(synchronize_session=False))
         else:
             raise KeyError(name)
         self._stmts[name] = stmt
@@ -235,8 +230,13 @@ class Assigner:
         if not self._marks_checked:
             self._recheck_marks()
         for _ in range(self.ROUNDS):
-            look = self._look(labeler_id, now)
-            got, look_again = self._take(labeler_id, now, look)
+            try:
+                look = self._look(labeler_id, now)
+                got, look_again = self._take(labeler_id, now, look)
+            except OperationalError as e:
+                if getattr(e.orig, "sqlstate", None) in _RETRY_SQLSTATES:  # PostgreSQL chose this one to back off
+                    continue
+                raise StoreError(f"label store: cannot assign an item: {str(e.orig).strip() or e}") from e
             if got is not None or not look_again:
                 return got
         return None
@@ -274,15 +274,14 @@ class Assigner:
             mine = s.execute(self._stmt("mine"), dict(me=labeler_id)).all()
             held = next((r for r in mine if not r.finished and r.expires_at > now), None)
             stale = [r for r in mine if r is not held]
-            if stale:  # finished or expired: they no longer count; the finished items may be full now
+            if stale:  # finished or expired: they no longer count (own rows: nobody else deletes them)
                 s.execute(delete(ItemLockRow).where(ItemLockRow.id.in_([r.id for r in stale])))
-                done = [r.item_id for r in stale if r.finished]
-                if done:
-                    s.execute(self._stmt("mark_if_full"), dict(ids=done))
-            for chunk in _chunks(look.full):
-                s.execute(self._stmt("mark"), dict(ids=list(chunk)))
+            # the items this labeler just finished may be full now; the scan found others full already
+            done = [r.item_id for r in stale if r.finished]
+            for i, chunk in enumerate(_chunks(look.full) if look.full else [[]]):
+                self._mark(s, list(chunk), done if i == 0 else [], serialised)
             if self._calls % 200 == 1:
-                s.execute(delete(ItemLockRow).where(ItemLockRow.expires_at < now - self.lock_timeout))
+                self._drop_expired_locks(s, now, serialised)
             if not serialised:
                 s.commit()  # PostgreSQL: the tidying commits apart from the row locks taken below
             if held is not None:
@@ -311,6 +310,31 @@ class Assigner:
                 return Assignment(item_id, row.k, shown_order(labeler_id, item_id, row.k), now, expires), False
             s.commit()
             return None, bool(look.candidates)
+
+    def _mark(self, s: Session, full: list[int], done: list[int], serialised: bool) -> None:
+        """Mark filled the items found full (``full``) and those of ``done`` that are full now. On
+        PostgreSQL only the rows no other transaction holds (SKIP LOCKED): marking never waits, so it
+        cannot deadlock; an item passed over is marked by a later assignment."""
+        if not full and not done:
+            return
+        cond = and_(ItemRow.filled == false(), or_(
+            ItemRow.id.in_(full), and_(ItemRow.id.in_(done), or_(self._shared(), self._labels() >= self._need()))))
+        if not serialised:
+            ids = list(s.scalars(select(ItemRow.id).where(cond).with_for_update(skip_locked=True, key_share=True)))
+            if not ids:
+                return
+            cond = ItemRow.id.in_(ids)
+        s.execute(update(ItemRow).where(cond).values(filled=True).execution_options(synchronize_session=False))
+
+    def _drop_expired_locks(self, s: Session, now: dt.datetime, serialised: bool) -> None:
+        """Delete locks expired long ago (they no longer count; this keeps the table small)."""
+        old = ItemLockRow.expires_at < now - self.lock_timeout
+        if not serialised:  # only rows no other transaction holds: never waits
+            ids = list(s.scalars(select(ItemLockRow.id).where(old).with_for_update(skip_locked=True)))
+            if not ids:
+                return
+            old = ItemLockRow.id.in_(ids)
+        s.execute(delete(ItemLockRow).where(old).execution_options(synchronize_session=False))
 
     def _recheck_marks(self) -> None:
         """Unmark ordinary items marked filled with fewer labels than this server's overlap needs."""
