@@ -50,7 +50,9 @@ Errors: bad input -> `DataError` (a doubled label -> `DuplicateLabelError`, a Da
 cannot be opened / is locked / is newer than this code -> `StoreError`. Nothing is half-written.
 
 SQLite: WAL journal, busy timeout (`busy_timeout_s`), foreign keys on, writes take the write lock at
-BEGIN (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing. Comparison ids therefore
+BEGIN (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing; within one process they
+queue on a lock of the process (woken at once) rather than in SQLite's polling busy handler, which
+other processes on the same file still use. Comparison ids therefore
 grow in commit order, and ``comparisons(after_id=position)`` never misses a label. (On PostgreSQL two
 writers can commit ids out of order; a reader that must not miss any should re-read a small window.)
 """
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -125,6 +128,53 @@ def _chunks(seq: Sequence[int], n: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
         yield seq[i : i + n]
 
 
+_WRITE_LOCKS: dict[str, threading.Lock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _sqlite_connection_class(path: str, timeout_s: float) -> type:
+    """sqlite3 connections to the file at ``path`` whose write transactions also hold this process's
+    write lock on that file, from BEGIN IMMEDIATE to COMMIT or ROLLBACK. The threads of a process then
+    queue on that lock and are woken at once, instead of sleeping in SQLite's busy handler (which polls
+    every 1 to 100 ms, and so leaves the database idle while writers wait). Other processes still wait
+    in the busy handler."""
+    with _WRITE_LOCKS_GUARD:
+        lock = _WRITE_LOCKS.setdefault(os.path.realpath(path), threading.Lock())
+
+    class _WriteLockedConnection(sqlite3.Connection):
+        _holds_write_lock = False
+
+        def take_write_lock(self) -> None:
+            if not lock.acquire(timeout=timeout_s):
+                raise sqlite3.OperationalError(f"database is locked (waited {timeout_s:g} s for this process's writers)")
+            self._holds_write_lock = True
+
+        def drop_write_lock(self) -> None:
+            if self._holds_write_lock:
+                self._holds_write_lock = False
+                lock.release()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self.drop_write_lock()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self.drop_write_lock()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self.drop_write_lock()
+
+    return _WriteLockedConnection
+
+
 def normalize_url(url: Optional[str]) -> str:
     """None -> $MEGACOACH_LABELS_URL or the default SQLite file; a bare path -> a SQLite URL."""
     if url is None or url == "":
@@ -169,6 +219,8 @@ class StoreEngine:
             connect_args.update(timeout=self.busy_timeout_s, check_same_thread=False)
             if memory:  # one shared connection, else every connection is a new empty database
                 kwargs["poolclass"] = StaticPool
+            else:
+                connect_args["factory"] = _sqlite_connection_class(u.database, self.busy_timeout_s)
         else:
             kwargs["pool_pre_ping"] = True
             if u.get_backend_name() == "postgresql":
@@ -195,7 +247,19 @@ class StoreEngine:
                 # Writers take the write lock up front: they wait (busy timeout) instead of failing
                 # with "database is locked" when upgrading a read lock mid-transaction.
                 immediate = conn.get_execution_options().get("megacoach_write", False)
-                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                if not immediate:
+                    conn.exec_driver_sql("BEGIN")
+                    return
+                dbapi_conn = conn.connection.dbapi_connection
+                take = getattr(dbapi_conn, "take_write_lock", None)
+                if take is not None:
+                    take()  # this process's writers queue here (see _sqlite_connection_class)
+                try:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                except BaseException:
+                    if take is not None:
+                        dbapi_conn.drop_write_lock()
+                    raise
 
         return engine
 
