@@ -1,0 +1,340 @@
+"""`megacoach label serve` as it runs in production, on 127.0.0.1: several worker processes share the
+labeling (no label doubled or lost), slow clients are cut off by the header and body timeouts, and a
+`kill -9` of the server under load loses no acknowledged label."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import httpx
+import pytest
+
+from test_app_support import FAST, PASSWORD, add_items, csrf_of, make_person, make_store
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(db_url: str, workers: int = 1, settings: Optional[dict] = None,
+            **options) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`serve(...)` in a child process (its own process group) on a free port; yields (base URL, process)."""
+    port = _free_port()
+    opts = ", ".join(f"{k}={v!r}" for k, v in dict(options, workers=workers).items())
+    code = ("from megacoach.app.server import ServerOptions, serve\n"
+            f"serve({db_url!r}, '127.0.0.1', {port}, {dict(FAST, lock_timeout_s=600, **(settings or {}))!r}, "
+            f"server=ServerOptions({opts}), log_level='warning')\n")
+    env = dict(os.environ, PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(base + "/api/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _worker_pids(proc: subprocess.Popen, n: int) -> list[int]:
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while True:
+        kids = [p.pid for p in psutil.Process(proc.pid).children()  # the workers, not the resource tracker
+                if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
+        if len(kids) >= n or time.monotonic() > deadline:
+            return kids
+        time.sleep(0.1)
+
+
+def _served_by(pids: list[int], port: int) -> dict[int, int]:
+    """Established connections on the port, per worker process."""
+    import psutil
+
+    out = {}
+    for pid in pids:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+        out[pid] = sum(1 for c in conns if c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == port)
+    return out
+
+
+def _login(base: str, name: str) -> tuple[httpx.Client, dict]:
+    c = httpx.Client(base_url=base, timeout=30)
+    page = c.get("/login")
+    r = c.post("/login", data=dict(name=name, password=PASSWORD, csrf_token=csrf_of(page.text)))
+    assert r.status_code in (200, 303), r.text
+    return c, {"x-csrf-token": c.get("/api/me").json()["csrf_token"]}
+
+
+def _label_until_done(clients: list[tuple[httpx.Client, dict]], stop: Optional[threading.Event] = None,
+                      per_label: Optional[threading.Event] = None) -> tuple[list[int], list[str]]:
+    """Every client labels (next -> label) until nothing is left or ``stop`` is set; returns the
+    acknowledged comparison ids and the errors (other than a stopped server)."""
+    created: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def labeler(idx: int, c: httpx.Client, headers: dict) -> None:
+        n = 0
+        while not (stop and stop.is_set()):
+            try:
+                r = c.post("/api/next", headers=headers)
+                if r.status_code != 200:
+                    errors.append(f"next {r.status_code} {r.text[:200]}")
+                    return
+                item = r.json()["item"]
+                if item is None:
+                    return
+                r = c.post("/api/labels", json=dict(item_id=item["item_id"], choice=1 + (idx + n) % item["k"]),
+                           headers=headers)
+            except httpx.HTTPError:
+                if stop is not None:  # the server was killed: this label was never acknowledged
+                    return
+                raise
+            n += 1
+            with lock:
+                if r.status_code == 201:
+                    created.append(r.json()["comparison_id"])
+                    if per_label is not None:
+                        per_label.set()
+                else:
+                    errors.append(f"label {r.status_code} {r.text[:200]}")
+
+    threads = [threading.Thread(target=labeler, args=(i, c, h)) for i, (c, h) in enumerate(clients)]
+    [t.start() for t in threads]
+    [t.join(timeout=180) for t in threads]
+    assert not any(t.is_alive() for t in threads)
+    return created, errors
+
+
+def _two_workers_share_the_labeling(store, db_url: str) -> None:
+    people = [f"p{i:02d}" for i in range(12)]
+    for name in people:
+        make_person(store, name)
+    ordinary = add_items(store, 60, batch="load")
+    calibration = add_items(store, 2, batch="cal", calibration=True)
+    store.close()
+    with serving(db_url, workers=2) as (base, proc):
+        port = int(base.rsplit(":", 1)[1])
+        pids = _worker_pids(proc, 2)
+        assert len(pids) == 2, pids
+        clients = [_login(base, name) for name in people]
+        extra = []  # the kernel hands connections to either worker: open more until both hold some
+        while min(_served_by(pids, port).values()) == 0 and len(extra) < 64:
+            c = httpx.Client(base_url=base, timeout=30)
+            c.get("/api/health")
+            extra.append(c)
+        by_worker = _served_by(pids, port)
+        assert min(by_worker.values()) > 0, by_worker
+        for c in extra:
+            c.close()
+        created, errors = _label_until_done(clients)
+        for c, _ in clients:
+            c.close()
+    assert not errors, errors[:5]
+    from megacoach.labels.store import LabelStore
+
+    with LabelStore(db_url) as check:
+        labels = check.comparisons()
+    assert sorted(created) == sorted(c.id for c in labels)  # nothing lost, nothing unacknowledged
+    assert len({(c.item_id, c.labeler_id) for c in labels}) == len(labels)  # nothing doubled
+    per_item = Counter(c.item_id for c in labels)
+    assert all(per_item[i] == 1 for i in ordinary)
+    assert all(per_item[i] == len(people) for i in calibration)
+
+
+def test_two_workers_serve_labels_without_duplicates(tmp_path):
+    store = make_store(tmp_path)
+    _two_workers_share_the_labeling(store, store.url)
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not os.environ.get("MEGACOACH_TEST_PG_URL"),
+                    reason="set MEGACOACH_TEST_PG_URL to a disposable PostgreSQL database")
+def test_two_workers_on_postgresql_serve_labels_without_duplicates():
+    from sqlalchemy import create_engine, text
+
+    from megacoach.labels.store import LabelStore
+
+    url = os.environ["MEGACOACH_TEST_PG_URL"]
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE"))
+        c.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    _two_workers_share_the_labeling(LabelStore(url), url)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_under_load_loses_no_acknowledged_label(tmp_path, workers):
+    """SIGKILL to the server (every process of it) while labelers submit: every label the server
+    answered 201 for is in the store afterwards, once, and the store opens and serves again."""
+    store = make_store(tmp_path)
+    people = [f"p{i:02d}" for i in range(8)]
+    for name in people:
+        make_person(store, name)
+    add_items(store, 2000, batch="load")
+    store.close()
+    stop, some = threading.Event(), threading.Event()
+    result: dict = {}
+    with serving(store.url, workers=workers) as (base, proc):
+        clients = [_login(base, name) for name in people]
+        t = threading.Thread(target=lambda: result.update(zip(("created", "errors"),
+                                                               _label_until_done(clients, stop, some))))
+        t.start()
+        assert some.wait(60)
+        time.sleep(1.0)  # labels in flight
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        stop.set()
+        t.join(timeout=60)
+        for c, _ in clients:
+            c.close()
+    created = result["created"]
+    assert len(created) > 20 and not result["errors"], (len(created), result["errors"][:3])
+    from megacoach.labels.store import LabelStore
+
+    with LabelStore(store.url) as after:
+        stored = [c.id for c in after.comparisons()]
+        assert set(created) <= set(stored)  # acknowledged -> durable
+        assert len(stored) == len(set(stored)) == len({(c.item_id, c.labeler_id) for c in after.comparisons()})
+        assert len(stored) - len(created) <= len(people)  # at most one committed-but-unanswered per labeler
+    with serving(store.url) as (base, _):  # and it serves again
+        c, h = _login(base, people[0])
+        assert c.post("/api/next", headers=h).json()["item"] is not None
+        c.close()
+
+
+# ----- slow clients ----------------------------------------------------------------------------------
+
+@contextmanager
+def timed_server(tmp_path, settings: Optional[dict] = None, **options) -> Iterator[int]:
+    """The app with serve()'s uvicorn config (ServerConfig: the app's HTTP limits) in a thread; yields the port."""
+    import uvicorn
+
+    from megacoach.app.server import ServerConfig, ServerOptions
+    from megacoach.app.settings import AppSettings
+
+    store = make_store(tmp_path)
+    make_person(store, "alice")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = ServerConfig(store.url, AppSettings(**dict(FAST, **(settings or {}))), ServerOptions(**options),
+                          log_level="warning", lifespan="off")
+    config.store = store
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def _until_closed(sock: socket.socket, limit_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection; and how long that took."""
+    t0 = time.monotonic()
+    sock.settimeout(limit_s)
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except socket.timeout:
+        pytest.fail(f"the server kept the connection open for {limit_s} s (sent {data[:80]!r})")
+    except ConnectionResetError:
+        pass
+    return data, time.monotonic() - t0
+
+
+def test_slow_headers_are_cut_off_at_the_header_timeout(tmp_path):
+    with timed_server(tmp_path, settings=dict(header_timeout_s=1.0, keep_alive_timeout_s=30.0)) as port:
+        # a partial request line, then nothing
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /api/hea")
+            data, took = _until_closed(s, 6)
+        assert data.startswith(b"HTTP/1.1 408") and 0.8 <= took <= 4, (data[:60], took)
+        # connect and send nothing
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            data, took = _until_closed(s, 6)
+        assert data.startswith(b"HTTP/1.1 408") and took <= 4
+        # headers trickled a byte at a time: the clock does not restart per byte
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            t0 = time.monotonic()
+            try:
+                for ch in b"GET /api/health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: " + b"a" * 200:
+                    s.sendall(bytes([ch]))
+                    time.sleep(0.05)
+                pytest.fail("the server read trickled headers for longer than the timeout")
+            except OSError:
+                pass
+            assert time.monotonic() - t0 <= 4
+        # after a complete request on a keep-alive connection, the next one gets the same deadline
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET /api/health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            s.sendall(b"GET /api/he")
+            data, took = _until_closed(s, 6)
+        assert data.startswith(b"HTTP/1.1 408") and took <= 4
+        # a well-behaved client is served as usual (and a slow *handler* is not cut off)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
+
+
+def test_slow_body_is_cut_off_at_the_body_timeout(tmp_path):
+    with timed_server(tmp_path, settings=dict(header_timeout_s=5.0, body_timeout_s=1.0)) as port:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"POST /api/labels HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                      b"content-length: 40\r\n\r\n{\"item_id\": ")
+            data, took = _until_closed(s, 6)
+        assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data.lower() and took <= 4, data[:200]
+        r = httpx.post(f"http://127.0.0.1:{port}/api/labels", json=dict(item_id=1, choice=1), timeout=5)
+        assert r.status_code == 401  # a complete body reaches the app as before
+
+
+def test_server_options_are_checked():
+    from megacoach.app.server import ServerOptions
+    from megacoach.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workers"):
+        ServerOptions(workers=0)
+    with pytest.raises(ConfigError, match="threads"):
+        ServerOptions(threads=0)
