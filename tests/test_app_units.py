@@ -204,5 +204,5 @@ def test_assignment_reads_the_queue_through_indexes(tmp_path):
                  for stmt, params in seen}
     for stmt, plan in plans.items():
         assert "SCAN items" not in plan and "SCAN item_locks" not in plan, (stmt, plan)
-    scans = [plan for stmt, plan in plans.items() if "items.filled = 0 AND items.id >" in stmt]
-    assert len(scans) == 2 and all("ix_items_open" in plan for plan in scans), scans
+    scans = [plan for stmt, plan in plans.items() if stmt.startswith("SELECT items.id") and "items.filled = 0" in stmt]
+    assert len(scans) >= 2 and all("ix_items_open" in plan for plan in scans), scans

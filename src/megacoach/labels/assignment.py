@@ -44,16 +44,18 @@ import datetime as dt
 import hashlib
 import random
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from sqlalchemy import and_, bindparam, case, delete, exists, false, func, or_, select, true, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy import and_, bindparam, case, delete, exists, false, func, insert, or_, select, true, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session
 
 from megacoach.errors import StoreError
 from megacoach.labels.schema import ComparisonRow, ItemLockRow, ItemRow, SkipRow, UTCDateTime, utcnow
 
 _IN_CHUNK = 500  # ids per IN (...) list
+# The assigner's queries are Core statements over the tables (no ORM objects: half the overhead per query)
+_ITEMS, _LABELS, _LOCKS, _SKIPS = ItemRow.__table__, ComparisonRow.__table__, ItemLockRow.__table__, SkipRow.__table__
 _RETRY_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
 
 
@@ -69,7 +71,8 @@ def shown_order(labeler_id: int, item_id: int, k: int) -> list[int]:
 
 
 def _mix_key(labeler_id: int, item_id: int) -> int:
-    return int.from_bytes(_digest("mix", labeler_id, item_id)[:8], "big")
+    """This labeler's stable pseudo-random rank of an item (orders candidates; nothing stores it)."""
+    return int.from_bytes(hashlib.blake2b(b"%d:%d" % (labeler_id, item_id), digest_size=8).digest(), "big")
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,10 @@ class Assignment:
 class _Look:
     """What the read phase of one assignment found."""
 
-    held: bool  # the labeler holds an unexpired lock on an item they have not finished
+    mine: list  # this labeler's locks (rows of the "mine" statement), oldest first
+    held: Optional[Any]  # the one of them on an item they have not finished, unexpired (renewed, not replaced)
     candidates: list[int]  # item ids with room for this labeler, in this labeler's mixed order
-    full: list[int]  # open (unfilled) items found full or shared: to be marked filled
+    full: list[int]  # open (unfilled) items found full, or shared: to be marked filled
 
 
 class Assigner:
@@ -96,7 +100,6 @@ class Assigner:
     reads that find the candidates (default: ``session_factory``; pass the store's read sessions so
     that finding candidates does not hold the write lock)."""
 
-    SCAN_PAGE = 256  # open items read per query of a scan
     ROUNDS = 4  # looks per assignment when other labelers took every candidate meanwhile
 
     def __init__(
@@ -125,39 +128,39 @@ class Assigner:
 
     # ----- queries -------------------------------------------------------------------------
     def _source_filter(self) -> list:
-        return [ItemRow.source.in_(self.sources)] if self.sources else []
+        return [_ITEMS.c.source.in_(self.sources)] if self.sources else []
 
     def _need(self):
-        return _greatest(ItemRow.overlap, self.overlap)
+        return _greatest(_ITEMS.c.overlap, self.overlap)
 
     @staticmethod
     def _labels():
-        return select(func.count(ComparisonRow.id)).where(ComparisonRow.item_id == ItemRow.id).scalar_subquery()
+        return select(func.count(_LABELS.c.id)).where(_LABELS.c.item_id == _ITEMS.c.id).scalar_subquery()
 
     @staticmethod
     def _shared():
-        return or_(ItemRow.is_calibration == true(), ItemRow.is_gold == true())
+        return or_(_ITEMS.c.is_calibration == true(), _ITEMS.c.is_gold == true())
 
     @staticmethod
     def _open_locks(now, labeler_id=None):
         """Unexpired locks on the item whose holder has not labeled or skipped it yet (other than
         ``labeler_id``'s own)."""
         done = or_(
-            exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == ItemLockRow.labeler_id),
-            exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == ItemLockRow.labeler_id),
+            exists().where(_LABELS.c.item_id == _LOCKS.c.item_id, _LABELS.c.labeler_id == _LOCKS.c.labeler_id),
+            exists().where(_SKIPS.c.item_id == _LOCKS.c.item_id, _SKIPS.c.labeler_id == _LOCKS.c.labeler_id),
         )
-        q = select(func.count(ItemLockRow.id)).where(ItemLockRow.item_id == ItemRow.id, ItemLockRow.expires_at > now, ~done)
+        q = select(func.count(_LOCKS.c.id)).where(_LOCKS.c.item_id == _ITEMS.c.id, _LOCKS.c.expires_at > now, ~done)
         if labeler_id is not None:
-            q = q.where(ItemLockRow.labeler_id != labeler_id)
+            q = q.where(_LOCKS.c.labeler_id != labeler_id)
         return q.scalar_subquery()
 
     def _row_columns(self, me, now) -> list:
         """What decides whether labeler ``me`` may take an item now (one row per item)."""
         return [
-            ItemRow.id, ItemRow.k, ItemRow.source, self._shared().label("shared"), self._need().label("need"),
+            _ITEMS.c.id, _ITEMS.c.k, _ITEMS.c.source, self._shared().label("shared"), self._need().label("need"),
             self._labels().label("labels"), self._open_locks(now, me).label("others"),
-            exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me).label("mine_labeled"),
-            exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me).label("mine_skipped"),
+            exists().where(_LABELS.c.item_id == _ITEMS.c.id, _LABELS.c.labeler_id == me).label("mine_labeled"),
+            exists().where(_SKIPS.c.item_id == _ITEMS.c.id, _SKIPS.c.labeler_id == me).label("mine_skipped"),
         ]
 
     def _stmt(self, name: str):
@@ -167,23 +170,53 @@ class Assigner:
         me, now = bindparam("me"), bindparam("now", type_=UTCDateTime)
         if name == "mine":  # this labeler's locks, oldest first, and whether they finished the item
             finished = or_(
-                exists().where(ComparisonRow.item_id == ItemLockRow.item_id, ComparisonRow.labeler_id == me),
-                exists().where(SkipRow.item_id == ItemLockRow.item_id, SkipRow.labeler_id == me),
+                exists().where(_LABELS.c.item_id == _LOCKS.c.item_id, _LABELS.c.labeler_id == me),
+                exists().where(_SKIPS.c.item_id == _LOCKS.c.item_id, _SKIPS.c.labeler_id == me),
             )
-            stmt = (select(ItemLockRow.id, ItemLockRow.item_id, ItemLockRow.locked_at, ItemLockRow.expires_at,
-                           ItemRow.k, finished.label("finished"))
-                    .join(ItemRow, ItemRow.id == ItemLockRow.item_id)
-                    .where(ItemLockRow.labeler_id == me).order_by(ItemLockRow.locked_at, ItemLockRow.id))
-        elif name == "scan":  # open items after :after, oldest first (index ix_items_open / _source)
-            conds = [ItemRow.filled == false(), ItemRow.id > bindparam("after"), *self._source_filter()]
-            stmt = select(*self._row_columns(me, now)).where(*conds).order_by(ItemRow.id).limit(self.SCAN_PAGE)
+            stmt = (select(_LOCKS.c.id, _LOCKS.c.item_id, _LOCKS.c.locked_at, _LOCKS.c.expires_at,
+                           _ITEMS.c.k, finished.label("finished"))
+                    .join(_ITEMS, _ITEMS.c.id == _LOCKS.c.item_id)
+                    .where(_LOCKS.c.labeler_id == me).order_by(_LOCKS.c.locked_at, _LOCKS.c.id))
+        elif name == "scan":  # the oldest open items with room for this labeler (index ix_items_open[_source])
+            mine_labeled = exists().where(_LABELS.c.item_id == _ITEMS.c.id, _LABELS.c.labeler_id == me)
+            mine_skipped = exists().where(_SKIPS.c.item_id == _ITEMS.c.id, _SKIPS.c.labeler_id == me)
+            stmt = (select(_ITEMS.c.id)
+                    .where(_ITEMS.c.filled == false(), ~self._shared(), ~mine_labeled, ~mine_skipped,
+                           self._labels() + self._open_locks(now, me) < self._need(), *self._source_filter())
+                    .order_by(_ITEMS.c.id).limit(self.window))
+        elif name in ("sweep", "sweep_all"):  # open items that are full after all (labels from elsewhere), or shared
+            upto = [_ITEMS.c.id <= bindparam("upto")] if name == "sweep" else []
+            stmt = (select(_ITEMS.c.id)
+                    .where(_ITEMS.c.filled == false(), *upto, *self._source_filter(),
+                           or_(self._shared(), self._labels() >= self._need()))
+                    .order_by(_ITEMS.c.id).limit(_IN_CHUNK))
         elif name == "shared":  # calibration and gold items this labeler has not done
-            stmt = (select(ItemRow.id).where(
-                self._shared(), ~exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me),
-                ~exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me), *self._source_filter())
-                .order_by(ItemRow.id).limit(self.window))
+            stmt = (select(_ITEMS.c.id).where(
+                self._shared(), ~exists().where(_LABELS.c.item_id == _ITEMS.c.id, _LABELS.c.labeler_id == me),
+                ~exists().where(_SKIPS.c.item_id == _ITEMS.c.id, _SKIPS.c.labeler_id == me), *self._source_filter())
+                .order_by(_ITEMS.c.id).limit(self.window))
         elif name == "check":  # one candidate, re-checked in the write transaction
-            stmt = select(*self._row_columns(me, now)).where(ItemRow.id == bindparam("item"))
+            stmt = select(*self._row_columns(me, now)).where(_ITEMS.c.id == bindparam("item"))
+        elif name in ("mark", "markable"):  # items found full (:full), or finished just now and full (:done)
+            cond = and_(_ITEMS.c.filled == false(), or_(
+                _ITEMS.c.id.in_(bindparam("full", expanding=True)),
+                and_(_ITEMS.c.id.in_(bindparam("done", expanding=True)),
+                     or_(self._shared(), self._labels() >= self._need()))))
+            if name == "mark":
+                stmt = update(_ITEMS).where(cond).values(filled=True)
+            else:  # PostgreSQL: only rows no other transaction holds, so marking never waits
+                stmt = select(_ITEMS.c.id).where(cond).with_for_update(skip_locked=True, key_share=True)
+        elif name == "mark_ids":
+            stmt = update(_ITEMS).where(_ITEMS.c.id.in_(bindparam("ids", expanding=True))).values(filled=True)
+        elif name == "drop_mine":  # this labeler's finished or expired locks, by id
+            stmt = delete(_LOCKS).where(_LOCKS.c.id.in_(bindparam("ids", expanding=True)))
+        elif name == "renew":
+            stmt = update(_LOCKS).where(_LOCKS.c.id == bindparam("lock")).values(
+                expires_at=bindparam("expires", type_=UTCDateTime))
+        elif name == "row_lock":  # PostgreSQL: assignments racing for one item take turns
+            stmt = select(_ITEMS.c.id).where(_ITEMS.c.id == bindparam("item")).with_for_update(key_share=True)
+        elif name == "lock":
+            stmt = insert(_LOCKS)
         else:
             raise KeyError(name)
         self._stmts[name] = stmt
@@ -198,11 +231,11 @@ class Assigner:
         """How many items this labeler could be given now (their own lock included)."""
         now = self.clock()
         me = labeler_id
-        mine_labeled = exists().where(ComparisonRow.item_id == ItemRow.id, ComparisonRow.labeler_id == me)
-        mine_skipped = exists().where(SkipRow.item_id == ItemRow.id, SkipRow.labeler_id == me)
-        ordinary = and_(ItemRow.filled == false(), ~self._shared(),
+        mine_labeled = exists().where(_LABELS.c.item_id == _ITEMS.c.id, _LABELS.c.labeler_id == me)
+        mine_skipped = exists().where(_SKIPS.c.item_id == _ITEMS.c.id, _SKIPS.c.labeler_id == me)
+        ordinary = and_(_ITEMS.c.filled == false(), ~self._shared(),
                         self._labels() + self._open_locks(now, me) < self._need())
-        q = select(func.count(ItemRow.id)).where(or_(self._shared(), ordinary), ~mine_labeled, ~mine_skipped,
+        q = select(func.count(_ITEMS.c.id)).where(or_(self._shared(), ordinary), ~mine_labeled, ~mine_skipped,
                                                  *self._source_filter())
         with _maybe_session(self.read_session_factory, session) as s:
             return int(s.scalar(q) or 0)
@@ -210,8 +243,8 @@ class Assigner:
     def queue_length(self, session: Optional[Session] = None) -> int:
         """Ordinary items still short of labels (calibration and gold items not counted)."""
         with _maybe_session(self.read_session_factory, session) as s:
-            q = select(func.count(ItemRow.id)).where(
-                ItemRow.filled == false(), ~self._shared(), self._labels() < self._need(), *self._source_filter())
+            q = select(func.count(_ITEMS.c.id)).where(
+                _ITEMS.c.filled == false(), ~self._shared(), self._labels() < self._need(), *self._source_filter())
             return int(s.scalar(q) or 0)
 
     def current_lock(self, session: Session, labeler_id: int, item_id: int) -> Optional[ItemLockRow]:
@@ -233,7 +266,7 @@ class Assigner:
             try:
                 look = self._look(labeler_id, now)
                 got, look_again = self._take(labeler_id, now, look)
-            except OperationalError as e:
+            except DBAPIError as e:
                 if getattr(e.orig, "sqlstate", None) in _RETRY_SQLSTATES:  # PostgreSQL chose this one to back off
                     continue
                 raise StoreError(f"label store: cannot assign an item: {str(e.orig).strip() or e}") from e
@@ -241,29 +274,28 @@ class Assigner:
                 return got
         return None
 
+    SWEEP_EVERY = 50  # assignments (per process) between sweeps for items that are full but not marked
+
     def _look(self, labeler_id: int, now: dt.datetime) -> _Look:
         """The read phase: this labeler's locks, then (unless they hold an item) the candidates."""
         with self.read_session_factory() as s:
             mine = s.execute(self._stmt("mine"), dict(me=labeler_id)).all()
-            if any(not r.finished and r.expires_at > now for r in mine):
-                return _Look(True, [], [])
-            ordinary: list[int] = []
-            full: list[int] = []
-            after = 0
-            while len(ordinary) < self.window:
-                rows = s.execute(self._stmt("scan"), dict(me=labeler_id, now=now, after=after)).all()
-                for r in rows:
-                    if r.shared or r.labels >= r.need:
-                        full.append(r.id)
-                    elif self._has_room(r) and len(ordinary) < self.window:
-                        ordinary.append(r.id)
-                if len(rows) < self.SCAN_PAGE:
-                    break
-                after = rows[-1].id
+            held = next((r for r in mine if not r.finished and r.expires_at > now), None)
+            if held is not None:
+                return _Look(mine, held, [], [])
+            ordinary = list(s.scalars(self._stmt("scan"), dict(me=labeler_id, now=now)))
             shared = list(s.scalars(self._stmt("shared"), dict(me=labeler_id)))
+            full: list[int] = []
+            if not ordinary or self._calls % self.SWEEP_EVERY == 0:
+                # Items labeled past the app are full but not marked: the scan reads (and passes over) them
+                # until they are; this finds those it passes (up to its last candidate), to be marked.
+                if ordinary:
+                    full = list(s.scalars(self._stmt("sweep"), dict(upto=ordinary[-1])))
+                else:
+                    full = list(s.scalars(self._stmt("sweep_all")))
         ids = ordinary + shared
         ids.sort(key=lambda i: _mix_key(labeler_id, i))
-        return _Look(False, ids, full)
+        return _Look(mine, None, ids, full)
 
     def _take(self, labeler_id: int, now: dt.datetime, look: _Look) -> tuple[Optional[Assignment], bool]:
         """The write phase: tidy this labeler's locks, mark full items, then renew the held lock or lock
@@ -271,12 +303,11 @@ class Assigner:
         expires = now + self.lock_timeout
         with self.session_factory() as s:
             serialised = s.get_bind().dialect.name == "sqlite"  # writers take turns: re-checks are exact
-            mine = s.execute(self._stmt("mine"), dict(me=labeler_id)).all()
-            held = next((r for r in mine if not r.finished and r.expires_at > now), None)
-            stale = [r for r in mine if r is not held]
-            if stale:  # finished or expired: they no longer count (own rows: nobody else deletes them)
-                s.execute(delete(ItemLockRow).where(ItemLockRow.id.in_([r.id for r in stale])))
-            # the items this labeler just finished may be full now; the scan found others full already
+            # Finished or expired locks no longer count: deleted by id (this labeler's own rows; finishing
+            # is for good, so what the read phase saw still holds). The items just finished may be full.
+            stale = [r for r in look.mine if r is not look.held]
+            if stale:
+                s.execute(self._stmt("drop_mine"), dict(ids=[r.id for r in stale]))
             done = [r.item_id for r in stale if r.finished]
             for i, chunk in enumerate(_chunks(look.full) if look.full else [[]]):
                 self._mark(s, list(chunk), done if i == 0 else [], serialised)
@@ -284,25 +315,25 @@ class Assigner:
                 self._drop_expired_locks(s, now, serialised)
             if not serialised:
                 s.commit()  # PostgreSQL: the tidying commits apart from the row locks taken below
-            if held is not None:
-                s.execute(update(ItemLockRow).where(ItemLockRow.id == held.id).values(expires_at=expires)
-                          .execution_options(synchronize_session=False))
+            if look.held is not None:
+                held = look.held
+                renewed = s.execute(self._stmt("renew"), dict(lock=held.id, expires=expires)).rowcount
                 s.commit()
+                if renewed != 1:  # it ended meanwhile (e.g. labeled in another tab): look again
+                    return None, True
                 return Assignment(held.item_id, held.k, shown_order(labeler_id, held.item_id, held.k),
                                   held.locked_at, expires), False
-            if look.held:  # the lock seen a moment ago ended meanwhile (e.g. in another tab): look again
-                s.commit()
-                return None, True
             for item_id in look.candidates:
                 if not serialised:  # racing processes take turns on the item's row
-                    s.execute(select(ItemRow.id).where(ItemRow.id == item_id).with_for_update(key_share=True))
+                    s.execute(self._stmt("row_lock"), dict(item=item_id))
                 row = s.execute(self._stmt("check"), dict(me=labeler_id, now=now, item=item_id)).first()
                 if row is None or not self._has_room(row):
                     if not serialised:
                         s.rollback()  # releases the row lock
                     continue
-                s.add(ItemLockRow(item_id=item_id, labeler_id=labeler_id, locked_at=now, expires_at=expires))
                 try:
+                    s.execute(self._stmt("lock"), dict(item_id=item_id, labeler_id=labeler_id, locked_at=now,
+                                                        expires_at=expires))
                     s.commit()
                 except IntegrityError:  # this labeler's own concurrent request locked it first
                     s.rollback()
@@ -317,29 +348,28 @@ class Assigner:
         cannot deadlock; an item passed over is marked by a later assignment."""
         if not full and not done:
             return
-        cond = and_(ItemRow.filled == false(), or_(
-            ItemRow.id.in_(full), and_(ItemRow.id.in_(done), or_(self._shared(), self._labels() >= self._need()))))
+        params = dict(full=full or [0], done=done or [0])  # (no item has id 0)
         if not serialised:
-            ids = list(s.scalars(select(ItemRow.id).where(cond).with_for_update(skip_locked=True, key_share=True)))
-            if not ids:
-                return
-            cond = ItemRow.id.in_(ids)
-        s.execute(update(ItemRow).where(cond).values(filled=True).execution_options(synchronize_session=False))
+            ids = list(s.scalars(self._stmt("markable"), params))
+            if ids:
+                s.execute(self._stmt("mark_ids"), dict(ids=ids))
+            return
+        s.execute(self._stmt("mark"), params)
 
     def _drop_expired_locks(self, s: Session, now: dt.datetime, serialised: bool) -> None:
         """Delete locks expired long ago (they no longer count; this keeps the table small)."""
-        old = ItemLockRow.expires_at < now - self.lock_timeout
+        old = _LOCKS.c.expires_at < now - self.lock_timeout
         if not serialised:  # only rows no other transaction holds: never waits
-            ids = list(s.scalars(select(ItemLockRow.id).where(old).with_for_update(skip_locked=True)))
+            ids = list(s.scalars(select(_LOCKS.c.id).where(old).with_for_update(skip_locked=True)))
             if not ids:
                 return
-            old = ItemLockRow.id.in_(ids)
-        s.execute(delete(ItemLockRow).where(old).execution_options(synchronize_session=False))
+            old = _LOCKS.c.id.in_(ids)
+        s.execute(delete(_LOCKS).where(old).execution_options(synchronize_session=False))
 
     def _recheck_marks(self) -> None:
         """Unmark ordinary items marked filled with fewer labels than this server's overlap needs."""
         with self.session_factory() as s:
-            s.execute(update(ItemRow).where(ItemRow.filled == true(), ~self._shared(), self._labels() < self._need())
+            s.execute(update(_ITEMS).where(_ITEMS.c.filled == true(), ~self._shared(), self._labels() < self._need())
                       .values(filled=False).execution_options(synchronize_session=False))
             s.commit()
         self._marks_checked = True
