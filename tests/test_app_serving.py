@@ -245,13 +245,16 @@ def timed_server(tmp_path, settings: Optional[dict] = None, **options) -> Iterat
     from megacoach.app.server import ServerConfig, ServerOptions
     from megacoach.app.settings import AppSettings
 
-    store = make_store(tmp_path)
+    from megacoach.labels.store import LabelStore
+
+    opts = ServerOptions(**options)
+    app_settings = AppSettings(**dict(FAST, **(settings or {})))
+    store = LabelStore(make_store(tmp_path).url, pool_size=opts.pool_size(app_settings))
     make_person(store, "alice")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = ServerConfig(store.url, AppSettings(**dict(FAST, **(settings or {}))), ServerOptions(**options),
-                          log_level="warning", lifespan="off")
+    config = ServerConfig(store.url, app_settings, opts, log_level="warning", lifespan="off")
     config.store = store
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
@@ -328,6 +331,37 @@ def test_slow_body_is_cut_off_at_the_body_timeout(tmp_path):
         assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data.lower() and took <= 4, data[:200]
         r = httpx.post(f"http://127.0.0.1:{port}/api/labels", json=dict(item_id=1, choice=1), timeout=5)
         assert r.status_code == 401  # a complete body reaches the app as before
+
+
+def _spray(port: int, n: int) -> Counter:
+    """n clients post a wrong password at once; the answers' status codes."""
+    def one(i: int, out: list) -> None:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            page = c.get("/login")
+            out.append(c.post("/login", data=dict(name=f"nobody{i}", password="wrong-wrong-wrong",
+                                                  csrf_token=csrf_of(page.text))).status_code)
+
+    codes: list[int] = []
+    threads = [threading.Thread(target=one, args=(i, codes)) for i in range(n)]
+    [t.start() for t in threads]
+    [t.join(timeout=120) for t in threads]
+    return Counter(codes)
+
+
+def test_password_checks_are_gated_and_cannot_exhaust_the_store(tmp_path):
+    """More simultaneous log-ins than request threads, under serve()'s config: they wait for a password
+    check slot (none fails for want of a thread or a store connection); beyond the queue they get 503
+    while the labelers' requests are answered."""
+    slow = dict(argon2_time_cost=2, argon2_memory_kib=32 * 1024)  # ~0.05-0.1 s per check
+    with timed_server(tmp_path, settings=dict(slow, password_hash_concurrency=1, password_hash_queue=64),
+                      threads=4) as port:
+        assert _spray(port, 12) == Counter({401: 12})
+    (tmp_path / "b").mkdir()
+    with timed_server(tmp_path / "b", settings=dict(slow, password_hash_concurrency=1, password_hash_queue=0),
+                      threads=4) as port:
+        codes = _spray(port, 8)
+        assert codes[503] >= 1 and codes[401] >= 1 and set(codes) <= {401, 503}, codes
+        assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
 
 
 def test_server_options_are_checked():

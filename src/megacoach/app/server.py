@@ -189,6 +189,11 @@ class ServerOptions:
         if bad:
             raise ConfigError(f"server option {bad[0]!r}: {getattr(self, bad[0])!r} is out of range")
 
+    def pool_size(self, settings: AppSettings) -> int:
+        """Store connections per worker (and as many again while busy): one for each request thread and
+        each password-check thread (``password_hash_concurrency``), and a spare."""
+        return self.threads + settings.password_hash_concurrency + 1
+
 
 class ServedApp:
     """The app as ``serve`` runs it: the worker's thread pool (where the blocking handlers run) has
@@ -229,8 +234,8 @@ class ServerConfig(UvicornConfig):
         return state
 
     def load_app(self) -> Any:
-        app = create_app(self.db_url, self.mc_settings, store=self.store)
-        return ServedApp(app, self.options.threads)
+        store = self.store or LabelStore(self.db_url, pool_size=self.options.pool_size(self.mc_settings))
+        return ServedApp(create_app(settings=self.mc_settings, store=store), self.options.threads)
 
 
 def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, settings: SettingsLike = None,
@@ -247,7 +252,7 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
     opts = server or ServerOptions()
     if workers is not None:
         opts = ServerOptions(**dict(asdict(opts), workers=workers))
-    store = LabelStore(db_url)
+    store = LabelStore(db_url, pool_size=opts.pool_size(cfg))
     base = cfg.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     link = admin_invite_link(store, cfg, base)
     procs = f"{opts.workers} worker processes of {opts.threads} threads" if opts.workers > 1 else \
