@@ -372,3 +372,21 @@ def test_server_options_are_checked():
         ServerOptions(workers=0)
     with pytest.raises(ConfigError, match="threads"):
         ServerOptions(threads=0)
+
+
+def test_workers_listen_on_a_tcp_socket_so_answers_are_not_delayed():
+    """With --workers the socket is made here: protocol IPPROTO_TCP, so asyncio sets TCP_NODELAY on its
+    connections (uvicorn's own socket has protocol 0: every request that followed an answer on a
+    keep-alive connection waited ~40 ms for a delayed ACK)."""
+    from megacoach.app.server import bind_tcp_socket
+
+    sock = bind_tcp_socket("127.0.0.1", 0)
+    try:
+        sock.listen()
+        assert sock.proto == socket.IPPROTO_TCP
+        with socket.create_connection(sock.getsockname()) as client:
+            conn, _ = sock.accept()
+            with conn:
+                assert conn.proto == socket.IPPROTO_TCP  # what asyncio checks before setting TCP_NODELAY
+    finally:
+        sock.close()
