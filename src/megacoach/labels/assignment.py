@@ -260,10 +260,10 @@ class Assigner:
         A labeler who reloads the page gets the item they already hold (its lock is renewed)."""
         now = self.clock()
         self._calls += 1
-        if not self._marks_checked:
-            self._recheck_marks()
         for _ in range(self.ROUNDS):
             try:
+                if not self._marks_checked:
+                    self._recheck_marks()
                 look = self._look(labeler_id, now)
                 got, look_again = self._take(labeler_id, now, look)
             except DBAPIError as e:
