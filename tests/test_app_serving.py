@@ -390,3 +390,76 @@ def test_workers_listen_on_a_tcp_socket_so_answers_are_not_delayed():
                 assert conn.proto == socket.IPPROTO_TCP  # what asyncio checks before setting TCP_NODELAY
     finally:
         sock.close()
+
+
+# ----- state shared by the workers -----------------------------------------------------------------------
+
+def _attempt(client, name: str, password: str):
+    page = client.get("/login")
+    return client.post("/login", data=dict(name=name, password=password, csrf_token=csrf_of(page.text)),
+                       follow_redirects=False)
+
+
+def test_login_throttle_counts_a_clients_failures_across_processes(tmp_path):
+    """Two app instances on one store (as two workers are): a client's failures at one slow that
+    client down at the other too, and never the account: the right password from another address gets
+    in at both."""
+    from fastapi.testclient import TestClient
+
+    from megacoach.app.server import create_app
+    from megacoach.labels.store import LabelStore
+
+    store = make_store(tmp_path)
+    make_person(store, "alice")
+    settings = dict(FAST, login_free_failures=3)
+    apps = [create_app(settings=settings, store=store), create_app(settings=settings, store=LabelStore(store.url))]
+    attacker = [TestClient(app, client=("203.0.113.66", 50000)) for app in apps]
+    for c in (attacker[0], attacker[1], attacker[0]):
+        assert _attempt(c, "Alice", "wrong-wrong-wrong").status_code == 401
+    for c in attacker:  # the third failure started the backoff, whichever worker saw it
+        r = _attempt(c, "alice", PASSWORD)
+        assert r.status_code == 429 and "too many failed log-ins" in r.text and int(r.headers["retry-after"]) >= 1
+    for app in apps:  # no account lock: alice, from her own address, logs in at either worker
+        r = _attempt(TestClient(app, client=("198.51.100.7", 50000)), "alice", PASSWORD)
+        assert r.status_code == 303, r.text
+    # the counts live in the store, keyed by hashes of the address (and name), never by the account alone
+    with store.engine.connect() as conn:
+        from sqlalchemy import text
+
+        rows = conn.execute(text("SELECT key, kind, failures FROM login_failures")).all()
+    assert sorted((kind, n) for _, kind, n in rows) == [("client", 3), ("pair", 3)]
+    assert all(len(key) == 64 and "203.0.113.66" not in key for key, _, _ in rows)
+
+
+def test_store_throttle_keeps_the_in_memory_rule(tmp_path):
+    """StoreFailureTable answers as FailureTable does, failure for failure (the same doubling wait,
+    bounded, forgotten after forget_s), and a spray of other clients does not make it forget the one
+    in backoff; its rows stay bounded."""
+    from megacoach.app.settings import AppSettings
+    from megacoach.app.throttle import FailureTable, StoreFailureTable, StoreLoginThrottle
+
+    store = make_store(tmp_path)
+    mem = FailureTable(free=2, backoff_s=1.0, max_s=8.0, forget_s=3600, max_entries=100)
+    db = StoreFailureTable(store, "client", free=2, backoff_s=1.0, max_s=8.0, forget_s=3600, max_entries=100)
+    for i in range(7):
+        now = 1_000_000.0 + i * 100
+        mem.fail("k", now=now)
+        db.fail("k", now=now)
+        for later in (0.0, 0.5, 3.0, 9.0):
+            assert db.wait("k", now=now + later) == mem.wait("k", now=now + later)
+    assert db.wait("k", now=1_000_000.0 + 600 + 3599) == mem.wait("k", now=1_000_000.0 + 600 + 3599) == 0.0
+    db.fail("k", now=1_000_000.0 + 600 + 3601)  # a failure after forget_s starts the count again
+    assert db.wait("k", now=1_000_000.0 + 600 + 3601) == 0.0
+    assert db.refusal("k") == 0  # not in backoff: nothing to refuse
+
+    th = StoreLoginThrottle(store, AppSettings(**FAST, login_free_failures=3, login_throttle_entries=100))
+    for _ in range(10):  # deep in backoff: 2**7 s
+        th.fail("203.0.113.66", "root")
+    assert th.retry_after("203.0.113.66", "root") >= 100
+    assert th.refusal("203.0.113.66", "root") == 1 and th.refusal("203.0.113.66", "root") == 2
+    for i in range(1500):
+        th.fail(f"10.0.{i // 256}.{i % 256}", f"user{i}")
+    assert th.retry_after("203.0.113.66", "root") > 0  # still slowed down
+    assert th.size() <= 2 * (100 + th.by_pair.prune_every)  # bounded rows (two tables)
+    th.success("203.0.113.66", "root")  # the right password: this client's failures for root are forgotten
+    assert th.retry_after("203.0.113.66", "root") == 0

@@ -173,6 +173,7 @@ def test_upgrade_from_0005_marks_finished_items_and_adds_the_indexes(tmp_path):
         assert filled == {1: 1, 2: 0, 3: 1, 4: 0}  # labeled; open; calibration; overlap 2 with one label
         bob = store.get_or_create_labeler("bob").id
     insp = inspect(_engine(path))
+    assert "login_failures" in insp.get_table_names()  # 0007: the log-in throttle's counts
     indexes = {i["name"] for t in ("items", "skips") for i in insp.get_indexes(t)}
     assert {"ix_items_open", "ix_items_open_source", "ix_items_is_calibration", "ix_items_is_gold",
             "ix_skips_item_labeler"} <= indexes

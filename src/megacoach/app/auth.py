@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from megacoach.app.errors import AppError, BadInput, Conflict, Forbidden, NotFound, NotLoggedIn, TooMany
 from megacoach.app.security import Passwords, hash_secret, new_api_token, new_secret, password_problem
 from megacoach.app.settings import AppSettings
-from megacoach.app.throttle import LoginThrottle
+from megacoach.app.throttle import StoreLoginThrottle
 from megacoach.labels.schema import ApiTokenRow, InvitationRow, LabelerRow, WebSessionRow, utcnow
 from megacoach.labels.store import LabelStore
 
@@ -127,7 +127,8 @@ class Auth:
         self.store = store
         self.settings = settings
         self.passwords = passwords or Passwords.from_settings(settings)
-        self.throttle = LoginThrottle(settings)
+        # failed log-ins are counted in the store, so every server process (--workers N) sees them all
+        self.throttle = StoreLoginThrottle(store, settings)
         self.hash_slots = HashSlots(settings.password_hash_concurrency, settings.password_hash_queue)
 
     # ----- passwords and log-in ---------------------------------------------------------------

@@ -36,10 +36,14 @@ Revision 0006_assignment_index (serving many labelers from several processes):
                      ``ix_items_is_gold`` find the shared pool; ``ix_skips_item_labeler`` answers "did
                      this labeler skip this item?" in one probe.
 
+Revision 0007_login_failures: ``login_failures``, the log-in throttle's counts (failed log-ins per client
+address and per client address + account name, with the time of the last one), so that every server
+process of the app slows down the same clients.
+
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
 scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
-app's server-side secrets; 0006 the assignment indexes). A new table
+app's server-side secrets; 0006 the assignment indexes; 0007 the log-in throttle's counts). A new table
 goes into ``Base.metadata`` here with an Alembic revision whose ``down_revision`` is the current
 head; the store always migrates to head.
 
@@ -358,3 +362,19 @@ class AppSecretRow(Base):
     name: Mapped[str] = mapped_column(String(50), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LoginFailureRow(Base):
+    """Revision 0007. The log-in throttle's count for one key (``app/throttle.py``): failed log-ins of a
+    client address (kind ``client``) or of a client address for one account name (kind ``pair``). The
+    key is a SHA-256 of the kind, the address and the name, so neither addresses nor typed names are
+    kept in the clear. ``last_failed_at`` is seconds since the epoch (the backoff's arithmetic is in
+    seconds); nothing is keyed by the account alone."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_kind_last", "kind", "last_failed_at"),)
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failed_at: Mapped[float] = mapped_column(Float)
