@@ -463,3 +463,49 @@ def test_store_throttle_keeps_the_in_memory_rule(tmp_path):
     assert th.size() <= 2 * (100 + th.by_pair.prune_every)  # bounded rows (two tables)
     th.success("203.0.113.66", "root")  # the right password: this client's failures for root are forgotten
     assert th.retry_after("203.0.113.66", "root") == 0
+
+
+def test_password_checks_hold_no_store_connection(tmp_path):
+    """A log-in's password hash is computed outside any store session: no connection of the store is
+    checked out while argon2 runs (right or wrong password, known or unknown name)."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import event
+
+    from megacoach.app.server import create_app
+
+    store = make_store(tmp_path)
+    make_person(store, "alice")
+    app = create_app(settings=FAST, store=store)
+    auth = app.state.mc.auth
+    engines = {id(e): e for e in (store.engine, store._write_engine)}.values()
+    out = {"n": 0}
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def checkout(*_):
+        with lock:
+            out["n"] += 1
+
+    def checkin(*_):
+        with lock:
+            out["n"] -= 1
+
+    for e in engines:
+        event.listen(e, "checkout", checkout)
+        event.listen(e, "checkin", checkin)
+    real = auth.passwords.hasher
+
+    class Watching:
+        def verify(self, *a):
+            seen.append(out["n"])
+            return real.verify(*a)
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    auth.passwords.hasher = Watching()
+    c = TestClient(app, client=("192.0.2.9", 50000))
+    assert _attempt(c, "alice", "wrong-wrong-wrong").status_code == 401
+    assert _attempt(c, "nobody-here", "wrong-wrong-wrong").status_code == 401
+    assert _attempt(c, "alice", PASSWORD).status_code == 303
+    assert seen == [0, 0, 0], seen
