@@ -12,11 +12,16 @@ The server is what `megacoach label serve` runs (``serve()`` with ``ServerOption
 processes of ``--threads`` threads) in a child process on 127.0.0.1, over a fresh label store: a SQLite
 file in a temporary folder, or, with ``--db``, a new database created on that PostgreSQL server for the
 run and dropped afterwards (the URL's own database is only used to connect). Each simulated labeler
-is a thread with its own browser-like session (log-in, session cookie, CSRF header) that loops GET
+is a thread with its own browser-like session (log-in, session cookie, CSRF header) that loops POST
 /api/next -> POST /api/labels until the items run out or the time is up: with no pause by default (the
 server's saturation throughput), or ``--think-s`` (a human-like pause, uniform in 0.5..1.5 x think-s,
-between labels; the labelers' starts are then spread over one think-s). ``--spray N`` adds N clients that post wrong passwords to /login for names that do not
-exist (password spraying: the per-name throttle never trips) as fast as they are answered.
+between labels; the labelers' starts are then spread over one think-s). ``--spray N`` adds N clients that
+post wrong passwords to /login for names that do not exist, as fast as they are answered, each attempt on a
+new connection. The labelers come from 127.0.0.1, the sprayers from other loopback addresses:
+``--spray-from rotate`` (the default) gives every attempt a new address (127.1.x.y), so the per-client
+throttle never trips and every attempt costs the server a password check (the worst case: a spray from
+many machines); ``--spray-from fixed`` gives each sprayer one address of its own (127.2.0.i), which the
+throttle slows down after its free failures.
 
 Password hashing: the labelers log in before the clock starts. ``--argon2 bench`` (the default) uses
 ``BENCH_SETTINGS``' cheap argon2 costs; ``--argon2 default`` the app's defaults, which is what a
@@ -26,7 +31,7 @@ Prints one JSON line: labels per second; latency percentiles (ms) of the label s
 /api/next and of a whole cycle; errors; the spray's attempts per second and answers; a check that no
 label was lost (acknowledged with 201 but not stored), unexpected (stored but not acknowledged) or
 doubled; the server settings; the CPU seconds the server and this client used; and the machine (CPU
-count, the CPUs this process may use, the load average before and after). Every loop is bounded by
+count, the CPUs this process may use, the CPU model, the load average before and after). Every loop is bounded by
 ``--seconds`` (and the item count); all traffic stays on 127.0.0.1.
 """
 
@@ -155,15 +160,50 @@ def _cpu_seconds(pid: int) -> float:
     return total
 
 
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def _machine(load_before: tuple[float, ...]) -> dict:
     nproc = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return dict(cpu_count=os.cpu_count(), nproc=nproc, loadavg_before=[round(x, 2) for x in load_before],
+    return dict(cpu_count=os.cpu_count(), nproc=nproc, cpu_model=_cpu_model(),
+                loadavg_before=[round(x, 2) for x in load_before],
                 loadavg_after=[round(x, 2) for x in os.getloadavg()], python=platform.python_version(),
                 system=platform.system())
 
 
+def _raw_login(port: int, address: str, cookie: str, token: str, name: str, password: str) -> int:
+    """POST /login from ``address`` on a new connection (closed after the answer); the status code, 0
+    when the connection failed. Plain sockets: a client per address would cost this machine more than
+    the request."""
+    from urllib.parse import urlencode
+
+    body = urlencode(dict(name=name, password=password, csrf_token=token)).encode()
+    head = (f"POST /login HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncookie: {cookie}\r\n"
+            f"content-type: application/x-www-form-urlencoded\r\ncontent-length: {len(body)}\r\n"
+            "connection: close\r\n\r\n").encode()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=60, source_address=(address, 0)) as s:
+            s.sendall(head + body)
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return int(data.split(b" ", 2)[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, workers: int = 1, threads: int = 16,
-        db: str | None = None, spray: int = 0, argon2: str = "bench") -> dict:
+        db: str | None = None, spray: int = 0, argon2: str = "bench", spray_from: str = "rotate") -> dict:
     import httpx
 
     from megacoach.labels.store import LabelStore
@@ -199,9 +239,10 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
             clients.append((c, {"x-csrf-token": c.get("/api/me").json()["csrf_token"]}))
         sprayers = []
         for i in range(spray):
-            c = httpx.Client(base_url=base, timeout=60, limits=httpx.Limits(max_connections=1))
-            page = c.get("/login")
-            sprayers.append((c, re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)))
+            with httpx.Client(base_url=base, timeout=60) as c:
+                page = c.get("/login")
+                cookie = "; ".join(f"{k}={v}" for k, v in c.cookies.items())
+            sprayers.append((cookie, re.search(r'name="csrf_token" value="([^"]+)"', page.text).group(1)))
 
         submit_s: list[float] = []
         next_s: list[float] = []
@@ -221,7 +262,7 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
             n = 0
             while time.monotonic() < stop_at[0]:
                 t0 = time.perf_counter()
-                r = c.get("/api/next", headers=headers)
+                r = c.post("/api/next", headers=headers)
                 t1 = time.perf_counter()
                 if r.status_code != 200:
                     with lock:
@@ -247,17 +288,17 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
                     pause = think_s * (0.5 + ((idx * 7919 + n * 104729) % 1000) / 1000.0)
                     time.sleep(max(0.0, min(pause, stop_at[0] - time.monotonic())))
 
-        def sprayer(idx: int, c, token: str) -> None:
+        def sprayer(idx: int, cookie: str, token: str) -> None:
             barrier.wait()
             n = 0
             while time.monotonic() < stop_at[0] and not labelers_done.is_set():
+                if spray_from == "rotate":  # a new address for every attempt: the throttle never trips
+                    j = idx * 1_000_003 + n
+                    address = f"127.1.{(j // 254) % 254 + 1}.{j % 254 + 1}"
+                else:  # one address per sprayer
+                    address = f"127.2.0.{idx + 1}"
                 t0 = time.perf_counter()
-                try:
-                    r = c.post("/login", data=dict(name=f"nobody{idx:02d}x{n:06d}", password="wrong-password-0",
-                                                   csrf_token=token))
-                    code = r.status_code
-                except httpx.HTTPError:
-                    code = 0
+                code = _raw_login(port, address, cookie, token, f"nobody{idx:02d}x{n:06d}", "wrong-password-0")
                 n += 1
                 with lock:
                     spray_s.append(time.perf_counter() - t0)
@@ -280,7 +321,7 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
             t.join(timeout=120)
         spray_elapsed = time.perf_counter() - start
         server_cpu, client_cpu = _cpu_seconds(proc.pid) - server_cpu0, sum(os.times()[:2]) - client_cpu0
-        for c, _ in clients + sprayers:
+        for c, _ in clients:
             c.close()
     finally:
         if proc is not None and proc.poll() is None:
@@ -309,7 +350,8 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
         errors=len(errors), first_error=errors[0] if errors else None,
         lost=len(set(created) - set(stored)), unexpected=len(set(stored) - set(created)),
         doubled=len(stored) - len(pairs),
-        server=dict(workers=workers, threads=threads, db=store.kind, argon2=argon, spray_clients=spray),
+        server=dict(workers=workers, threads=threads, db=store.kind, argon2=argon, spray_clients=spray,
+                    spray_from=spray_from if spray else None),
         cpu_s=dict(server=round(server_cpu, 1), client=round(client_cpu, 1)),
         machine=_machine(load_before),
     )
@@ -332,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--db", default=None, help="a PostgreSQL server on 127.0.0.1 to run on (a new database is "
                                               "created there and dropped); default: a temporary SQLite file")
     p.add_argument("--spray", type=int, default=0, help="clients posting wrong passwords to /login meanwhile")
+    p.add_argument("--spray-from", choices=("rotate", "fixed"), default="rotate",
+                   help="sprayers' addresses: a new one per attempt (the throttle never trips), or one each")
     p.add_argument("--argon2", choices=("bench", "default"), default="bench",
                    help="password-hash costs: BENCH_SETTINGS' cheap ones, or the app's defaults")
     a = p.parse_args(argv)
@@ -340,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("labelers 1..500, items 1..100000, seconds 0..600, think-s 0..60, workers 1..16, threads 1..256, "
                 "spray 0..200")
     print(json.dumps(run(a.labelers, a.items, a.seconds, a.think_s, workers=a.workers, threads=a.threads, db=a.db,
-                         spray=a.spray, argon2=a.argon2)))
+                         spray=a.spray, argon2=a.argon2, spray_from=a.spray_from)))
     return 0
 
 
