@@ -214,16 +214,22 @@ class ServedApp:
         await self.app(scope, receive, send)
 
 
+def uvicorn_kwargs(settings: AppSettings, options: ServerOptions) -> dict[str, Any]:
+    """uvicorn's options for the app as ``serve`` runs it: the app's HTTP limits
+    (``httpguard.uvicorn_options``: the header deadline, keep-alive timeout and largest request head) and
+    the server's connection limits; no proxy headers believed, no server header sent."""
+    return dict(limit_concurrency=options.limit_concurrency, backlog=options.backlog,
+                timeout_graceful_shutdown=options.graceful_shutdown_s, proxy_headers=False, server_header=False,
+                **uvicorn_options(settings))
+
+
 class ServerConfig(UvicornConfig):
     """uvicorn's config that builds the labeling app in each worker (it is pickled to the workers, so
-    it carries the store URL and the settings, not an open store), with the app's HTTP limits
-    (``httpguard.uvicorn_options``: the header deadline, keep-alive timeout and largest request head)."""
+    it carries the store URL and the settings, not an open store), with ``uvicorn_kwargs``."""
 
     def __init__(self, db_url: Optional[str], settings: AppSettings, options: ServerOptions, **kwargs: Any) -> None:
         super().__init__("megacoach.app.server:create_app", workers=options.workers,
-                         limit_concurrency=options.limit_concurrency, backlog=options.backlog,
-                         timeout_graceful_shutdown=options.graceful_shutdown_s, proxy_headers=False,
-                         server_header=False, **uvicorn_options(settings), **kwargs)
+                         **uvicorn_kwargs(settings, options), **kwargs)
         self.db_url = db_url
         self.mc_settings = settings
         self.options = options
@@ -263,7 +269,7 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
 
     With several workers, every worker opens the store itself: SQLite (WAL, writers take turns) or,
     for a team, PostgreSQL (``postgresql+psycopg://...``)."""
-    from uvicorn.server import Server
+    import uvicorn
     from uvicorn.supervisors import Multiprocess
 
     cfg = _settings(settings)
@@ -278,12 +284,12 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
     print(f"megacoach labeling app for human evaluators: {base}/  (store: {store!r}; {procs})", file=sys.stderr)
     if link:
         print(f"No admin yet. Open this one-time link to create the admin account:\n  {link}", file=sys.stderr)
-    config = ServerConfig(store.url, cfg, opts, host=host, port=port, log_level=log_level)
     if opts.workers == 1:
-        config.store = store
-        Server(config).run()
+        app = ServedApp(create_app(settings=cfg, store=store), opts.threads)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs(cfg, opts))
         return
     store.close()  # each worker opens its own
+    config = ServerConfig(store.url, cfg, opts, host=host, port=port, log_level=log_level)
     sock = bind_tcp_socket(host, port)
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d with %d workers", host, port,
                                             opts.workers)
