@@ -364,6 +364,20 @@ def test_password_checks_are_gated_and_cannot_exhaust_the_store(tmp_path):
         assert httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=5).status_code == 200
 
 
+def test_workers_share_the_password_check_bounds():
+    """--workers N does not multiply the password checks at once: each worker gets its share."""
+    from megacoach.app.server import worker_settings
+    from megacoach.app.settings import AppSettings
+
+    cfg = AppSettings(password_hash_concurrency=4, password_hash_queue=64)
+    assert worker_settings(cfg, 1) is cfg
+    two = worker_settings(cfg, 2)
+    assert (two.password_hash_concurrency, two.password_hash_queue) == (2, 32)
+    eight = worker_settings(cfg, 8)
+    assert (eight.password_hash_concurrency, eight.password_hash_queue) == (1, 8)  # at least one each
+    assert eight.argon2_time_cost == cfg.argon2_time_cost  # nothing else changes
+
+
 def test_server_options_are_checked():
     from megacoach.app.server import ServerOptions
     from megacoach.errors import ConfigError

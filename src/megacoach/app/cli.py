@@ -66,8 +66,8 @@ def serve_cmd(
     body_timeout: Annotated[Optional[float], typer.Option("--body-timeout", help="Seconds for a request's body to arrive (else 408; default 30).")] = None,
     keep_alive: Annotated[Optional[float], typer.Option("--keep-alive", help="Seconds an idle keep-alive connection stays open (default 5).")] = None,
     limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", help="Connections per worker; beyond it new requests get 503.")] = 512,
-    login_concurrency: Annotated[Optional[int], typer.Option("--login-concurrency", help="Password checks per worker at once, in their own threads (default 2).")] = None,
-    login_queue: Annotated[Optional[int], typer.Option("--login-queue", help="Log-ins per worker waiting for a password check (no thread held); beyond it 503 (default 64).")] = None,
+    login_concurrency: Annotated[Optional[int], typer.Option("--login-concurrency", help="Password checks at once for the whole server, in their own threads, split over the workers (default 2).")] = None,
+    login_queue: Annotated[Optional[int], typer.Option("--login-queue", help="Log-ins waiting for a password check (no thread held), split over the workers; beyond it 503 (default 64).")] = None,
 ):
     """Run the human evaluators' labeling app (web pages + JSON API)."""
     # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light

@@ -214,6 +214,17 @@ class ServedApp:
         await self.app(scope, receive, send)
 
 
+def worker_settings(settings: AppSettings, workers: int) -> AppSettings:
+    """A worker's settings: the password-check bounds are the whole server's, so each of ``workers``
+    processes gets an even share (at least one check at a time): ``--workers`` does not multiply the
+    cores a password sprayer can keep busy."""
+    if workers <= 1:
+        return settings
+    return settings.model_copy(update=dict(
+        password_hash_concurrency=max(1, settings.password_hash_concurrency // workers),
+        password_hash_queue=settings.password_hash_queue // workers))
+
+
 def uvicorn_kwargs(settings: AppSettings, options: ServerOptions) -> dict[str, Any]:
     """uvicorn's options for the app as ``serve`` runs it: the app's HTTP limits
     (``httpguard.uvicorn_options``: the header deadline, keep-alive timeout and largest request head) and
@@ -289,7 +300,8 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
         uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs(cfg, opts))
         return
     store.close()  # each worker opens its own
-    config = ServerConfig(store.url, cfg, opts, host=host, port=port, log_level=log_level)
+    config = ServerConfig(store.url, worker_settings(cfg, opts.workers), opts, host=host, port=port,
+                          log_level=log_level)
     sock = bind_tcp_socket(host, port)
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d with %d workers", host, port,
                                             opts.workers)

@@ -60,8 +60,10 @@ class AppSettings(BaseModel):
     login_backoff_max_s: float = Field(15 * 60, gt=0, le=24 * 3600)
     login_forget_s: int = Field(3600, ge=1)  # a client's failures are forgotten this long after the last
     login_throttle_entries: int = Field(100_000, ge=10, le=10_000_000)  # rows kept per table (client, pair)
-    password_hash_concurrency: int = Field(2, ge=1, le=64)  # password hashes computed at once (threads), per worker
-    password_hash_queue: int = Field(64, ge=0, le=100_000)  # log-ins waiting for a hash, per worker; beyond: 503
+    # password hashes computed at once (threads) and log-ins waiting for one (beyond: 503), for the whole
+    # server: `serve --workers N` gives each worker an even share (at least one check at a time)
+    password_hash_concurrency: int = Field(2, ge=1, le=64)
+    password_hash_queue: int = Field(64, ge=0, le=100_000)
     # peers whose X-Forwarded-For names the client (a reverse proxy); by default the peer itself is the client
     trusted_proxies: tuple[str, ...] = ()
     argon2_time_cost: int = Field(3, ge=1)
