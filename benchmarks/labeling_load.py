@@ -7,6 +7,7 @@
     .venv/bin/python benchmarks/labeling_load.py --db postgresql+psycopg://postgres@127.0.0.1:54329/postgres
     .venv/bin/python benchmarks/labeling_load.py --spray 16      # 16 clients spray wrong passwords beside them
     .venv/bin/python benchmarks/labeling_load.py --argon2 default  # the app's real password-hash costs
+    .venv/bin/python benchmarks/labeling_load.py --login-concurrency 1  # serve --login-concurrency 1
 
 The server is what `megacoach label serve` runs (``serve()`` with ``ServerOptions``: ``--workers``
 processes of ``--threads`` threads) in a child process on 127.0.0.1, over a fresh label store: a SQLite
@@ -203,13 +204,16 @@ def _raw_login(port: int, address: str, cookie: str, token: str, name: str, pass
 
 
 def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, workers: int = 1, threads: int = 16,
-        db: str | None = None, spray: int = 0, argon2: str = "bench", spray_from: str = "rotate") -> dict:
+        db: str | None = None, spray: int = 0, argon2: str = "bench", spray_from: str = "rotate",
+        login_concurrency: int | None = None) -> dict:
     import httpx
 
     from megacoach.labels.store import LabelStore
 
     load_before = os.getloadavg()
     settings = _settings(argon2)
+    if login_concurrency is not None:  # serve --login-concurrency (the whole server's, split over the workers)
+        settings["password_hash_concurrency"] = login_concurrency
     store = _Store(db)
     proc = None
     try:
@@ -350,7 +354,8 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
         errors=len(errors), first_error=errors[0] if errors else None,
         lost=len(set(created) - set(stored)), unexpected=len(set(stored) - set(created)),
         doubled=len(stored) - len(pairs),
-        server=dict(workers=workers, threads=threads, db=store.kind, argon2=argon, spray_clients=spray,
+        server=dict(workers=workers, threads=threads, db=store.kind, argon2=argon,
+                    login_concurrency=settings.get("password_hash_concurrency", "default (2)"), spray_clients=spray,
                     spray_from=spray_from if spray else None),
         cpu_s=dict(server=round(server_cpu, 1), client=round(client_cpu, 1)),
         machine=_machine(load_before),
@@ -376,15 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spray", type=int, default=0, help="clients posting wrong passwords to /login meanwhile")
     p.add_argument("--spray-from", choices=("rotate", "fixed"), default="rotate",
                    help="sprayers' addresses: a new one per attempt (the throttle never trips), or one each")
+    p.add_argument("--login-concurrency", type=int, default=None,
+                   help="password checks at once for the server (serve --login-concurrency; default the app's, 2)")
     p.add_argument("--argon2", choices=("bench", "default"), default="bench",
                    help="password-hash costs: BENCH_SETTINGS' cheap ones, or the app's defaults")
     a = p.parse_args(argv)
     if not (1 <= a.labelers <= 500 and 1 <= a.items <= 100_000 and 0 < a.seconds <= 600 and 0 <= a.think_s <= 60
-            and 1 <= a.workers <= 16 and 1 <= a.threads <= 256 and 0 <= a.spray <= 200):
+            and 1 <= a.workers <= 16 and 1 <= a.threads <= 256 and 0 <= a.spray <= 200
+            and (a.login_concurrency is None or 1 <= a.login_concurrency <= 64)):
         p.error("labelers 1..500, items 1..100000, seconds 0..600, think-s 0..60, workers 1..16, threads 1..256, "
-                "spray 0..200")
+                "spray 0..200, login-concurrency 1..64")
     print(json.dumps(run(a.labelers, a.items, a.seconds, a.think_s, workers=a.workers, threads=a.threads, db=a.db,
-                         spray=a.spray, argon2=a.argon2, spray_from=a.spray_from)))
+                         spray=a.spray, argon2=a.argon2, spray_from=a.spray_from,
+                         login_concurrency=a.login_concurrency)))
     return 0
 
 
