@@ -15,7 +15,7 @@ Rules
 - The continuations are shown in a per-labeler random order, stable per (labeler, item):
   ``shown_order(labeler_id, item_id, k)[p]`` is the canonical index shown at position p.
 
-How an item is found (revision 0004): ``items.filled`` marks the items that need nothing more from
+How an item is found (revision 0006): ``items.filled`` marks the items that need nothing more from
 the ordinary queue (they have their labels, or they are calibration/gold items, served from the shared
 pool); the assigner reads the open items through the index ``ix_items_open`` (filled, id), oldest first,
 and the shared pool through ``ix_items_is_calibration`` / ``ix_items_is_gold``. Finished items are not
