@@ -127,21 +127,82 @@ def test_serve_prints_admin_link_and_answers(tmp_path):
         proc.wait(timeout=10)
 
 
-def test_assignment_floor_skips_finished_items_but_not_new_ones(tmp_path):
+def test_assignment_marks_finished_items_and_serves_new_ones(tmp_path):
+    from sqlalchemy import select
+
     from megacoach.labels.assignment import Assigner
-    from megacoach.labels.schema import utcnow
+    from megacoach.labels.schema import ItemRow
     from test_app_support import add_items, make_person, make_store
 
     store = make_store(tmp_path)
     who = make_person(store, "alice")
-    add_items(store, 5)
-    later = lambda: utcnow() + dt.timedelta(hours=1)  # every item is older than the floor's grace period
-    asg = Assigner(lambda: store.session(), clock=later)
+    first = add_items(store, 5)
+    asg = Assigner(lambda: store.session(), read_session_factory=lambda: store.session(write=False))
+
+    def filled() -> set[int]:
+        with store.session(write=False) as s:
+            return set(s.scalars(select(ItemRow.id).where(ItemRow.filled)))
+
     for _ in range(5):
         got = asg.next_item(who)
         store.add_comparison(got.item_id, 0, who)
-    assert asg.next_item(who) is None
-    asg._calls = 20  # the next call raises the floor
-    assert asg.next_item(who) is None and asg._floor == 6
+    assert asg.next_item(who) is None and filled() == set(first) and asg.queue_length() == 0
     new = add_items(store, 2, batch="b1")
-    assert asg.next_item(who).item_id in new and asg.queue_length() == 2
+    held = asg.next_item(who).item_id
+    assert held in new and asg.queue_length() == 2
+    # a label written past the app (the command line, a mock labeler): the next scan marks the item
+    [other] = set(new) - {held}
+    store.add_comparison(other, 0, make_person(store, "bob"))
+    store.add_comparison(held, 0, who)
+    assert asg.next_item(who) is None and filled() == set(first + new)
+
+
+def test_assignment_rechecks_marks_for_a_larger_overlap(tmp_path):
+    from megacoach.labels.assignment import Assigner
+    from test_app_support import add_items, make_person, make_store
+
+    store = make_store(tmp_path)
+    alice, bob = make_person(store, "alice"), make_person(store, "bob")
+    [item] = add_items(store, 1)
+    one = Assigner(lambda: store.session())
+    store.add_comparison(one.next_item(alice).item_id, 0, alice)
+    assert one.next_item(alice) is None and one.next_item(bob) is None  # marked filled at overlap 1
+    two = Assigner(lambda: store.session(), overlap=2)  # a server started with --overlap 2
+    assert two.next_item(bob).item_id == item and two.queue_length() == 1
+
+
+def test_assignment_reads_the_queue_through_indexes(tmp_path):
+    """Every query of an assignment on SQLite searches an index; none reads the whole items table."""
+    from sqlalchemy import event
+
+    from megacoach.labels.assignment import Assigner
+    from test_app_support import add_items, make_person, make_store
+
+    store = make_store(tmp_path)
+    who = make_person(store, "alice")
+    add_items(store, 30, source="human")
+    add_items(store, 3, batch="cal", calibration=True)
+    add_items(store, 3, batch="gold", gold=True)
+    seen: list[tuple[str, tuple]] = []
+
+    def log(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE")):
+            seen.append((statement, parameters))
+
+    event.listen(store.engine, "before_cursor_execute", log)
+    try:
+        for sources in (None, ("human",)):
+            asg = Assigner(lambda: store.session(), sources=sources)
+            got = asg.next_item(who)
+            store.add_comparison(got.item_id, 0, who)
+            asg.next_item(who)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", log)
+    assert len(seen) >= 10
+    with store.engine.connect() as conn:
+        plans = {stmt: " | ".join(r[-1] for r in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + stmt, params))
+                 for stmt, params in seen}
+    for stmt, plan in plans.items():
+        assert "SCAN items" not in plan and "SCAN item_locks" not in plan, (stmt, plan)
+    scans = [plan for stmt, plan in plans.items() if stmt.startswith("SELECT items.id") and "items.filled = 0" in stmt]
+    assert len(scans) >= 2 and all("ix_items_open" in plan for plan in scans), scans

@@ -147,3 +147,56 @@ def test_downgrade_0002_to_0001(tmp_path):
     with engine.connect() as c:
         assert c.execute(text("SELECT chosen FROM comparisons")).scalar() == 1
     engine.dispose()
+
+
+def test_upgrade_from_0005_marks_finished_items_and_adds_the_indexes(tmp_path):
+    """0006: items that have their labels (or are calibration/gold items) come out filled; the rest stay open
+    and are served; the assignment indexes exist; downgrading to 0005 removes them again."""
+    path = tmp_path / "v5.db"
+    _upgrade(path, "0005_app_secrets")
+    _fill_v1(path)  # item 1 with one label from alice
+    engine = _engine(path)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO items (id, query_id, k, sample_ids, batch, split, source, is_gold, gold_choice, "
+                       "is_calibration, overlap, run_id, created_at) VALUES "
+                       "(2, 1, 2, '[1, 2]', 'b0', 'train', 'offline', 0, NULL, 0, 1, 'r0', '2026-01-01 10:00:00'), "
+                       "(3, 1, 2, '[1, 2]', 'b0', 'train', 'offline', 0, NULL, 1, 1, 'r0', '2026-01-01 10:00:00'), "
+                       "(4, 1, 2, '[1, 2]', 'b0', 'train', 'offline', 0, NULL, 0, 2, 'r0', '2026-01-01 10:00:00')"))
+        c.execute(text("INSERT INTO comparisons (id, item_id, chosen, shown_order, labeler_id, labeler_kind, "
+                       "guideline_version, time_taken_s, flagged, note, too_fast, split, created_at) VALUES "
+                       "(2, 4, 0, '[0, 1]', 1, 'person', 'v1', 3.5, 0, NULL, 0, 'train', '2026-01-01 10:02:00')"))
+    engine.dispose()
+    with LabelStore(f"sqlite:///{path}") as store:
+        assert store.schema_version() == LabelStore.code_schema_version()
+        with store.engine.connect() as c:
+            filled = dict(c.execute(text("SELECT id, filled FROM items ORDER BY id")).all())
+        assert filled == {1: 1, 2: 0, 3: 1, 4: 0}  # labeled; open; calibration; overlap 2 with one label
+        bob = store.get_or_create_labeler("bob").id
+    insp = inspect(_engine(path))
+    assert "login_failures" in insp.get_table_names()  # 0007: the log-in throttle's counts
+    indexes = {i["name"] for t in ("items", "skips") for i in insp.get_indexes(t)}
+    assert {"ix_items_open", "ix_items_open_source", "ix_items_is_calibration", "ix_items_is_gold",
+            "ix_skips_item_labeler"} <= indexes
+
+    from megacoach.labels.assignment import Assigner
+
+    store = LabelStore(f"sqlite:///{path}")
+    asg = Assigner(lambda: store.session())
+    seen = []
+    for _ in range(4):
+        got = asg.next_item(bob)
+        if got is None:
+            break
+        seen.append(got.item_id)
+        store.add_comparison(got.item_id, 0, bob)
+    store.close()
+    assert sorted(seen) == [2, 3, 4]  # the open items and the calibration item, not the labeled one
+
+    engine = _engine(path)
+    cfg = LabelStore._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0005_app_secrets")
+    insp = inspect(engine)
+    assert "filled" not in {c["name"] for c in insp.get_columns("items")}
+    engine.dispose()

@@ -33,7 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from megacoach.app.errors import AppError, BadInput, Conflict, Forbidden, NotFound, NotLoggedIn, TooMany
 from megacoach.app.security import Passwords, hash_secret, new_api_token, new_secret, password_problem
 from megacoach.app.settings import AppSettings
-from megacoach.app.throttle import LoginThrottle
+from megacoach.app.throttle import StoreLoginThrottle
 from megacoach.labels.schema import ApiTokenRow, InvitationRow, LabelerRow, WebSessionRow, utcnow
 from megacoach.labels.store import LabelStore
 
@@ -127,7 +127,8 @@ class Auth:
         self.store = store
         self.settings = settings
         self.passwords = passwords or Passwords.from_settings(settings)
-        self.throttle = LoginThrottle(settings)
+        # failed log-ins are counted in the store, so every server process (--workers N) sees them all
+        self.throttle = StoreLoginThrottle(store, settings)
         self.hash_slots = HashSlots(settings.password_hash_concurrency, settings.password_hash_queue)
 
     # ----- passwords and log-in ---------------------------------------------------------------
@@ -142,18 +143,20 @@ class Auth:
 
     def authenticate(self, name: str, password: str, client: str = "unknown") -> Principal:
         """The person with this name and password; AppError (401/429) otherwise. Costs one password
-        verification whether or not the name exists (none while the client is throttled)."""
+        verification whether or not the name exists (none while the client is throttled). The
+        password is checked after the account's read has ended: no store session or transaction (nor
+        its connection) is held while it is hashed."""
         self.check_throttle(name, client)
         with self.store.session(write=False) as s:
             row = s.scalar(select(LabelerRow).where(LabelerRow.name == name.strip()))
             stored = row.password_hash if row is not None else None
-            ok = self.passwords.verify(stored, password)
-            if not ok or row is None or row.kind != "person" or not row.active:
-                self.throttle.fail(client, name)
-                raise AppError("wrong name or password (or the account is deactivated)", 401)
-            principal = Principal(row.id, row.name, row.role, row.kind, "session")
-            needs_rehash = self.passwords.needs_rehash(stored or "")
-        if needs_rehash:
+            person = row is not None and row.kind == "person" and bool(row.active)
+            principal = Principal(row.id, row.name, row.role, row.kind, "session") if row is not None else None
+        ok = self.passwords.verify(stored, password)
+        if not ok or not person or principal is None:
+            self.throttle.fail(client, name)
+            raise AppError("wrong name or password (or the account is deactivated)", 401)
+        if self.passwords.needs_rehash(stored or ""):
             self.store.update_labeler(principal.id, password_hash=self.passwords.hash(password))
         self.throttle.success(client, name)
         return principal

@@ -1,6 +1,7 @@
 """Typer commands of the labeling app; megacoach.cli puts them in the ``megacoach label`` group:
 
     megacoach label serve --db URL --host 127.0.0.1 --port 8000   # prints a one-time admin link if no admin
+    megacoach label serve --db URL --workers 2                     # two worker processes on one port
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
     megacoach label reset-password NAME --db URL                   # a person's new password (role kept)
     megacoach label invite NAME --db URL [--role admin]            # an invitation link from the shell
@@ -24,8 +25,10 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
-              item_sources: Optional[list[str]] = None, trusted_proxies: Optional[list[str]] = None):
-    """The app's settings from the command's flags (unset flags keep the app's defaults)."""
+              item_sources: Optional[list[str]] = None, trusted_proxies: Optional[list[str]] = None,
+              **more: object):
+    """The app's settings from the command's flags (unset flags keep the app's defaults); ``more``:
+    further settings by their field names (None: unset)."""
     # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
     from megacoach.app.settings import AppSettings
 
@@ -33,7 +36,8 @@ def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, o
     for key, value in (("andon_pulls_to_pause", andon_pulls), ("overlap", overlap), ("run_id", run_id),
                        ("too_fast_s", too_fast), ("public_url", public_url),
                        ("item_sources", tuple(item_sources) if item_sources else None),
-                       ("trusted_proxies", tuple(trusted_proxies) if trusted_proxies else None)):
+                       ("trusted_proxies", tuple(trusted_proxies) if trusted_proxies else None),
+                       *more.items()):
         if value is not None:
             values[key] = value
     return AppSettings.from_mapping(values)
@@ -56,13 +60,24 @@ def serve_cmd(
     trusted_proxy: Annotated[Optional[list[str]], typer.Option(
         "--trusted-proxy", help="IP address of a reverse proxy whose X-Forwarded-For names the client "
                                 "(repeatable; default none: the peer is the client).")] = None,
+    workers: Annotated[int, typer.Option("--workers", help="Worker processes on the one port (SQLite or PostgreSQL store).")] = 1,
+    threads: Annotated[int, typer.Option("--threads", help="Requests each worker handles at once.")] = 16,
+    header_timeout: Annotated[Optional[float], typer.Option("--header-timeout", help="Seconds for a request's line and headers to arrive (else 408, closed; default 10).")] = None,
+    body_timeout: Annotated[Optional[float], typer.Option("--body-timeout", help="Seconds for a request's body to arrive (else 408; default 30).")] = None,
+    keep_alive: Annotated[Optional[float], typer.Option("--keep-alive", help="Seconds an idle keep-alive connection stays open (default 5).")] = None,
+    limit_concurrency: Annotated[int, typer.Option("--limit-concurrency", help="Connections per worker; beyond it new requests get 503.")] = 512,
+    login_concurrency: Annotated[Optional[int], typer.Option("--login-concurrency", help="Password checks at once for the whole server, in their own threads, split over the workers (default 2).")] = None,
+    login_queue: Annotated[Optional[int], typer.Option("--login-queue", help="Log-ins waiting for a password check (no thread held), split over the workers; beyond it 503 (default 64).")] = None,
 ):
     """Run the human evaluators' labeling app (web pages + JSON API)."""
     # FastAPI, uvicorn and SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
-    from megacoach.app.server import serve
+    from megacoach.app.server import ServerOptions, serve
 
-    serve(db, host, port, _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source,
-                                    trusted_proxy))
+    options = ServerOptions(workers=workers, threads=threads, limit_concurrency=limit_concurrency)
+    settings = _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source, trusted_proxy,
+                         header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_timeout_s=keep_alive,
+                         password_hash_concurrency=login_concurrency, password_hash_queue=login_queue)
+    serve(db, host, port, settings, server=options)
 
 
 def _new_password(password: Optional[str]) -> str:

@@ -46,7 +46,8 @@ class AppState:
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     install_log_redaction()  # wherever the app runs, its logs never hold invitation secrets
     assigner = Assigner(lambda: store.session(write=True), overlap=settings.overlap,
-                        lock_timeout_s=settings.lock_timeout_s, sources=settings.item_sources)
+                        lock_timeout_s=settings.lock_timeout_s, sources=settings.item_sources,
+                        read_session_factory=lambda: store.session(write=False))
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     versions = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:10] for p in (HERE / "static").iterdir() if p.is_file()}
     templates.env.globals["static_url"] = lambda name: f"/static/{name}?v={versions.get(name, '0')}"

@@ -120,13 +120,13 @@ class Labeling:
         note = self._text(note, "note")
         if confidence is not None and not 1 <= confidence <= 5:
             raise BadInput("confidence: expected 1..5")
-        item = self.store.get_item(item_id)
-        if item is None:
-            raise NotFound(f"item {item_id}: no such item")
-        if not 1 <= position <= item.k:
-            raise BadInput(f"choice: expected a position 1..{item.k}, got {position}")
         now = utcnow()
-        with self.store.session(write=False) as s:
+        with self.store.session(write=False) as s:  # one read transaction for the checks
+            k = s.scalar(select(ItemRow.k).where(ItemRow.id == item_id))
+            if k is None:
+                raise NotFound(f"item {item_id}: no such item")
+            if not 1 <= position <= k:
+                raise BadInput(f"choice: expected a position 1..{k}, got {position}")
             lock = self.assigner.current_lock(s, who.id, item_id)
             locked_at = lock.locked_at if lock is not None else None
             done = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
@@ -144,7 +144,7 @@ class Labeling:
         if client_elapsed_s is not None and math.isfinite(client_elapsed_s) and client_elapsed_s >= 0:
             taken = min(client_elapsed_s, server_s + 1.0)  # the page's own clock, never beyond the server's
         too_fast = taken < self.settings.too_fast_s
-        order = self.order(who.id, item_id, item.k)
+        order = self.order(who.id, item_id, k)
         chosen = order[position - 1]
         try:
             with self.store.transaction():

@@ -1,9 +1,22 @@
-"""The labeling app: ``create_app(db_url, settings)`` and ``serve(db_url, host, port)``."""
+"""The labeling app: ``create_app(db_url, settings)`` and ``serve(db_url, host, port, settings, server=...)``.
+
+``serve`` runs uvicorn with ``ServerOptions``: N worker processes (``--workers``) on one socket, each
+with its own connections to the label store, ``threads`` requests at once per worker, at most
+``limit_concurrency`` connections per worker (more get 503). The HTTP limits are the app's settings, the
+same whether one process or many serve: the request line and headers within ``header_timeout_s`` (else
+408 and the connection is closed, ``httpguard.GuardedH11Protocol``), the body within ``body_timeout_s``
+(``middleware.BodyLimit``), an idle keep-alive connection closed after ``keep_alive_timeout_s``, at most
+``max_header_bytes`` of request head. Everything the app keeps between requests (log-ins and their CSRF
+tokens, API tokens, item locks, the log-in throttle's counts, the Andon cord, the shown order's key) is
+in the label store, so any worker can answer any request.
+"""
 
 from __future__ import annotations
 
 import logging
+import socket
 import sys
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import quote
 
@@ -12,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import Config as UvicornConfig
 
 from megacoach.app import api, web
 from megacoach.app.accounts import create_admin  # noqa: F401  (the one create-admin: never promotes anyone)
@@ -21,7 +35,7 @@ from megacoach.app.errors import AppError, NotLoggedIn
 from megacoach.app.httpguard import uvicorn_options
 from megacoach.app.middleware import BodyLimit, SameOrigin, SecurityHeaders
 from megacoach.app.settings import AppSettings
-from megacoach.errors import DataError, StoreError
+from megacoach.errors import ConfigError, DataError, StoreError
 from megacoach.labels.store import LabelStore
 
 log = logging.getLogger("megacoach.app")
@@ -154,19 +168,144 @@ def admin_invite_link(store: LabelStore, settings: AppSettings, base_url: str, n
     return f"{base_url.rstrip('/')}/invite/{token}"
 
 
+# ----- serving -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How ``serve`` runs uvicorn: processes, threads and connection limits (the limits hold per worker
+    process). The HTTP timeouts are the app's settings (``AppSettings.header_timeout_s``, ...)."""
+
+    workers: int = 1  # processes answering on the one socket (uvicorn's supervisor restarts a dead one)
+    threads: int = 16  # per worker: requests handled at once (the app's handlers are blocking code)
+    limit_concurrency: int = 512  # connections (and requests) per worker; beyond it new requests get 503
+    backlog: int = 2048  # pending connections the kernel queues for the socket
+    graceful_shutdown_s: float = 10.0  # on SIGTERM/SIGINT, requests in flight get this long
+
+    def __post_init__(self) -> None:
+        checks = dict(workers=self.workers >= 1, threads=self.threads >= 1,
+                      limit_concurrency=self.limit_concurrency >= 1, backlog=self.backlog >= 1,
+                      graceful_shutdown_s=self.graceful_shutdown_s >= 0)
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"server option {bad[0]!r}: {getattr(self, bad[0])!r} is out of range")
+
+    def pool_size(self, settings: AppSettings) -> int:
+        """Store connections per worker (and as many again while busy): one for each request thread and
+        each password-check thread (``password_hash_concurrency``), and a spare."""
+        return self.threads + settings.password_hash_concurrency + 1
+
+
+class ServedApp:
+    """The app as ``serve`` runs it: the worker's thread pool (where the blocking handlers run) has
+    ``threads`` threads."""
+
+    def __init__(self, app: Any, threads: int) -> None:
+        self.app = app
+        self.threads = threads
+        self._pool_sized = False
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if not self._pool_sized:
+            import anyio.to_thread
+
+            anyio.to_thread.current_default_thread_limiter().total_tokens = self.threads
+            self._pool_sized = True
+        await self.app(scope, receive, send)
+
+
+def worker_settings(settings: AppSettings, workers: int) -> AppSettings:
+    """A worker's settings: the password-check bounds are the whole server's, so each of ``workers``
+    processes gets an even share (at least one check at a time): ``--workers`` does not multiply the
+    cores a password sprayer can keep busy."""
+    if workers <= 1:
+        return settings
+    return settings.model_copy(update=dict(
+        password_hash_concurrency=max(1, settings.password_hash_concurrency // workers),
+        password_hash_queue=settings.password_hash_queue // workers))
+
+
+def uvicorn_kwargs(settings: AppSettings, options: ServerOptions) -> dict[str, Any]:
+    """uvicorn's options for the app as ``serve`` runs it: the app's HTTP limits
+    (``httpguard.uvicorn_options``: the header deadline, keep-alive timeout and largest request head) and
+    the server's connection limits; no proxy headers believed, no server header sent."""
+    return dict(limit_concurrency=options.limit_concurrency, backlog=options.backlog,
+                timeout_graceful_shutdown=options.graceful_shutdown_s, proxy_headers=False, server_header=False,
+                **uvicorn_options(settings))
+
+
+class ServerConfig(UvicornConfig):
+    """uvicorn's config that builds the labeling app in each worker (it is pickled to the workers, so
+    it carries the store URL and the settings, not an open store), with ``uvicorn_kwargs``."""
+
+    def __init__(self, db_url: Optional[str], settings: AppSettings, options: ServerOptions, **kwargs: Any) -> None:
+        super().__init__("megacoach.app.server:create_app", workers=options.workers,
+                         **uvicorn_kwargs(settings, options), **kwargs)
+        self.db_url = db_url
+        self.mc_settings = settings
+        self.options = options
+        self.store: Optional[LabelStore] = None  # single process: the store serve() opened already
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["store"] = None
+        return state
+
+    def load_app(self) -> Any:
+        store = self.store or LabelStore(self.db_url, pool_size=self.options.pool_size(self.mc_settings))
+        return ServedApp(create_app(settings=self.mc_settings, store=store), self.options.threads)
+
+
+def bind_tcp_socket(host: str, port: int) -> socket.socket:
+    """The listening socket the workers share. Made with protocol IPPROTO_TCP (uvicorn's own has 0):
+    asyncio sets TCP_NODELAY only on connections of such a socket, and without it a response written in
+    two parts waits for the client's delayed ACK (~40 ms) when a request follows the previous answer."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                      proto=socket.IPPROTO_TCP)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 8000, settings: SettingsLike = None,
-          *, log_level: str = "info") -> None:
-    """Run the labeling app with uvicorn. Prints a one-time admin invitation link when no admin exists."""
+          *, log_level: str = "info", server: Optional[ServerOptions] = None, workers: Optional[int] = None) -> None:
+    """Run the labeling app with uvicorn (``server``: workers, threads, timeouts and limits; ``workers``
+    overrides ``server.workers``). Prints a one-time admin invitation link when no admin exists.
+
+    With several workers, every worker opens the store itself: SQLite (WAL, writers take turns) or,
+    for a team, PostgreSQL (``postgresql+psycopg://...``)."""
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
     cfg = _settings(settings)
-    store = LabelStore(db_url)
+    opts = server or ServerOptions()
+    if workers is not None:
+        opts = ServerOptions(**dict(asdict(opts), workers=workers))
+    store = LabelStore(db_url, pool_size=opts.pool_size(cfg))
     base = cfg.public_url or f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     link = admin_invite_link(store, cfg, base)
-    print(f"megacoach labeling app for human evaluators: {base}/  (store: {store!r})", file=sys.stderr)
+    procs = f"{opts.workers} worker processes of {opts.threads} threads" if opts.workers > 1 else \
+        f"1 process of {opts.threads} threads"
+    print(f"megacoach labeling app for human evaluators: {base}/  (store: {store!r}; {procs})", file=sys.stderr)
     if link:
         print(f"No admin yet. Open this one-time link to create the admin account:\n  {link}", file=sys.stderr)
-    app = create_app(settings=cfg, store=store)
-    # header deadline, keep-alive timeout and largest request head (AppSettings.header_timeout_s ...)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, proxy_headers=False, server_header=False,
-                **uvicorn_options(cfg))
+    if opts.workers == 1:
+        app = ServedApp(create_app(settings=cfg, store=store), opts.threads)
+        uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_kwargs(cfg, opts))
+        return
+    store.close()  # each worker opens its own
+    config = ServerConfig(store.url, worker_settings(cfg, opts.workers), opts, host=host, port=port,
+                          log_level=log_level)
+    sock = bind_tcp_socket(host, port)
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d with %d workers", host, port,
+                                            opts.workers)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()

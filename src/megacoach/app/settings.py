@@ -17,8 +17,8 @@ class AppSettings(BaseModel):
     Times are in seconds. The argon2 costs are the OWASP-recommended minimums by default;
     tests lower them to stay fast.
 
-    Log-in throttling (in memory, per server process): failures are counted per client address
-    and per client address + account name. The first ``login_free_failures`` failures of one
+    Log-in throttling (counted in the label store, shared by every server process): failures are
+    counted per client address and per client address + account name. The first ``login_free_failures`` failures of one
     client for one name (``login_client_free_failures`` for one client over all names) cost
     nothing more than the password check; after that the client must wait ``login_backoff_s``,
     doubling with every further failure up to ``login_backoff_max_s``, before it may try again
@@ -59,9 +59,11 @@ class AppSettings(BaseModel):
     login_backoff_s: float = Field(1.0, gt=0, le=3600)  # first wait after the free failures; doubles
     login_backoff_max_s: float = Field(15 * 60, gt=0, le=24 * 3600)
     login_forget_s: int = Field(3600, ge=1)  # a client's failures are forgotten this long after the last
-    login_throttle_entries: int = Field(100_000, ge=10, le=10_000_000)  # memory bound of each table
-    password_hash_concurrency: int = Field(2, ge=1, le=64)  # password hashes computed at once (threads)
-    password_hash_queue: int = Field(64, ge=0, le=100_000)  # log-ins waiting for a hash; beyond: 503
+    login_throttle_entries: int = Field(100_000, ge=10, le=10_000_000)  # rows kept per table (client, pair)
+    # password hashes computed at once (threads) and log-ins waiting for one (beyond: 503), for the whole
+    # server: `serve --workers N` gives each worker an even share (at least one check at a time)
+    password_hash_concurrency: int = Field(2, ge=1, le=64)
+    password_hash_queue: int = Field(64, ge=0, le=100_000)
     # peers whose X-Forwarded-For names the client (a reverse proxy); by default the peer itself is the client
     trusted_proxies: tuple[str, ...] = ()
     argon2_time_cost: int = Field(3, ge=1)

@@ -28,10 +28,22 @@ The labeling app's tables (revision 0003_app_auth):
 - ``andon_clears``   an admin acknowledged the Andon pulls of a run (pulls before it stop counting).
 - ``app_secrets``    server-side secrets made once (rev 0005): the key of the shown order.
 
+Revision 0006_assignment_index (serving many labelers from several processes):
+- ``items.filled``   set by the assigner when an item needs nothing more from the ordinary queue (it has
+                     its labels, or it is a calibration/gold item, which everyone gets from the shared
+                     pool); ``ix_items_open`` (filled, id) and ``ix_items_open_source`` find the open
+                     items without reading the finished ones; ``ix_items_is_calibration`` and
+                     ``ix_items_is_gold`` find the shared pool; ``ix_skips_item_labeler`` answers "did
+                     this labeler skip this item?" in one probe.
+
+Revision 0007_login_failures: ``login_failures``, the log-in throttle's counts (failed log-ins per client
+address and per client address + account name, with the time of the last one), so that every server
+process of the app slows down the same clients.
+
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
 scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
-app's server-side secrets). A new table
+app's server-side secrets; 0006 the assignment indexes; 0007 the log-in throttle's counts). A new table
 goes into ``Base.metadata`` here with an Alembic revision whose ``down_revision`` is the current
 head; the store always migrates to head.
 
@@ -140,6 +152,10 @@ class ItemRow(Base):
         CheckConstraint("k >= 2", name="k_at_least_2"),
         CheckConstraint(_in("split", SPLITS), name="split"),
         Index("ix_items_batch_split", "batch", "split"),
+        Index("ix_items_open", "filled", "id"),  # rev 0006: the ordinary queue, oldest first
+        Index("ix_items_open_source", "filled", "source", "id"),  # rev 0006: the same, for --item-source
+        Index("ix_items_is_calibration", "is_calibration"),  # rev 0006: the shared pool
+        Index("ix_items_is_gold", "is_gold"),  # rev 0006
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -155,6 +171,9 @@ class ItemRow(Base):
     overlap: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # rev 0002; >= 1 (checked by the store)
     run_id: Mapped[Optional[str]] = mapped_column(String(200), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # rev 0006, written by the assigner (labels/assignment.py) only: True once the item needs nothing more
+    # from the ordinary queue. An index hint, never the truth: the assigner still counts labels and locks.
+    filled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class LabelerRow(Base):
@@ -207,6 +226,7 @@ class ComparisonRow(Base):
 
 class SkipRow(Base):
     __tablename__ = "skips"
+    __table_args__ = (Index("ix_skips_item_labeler", "item_id", "labeler_id"),)  # rev 0006: "did they skip it?"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
@@ -342,3 +362,19 @@ class AppSecretRow(Base):
     name: Mapped[str] = mapped_column(String(50), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class LoginFailureRow(Base):
+    """Revision 0007. The log-in throttle's count for one key (``app/throttle.py``): failed log-ins of a
+    client address (kind ``client``) or of a client address for one account name (kind ``pair``). The
+    key is a SHA-256 of the kind, the address and the name, so neither addresses nor typed names are
+    kept in the clear. ``last_failed_at`` is seconds since the epoch (the backoff's arithmetic is in
+    seconds); nothing is keyed by the account alone."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (Index("ix_login_failures_kind_last", "kind", "last_failed_at"),)
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    failures: Mapped[int] = mapped_column(Integer)
+    last_failed_at: Mapped[float] = mapped_column(Float)

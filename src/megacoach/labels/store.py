@@ -50,7 +50,9 @@ Errors: bad input -> `DataError` (a doubled label -> `DuplicateLabelError`, a Da
 cannot be opened / is locked / is newer than this code -> `StoreError`. Nothing is half-written.
 
 SQLite: WAL journal, busy timeout (`busy_timeout_s`), foreign keys on, writes take the write lock at
-BEGIN (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing. Comparison ids therefore
+BEGIN (``BEGIN IMMEDIATE``) so concurrent writers queue instead of failing: on a lock of the process
+and a ``flock`` of ``<file>-writelock``, both woken at once, rather than in SQLite's polling busy
+handler (the fallback for other programs' writers). Comparison ids therefore
 grow in commit order, and ``comparisons(after_id=position)`` never misses a label. (On PostgreSQL two
 writers can commit ids out of order; a reader that must not miss any should re-read a small window.)
 """
@@ -59,6 +61,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -74,6 +77,11 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import StaticPool
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: SQLite's busy handler alone between processes
+    fcntl = None  # type: ignore[assignment]
 
 from megacoach.errors import DataError, MegacoachError, StoreError
 from megacoach.labels.control import RunStatuses
@@ -125,6 +133,93 @@ def _chunks(seq: Sequence[int], n: int = _IN_CHUNK) -> Iterator[Sequence[int]]:
         yield seq[i : i + n]
 
 
+class _WriteLock:
+    """The write lock of one SQLite file in one process: a thread lock (the process's writers queue
+    on it, woken at once) and an exclusive ``flock`` on ``<file>-writelock`` (processes queue on it
+    in the kernel, woken at once). SQLite's own busy handler polls every 1 to 100 ms, which leaves the
+    database idle while writers wait and lets one process's writers starve another's; it remains the
+    fallback for writers that do not take this lock (other programs)."""
+
+    def __init__(self, path: str) -> None:
+        self.thread_lock = threading.Lock()
+        self.fd: Optional[int] = None
+        if fcntl is not None:
+            try:
+                self.fd = os.open(path + "-writelock", os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:  # e.g. a read-only folder: SQLite's busy handler alone
+                self.fd = None
+
+    def acquire(self, timeout_s: float) -> None:
+        if not self.thread_lock.acquire(timeout=timeout_s):
+            raise sqlite3.OperationalError(f"database is locked (waited {timeout_s:g} s for this process's writers)")
+        if self.fd is not None:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX)  # waits while another process's writer commits
+            except OSError as e:
+                self.thread_lock.release()
+                raise sqlite3.OperationalError(f"cannot lock the database's writelock file: {e}") from e
+
+    def release(self) -> None:
+        try:
+            if self.fd is not None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+        finally:
+            self.thread_lock.release()
+
+
+_WRITE_LOCKS: dict[tuple[int, str], _WriteLock] = {}
+_WRITE_LOCKS_GUARD = threading.Lock()
+
+
+def _write_lock(path: str) -> _WriteLock:
+    """This process's write lock of the SQLite file (a new one after a fork: locks are not shared)."""
+    key = (os.getpid(), path)
+    lock = _WRITE_LOCKS.get(key)
+    if lock is None:
+        with _WRITE_LOCKS_GUARD:
+            lock = _WRITE_LOCKS.setdefault(key, _WriteLock(path))
+    return lock
+
+
+def _sqlite_connection_class(path: str, timeout_s: float) -> type:
+    """sqlite3 connections to the file at ``path`` whose write transactions hold the file's write lock
+    (``_WriteLock``) from BEGIN IMMEDIATE to COMMIT or ROLLBACK."""
+    path = os.path.realpath(path)
+
+    class _WriteLockedConnection(sqlite3.Connection):
+        _held: Optional[_WriteLock] = None
+
+        def take_write_lock(self) -> None:
+            lock = _write_lock(path)
+            lock.acquire(timeout_s)
+            self._held = lock
+
+        def drop_write_lock(self) -> None:
+            lock, self._held = self._held, None
+            if lock is not None:
+                lock.release()
+
+        def commit(self) -> None:
+            try:
+                super().commit()
+            finally:
+                self.drop_write_lock()
+
+        def rollback(self) -> None:
+            try:
+                super().rollback()
+            finally:
+                self.drop_write_lock()
+
+        def close(self) -> None:
+            try:
+                super().close()
+            finally:
+                self.drop_write_lock()
+
+    return _WriteLockedConnection
+
+
 def normalize_url(url: Optional[str]) -> str:
     """None -> $MEGACOACH_LABELS_URL or the default SQLite file; a bare path -> a SQLite URL."""
     if url is None or url == "":
@@ -141,13 +236,17 @@ class StoreEngine:
     """The database under ``LabelStore``: engine, sessions and transactions, error translation, and
     the schema (migrated on open). The store's parts (``LabelStore`` and its mixins) run in these."""
 
-    def __init__(self, url: Optional[str] = None, *, busy_timeout_s: float = 30.0, echo: bool = False):
+    def __init__(self, url: Optional[str] = None, *, busy_timeout_s: float = 30.0, echo: bool = False,
+                 pool_size: Optional[int] = None):
+        """``pool_size``: connections kept open (SQLAlchemy's default 5, and as many again beyond them
+        while busy); a server should keep at least two per thread that uses the store."""
         self.url = normalize_url(url)
         try:
             self._safe_url = make_url(self.url).render_as_string(hide_password=True)
         except sa_exc.ArgumentError as e:
             raise StoreError(f"label store URL {url!r} is not a database URL: {e}") from e
         self.busy_timeout_s = float(busy_timeout_s)
+        self.pool_size = pool_size
         self._local = threading.local()
         self._engine = self._make_engine(echo)
         self._write_engine = self._engine.execution_options(megacoach_write=True)
@@ -169,8 +268,14 @@ class StoreEngine:
             connect_args.update(timeout=self.busy_timeout_s, check_same_thread=False)
             if memory:  # one shared connection, else every connection is a new empty database
                 kwargs["poolclass"] = StaticPool
+            elif self.pool_size:
+                kwargs.update(pool_size=self.pool_size, max_overflow=self.pool_size)
+            if not memory:
+                connect_args["factory"] = _sqlite_connection_class(u.database, self.busy_timeout_s)
         else:
             kwargs["pool_pre_ping"] = True
+            if self.pool_size:
+                kwargs.update(pool_size=self.pool_size, max_overflow=self.pool_size)
             if u.get_backend_name() == "postgresql":
                 connect_args["connect_timeout"] = max(1, int(self.busy_timeout_s))
         try:
@@ -195,7 +300,19 @@ class StoreEngine:
                 # Writers take the write lock up front: they wait (busy timeout) instead of failing
                 # with "database is locked" when upgrading a read lock mid-transaction.
                 immediate = conn.get_execution_options().get("megacoach_write", False)
-                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                if not immediate:
+                    conn.exec_driver_sql("BEGIN")
+                    return
+                dbapi_conn = conn.connection.dbapi_connection
+                take = getattr(dbapi_conn, "take_write_lock", None)
+                if take is not None:
+                    take()  # this process's writers queue here (see _sqlite_connection_class)
+                try:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
+                except BaseException:
+                    if take is not None:
+                        dbapi_conn.drop_write_lock()
+                    raise
 
         return engine
 
