@@ -158,6 +158,33 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- log-probs, entropy, KL
 
 
+def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
+    if logits.shape[:-1] != tokens.shape:
+        raise DataError(f"tokens: expected shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last axis, in float32 at least (bf16/fp16 logits are upcast)."""
+    if temperature <= 0:
+        raise DataError(f"temperature: expected > 0, got {temperature}")
+    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if temperature != 1.0:
+        lg = lg / temperature
+    return F.log_softmax(lg, dim=-1)
+
+
+def _chosen(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    p = logp.exp()
+    # 0 * log 0 = 0. Zero logp where p underflows BEFORE multiplying, so that neither the value nor
+    # the gradient sees 0 * (-inf) (a where() after the product would still backpropagate NaN).
+    safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    return -(p * safe_logp).sum(dim=-1)
+
+
 def logprobs_from_logits(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -176,15 +203,8 @@ def logprobs_from_logits(
     Returns:
         ``[B, T]`` log-probs (<= 0), float32 (or float64 for float64 logits).
     """
-    if logits.shape[:-1] != tokens.shape:
-        raise DataError(f"tokens: expected shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
-    if temperature <= 0:
-        raise DataError(f"temperature: expected > 0, got {temperature}")
-    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if temperature != 1.0:
-        lg = lg / temperature
-    logp = F.log_softmax(lg, dim=-1)
-    return torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    _check_tokens(logits, tokens)
+    return _chosen(_log_softmax(logits, temperature), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -198,17 +218,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     Returns:
         ``[...]`` entropies (>= 0).
     """
-    if temperature <= 0:
-        raise DataError(f"temperature: expected > 0, got {temperature}")
-    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if temperature != 1.0:
-        lg = lg / temperature
-    logp = F.log_softmax(lg, dim=-1)
-    p = logp.exp()
-    # 0 * log 0 = 0. Zero logp where p underflows BEFORE multiplying, so that neither the value nor
-    # the gradient sees 0 * (-inf) (a where() after the product would still backpropagate NaN).
-    safe_logp = torch.where(p > 0, logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
-    return -(p * safe_logp).sum(dim=-1)
+    return _entropy(_log_softmax(logits, temperature))
 
 
 def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
@@ -219,20 +229,11 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
     same order), in one pass over the vocabulary instead of two: the PPO update needs both at every response
     position. Gradients flow into the log-probs only; the entropy is a statistic (computed without gradient).
     """
-    if logits.shape[:-1] != tokens.shape:
-        raise DataError(f"tokens: expected shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
-    if temperature <= 0:
-        raise DataError(f"temperature: expected > 0, got {temperature}")
-    lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    if temperature != 1.0:
-        lg = lg / temperature
-    logp = F.log_softmax(lg, dim=-1)
-    chosen = torch.gather(logp, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    _check_tokens(logits, tokens)
+    logp = _log_softmax(logits, temperature)
+    chosen = _chosen(logp, tokens)
     with torch.no_grad():
-        lp = logp.detach()
-        p = lp.exp()
-        safe_logp = torch.where(p > 0, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-        entropy = -(p * safe_logp).sum(dim=-1)
+        entropy = _entropy(logp.detach())
     return chosen, entropy
 
 
