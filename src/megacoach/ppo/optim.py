@@ -75,22 +75,27 @@ class AdamTFStyle(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError("AdamTFStyle does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] = int(state["step"]) + 1
+                state = self._advance(p)
                 t = state["step"]
                 m, v = state["exp_avg"], state["exp_avg_sq"]
                 m.mul_(b1).add_(g, alpha=1.0 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-                lr_t = lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+                lr_t = _tf_lr(lr, b1, b2, t)
                 denom = v.sqrt().add_(eps)  # eps NOT scaled by the bias correction
                 p.addcdiv_(m, denom, value=-lr_t)
         return loss
+
+    def _advance(self, p: torch.Tensor) -> dict:
+        """`p`'s state (created at its first step: m and v zero) with its step count advanced by one."""
+        if p.grad.is_sparse:
+            raise RuntimeError("AdamTFStyle does not support sparse gradients")
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] = int(state["step"]) + 1
+        return state
 
     def _foreach_step(self, group: dict) -> None:
         """The same update for every parameter of `group` that has a gradient, in multi-tensor calls (parameters
@@ -100,15 +105,7 @@ class AdamTFStyle(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("AdamTFStyle does not support sparse gradients")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] = int(state["step"]) + 1
-            buckets.setdefault(state["step"], []).append(p)
+            buckets.setdefault(self._advance(p)["step"], []).append(p)
         for t, params in buckets.items():
             grads = [p.grad for p in params]
             ms = [self.state[p]["exp_avg"] for p in params]
@@ -117,10 +114,15 @@ class AdamTFStyle(torch.optim.Optimizer):
             torch._foreach_add_(ms, grads, alpha=1.0 - b1)
             torch._foreach_mul_(vs, b2)
             torch._foreach_addcmul_(vs, grads, grads, value=1.0 - b2)
-            lr_t = group["lr"] * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
+            lr_t = _tf_lr(group["lr"], b1, b2, t)
             denom = torch._foreach_sqrt(vs)
             torch._foreach_add_(denom, group["eps"])  # eps NOT scaled by the bias correction
             torch._foreach_addcdiv_(params, ms, denom, value=-lr_t)
+
+
+def _tf_lr(lr: float, b1: float, b2: float, t: int) -> float:
+    """TF1's bias-corrected step size at step t (from 1): lr * sqrt(1 - b2^t) / (1 - b1^t)."""
+    return lr * math.sqrt(1.0 - b2**t) / (1.0 - b1**t)
 
 
 def linear_decay(step: int, total_steps: int) -> float:
