@@ -7,8 +7,8 @@ same whether one process or many serve: the request line and headers within ``he
 408 and the connection is closed, ``httpguard.GuardedH11Protocol``), the body within ``body_timeout_s``
 (``middleware.BodyLimit``), an idle keep-alive connection closed after ``keep_alive_timeout_s``, at most
 ``max_header_bytes`` of request head. Everything the app keeps between requests (log-ins and their CSRF
-tokens, API tokens, item locks, the log-in throttle's counts, the Andon cord, the shown order's key) is
-in the label store, so any worker can answer any request.
+tokens, API tokens, item locks, the log-in throttle's counts, the Andon cord and its rate limit, the shown
+order's key) is in the label store, so any worker can answer any request.
 """
 
 from __future__ import annotations
