@@ -34,6 +34,8 @@ def _free_port() -> int:
 def serving(db_url: str, workers: int = 1, settings: Optional[dict] = None,
             **options) -> Iterator[tuple[str, subprocess.Popen]]:
     """`serve(...)` in a child process (its own process group) on a free port; yields (base URL, process)."""
+    from megacoach.app.server import wait_until_healthy
+
     port = _free_port()
     opts = ", ".join(f"{k}={v!r}" for k, v in dict(options, workers=workers).items())
     code = ("from megacoach.app.server import ServerOptions, serve\n"
@@ -44,16 +46,7 @@ def serving(db_url: str, workers: int = 1, settings: Optional[dict] = None,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_healthy(base, 60, proc)
         yield base, proc
     finally:
         if proc.poll() is None:
@@ -386,6 +379,20 @@ def test_server_options_are_checked():
         ServerOptions(workers=0)
     with pytest.raises(ConfigError, match="threads"):
         ServerOptions(threads=0)
+
+
+def test_wait_until_healthy_says_why_no_server_answers():
+    """The wait for a started server's health check ends with the reason: its process exited, or the
+    time ran out."""
+    from megacoach.app.server import wait_until_healthy
+
+    base = f"http://127.0.0.1:{_free_port()}"  # nobody listens there
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait(timeout=30)
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it answered /api/health"):
+        wait_until_healthy(base, 30, dead)
+    with pytest.raises(RuntimeError, match="did not answer /api/health within 0.3 s"):
+        wait_until_healthy(base, 0.3)
 
 
 def test_workers_listen_on_a_tcp_socket_so_answers_are_not_delayed():
