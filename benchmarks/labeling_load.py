@@ -208,6 +208,7 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
         login_concurrency: int | None = None) -> dict:
     import httpx
 
+    from megacoach.app.server import wait_until_healthy
     from megacoach.labels.store import LabelStore
 
     load_before = os.getloadavg()
@@ -221,16 +222,7 @@ def run(labelers: int, items: int, seconds: float, think_s: float = 0.0, *, work
         port = _free_port()
         proc = _start_server(store.url, port, settings, workers, threads)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(base + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the labeling server did not start")
-            time.sleep(0.1)
+        wait_until_healthy(base, 90, proc)
 
         clients = []
         for i in range(labelers):

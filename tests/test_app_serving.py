@@ -34,6 +34,8 @@ def _free_port() -> int:
 def serving(db_url: str, workers: int = 1, settings: Optional[dict] = None,
             **options) -> Iterator[tuple[str, subprocess.Popen]]:
     """`serve(...)` in a child process (its own process group) on a free port; yields (base URL, process)."""
+    from megacoach.app.server import wait_until_healthy
+
     port = _free_port()
     opts = ", ".join(f"{k}={v!r}" for k, v in dict(options, workers=workers).items())
     code = ("from megacoach.app.server import ServerOptions, serve\n"
@@ -44,16 +46,7 @@ def serving(db_url: str, workers: int = 1, settings: Optional[dict] = None,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, "the server exited"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.1)
+        wait_until_healthy(base, 60, proc)
         yield base, proc
     finally:
         if proc.poll() is None:
@@ -388,6 +381,20 @@ def test_server_options_are_checked():
         ServerOptions(threads=0)
 
 
+def test_wait_until_healthy_says_why_no_server_answers():
+    """The wait for a started server's health check ends with the reason: its process exited, or the
+    time ran out."""
+    from megacoach.app.server import wait_until_healthy
+
+    base = f"http://127.0.0.1:{_free_port()}"  # nobody listens there
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait(timeout=30)
+    with pytest.raises(RuntimeError, match=r"exited \(code 3\) before it answered /api/health"):
+        wait_until_healthy(base, 30, dead)
+    with pytest.raises(RuntimeError, match="did not answer /api/health within 0.3 s"):
+        wait_until_healthy(base, 0.3)
+
+
 def test_workers_listen_on_a_tcp_socket_so_answers_are_not_delayed():
     """With --workers the socket is made here: protocol IPPROTO_TCP, so asyncio sets TCP_NODELAY on its
     connections (uvicorn's own socket has protocol 0: every request that followed an answer on a
@@ -477,6 +484,159 @@ def test_store_throttle_keeps_the_in_memory_rule(tmp_path):
     assert th.size() <= 2 * (100 + th.by_pair.prune_every)  # bounded rows (two tables)
     th.success("203.0.113.66", "root")  # the right password: this client's failures for root are forgotten
     assert th.retry_after("203.0.113.66", "root") == 0
+
+
+def _wipe_postgresql(url: str) -> None:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(url)
+    with engine.begin() as c:
+        c.execute(text("DROP SCHEMA public CASCADE"))
+        c.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=[
+    pytest.mark.postgres, pytest.mark.skipif(not os.environ.get("MEGACOACH_TEST_PG_URL"),
+                                             reason="set MEGACOACH_TEST_PG_URL to a disposable PostgreSQL database")])])
+def shared_store(request, tmp_path):
+    """A fresh label store on SQLite, or on the PostgreSQL database MEGACOACH_TEST_PG_URL (wiped first)."""
+    from megacoach.labels.store import LabelStore
+
+    if request.param == "sqlite":
+        store = make_store(tmp_path)
+    else:
+        _wipe_postgresql(os.environ["MEGACOACH_TEST_PG_URL"])
+        store = LabelStore(os.environ["MEGACOACH_TEST_PG_URL"])
+    yield store
+    store.close()
+
+
+def test_andon_rate_limit_counts_across_processes(shared_store):
+    """Two app instances on one store (as two workers are): one person at one address gets
+    andon_rate_per_min requests a minute in all, whichever worker answers; beyond that 429 with
+    Retry-After at both, and the first refusal is audited once. Another person at that address, and
+    the same person elsewhere, still pull at once."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import text
+
+    from megacoach.app.server import create_app
+    from megacoach.labels.store import LabelStore
+
+    store = shared_store
+    for name in ("alice", "bob"):
+        make_person(store, name)
+    store.set_run_status("run-1", "running")
+    settings = dict(FAST, andon_pulls_to_pause=3, andon_rate_per_min=4)
+    other = LabelStore(store.url)
+    apps = [create_app(settings=settings, store=store), create_app(settings=settings, store=other)]
+
+    def pull(app, who: str, client: str = "203.0.113.7"):
+        headers = {"authorization": f"Bearer {tokens[who]}"}
+        return TestClient(app, client=(client, 50000)).post("/api/andon", json=dict(reason="gibberish"),
+                                                            headers=headers)
+
+    from test_app_support import make_token
+
+    tokens = {name: make_token(store, name) for name in ("alice", "bob")}
+    codes = [pull(apps[i % 2], "alice").status_code for i in range(10)]
+    assert codes == [201, 200, 200, 200] + [429] * 6  # 4 a minute in all, not 4 per worker
+    for app in apps:
+        r = pull(app, "alice")
+        assert r.status_code == 429 and 1 <= int(r.headers["retry-after"]) <= 60
+    assert len(store.audit_entries(action="andon_rate_limited")) == 1  # refused at both, audited once
+    assert len(store.andon_pulls("run-1")) == 1
+    assert pull(apps[1], "bob").status_code == 201  # another person at that address: instant
+    assert pull(apps[0], "alice", client="198.51.100.3").status_code == 200  # alice from elsewhere: counted once
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT key, kind FROM rate_limits")).all()
+    assert len(rows) == 3 and {kind for _, kind in rows} == {"andon"}
+    assert all(len(key) == 64 and "203.0.113.7" not in key for key, _ in rows)
+    other.close()
+
+
+def test_store_rate_limit_keeps_the_in_memory_rule(shared_store):
+    """StoreRateLimit answers as RateLimit does, event for event (the same sliding window, the same
+    Retry-After, the first refusal of a window noted once); two instances together let through at most
+    the limit, also when they race for the last slot; its rows stay bounded."""
+    from megacoach.app.throttle import RateLimit, StoreRateLimit
+
+    store = shared_store
+    mem = RateLimit(3, 60.0)
+    db = [StoreRateLimit(store, "andon", 3, 60.0), StoreRateLimit(store, "andon", 3, 60.0)]
+    t0 = 1_000_000.0
+    for i, dt in enumerate((0.0, 1.0, 2.5, 3.0, 30.0, 59.9, 60.0, 60.5, 61.0, 62.4, 63.0, 121.0, 200.0)):
+        key = ("203.0.113.7", 1)
+        want = mem.hit(key, now=t0 + dt)
+        assert db[i % 2].hit(key, now=t0 + dt) == want, dt
+        if want:
+            assert db[(i + 1) % 2].note_refusal(key, now=t0 + dt) == mem.note_refusal(key, now=t0 + dt), dt
+
+    def race(key: tuple, now: float) -> list[int]:
+        answers: list[int] = []
+        start = threading.Barrier(8)
+
+        def one(i: int) -> None:
+            start.wait()
+            answers.append(db[i % 2].hit(key, now=now))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+        [t.start() for t in threads]
+        [t.join(timeout=60) for t in threads]
+        return answers
+
+    got = race(("203.0.113.8", 2), t0 + 300)
+    assert len(got) == 8 and got.count(0) == 3 and all(w == 60 for w in got if w)
+    noted = []
+    start = threading.Barrier(6)
+
+    def note(i: int) -> None:
+        start.wait()
+        noted.append(db[i % 2].note_refusal(("203.0.113.8", 2), now=t0 + 301))
+
+    threads = [threading.Thread(target=note, args=(i,)) for i in range(6)]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    assert sorted(noted) == [False] * 5 + [True]
+
+    small = StoreRateLimit(store, "andon", 3, 60.0, max_keys=200)
+    for i in range(600):  # a spray of keys within one minute: the least recently used go
+        assert small.hit((f"10.0.{i // 256}.{i % 256}", i), now=t0 + 1000 + i * 0.01) == 0
+    assert len(small) <= 200 + small.prune_every
+    for i in range(small.prune_every):  # a minute later the rows of the spray hold nothing and go
+        small.hit(("192.0.2.1", i), now=t0 + 1100)
+    assert len(small) <= small.prune_every
+
+
+def test_login_refusals_are_audited_once_across_processes(shared_store):
+    """A throttled client's first refused try after a failure is audited once, whichever worker
+    refuses it and however many refuse it; the next failure starts a new count."""
+    from fastapi.testclient import TestClient
+
+    from megacoach.app.server import create_app
+    from megacoach.app.settings import AppSettings
+    from megacoach.app.throttle import StoreLoginThrottle
+    from megacoach.labels.store import LabelStore
+
+    store = shared_store
+    make_person(store, "alice")
+    settings = dict(FAST, login_free_failures=3, login_backoff_s=60)
+    other = LabelStore(store.url)
+    apps = [create_app(settings=settings, store=store), create_app(settings=settings, store=other)]
+    attacker = [TestClient(app, client=("203.0.113.66", 50000)) for app in apps]
+    for c in (attacker[0], attacker[1], attacker[0]):
+        assert _attempt(c, "alice", "wrong-wrong-wrong").status_code == 401
+    for c in attacker * 3:
+        assert _attempt(c, "alice", PASSWORD).status_code == 429
+    assert len(store.audit_entries(action="login_failed")) == 3 + 1  # the failures, and one refusal
+
+    th = [StoreLoginThrottle(store, AppSettings(**FAST, login_free_failures=1)) for _ in range(2)]
+    th[0].fail("203.0.113.9", "root")
+    assert [th[1].refusal("203.0.113.9", "root"), th[0].refusal("203.0.113.9", "root")] == [1, 2]
+    th[0].fail("203.0.113.9", "root")  # a new failure: its first refusal is worth an entry again
+    assert [th[0].refusal("203.0.113.9", "root"), th[1].refusal("203.0.113.9", "root")] == [1, 2]
+    assert th[1].refusal("192.0.2.1", "root") == 0  # no failures: nothing to refuse
+    other.close()
 
 
 def test_password_checks_hold_no_store_connection(tmp_path):

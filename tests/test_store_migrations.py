@@ -173,7 +173,7 @@ def test_upgrade_from_0005_marks_finished_items_and_adds_the_indexes(tmp_path):
         assert filled == {1: 1, 2: 0, 3: 1, 4: 0}  # labeled; open; calibration; overlap 2 with one label
         bob = store.get_or_create_labeler("bob").id
     insp = inspect(_engine(path))
-    assert "login_failures" in insp.get_table_names()  # 0007: the log-in throttle's counts
+    assert {"login_failures", "rate_limits"} <= set(insp.get_table_names())  # 0007, 0008: the throttles
     indexes = {i["name"] for t in ("items", "skips") for i in insp.get_indexes(t)}
     assert {"ix_items_open", "ix_items_open_source", "ix_items_is_calibration", "ix_items_is_gold",
             "ix_skips_item_labeler"} <= indexes
@@ -199,4 +199,37 @@ def test_upgrade_from_0005_marks_finished_items_and_adds_the_indexes(tmp_path):
         command.downgrade(cfg, "0005_app_secrets")
     insp = inspect(engine)
     assert "filled" not in {c["name"] for c in insp.get_columns("items")}
+    engine.dispose()
+
+
+def test_upgrade_from_0007_adds_the_rate_limits_and_keeps_the_login_failures(tmp_path):
+    """0008: ``rate_limits`` exists and the log-in throttle's rows keep their counts, with no refused try
+    noted yet; downgrading to 0007 removes both again and keeps the counts."""
+    path = tmp_path / "v7.db"
+    _upgrade(path, "0007_login_failures")
+    engine = _engine(path)
+    with engine.begin() as c:
+        c.execute(text("INSERT INTO login_failures (key, kind, failures, last_failed_at) "
+                       "VALUES ('k1', 'client', 4, 1000.5)"))
+    engine.dispose()
+    with LabelStore(f"sqlite:///{path}") as store:
+        assert store.schema_version() == LabelStore.code_schema_version()
+        with store.engine.connect() as c:
+            assert c.execute(text("SELECT key, failures, last_failed_at, refusal_noted_at FROM login_failures")
+                             ).all() == [("k1", 4, 1000.5, None)]
+            assert c.execute(text("SELECT count(*) FROM rate_limits")).scalar() == 0
+    insp = inspect(_engine(path))
+    assert "ix_rate_limits_kind_last" in {i["name"] for i in insp.get_indexes("rate_limits")}
+
+    engine = _engine(path)
+    cfg = LabelStore._alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0007_login_failures")
+    insp = inspect(engine)
+    assert "rate_limits" not in insp.get_table_names()
+    assert "refusal_noted_at" not in {c["name"] for c in insp.get_columns("login_failures")}
+    assert "ix_login_failures_kind_last" in {i["name"] for i in insp.get_indexes("login_failures")}
+    with engine.connect() as c:
+        assert c.execute(text("SELECT key, failures FROM login_failures")).all() == [("k1", 4)]
     engine.dispose()

@@ -12,8 +12,9 @@ NULL (they count for every run).
 
 Floods: a person's pull counts once per run within ``andon_repeat_window_s``; repeats answer
 "already pulled" and are audited (``andon_repeat``, with the client address); the web layer also
-limits each person at each client address to ``andon_rate_per_min`` requests (429 beyond). The
-dashboard lists who pulled and who repeated.
+limits each person at each client address to ``andon_rate_per_min`` requests a minute, for all server
+processes together (429 beyond; ``throttle.StoreRateLimit``). The dashboard lists who pulled and who
+repeated.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from megacoach.app.logredact import install_log_redaction
 from megacoach.app.markdown import render_markdown
 from megacoach.app.security import new_secret, same_secret
 from megacoach.app.settings import AppSettings
-from megacoach.app.throttle import RateLimit
+from megacoach.app.throttle import StoreRateLimit
 from megacoach.labels.assignment import Assigner
 from megacoach.labels.store import LabelStore
 
@@ -40,7 +40,7 @@ class AppState:
     labeling: Labeling
     templates: Jinja2Templates
     static_versions: dict[str, str]
-    andon_rate: RateLimit  # Andon requests per (client address, person) per minute
+    andon_rate: StoreRateLimit  # Andon requests per (client address, person) per minute, in the store
 
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
@@ -55,7 +55,7 @@ def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     templates.env.globals["fmt_pct"] = lambda x: "–" if x is None else f"{x:.1f}%"
     templates.env.globals["fmt_dt"] = lambda t: "–" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
     return AppState(store, settings, Auth(store, settings), assigner, Labeling(store, settings, assigner),
-                    templates, versions, RateLimit(settings.andon_rate_per_min, 60.0))
+                    templates, versions, StoreRateLimit(store, "andon", settings.andon_rate_per_min, 60.0))
 
 
 def _fmt_s(x: Optional[float]) -> str:
@@ -174,8 +174,9 @@ def api_admin(request: Request) -> Principal:
 
 def andon_pull(request: Request, who: Principal, reason: str) -> dict:
     """Pull the Andon cord for ``who``: instant for a person's first pull; a repeat counts once
-    (andon.pull); beyond ``andon_rate_per_min`` requests a minute from this person at this address:
-    429 with Retry-After (the first refusal in a minute is audited)."""
+    (andon.pull); beyond ``andon_rate_per_min`` requests a minute from this person at this address
+    (counted in the store, so for all server processes together): 429 with Retry-After (the first
+    refusal in a minute is audited, once)."""
     st = state_of(request)
     client = client_address(request)
     key = (client, who.id)

@@ -7,15 +7,18 @@ same whether one process or many serve: the request line and headers within ``he
 408 and the connection is closed, ``httpguard.GuardedH11Protocol``), the body within ``body_timeout_s``
 (``middleware.BodyLimit``), an idle keep-alive connection closed after ``keep_alive_timeout_s``, at most
 ``max_header_bytes`` of request head. Everything the app keeps between requests (log-ins and their CSRF
-tokens, API tokens, item locks, the log-in throttle's counts, the Andon cord, the shown order's key) is
-in the label store, so any worker can answer any request.
+tokens, API tokens, item locks, the log-in throttle's counts, the Andon cord and its rate limit, the shown
+order's key) is in the label store, so any worker can answer any request. ``wait_until_healthy`` waits
+for a server just started (in another process) to answer its health check.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional, Union
 from urllib.parse import quote
@@ -309,3 +312,25 @@ def serve(db_url: Optional[str] = None, host: str = "127.0.0.1", port: int = 800
         Multiprocess(config, sockets=[sock]).run()
     finally:
         sock.close()
+
+
+def wait_until_healthy(base_url: str, timeout_s: float = 60.0, proc: Optional[subprocess.Popen] = None) -> None:
+    """Wait until the labeling app at ``base_url`` answers ``GET /api/health`` with 200 (a server just
+    started, e.g. ``serve`` in the child process ``proc``). RuntimeError, saying which, when ``proc``
+    exits first or ``timeout_s`` seconds pass."""
+    import httpx
+
+    url = base_url.rstrip("/") + "/api/health"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the labeling server at {base_url} exited (code {proc.returncode}) before it "
+                               "answered /api/health")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the labeling server at {base_url} did not answer /api/health within {timeout_s:g} s")
+        time.sleep(0.1)

@@ -8,7 +8,13 @@ amount of failures from elsewhere keeps the right password out.
 The app keeps these counts in the label store (``StoreLoginThrottle``, table ``login_failures``), so
 that every server process (``megacoach label serve --workers N``) and every restart slows down the same
 clients; ``LoginThrottle`` with ``FailureTable`` is the same rule in memory, per process. The rule is
-one (``backoff``): the store only changes where the counts live.
+one (``backoff``): the store only changes where the counts live. A throttled client's first refused try
+after a failure is noted in the store too (``refusal_noted_at``), so it is audited once in all.
+
+Request rates (the Andon cord's requests per client address and person) are limited in a sliding
+window: ``StoreRateLimit`` keeps the windows in the store (table ``rate_limits``), so the limit and the
+audit of a key's first refusal in a window hold for all server processes together; ``RateLimit`` is the
+same rule in memory, per process.
 
 Memory is bounded: each table holds at most ``max_entries`` keys. When full, it first forgets
 expired entries, then clients that are not being slowed down (least recently failed first);
@@ -23,13 +29,13 @@ import threading
 import time
 import unicodedata
 from collections import OrderedDict, deque
-from typing import Hashable, Optional
+from typing import Any, Hashable, Optional
 
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from megacoach.app.settings import AppSettings
-from megacoach.labels.schema import LoginFailureRow
+from megacoach.labels.schema import LoginFailureRow, RateLimitRow
 from megacoach.labels.store import LabelStore
 
 
@@ -127,6 +133,21 @@ def _name_key(name: str) -> str:
     return unicodedata.normalize("NFC", name).strip().casefold()
 
 
+def _row_key(kind: str, key: Hashable) -> str:
+    """A store row's key: SHA-256 of the kind and the key's parts (no address or name in the clear)."""
+    parts = key if isinstance(key, tuple) else (key,)
+    return hashlib.sha256("\x00".join((kind, *map(str, parts))).encode()).hexdigest()
+
+
+def _insert(session: Session) -> Any:
+    """The ``insert`` of the session's dialect (PostgreSQL or SQLite: both have ON CONFLICT)."""
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
 class LoginThrottle:
     """Failed log-ins per client address and per client address + name (see the module doc)."""
 
@@ -165,9 +186,9 @@ class StoreFailureTable:
     ``kind`` telling the tables apart), so that every server process sees the same counts. Times are
     wall-clock seconds (``time.time``), which all processes share.
 
-    Refused tries are counted in this process only (they decide whether a refusal is worth an audit
-    entry, and counting them in the store would make every refused try a write): with N processes a
-    client in backoff is audited at most N times per failure instead of once.
+    Refused tries are not counted (that would make every refused try a write); only the first since a
+    key's last failure is noted in its row (``refusal_noted_at``, cleared by each failure), one write per
+    failure at most, so that it is audited once whichever process refused it.
 
     Bounded like ``FailureTable``: every ``prune_every`` failures (in this process) the expired rows
     go, then, while there are more than ``max_entries``, the least recently failed clients that are
@@ -186,15 +207,13 @@ class StoreFailureTable:
         self.max_entries = max_entries
         self.prune_every = max(1, min(100, max_entries // 100))
         self._fails = 0
-        self._refused: OrderedDict[tuple[str, float], int] = OrderedDict()  # (key, last failure) -> refused
         self._lock = threading.Lock()
 
     def delay(self, count: int) -> float:
         return backoff(count, self.free, self.backoff_s, self.max_s)
 
     def row_key(self, key: Hashable) -> str:
-        parts = key if isinstance(key, tuple) else (key,)
-        return hashlib.sha256("\x00".join((self.kind, *map(str, parts))).encode()).hexdigest()
+        return _row_key(self.kind, key)
 
     def _row(self, s: Session, key: Hashable, now: float) -> Optional[tuple[int, float]]:
         row = s.execute(select(LoginFailureRow.failures, LoginFailureRow.last_failed_at)
@@ -215,20 +234,35 @@ class StoreFailureTable:
         count, last = found
         return max(0.0, last + self.delay(count) - now)
 
+    def noted(self, s: Session, key: Hashable, now: float) -> Optional[bool]:
+        """Whether a refused try since the key's last failure was noted already (None: no failures)."""
+        t = LoginFailureRow.__table__
+        row = s.execute(select(t.c.last_failed_at, t.c.refusal_noted_at).where(t.c.key == self.row_key(key))).first()
+        if row is None or now - row.last_failed_at > self.forget_s:
+            return None
+        return row.refusal_noted_at is not None
+
+    def note(self, s: Session, key: Hashable, now: float) -> bool:
+        """Note a refused try in the key's row; True when it is the first since the key's last failure
+        (of all processes': one of them wins)."""
+        t = LoginFailureRow.__table__
+        return s.execute(update(t).where(t.c.key == self.row_key(key), t.c.refusal_noted_at.is_(None),
+                                         t.c.last_failed_at >= now - self.forget_s)
+                         .values(refusal_noted_at=now)).rowcount == 1
+
     def refusal(self, key: Hashable) -> int:
-        """Count a refused try (one made while waiting); returns how many this process has seen since
-        the key's last failure."""
+        """A refused try (one made while waiting): 1 for the first since the key's last failure, in any
+        process (worth an audit entry); 2 for a later one; 0 when the key has no failures. Only the first
+        is written."""
+        now = self.clock()
         with self.store.session(write=False) as s:
-            found = self._row(s, key, self.clock())
-        if found is None:
+            noted = self.noted(s, key, now)
+        if noted is None:
             return 0
-        tag = (self.row_key(key), found[1])
-        with self._lock:
-            n = self._refused.pop(tag, 0) + 1
-            self._refused[tag] = n
-            while len(self._refused) > self.max_entries:
-                self._refused.popitem(last=False)
-        return n
+        if noted:
+            return 2
+        with self.store.session() as s, s.begin():
+            return 1 if self.note(s, key, now) else 2
 
     def fail(self, key: Hashable, now: Optional[float] = None, session: Optional[Session] = None) -> None:
         """One more failure of this key (its count starts again after ``forget_s`` without one)."""
@@ -237,16 +271,11 @@ class StoreFailureTable:
             with self.store.session() as s, s.begin():
                 self.fail(key, now, s)
             return
-        rk = self.row_key(key)
-        if session.get_bind().dialect.name == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
         t = LoginFailureRow.__table__
-        stmt = insert(t).values(key=rk, kind=self.kind, failures=1, last_failed_at=now)
+        stmt = _insert(session)(t).values(key=self.row_key(key), kind=self.kind, failures=1, last_failed_at=now)
         stmt = stmt.on_conflict_do_update(index_elements=[t.c.key], set_=dict(
             failures=case((t.c.last_failed_at < now - self.forget_s, 1), else_=t.c.failures + 1),
-            last_failed_at=now))
+            last_failed_at=now, refusal_noted_at=None))
         session.execute(stmt)
         with self._lock:
             self._fails += 1
@@ -276,7 +305,8 @@ class StoreFailureTable:
 
 class StoreLoginThrottle(LoginThrottle):
     """``LoginThrottle`` with its two tables in the label store (what the app uses): one read for a
-    check, one write transaction per failure."""
+    check, one write transaction per failure; a refused try costs one more read, and the first since a
+    failure one more write."""
 
     def __init__(self, store: LabelStore, settings: AppSettings) -> None:
         s = settings
@@ -292,6 +322,25 @@ class StoreLoginThrottle(LoginThrottle):
             wait = max(self.by_client.wait(client, now, s), self.by_pair.wait((client, _name_key(name)), now, s))
         return int(math.ceil(wait)) if wait > 0 else 0
 
+    def refusal(self, client: str, name: str) -> int:
+        """A refused try: 1 for the first one since the last failure, in any process (worth an audit
+        entry), else 2 (0 without failures). As ``LoginThrottle.refusal``'s maximum of the two tables:
+        1 only when each table with failures notes its first refused try now. One read; one write
+        only for a first refused try."""
+        now = self.by_client.clock()
+        keys = ((self.by_client, client), (self.by_pair, (client, _name_key(name))))
+        with self.store.session(write=False) as s:
+            live = [(table, key, noted) for table, key in keys
+                    if (noted := table.noted(s, key, now)) is not None]
+        if not live:
+            return 0
+        fresh = [(table, key) for table, key, noted in live if not noted]
+        claimed = []
+        if fresh:
+            with self.store.session() as s, s.begin():
+                claimed = [table.note(s, key, now) for table, key in fresh]
+        return 1 if len(fresh) == len(live) and all(claimed) else 2
+
     def fail(self, client: str, name: str) -> None:
         now = self.by_client.clock()
         with self.store.session() as s, s.begin():
@@ -300,7 +349,8 @@ class StoreLoginThrottle(LoginThrottle):
 
 
 class RateLimit:
-    """At most ``limit`` events per key within ``window_s`` (sliding window), bounded memory."""
+    """At most ``limit`` events per key within ``window_s`` (sliding window), bounded memory; in this
+    process only (``StoreRateLimit`` is the same rule for all processes)."""
 
     def __init__(self, limit: int, window_s: float, max_keys: int = 100_000) -> None:
         self.limit = limit
@@ -335,3 +385,96 @@ class RateLimit:
             while len(self._noted) > self.max_keys:
                 self._noted.popitem(last=False)
             return first
+
+
+class StoreRateLimit:
+    """``RateLimit``'s rule with the windows in the label store's ``rate_limits`` (one row per key,
+    ``kind`` telling the limits apart), so that all server processes together let through at most
+    ``limit`` events per key within ``window_s``, and note a key's first refusal in a window once. Times
+    are wall-clock seconds (``time.time``), which all processes share.
+
+    An event refused costs one read (and the first refusal in a window one write); one let through, one
+    write transaction: a key's first event in the window is one insert, later ones are re-checked under
+    the key's row lock (on SQLite under the store's write lock), so two processes never let through more
+    than ``limit`` between them.
+
+    Bounded like ``RateLimit``: every ``prune_every`` events let through (in this process), in a
+    transaction of its own, the rows older than the window go (they hold nothing that still counts),
+    then, while there are more than ``max_keys``, the least recently used."""
+
+    clock = staticmethod(time.time)
+
+    def __init__(self, store: LabelStore, kind: str, limit: int, window_s: float, max_keys: int = 100_000) -> None:
+        self.store = store
+        self.kind = kind
+        self.limit = limit
+        self.window_s = window_s
+        self.max_keys = max_keys
+        self.prune_every = max(1, min(100, max_keys // 100))
+        self._hits = 0
+        self._lock = threading.Lock()
+
+    def row_key(self, key: Hashable) -> str:
+        return _row_key(self.kind, key)
+
+    def _live(self, hits: Optional[list[float]], now: float) -> list[float]:
+        """The events still in the window, oldest first."""
+        return sorted(t for t in hits or () if now - t < self.window_s)
+
+    def _wait(self, live: list[float], now: float) -> int:
+        return max(1, int(math.ceil(live[0] + self.window_s - now)))
+
+    def hit(self, key: Hashable, now: Optional[float] = None) -> int:
+        """Count one event; returns 0 when allowed, else the whole seconds until the next is allowed."""
+        now = self.clock() if now is None else now
+        t = RateLimitRow.__table__
+        rk = self.row_key(key)
+        with self.store.session(write=False) as s:
+            live = self._live(s.scalar(select(t.c.hits).where(t.c.key == rk)), now)
+        if len(live) >= self.limit:
+            return self._wait(live, now)
+        with self.store.session() as s, s.begin():
+            first = _insert(s)(t).values(key=rk, kind=self.kind, hits=[now], last_at=now)
+            if s.scalar(first.on_conflict_do_nothing(index_elements=[t.c.key]).returning(t.c.key)) is None:
+                live = self._live(s.scalar(select(t.c.hits).where(t.c.key == rk).with_for_update()), now)
+                if len(live) >= self.limit:  # another process let the last ones through meanwhile
+                    return self._wait(live, now)
+                s.execute(update(t).where(t.c.key == rk).values(hits=[*live, now], last_at=now))
+        with self._lock:
+            self._hits += 1
+            prune = self._hits % self.prune_every == 0
+        if prune:
+            self._prune(now)
+        return 0
+
+    def note_refusal(self, key: Hashable, now: Optional[float] = None) -> bool:
+        """True for the first refusal of this key within a window, in any process (worth an audit
+        entry), else False."""
+        now = self.clock() if now is None else now
+        t = RateLimitRow.__table__
+        rk = self.row_key(key)
+        with self.store.session(write=False) as s:
+            noted = s.scalar(select(t.c.refusal_noted_at).where(t.c.key == rk))
+        if noted is not None and now - noted < self.window_s:
+            return False
+        stale = or_(t.c.refusal_noted_at.is_(None), t.c.refusal_noted_at <= now - self.window_s)
+        with self.store.session() as s, s.begin():
+            stmt = _insert(s)(t).values(key=rk, kind=self.kind, hits=[], last_at=now, refusal_noted_at=now)
+            return s.scalar(stmt.on_conflict_do_update(
+                index_elements=[t.c.key], set_=dict(refusal_noted_at=now, last_at=now), where=stale)
+                .returning(t.c.key)) is not None
+
+    def _prune(self, now: float) -> None:
+        t = RateLimitRow.__table__
+        mine = t.c.kind == self.kind
+        with self.store.session() as s, s.begin():
+            s.execute(delete(t).where(mine, t.c.last_at <= now - self.window_s))
+            over = int(s.scalar(select(func.count()).select_from(t).where(mine)) or 0) - self.max_keys
+            if over > 0:  # the least recently used first
+                doomed = select(t.c.key).where(mine).order_by(t.c.last_at).limit(over)
+                s.execute(delete(t).where(t.c.key.in_(doomed.scalar_subquery())))
+
+    def __len__(self) -> int:
+        with self.store.session(write=False) as s:
+            return int(s.scalar(select(func.count()).select_from(RateLimitRow)
+                                .where(RateLimitRow.kind == self.kind)) or 0)

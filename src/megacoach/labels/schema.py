@@ -40,12 +40,16 @@ Revision 0007_login_failures: ``login_failures``, the log-in throttle's counts (
 address and per client address + account name, with the time of the last one), so that every server
 process of the app slows down the same clients.
 
+Revision 0008_rate_limits: ``rate_limits``, the request rate limits' windows (the Andon cord's requests per
+client address and person), and ``login_failures.refusal_noted_at``, so that every server process counts
+the same requests and a throttled client's first refused try is audited once.
+
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
 scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
-app's server-side secrets; 0006 the assignment indexes; 0007 the log-in throttle's counts). A new table
-goes into ``Base.metadata`` here with an Alembic revision whose ``down_revision`` is the current
-head; the store always migrates to head.
+app's server-side secrets; 0006 the assignment indexes; 0007 the log-in throttle's counts; 0008 the
+rate limits' windows). A new table goes into ``Base.metadata`` here with an Alembic revision whose
+``down_revision`` is the current head; the store always migrates to head.
 
 Times are stored as naive UTC in the database and returned as timezone-aware UTC datetimes.
 """
@@ -369,7 +373,9 @@ class LoginFailureRow(Base):
     client address (kind ``client``) or of a client address for one account name (kind ``pair``). The
     key is a SHA-256 of the kind, the address and the name, so neither addresses nor typed names are
     kept in the clear. ``last_failed_at`` is seconds since the epoch (the backoff's arithmetic is in
-    seconds); nothing is keyed by the account alone."""
+    seconds); nothing is keyed by the account alone. Revision 0008: ``refusal_noted_at``, when a refused
+    try since the last failure was first seen (NULL: none yet), so that it is audited once whichever
+    process refused it."""
 
     __tablename__ = "login_failures"
     __table_args__ = (Index("ix_login_failures_kind_last", "kind", "last_failed_at"),)
@@ -378,3 +384,22 @@ class LoginFailureRow(Base):
     kind: Mapped[str] = mapped_column(String(10))
     failures: Mapped[int] = mapped_column(Integer)
     last_failed_at: Mapped[float] = mapped_column(Float)
+    refusal_noted_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+
+
+class RateLimitRow(Base):
+    """Revision 0008. A request rate limit's window for one key (``app/throttle.py``; kind ``andon``: the
+    Andon cord's requests of one person from one client address). The key is a SHA-256 of the kind and
+    the key's parts, so no address is kept in the clear. ``hits``: the times of the requests let through
+    within the window, oldest first (at most the limit); ``refusal_noted_at``: when a refusal was last
+    audited; ``last_at``: the latest of them (rows older than the window mean nothing and are pruned).
+    Times are seconds since the epoch."""
+
+    __tablename__ = "rate_limits"
+    __table_args__ = (Index("ix_rate_limits_kind_last", "kind", "last_at"),)
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10))
+    hits: Mapped[list[float]] = mapped_column(JSON)
+    last_at: Mapped[float] = mapped_column(Float)
+    refusal_noted_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
