@@ -321,10 +321,6 @@ class RunConfig(_Section):
                           "without one the run says so and stays eager). Compile time (seconds, once per process; "
                           "Inductor caches kernels on disk) is paid in the first update. Default true; the `tiny` "
                           "preset turns it off (its updates are too small to repay the compile).")
-    release_memory: bool = Field(
-        True, description="Between PPO's rollout and its update, give the C heap's free pages back to the system "
-        "(glibc malloc_trim; megacoach/memory.py; CPU runs). Peak memory then is what one phase holds, not what all "
-        "phases have freed; it costs milliseconds per iteration. No effect where the C library has no malloc_trim.")
     mmap_threshold_mib: float | None = Field(
         None, gt=0, le=32, description="Trade speed for memory: allocations of at least this many MiB are served by "
         "mmap and given back to the system when freed (glibc mallopt; megacoach/memory.py). None (default): the C "

@@ -30,7 +30,6 @@ from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.lm.hf import device_of
-from megacoach.memory import release_free_memory
 from megacoach.ppo.policy import Apprentice, load_apprentice_state
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
@@ -118,7 +117,6 @@ class PPOTrainer:
         """One PPO iteration on this process: rollout -> guards -> update -> beta -> metrics."""
         t0 = time.time()
         batch = self.rollout(self.next_queries())  # 1-6. sample, score, log-probs, reward path
-        self.release_memory()  # what sampling and scoring freed is not kept resident through the update
         t_roll = time.time() - t0
         check_finite(batch, self.iteration_no + 1)
         if self.ddp:
@@ -127,7 +125,6 @@ class PPOTrainer:
             before_update(batch)  # 7. the guards look at what is about to be optimised
         kl_coef = self.kl_ctl.value
         stats = self.update(batch)  # 8. PPO epochs x minibatches
-        self.release_memory()  # nor what the update freed through the next rollout
         self.kl_ctl.update(float(maths.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. Coherence Coach
         self.iteration_no += 1
         self.episodes += self.cfg.ppo.batch_size
@@ -138,11 +135,6 @@ class PPOTrainer:
             if isinstance(v, float) and not math.isfinite(v):
                 raise FloatingPointError(f"non-finite metric {k} at iteration {self.iteration_no}")
         return batch, metrics
-
-    def release_memory(self) -> None:
-        """`run.release_memory`: the C heap's free pages back to the system between phases (megacoach/memory.py)."""
-        if self.cfg.run.release_memory and self.device.type == "cpu":
-            release_free_memory()
 
     # ------------------------------------------------------------------ rollout (steps 1-6)
     def next_queries(self) -> list[Query]:
