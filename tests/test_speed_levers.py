@@ -150,3 +150,14 @@ def test_no_gradient_outlives_the_update(tiny_model_dir):
     tr = _trainer(tiny_model_dir)
     tr.iteration()
     assert all(p.grad is None for p in tr.apprentice.parameters())
+
+
+def test_inductor_compiles_in_process_unless_told_otherwise(monkeypatch):
+    """hardware.compile_in_process: no pool of compile-worker processes (memory) unless the environment asks."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "compile_threads", 8)
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    assert hardware.compile_in_process() is False and inductor_config.compile_threads == 8
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS")
+    assert hardware.compile_in_process() is True and inductor_config.compile_threads == 1

@@ -222,6 +222,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     if cfg.run.compile:
         blocker = hardware.compile_blocker(hw.device)
         if blocker is None:
+            hardware.compile_in_process()  # no pool of compile-worker processes (memory, no gain: hardware.py)
             trainer.apprentice.compile_head()
         else:
             warnings.warn(f"run.compile: staying eager: {blocker}", stacklevel=2)
