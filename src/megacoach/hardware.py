@@ -96,10 +96,10 @@ def compile_blocker(device: torch.device) -> str | None:
 def compile_in_process() -> bool:
     """Have Inductor compile in this process (`compile_threads = 1`) unless TORCHINDUCTOR_COMPILE_THREADS says
     otherwise. Its default, a pool of compile-worker processes (one per core), is started whenever a kernel is
-    not yet in Inductor's on-disk cache; on the 2-core CPU machine it held ~1.3 GB of memory through a demo run
-    (peak RSS of all processes 2.83 GB with the pool, 1.48 GB without) and saved no time (the one compiled graph,
-    the response head, has few kernels: the run took 3 min 4 s with the pool, 3 min 9 s without). Returns True if
-    it set the option."""
+    not yet in Inductor's on-disk cache; on the 2-core CPU machine it held ~1.4 GB of memory through a short demo
+    run with a cold cache (peak RSS of all its processes 2.83 GB with the pool, 1.37-1.48 GB without) and saved no
+    time (the one compiled graph, the response head, has few kernels: 3 min 4 s with the pool, 3 min 4-9 s
+    without). Returns True if it set the option."""
     if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ:
         return False
     from torch._inductor import config as inductor_config
