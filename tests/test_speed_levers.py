@@ -134,13 +134,65 @@ def test_a_compiler_that_fails_leaves_the_update_eager(tiny_model_dir, monkeypat
     assert tr.apprentice.head is response_head and stats["pg_loss"] == stats["pg_loss"]
 
 
-def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir):
-    """ppo.gradient_checkpointing: activations recomputed in the backward pass, the same step."""
+@pytest.mark.parametrize("recompute", ["all", "pointwise"])
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, recompute):
+    """ppo.gradient_checkpointing: activations recomputed in the backward pass (every op, or only the pointwise
+    ones), the same step."""
     plain_stats, plain = _one_update(tiny_model_dir, ppo={"gradient_checkpointing": False})
-    ckpt_stats, ckpt = _one_update(tiny_model_dir, ppo={"gradient_checkpointing": True})
+    ckpt_stats, ckpt = _one_update(tiny_model_dir, ppo={"gradient_checkpointing": True,
+                                                        "checkpoint_recompute": recompute})
     for name, d in plain.items():
         torch.testing.assert_close(ckpt[name], d, rtol=1e-4, atol=1e-8, msg=name)
     assert ckpt_stats["pg_loss"] == pytest.approx(plain_stats["pg_loss"], rel=1e-5, abs=1e-8)
+
+
+def _ops_run(lm, ids, recompute):
+    """How many times each aten op ran in one training forward and backward of `lm`."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from megacoach.ppo.policy import enable_checkpointing
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[func.overloadpacket.__name__] += 1
+            return func(*args, **(kwargs or {}))
+
+    if recompute is not None:
+        enable_checkpointing(lm, recompute)
+    lm.train()
+    with Count() as count:
+        lm(input_ids=ids).logits.sum().backward()
+    return count.ops
+
+
+def test_pointwise_recompute_runs_no_matmul_again_and_all_does(tiny_model_dir):
+    """ppo.checkpoint_recompute: 'pointwise' keeps the matmuls' outputs (no matmul runs again in the backward
+    pass) and recomputes the elementwise ops; 'all' runs the layers' matmuls again."""
+    ids = torch.randint(2, 60, (4, 24), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for recompute in (None, "pointwise", "all"):
+        lm, _ = load_causal_lm(str(tiny_model_dir))
+        runs[recompute] = _ops_run(lm, ids, recompute)
+    matmuls = {k: v["mm"] + v["addmm"] for k, v in runs.items()}
+    assert matmuls["pointwise"] == matmuls[None] < matmuls["all"]
+    assert runs["pointwise"]["native_layer_norm"] > runs[None]["native_layer_norm"]  # recomputed
+
+
+def test_an_unknown_recompute_is_refused(tiny_model_dir):
+    from megacoach.errors import ConfigError
+    from megacoach.ppo.policy import enable_checkpointing
+
+    with pytest.raises(ConfigError, match="checkpoint_recompute"):
+        load_config(overrides=[{"ppo": {"checkpoint_recompute": "some"}}])
+    lm, _ = load_causal_lm(str(tiny_model_dir))
+    with pytest.raises(ValueError, match="recompute"):
+        enable_checkpointing(lm, "some")
 
 
 

@@ -36,7 +36,7 @@ from megacoach.lm.loading import resolve_model_path
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
 from megacoach.online import OnlineLabeling
-from megacoach.ppo.policy import frozen_reference
+from megacoach.ppo.policy import enable_checkpointing, frozen_reference
 from megacoach.ppo.trainer import PPOTrainer
 from megacoach.reward.data import as_comparisons
 from megacoach.reward.model import RewardModel
@@ -216,7 +216,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     else:
         ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     if cfg.ppo.gradient_checkpointing:  # only the update's backward pass recomputes (sampling is inference)
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(lm, cfg.ppo.checkpoint_recompute)
     queries = train_queries(cfg, tok) if queries is None else queries
     trainer = PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
     if cfg.run.compile:

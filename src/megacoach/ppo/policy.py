@@ -11,6 +11,7 @@ float32) and everything after them in float32.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -127,3 +128,36 @@ def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_leng
     with autocast(ref_lm):
         hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
     return lm_logits(ref_lm, hidden).float() / temperature
+
+
+# ------------------------------------------------------------------------------------------ activation memory
+def _keeps_matmuls(ctx, op, *args, **kwargs):
+    """The selective-recompute policy: keep what the matmuls and attention computed, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in _kept_ops() else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@functools.cache
+def _kept_ops() -> frozenset:
+    aten = torch.ops.aten
+    names = ["mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention"]
+    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+
+
+def enable_checkpointing(lm, recompute: str = "all") -> None:
+    """ppo.gradient_checkpointing: the LM's layers recompute their activations in the backward pass of the update
+    (transformers' activation checkpointing, non-reentrant; only in training mode, so sampling and scoring are
+    untouched). `recompute` (ppo.checkpoint_recompute): 'all' runs every op of a layer again; 'pointwise' keeps the
+    outputs of its matmuls and attention (torch's selective checkpointing) and runs only the cheap elementwise ops
+    again. The gradients are the same either way."""
+    kwargs: dict = {"use_reentrant": False}
+    if recompute == "pointwise":
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keeps_matmuls)
+    elif recompute != "all":
+        raise ValueError(f"recompute={recompute!r} (expected 'all' or 'pointwise')")
+    lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
