@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from megacoach.app.server import wait_until_healthy
 from test_app_support import FAST, PASSWORD, add_items, csrf_of, live_server, login, make_world
 
 
@@ -221,12 +222,7 @@ def test_hole03_invitation_secrets_never_reach_the_access_log(tmp_path):
     thread.start()
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(200):
-            try:
-                httpx.get(base + "/api/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        wait_until_healthy(base, timeout_s=20)
         with httpx.Client(base_url=base) as c:
             page = c.get(f"/invite/{token}")
             assert page.status_code == 200
@@ -525,12 +521,7 @@ def test_hole11_slow_headers_and_slow_bodies_are_cut_off(tmp_path):
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
     try:
-        for _ in range(200):
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                time.sleep(0.05)
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=20)
         # headers that never end: the server closes the connection after header_timeout_s
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(5)

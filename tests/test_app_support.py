@@ -8,13 +8,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-import httpx
 import pytest
 
 FAST = dict(argon2_time_cost=1, argon2_memory_kib=1024, too_fast_s=2.0)
@@ -136,15 +134,9 @@ def live_server(app) -> Iterator[str]:
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.05)
-    else:  # pragma: no cover
-        raise RuntimeError("uvicorn did not start")
+    from megacoach.app.server import wait_until_healthy
+
+    wait_until_healthy(base, timeout_s=20)
     try:
         yield base
     finally:
