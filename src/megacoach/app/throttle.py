@@ -139,6 +139,21 @@ def _row_key(kind: str, key: Hashable) -> str:
     return hashlib.sha256("\x00".join((kind, *map(str, parts))).encode()).hexdigest()
 
 
+class _PruneTally:
+    """When a store-backed table prunes: True on every ``every``-th event counted in this process (from any
+    request thread)."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        with self._lock:
+            self._count += 1
+            return self._count % self.every == 0
+
+
 def _insert(session: Session) -> Any:
     """The ``insert`` of the session's dialect (PostgreSQL or SQLite: both have ON CONFLICT)."""
     if session.get_bind().dialect.name == "postgresql":
@@ -206,8 +221,7 @@ class StoreFailureTable:
         self.forget_s = forget_s
         self.max_entries = max_entries
         self.prune_every = max(1, min(100, max_entries // 100))
-        self._fails = 0
-        self._lock = threading.Lock()
+        self._prunes = _PruneTally(self.prune_every)  # counts failures
 
     def delay(self, count: int) -> float:
         return backoff(count, self.free, self.backoff_s, self.max_s)
@@ -277,10 +291,7 @@ class StoreFailureTable:
             failures=case((t.c.last_failed_at < now - self.forget_s, 1), else_=t.c.failures + 1),
             last_failed_at=now, refusal_noted_at=None))
         session.execute(stmt)
-        with self._lock:
-            self._fails += 1
-            prune = self._fails % self.prune_every == 0
-        if prune:
+        if self._prunes.due():
             self._prune(session, now)
 
     def _prune(self, s: Session, now: float) -> None:
@@ -411,8 +422,7 @@ class StoreRateLimit:
         self.window_s = window_s
         self.max_keys = max_keys
         self.prune_every = max(1, min(100, max_keys // 100))
-        self._hits = 0
-        self._lock = threading.Lock()
+        self._prunes = _PruneTally(self.prune_every)  # counts events let through
 
     def row_key(self, key: Hashable) -> str:
         return _row_key(self.kind, key)
@@ -440,10 +450,7 @@ class StoreRateLimit:
                 if len(live) >= self.limit:  # another process let the last ones through meanwhile
                     return self._wait(live, now)
                 s.execute(update(t).where(t.c.key == rk).values(hits=[*live, now], last_at=now))
-        with self._lock:
-            self._hits += 1
-            prune = self._hits % self.prune_every == 0
-        if prune:
+        if self._prunes.due():
             self._prune(now)
         return 0
 
