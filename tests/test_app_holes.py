@@ -17,8 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from megacoach.app.server import wait_until_healthy
-from test_app_support import FAST, PASSWORD, add_items, csrf_of, live_server, login, make_world
+from test_app_support import FAST, PASSWORD, add_items, csrf_of, live_server, login, make_world, server_in_thread
 
 
 def _sub(tmp_path, name: str):
@@ -205,9 +204,6 @@ def test_hole03_invitation_secrets_never_reach_the_access_log(tmp_path):
     from megacoach.app.auth import Auth
 
     token, _ = Auth(w.store, w.app.state.mc.settings).create_invitation("carol", "labeler", "test")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     config = uvicorn.Config(w.app, log_level="info", access_log=True, lifespan="off")  # uvicorn's own logging
     records: list[str] = []
 
@@ -217,22 +213,14 @@ def test_hole03_invitation_secrets_never_reach_the_access_log(tmp_path):
 
     handler = Capture()
     logging.getLogger("uvicorn.access").addHandler(handler)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
     try:
-        base = f"http://127.0.0.1:{port}"
-        wait_until_healthy(base, timeout_s=20)
-        with httpx.Client(base_url=base) as c:
+        with server_in_thread(config) as port, httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
             page = c.get(f"/invite/{token}")
             assert page.status_code == 200
             c.post(f"/invite/{token}", data=dict(password="short", password2="short", csrf_token=csrf_of(page.text)))
             c.get(f"/login?token={token}&next=/")
-        time.sleep(0.2)
+            time.sleep(0.2)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
         logging.getLogger("uvicorn.access").removeHandler(handler)
     invite_lines = [m for m in records if "/invite/" in m]
     assert len(invite_lines) >= 2, records
@@ -514,14 +502,8 @@ def test_hole11_slow_headers_and_slow_bodies_are_cut_off(tmp_path):
     w = make_world(tmp_path, header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_timeout_s=1)
     opts = uvicorn_options(w.app.state.mc.settings)
     assert opts["timeout_keep_alive"] == 1 and opts["h11_max_incomplete_event_size"] == 16 * 1024
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(w.app, log_level="warning", access_log=False, lifespan="off", **opts))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    try:
-        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=20)
+    config = uvicorn.Config(w.app, log_level="warning", access_log=False, lifespan="off", **opts)
+    with server_in_thread(config) as port:
         # headers that never end: the server closes the connection after header_timeout_s
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(5)
@@ -556,7 +538,3 @@ def test_hole11_slow_headers_and_slow_bodies_are_cut_off(tmp_path):
         s.close()
         # an ordinary request still works
         assert httpx.get(f"http://127.0.0.1:{port}/api/health").status_code == 200
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import httpx
 import pytest
 
-from test_app_support import FAST, PASSWORD, add_items, csrf_of, make_person, make_store
+from test_app_support import FAST, PASSWORD, add_items, csrf_of, make_person, make_store, server_in_thread
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -234,8 +234,6 @@ def test_kill_9_under_load_loses_no_acknowledged_label(tmp_path, workers):
 @contextmanager
 def timed_server(tmp_path, settings: Optional[dict] = None, **options) -> Iterator[int]:
     """The app with serve()'s uvicorn config (ServerConfig: the app's HTTP limits) in a thread; yields the port."""
-    import uvicorn
-
     from megacoach.app.server import ServerConfig, ServerOptions
     from megacoach.app.settings import AppSettings
 
@@ -245,23 +243,10 @@ def timed_server(tmp_path, settings: Optional[dict] = None, **options) -> Iterat
     app_settings = AppSettings(**dict(FAST, **(settings or {})))
     store = LabelStore(make_store(tmp_path).url, pool_size=opts.pool_size(app_settings))
     make_person(store, "alice")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     config = ServerConfig(store.url, app_settings, opts, log_level="warning", lifespan="off")
     config.store = store
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
+    with server_in_thread(config) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def _one_response(sock: socket.socket, limit_s: float = 5.0) -> bytes:

@@ -121,28 +121,37 @@ def make_world(tmp_path: Path, n_items: int = 6, **settings) -> World:
 
 
 @contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+def server_in_thread(config) -> Iterator[int]:
+    """Run uvicorn with ``config`` on 127.0.0.1 (a free port) in a thread until /api/health answers; yields the
+    port, and stops the server after."""
     import uvicorn
+
+    from megacoach.app.server import wait_until_healthy
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
     thread.start()
-    base = f"http://127.0.0.1:{port}"
-    from megacoach.app.server import wait_until_healthy
-
-    wait_until_healthy(base, timeout_s=20)
     try:
-        yield base
+        wait_until_healthy(f"http://127.0.0.1:{port}", timeout_s=20)
+        yield port
     finally:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run ``app`` with uvicorn on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", timeout_keep_alive=30)
+    with server_in_thread(config) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 CHROMIUM = Path("/usr/bin/chromium")
