@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megacoach.errors import DataError
 from megacoach.lm.hf import autocast, hidden_size_of, lm_inputs, lm_logits, trunk_of
@@ -131,20 +132,15 @@ def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_leng
 
 
 # ------------------------------------------------------------------------------------------ activation memory
-def _keeps_matmuls(ctx, op, *args, **kwargs):
-    """The selective-recompute policy: keep what the matmuls and attention computed, recompute the rest."""
-    from torch.utils.checkpoint import CheckpointPolicy
+# The ops whose outputs the 'pointwise' recompute keeps: the matmuls and attention (those a torch build has).
+_KEPT_OP_NAMES = ("mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention_for_cpu",
+                  "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                  "_scaled_dot_product_cudnn_attention")
 
-    return CheckpointPolicy.MUST_SAVE if op in _kept_ops() else CheckpointPolicy.PREFER_RECOMPUTE
 
-
-@functools.cache
-def _kept_ops() -> frozenset:
-    aten = torch.ops.aten
-    names = ["mm", "addmm", "bmm", "baddbmm", "linear", "_scaled_dot_product_flash_attention_for_cpu",
-             "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention"]
-    return frozenset(getattr(aten, n).default for n in names if hasattr(aten, n))
+def _keep(kept: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """The selective-recompute policy: keep what the ops in `kept` computed, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in kept else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def enable_checkpointing(lm, recompute: str = "all") -> None:
@@ -155,9 +151,9 @@ def enable_checkpointing(lm, recompute: str = "all") -> None:
     again. The gradients are the same either way."""
     kwargs: dict = {"use_reentrant": False}
     if recompute == "pointwise":
-        from torch.utils.checkpoint import create_selective_checkpoint_contexts
-
-        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _keeps_matmuls)
+        aten = torch.ops.aten
+        kept = frozenset(getattr(aten, n).default for n in _KEPT_OP_NAMES if hasattr(aten, n))
+        kwargs["context_fn"] = functools.partial(create_selective_checkpoint_contexts, functools.partial(_keep, kept))
     elif recompute != "all":
         raise ValueError(f"recompute={recompute!r} (expected 'all' or 'pointwise')")
     lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
