@@ -3,6 +3,7 @@
 Each family is a tiny random-weight model made here (tests/families.py). For each one:
   * megacoach's logits (trunk -> `lm_logits`: the LM head plus the family's own scaling or capping) give the
     log-probs of the model's own forward, `model(input_ids).logits`, on a left-padded batch;
+  * the update's fused response head gives autograd's log-probs, entropies and gradient, where it serves;
   * the KV-cached sampler's log-probs equal those of a full forward over query + sampled response, and so do the
     Apprentice's;
   * the Values Coach scores (its head on the width the LM head reads), shares queries across K responses, and saves
@@ -69,6 +70,20 @@ def test_a_family_runs_through_megacoach(family, tiny_model_dir, tmp_path):
     assert (roll.logprobs - lp).abs().max() < 1e-4, family
     assert (app - full).abs().max() < 1e-4, family
     assert roll.hidden.shape[-1] == hidden_size_of(lm)
+
+    # the update's fused response head (ppo.fused_head), where the family's logits are a scaled linear head: the
+    # log-probs, entropies and LM-head gradient of autograd's
+    fused = Apprentice(lm, fused_head=True)
+    assert fused.fused_head == all(op != "softcap" for op, _ in logits_transform(lm.config)), family
+    heads = []
+    for app_ in (Apprentice(lm), fused):
+        lm.zero_grad(set_to_none=True)
+        out = app_(qr, pad, T, TEMP, responses=qr[:, -T:])
+        out.logprobs.sum().backward()
+        heads.append((out.logprobs.detach(), out.entropy, lm.get_output_embeddings().weight.grad))
+    lm.zero_grad(set_to_none=True)
+    for ref, got in zip(*heads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=family)
 
     # the Values Coach: its head reads what the LM head reads; best-of-K shares the query; saved = loaded
     coach = RewardModel.from_base(str(path), tokenizer=tok, seed=0).eval()

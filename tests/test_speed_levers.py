@@ -1,6 +1,6 @@
-"""The speed levers change no maths: the compiled response head (run.compile), the fused optimiser
-(ppo.fused_optimizer) and the static KV cache of the sampler give what the straightforward path gives, up to float
-rounding, and one PPO update with them moves the Apprentice as the straightforward one does."""
+"""The speed levers change no maths: the fused response head (ppo.fused_head), the compiled one (run.compile), the
+fused optimiser (ppo.fused_optimizer) and the static KV cache of the sampler give what the straightforward path
+gives, up to float rounding, and one PPO update with them moves the Apprentice as the straightforward one does."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from megacoach.config import load_config
 from megacoach.lm.hf import cache_of, lm_inputs, trunk_of
 from megacoach.lm.loading import load_causal_lm
 from megacoach.pipeline import build_trainer
-from megacoach.ppo.policy import Apprentice, response_head
+from megacoach.ppo import maths
+from megacoach.ppo.fused_head import linear_logprobs_and_entropy
+from megacoach.ppo.policy import Apprentice, fused_response_head, response_head
 from megacoach.reward.model import RewardModel
 from megacoach.sampling import HFGenerator, static_cache
 from megacoach.tasks import load_queries
@@ -80,8 +82,8 @@ def test_the_fused_optimiser_moves_the_apprentice_as_the_one_at_a_time_one(tiny_
 
 @needs_compiler
 def test_a_compiled_update_moves_the_apprentice_as_the_eager_one(tiny_model_dir):
-    eager_stats, eager = _one_update(tiny_model_dir, run={"compile": False})
-    comp_stats, comp = _one_update(tiny_model_dir, run={"compile": True})
+    eager_stats, eager = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False})
+    comp_stats, comp = _one_update(tiny_model_dir, run={"compile": True}, ppo={"fused_head": False})
     for name, d in eager.items():
         torch.testing.assert_close(comp[name], d, rtol=1e-3, atol=1e-7, msg=name)
     for k in ("pg_loss", "approxkl", "entropy"):
@@ -91,8 +93,98 @@ def test_a_compiled_update_moves_the_apprentice_as_the_eager_one(tiny_model_dir)
 def test_without_a_compiler_the_run_stays_eager_and_says_so(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(hardware, "compile_blocker", lambda device: "no C++ compiler found")
     with pytest.warns(UserWarning, match="run.compile: staying eager: no C"):
-        tr = _trainer(tiny_model_dir, run={"compile": True})
+        tr = _trainer(tiny_model_dir, run={"compile": True}, ppo={"fused_head": False})
     assert tr.apprentice.head is response_head
+
+
+@pytest.mark.parametrize("bias, scale", [(False, 1 / 0.7), (True, 0.3 / 0.7)])
+def test_the_fused_head_gives_autograds_log_probs_entropies_and_gradients(bias, scale):
+    """ppo.fused_head: the chosen tokens' log-probs, the entropies and the gradients of hidden, weight and bias are
+    those of autograd through the LM head and one log-softmax, over several row chunks and a ragged last one."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 7, 16, generator=gen).requires_grad_()
+    w = (torch.randn(50, 16, generator=gen) * 0.3).requires_grad_()
+    b = (torch.randn(50, generator=gen) * 0.3).requires_grad_() if bias else None
+    tokens = torch.randint(0, 50, (3, 7), generator=gen)
+    g = torch.randn(3, 7, generator=gen)
+    grads = []
+    for fused in (False, True):
+        if fused:
+            lp, ent = linear_logprobs_and_entropy(h, w, b, tokens, scale, chunk_rows=4)
+        else:
+            logits = h @ w.t() + (b if bias else 0)
+            lp, ent = maths.logprobs_and_entropy(logits * scale, tokens)
+        (lp * g).sum().backward()
+        grads.append((lp.detach(), ent, h.grad, w.grad, None if b is None else b.grad))
+        h.grad = w.grad = None
+        if b is not None:
+            b.grad = None
+    assert not grads[1][1].requires_grad  # the entropy is a statistic
+    for ref, got in zip(grads[0], grads[1]):
+        if ref is not None:
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_head_keeps_one_vocabulary_sized_tensor_and_refuses_a_second_backward():
+    """What autograd would keep for the backward pass: the logits and their log-softmax (two [N, V] tensors, and
+    more in the backward pass); the fused head keeps softmax(z) only, and turns it into the gradient in place, so a
+    second backward through the same graph fails loudly instead of using an overwritten softmax."""
+    h = torch.randn(64, 16).requires_grad_()
+    w = torch.randn(300, 16).requires_grad_()
+    tokens = torch.randint(0, 300, (64,))
+    big = 64 * 300 * 4
+
+    def kept_bytes(fn):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            out = fn()
+        return out, sum(x for x in sizes if x >= big)
+
+    _, autograd_kept = kept_bytes(lambda: maths.logprobs_and_entropy(h @ w.t(), tokens, 0.7))
+    (lp, _ent), fused_kept = kept_bytes(lambda: linear_logprobs_and_entropy(h, w, None, tokens, 1 / 0.7))
+    assert autograd_kept >= 2 * big and fused_kept == big
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        lp.sum().backward()
+
+
+def test_the_fused_head_serves_plain_float32_heads_and_no_compile_happens(tiny_model_dir, monkeypatch):
+    """The GPT-2 model's head is a plain float32 linear map: the Apprentice takes the fused head, for the update and
+    for scoring without gradient alike, and run.compile compiles nothing. A bf16 head keeps autograd's."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    tr = _trainer(tiny_model_dir, run={"compile": True}, ppo={"fused_head": True})
+    assert tr.apprentice.fused_head and tr.apprentice.head is fused_response_head
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    ids = torch.randint(2, len(tok), (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        fused = Apprentice(lm, fused_head=True)(ids, tok.pad_token_id, 4, 0.7, responses=ids[:, -4:])
+        plain = Apprentice(lm)(ids, tok.pad_token_id, 4, 0.7, responses=ids[:, -4:])
+    torch.testing.assert_close(fused.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused.entropy, plain.entropy, rtol=1e-5, atol=1e-5)
+    assert not Apprentice(lm.to(torch.bfloat16), fused_head=True).fused_head
+
+
+def test_a_fused_head_update_moves_the_apprentice_as_autograds(tiny_model_dir):
+    plain_stats, plain = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False})
+    fused_stats, fused = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": True})
+    assert any(float(d.abs().max()) > 0 for d in plain.values())
+    for name, d in plain.items():
+        torch.testing.assert_close(fused[name], d, rtol=1e-3, atol=1e-7, msg=name)
+    for k in ("pg_loss", "approxkl", "entropy"):
+        assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-4, abs=1e-7), k
+
+
+def test_training_without_a_store_loads_no_sqlalchemy():
+    """The composition root, the trainer and the guards import the label store's SQLAlchemy and Alembic (~30 MiB)
+    only when a run opens a store (pipeline.train): a process that only trains never loads them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, megacoach.pipeline, megacoach.guards.core, megacoach.loop, megacoach.online; "
+            "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neo"])
@@ -127,7 +219,7 @@ def test_a_compiler_that_fails_leaves_the_update_eager(tiny_model_dir, monkeypat
         return call
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(hardware, "compile_blocker", lambda device: None)
-    tr = _trainer(tiny_model_dir, run={"compile": True})
+    tr = _trainer(tiny_model_dir, run={"compile": True}, ppo={"fused_head": False})
     batch = tr.rollout(tr.next_queries())
     with pytest.warns(UserWarning, match="compiled response head failed .*RuntimeError: C\\+\\+ compile error"):
         stats = tr.update(batch)

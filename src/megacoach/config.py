@@ -199,6 +199,13 @@ class PPOConfig(_Section):
     fused_optimizer: bool = Field(True, description="Update every parameter in one call: torch's fused Adam "
                                   "('adam'), the multi-tensor (foreach) form of 'tf_adam'. The same update up to float "
                                   "rounding. False: one parameter at a time (torch's default on the CPU).")
+    fused_head: bool = Field(True, description="The update's response head (LM head, temperature, one log-softmax, "
+                             "the sampled tokens' log-probs and the entropy) as one pass with its own gradient "
+                             "(megacoach/ppo/fused_head.py): the logits are made in chunks of rows and only the "
+                             "softmax is kept for the backward pass, so no compiler is needed. For heads that are a "
+                             "scaled float32 linear map (GPT-2, Llama, Qwen, Granite, ...); others (softcapped Gemma-2, "
+                             "bf16 heads) keep autograd's head, which run.compile compiles. The same numbers up to "
+                             "float rounding. Default true.")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. Paper: 0.2.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip. Paper: 0.2.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient. Paper: 0.1.")
@@ -323,8 +330,9 @@ class RunConfig(_Section):
                         "'cuda' or 'cuda:N'. Default 'auto'.")
     threads: int = Field(2, ge=1, description="torch intra-op threads.")
     compile: bool = Field(True, description="Compile the PPO update's response head (LM head, temperature, "
-                          "log-softmax, log-probs and entropy) with torch.compile (Inductor: needs a C++ compiler; "
-                          "without one the run says so and stays eager). Compile time (seconds, once per process; "
+                          "log-softmax, log-probs and entropy) with torch.compile where ppo.fused_head does not serve "
+                          "it (a softcapped or bf16 head, or ppo.fused_head=false). Inductor needs a C++ compiler; "
+                          "without one the run says so and stays eager. Compile time (seconds, once per process; "
                           "Inductor caches kernels on disk) is paid in the first update. Default true; the `tiny` "
                           "preset turns it off (its updates are too small to repay the compile).")
     mmap_threshold_mib: float | None = Field(

@@ -29,7 +29,6 @@ from megacoach.errors import ConfigError, HaltError
 from megacoach.guards.core import Guards
 from megacoach.labels.labelers import label_items, load_labeler
 from megacoach.labels.records import NewSample
-from megacoach.labels.store import LabelStore
 from megacoach.lm.adapters import AdapterOff, add_lora
 from megacoach.lm.hf import check_logits, left_pad
 from megacoach.lm.loading import resolve_model_path
@@ -219,7 +218,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
         enable_checkpointing(lm, cfg.ppo.checkpoint_recompute)
     queries = train_queries(cfg, tok) if queries is None else queries
     trainer = PPOTrainer(cfg, lm, ref, tok, values_coach, queries, generator=generator, dist=dist)
-    if cfg.run.compile:
+    if cfg.run.compile and not trainer.apprentice.fused_head:  # the fused head needs no compiler
         blocker = hardware.compile_blocker(hw.device)
         if blocker is None:
             hardware.compile_in_process()  # no pool of compile-worker processes (memory, no gain: hardware.py)
@@ -294,6 +293,9 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     labeler = store = None
 
     def open_store() -> None:
+        # imported here: SQLAlchemy and Alembic (~30 MiB) load only in a process that opens a store
+        from megacoach.labels.store import LabelStore
+
         nonlocal labeler, store
         labeler = None if cfg.labels.labeler == "people" else load_labeler(cfg.labels.labeler)
         store = LabelStore(store_url(cfg, run))

@@ -18,8 +18,8 @@ from sqlalchemy.orm import Session
 
 from megacoach.errors import DataError
 from megacoach.labels.people import labeler_row
-from megacoach.labels.records import AndonPull, LabelerRef, RunStatus, check_choice, check_int, check_json, run_rec
-from megacoach.labels.schema import RUN_STATUSES, AndonPullRow, LabelerRow, RunStatusRow, utcnow
+from megacoach.labels.records import AndonPull, LabelerRef, RunStatus, check_choice, check_int, check_json
+from megacoach.labels.schema import RUN_STATUSES, AndonPullRow, LabelerRow, RunStatusRow, run_rec, utcnow
 
 
 class RunStatuses:

@@ -22,14 +22,22 @@ from megacoach.labels.records import (
     LabelerRecord,
     LabelerRef,
     SkipRecord,
-    audit_rec,
     check_choice,
     check_json,
+)
+from megacoach.labels.schema import (
+    LABELER_KINDS,
+    ROLES,
+    AuditRow,
+    GuidelineRow,
+    ItemRow,
+    LabelerRow,
+    SkipRow,
+    audit_rec,
     guideline_rec,
     labeler_rec,
     skip_rec,
 )
-from megacoach.labels.schema import LABELER_KINDS, ROLES, AuditRow, GuidelineRow, ItemRow, LabelerRow, SkipRow
 
 
 def labeler_row(s: Session, labeler: LabelerRef, *, active: bool = True) -> LabelerRow:

@@ -3,8 +3,9 @@
 ``LabelStore`` (store.py) returns these, never ORM rows: queries, samples, items (``ItemContent``: an
 item with its query and samples), labelers, comparisons (labels, with everything the Values Coach
 needs), skips, guidelines, audit entries, Andon pulls and run statuses. ``NewSample`` is a sample to
-store. The row -> record converters and the pure input checks of the store's methods live here
-too; they touch no database.
+store. The pure input checks of the store's methods live here too. Nothing here touches a database or
+imports SQLAlchemy (the ORM rows and their row -> record converters are schema.py's), so a process that
+trains without a store never loads it.
 """
 
 from __future__ import annotations
@@ -18,17 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from megacoach.errors import DataError
-from megacoach.labels.schema import (
-    SPLITS,
-    AuditRow,
-    GuidelineRow,
-    ItemRow,
-    LabelerRow,
-    QueryRow,
-    RunStatusRow,
-    SampleRow,
-    SkipRow,
-)
+
+
+SPLITS = ("train", "valid")  # the label splits: the Values Coach trains on one and is validated on the other
 
 
 class DuplicateLabelError(DataError):
@@ -203,44 +196,6 @@ class NewSample:
 
 
 LabelerRef = Union[int, str, LabelerRecord]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Row -> record
-
-
-def query_rec(r: QueryRow) -> QueryRecord:
-    return QueryRecord(r.id, r.text, list(r.token_ids), r.source, r.created_at)
-
-
-def sample_rec(r: SampleRow) -> SampleRecord:
-    return SampleRecord(r.id, r.query_id, r.text, list(r.token_ids), r.policy, r.iteration, r.seed,
-                        r.run_id, r.created_at)
-
-
-def item_rec(r: ItemRow) -> ItemRecord:
-    return ItemRecord(r.id, r.query_id, r.k, list(r.sample_ids), r.batch, r.split, r.source, bool(r.is_gold),
-                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at)
-
-
-def labeler_rec(r: LabelerRow) -> LabelerRecord:
-    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash)
-
-
-def skip_rec(r: SkipRow) -> SkipRecord:
-    return SkipRecord(r.id, r.item_id, r.labeler_id, r.reason, r.created_at)
-
-
-def guideline_rec(r: GuidelineRow) -> GuidelineRecord:
-    return GuidelineRecord(r.version, r.markdown, r.created_at, r.created_by)
-
-
-def audit_rec(r: AuditRow) -> AuditEntry:
-    return AuditEntry(r.id, r.at, r.actor, r.action, dict(r.detail or {}))
-
-
-def run_rec(r: RunStatusRow) -> RunStatus:
-    return RunStatus(r.run_id, r.status, r.iteration, dict(r.detail or {}), r.updated_at)
 
 
 # ---------------------------------------------------------------------------------------------------

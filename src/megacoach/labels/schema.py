@@ -77,7 +77,18 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-SPLITS = ("train", "valid")
+from megacoach.labels.records import (
+    SPLITS,
+    AuditEntry,
+    GuidelineRecord,
+    ItemRecord,
+    LabelerRecord,
+    QueryRecord,
+    RunStatus,
+    SampleRecord,
+    SkipRecord,
+)
+
 LABELER_KINDS = ("person", "program")
 ROLES = ("admin", "labeler", "program")
 RUN_STATUSES = ("running", "paused", "halted", "finished")
@@ -403,3 +414,41 @@ class RateLimitRow(Base):
     hits: Mapped[list[float]] = mapped_column(JSON)
     last_at: Mapped[float] = mapped_column(Float)
     refusal_noted_at: Mapped[Optional[float]] = mapped_column(Float, nullable=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Row -> record
+
+
+def query_rec(r: QueryRow) -> QueryRecord:
+    return QueryRecord(r.id, r.text, list(r.token_ids), r.source, r.created_at)
+
+
+def sample_rec(r: SampleRow) -> SampleRecord:
+    return SampleRecord(r.id, r.query_id, r.text, list(r.token_ids), r.policy, r.iteration, r.seed,
+                        r.run_id, r.created_at)
+
+
+def item_rec(r: ItemRow) -> ItemRecord:
+    return ItemRecord(r.id, r.query_id, r.k, list(r.sample_ids), r.batch, r.split, r.source, bool(r.is_gold),
+                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at)
+
+
+def labeler_rec(r: LabelerRow) -> LabelerRecord:
+    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash)
+
+
+def skip_rec(r: SkipRow) -> SkipRecord:
+    return SkipRecord(r.id, r.item_id, r.labeler_id, r.reason, r.created_at)
+
+
+def guideline_rec(r: GuidelineRow) -> GuidelineRecord:
+    return GuidelineRecord(r.version, r.markdown, r.created_at, r.created_by)
+
+
+def audit_rec(r: AuditRow) -> AuditEntry:
+    return AuditEntry(r.id, r.at, r.actor, r.action, dict(r.detail or {}))
+
+
+def run_rec(r: RunStatusRow) -> RunStatus:
+    return RunStatus(r.run_id, r.status, r.iteration, dict(r.detail or {}), r.updated_at)

@@ -89,6 +89,7 @@ from megacoach.labels.people import PeopleAdmin, labeler_row, latest_guideline_r
 from megacoach.labels.records import (
     ComparisonRecord,
     DuplicateLabelError,
+    SPLITS,
     ItemContent,
     ItemRecord,
     LabelerRecord,
@@ -105,19 +106,18 @@ from megacoach.labels.records import (
     check_via,
     check_sample,
     check_shown_order,
-    item_rec,
-    query_rec,
-    sample_rec,
     token_id_list,
 )
 from megacoach.labels.schema import (
     LABELER_KINDS,
-    SPLITS,
     ComparisonRow,
     ItemRow,
     LabelerRow,
     QueryRow,
     SampleRow,
+    item_rec,
+    query_rec,
+    sample_rec,
     utcnow,
 )
 

@@ -123,6 +123,24 @@ def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def linear_head(lm) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
+    """(weight [V, d], bias [V] or None, scale) where the model's logits are exactly `scale * head(hidden)` for a plain
+    float32 `nn.Linear` head: the family transforms its logits by nothing or by a factor (Granite's division, Cohere's
+    multiplication). None otherwise (a softcapped family such as Gemma-2, a bf16 head, a wrapped or custom head)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if type(head) is not nn.Linear or head.weight.dtype != torch.float32:
+        return None
+    scale = 1.0
+    for op, value in logits_transform(lm.config):
+        if op == "divide":
+            scale /= value
+        elif op == "multiply":
+            scale *= value
+        else:
+            return None
+    return head.weight, head.bias, scale
+
+
 @torch.inference_mode()
 def check_logits(lm, pad_id: int, length: int = 8) -> float:
     """Largest log-prob difference between `lm_logits(trunk(x))` and the model's own `lm(x).logits` on a short

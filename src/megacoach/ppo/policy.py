@@ -20,8 +20,9 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from megacoach.errors import DataError
-from megacoach.lm.hf import autocast, hidden_size_of, lm_inputs, lm_logits, trunk_of
+from megacoach.lm.hf import autocast, hidden_size_of, linear_head, lm_inputs, lm_logits, trunk_of
 from megacoach.ppo import maths
+from megacoach.ppo.fused_head import linear_logprobs_and_entropy
 
 
 @dataclass
@@ -34,10 +35,20 @@ class PolicyOutput:
 
 def response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of `tokens` [B, T], entropies [B, T]) from the hidden states [B, T, d] that predict them: the LM
-    head, the family's logit transform, the temperature and one log-softmax (maths.logprobs_and_entropy). The
-    [B, T, V] logits live only inside this function, which is what `Apprentice.compile_head` compiles (one fused
-    pass over the vocabulary forward and backward instead of five)."""
+    head, the family's logit transform, the temperature and one log-softmax (maths.logprobs_and_entropy), through
+    autograd. The [B, T, V] logits live only inside this function, which is what `Apprentice.compile_head` compiles
+    (one fused pass over the vocabulary forward and backward instead of five)."""
     return maths.logprobs_and_entropy(lm_logits(lm, hidden).float(), tokens, temperature)
+
+
+def fused_response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_head` in one pass with its own gradient (ppo.fused_head; megacoach/ppo/fused_head.py), for a model
+    whose logits are a scaled float32 linear head (`lm.hf.linear_head`)."""
+    if temperature <= 0:
+        raise DataError(f"temperature: expected > 0, got {temperature}")
+    weight, bias, scale = linear_head(lm)
+    return linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, scale / temperature)
 
 
 class Apprentice(nn.Module):
@@ -46,7 +57,7 @@ class Apprentice(nn.Module):
     The value head is float32 on the LM's device, whatever the LM's precision, and reads the hidden state the LM
     head reads (`hidden_size_of`: e.g. OPT's projected width)."""
 
-    def __init__(self, lm, separate_value_model: bool = False):
+    def __init__(self, lm, separate_value_model: bool = False, fused_head: bool = False):
         super().__init__()
         self.lm = lm
         d = hidden_size_of(lm)
@@ -55,11 +66,17 @@ class Apprentice(nn.Module):
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
         self.value_trunk = copy.deepcopy(trunk_of(lm)) if separate_value_model else None
-        self.head = response_head
+        # the update's response head: the fused one (ppo.fused_head) where the model's head is a scaled float32
+        # linear map, else autograd's (which run.compile may compile)
+        self.fused_head = fused_head and linear_head(lm) is not None
+        self.head = fused_response_head if self.fused_head else response_head
 
     def compile_head(self) -> None:
         """Run `response_head` through torch.compile (Inductor; run.compile): same maths, fused kernels. Shapes are
-        specialised: the update's minibatches all have one shape, so it compiles once (forward and backward)."""
+        specialised: the update's minibatches all have one shape, so it compiles once (forward and backward). Not
+        for a fused head (`fused_head`), which needs no compiler."""
+        if self.fused_head:
+            raise ValueError("the Apprentice's response head is the fused one (ppo.fused_head): nothing to compile")
         compiled = torch.compile(response_head, dynamic=False)
 
         def head(*args):
@@ -91,7 +108,8 @@ class Apprentice(nn.Module):
         h = hidden[:, -T - 1:-1]  # the positions whose next-token predictions are the response tokens
         values = self.values_from(h if vh is None else vh) if with_values else None
         if responses is not None:
-            head = self.head if torch.is_grad_enabled() else response_head  # compiled for the update's shape only
+            # a compiled head is specialised to the update's shape; the fused one serves every shape
+            head = self.head if torch.is_grad_enabled() or self.fused_head else response_head
             logprobs, entropy = head(self.lm, h, responses.to(h.device), temperature)
             return PolicyOutput(None, values, logprobs, entropy)
         return PolicyOutput(lm_logits(self.lm, h).float() / temperature, values)

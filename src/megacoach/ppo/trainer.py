@@ -73,7 +73,7 @@ class PPOTrainer:
         self.ddp = self.dist.processes > 1  # as nanoGPT's `if ddp:` — one process never talks to the others
         check_world(cfg, self.dist)
         self.pad_id = tokenizer.pad_token_id
-        self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model)
+        self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model, cfg.ppo.fused_head)
         if self.ddp:
             self.dist.broadcast_module(self.apprentice)  # every replica starts from rank 0's weights
         self.ref_lm = ref_lm
