@@ -3,7 +3,8 @@
 Each family is a tiny random-weight model made here (tests/families.py). For each one:
   * megacoach's logits (trunk -> `lm_logits`: the LM head plus the family's own scaling or capping) give the
     log-probs of the model's own forward, `model(input_ids).logits`, on a left-padded batch;
-  * the update's fused response head gives autograd's log-probs, entropies and gradient, where it serves;
+  * the update's fused response head gives autograd's log-probs, entropies and gradient, and the original model's
+    log-probs made in chunks those of its whole logits, where it serves;
   * the KV-cached sampler's log-probs equal those of a full forward over query + sampled response, and so do the
     Apprentice's;
   * the Values Coach scores (its head on the width the LM head reads), shares queries across K responses, and saves
@@ -22,7 +23,7 @@ from megacoach.lm.hf import check_logits, hidden_size_of, lm_inputs, lm_logits, 
 from megacoach.lm.loading import load_causal_lm
 from megacoach.pipeline import build_trainer
 from megacoach.ppo import episodes
-from megacoach.ppo.policy import Apprentice
+from megacoach.ppo.policy import Apprentice, reference_logprobs
 from megacoach.reward.model import RewardModel
 from megacoach.sampling import HFGenerator
 from megacoach.tasks import load_queries
@@ -84,6 +85,8 @@ def test_a_family_runs_through_megacoach(family, tiny_model_dir, tmp_path):
     lm.zero_grad(set_to_none=True)
     for ref, got in zip(*heads):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5, msg=family)
+    torch.testing.assert_close(reference_logprobs(lm, qr, pad, T, TEMP, fused=True),
+                               reference_logprobs(lm, qr, pad, T, TEMP), rtol=1e-4, atol=1e-5, msg=family)
 
     # the Values Coach: its head reads what the LM head reads; best-of-K shares the query; saved = loaded
     coach = RewardModel.from_base(str(path), tokenizer=tok, seed=0).eval()

@@ -205,7 +205,8 @@ class PPOConfig(_Section):
                              "softmax is kept for the backward pass, so no compiler is needed. For heads that are a "
                              "scaled float32 linear map (GPT-2, Llama, Qwen, Granite, ...); others (softcapped Gemma-2, "
                              "bf16 heads) keep autograd's head, which run.compile compiles. The same numbers up to "
-                             "float rounding. Default true.")
+                             "float rounding. The original model's log-probs in the rollout are made the same way (in chunks, without "
+                             "gradient). Default true.")
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip. Paper: 0.2.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip. Paper: 0.2.")
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient. Paper: 0.1.")

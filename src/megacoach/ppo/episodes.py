@@ -29,8 +29,8 @@ import torch
 from megacoach.config import TaskConfig
 from megacoach.errors import ConfigError
 from megacoach.lm.hf import left_pad
-from megacoach.ppo import maths, objective
-from megacoach.ppo.policy import reference_logits
+from megacoach.ppo import objective
+from megacoach.ppo.policy import reference_logprobs as reference_logprobs_of
 from megacoach.sampling import ResponseGenerator, sample_in_batches
 from megacoach.tasks import Query
 
@@ -290,8 +290,8 @@ def _forward_old(tr, query_responses: torch.Tensor):
     responses = query_responses[:, -t.response_length:]
     out = tr.apprentice(query_responses, tr.pad_id, t.response_length, t.temperature, responses=responses)
     logprobs, entropy = out.logprobs, out.entropy
-    ref_logprobs = maths.logprobs_from_logits(
-        reference_logits(tr.ref_lm, query_responses, tr.pad_id, t.response_length, t.temperature), responses)
+    ref_logprobs = reference_logprobs_of(tr.ref_lm, query_responses, tr.pad_id, t.response_length, t.temperature,
+                                         tr.cfg.ppo.fused_head)
     return logprobs, ref_logprobs, out.values, entropy
 
 
@@ -304,9 +304,9 @@ def forward_old(tr, query_responses: torch.Tensor):
 @torch.inference_mode()
 def reference_logprobs(tr, query_responses: torch.Tensor) -> torch.Tensor:
     t = tr.cfg.task
-    return in_chunks(lambda qr: maths.logprobs_from_logits(
-        reference_logits(tr.ref_lm, qr, tr.pad_id, t.response_length, t.temperature), qr[:, -t.response_length:]),
-        chunk_rows(tr), query_responses)
+    return in_chunks(lambda qr: reference_logprobs_of(tr.ref_lm, qr, tr.pad_id, t.response_length, t.temperature,
+                                                      tr.cfg.ppo.fused_head),
+                     chunk_rows(tr), query_responses)
 
 
 # ------------------------------------------------------------------------------------------ step 6

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from megacoach.errors import DataError
 from megacoach.lm.hf import autocast, hidden_size_of, linear_head, lm_inputs, lm_logits, trunk_of
 from megacoach.ppo import maths
-from megacoach.ppo.fused_head import linear_logprobs_and_entropy
+from megacoach.ppo.fused_head import linear_logprobs, linear_logprobs_and_entropy
 
 
 @dataclass
@@ -147,6 +147,26 @@ def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_leng
     with autocast(ref_lm):
         hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
     return lm_logits(ref_lm, hidden).float() / temperature
+
+
+@torch.inference_mode()
+def reference_logprobs(ref_lm, input_ids: torch.Tensor, pad_id: int, response_length: int, temperature: float,
+                       fused: bool = False) -> torch.Tensor:
+    """[B, T] the original model's log-probs of the response tokens (the last T of input_ids), at the temperature.
+    `fused` (ppo.fused_head) where its head is a scaled float32 linear map: the logits in chunks of rows
+    (fused_head.linear_logprobs), never as a whole [B, T, V] tensor."""
+    T = response_length
+    input_ids = input_ids.to(next(ref_lm.parameters()).device)
+    head = linear_head(ref_lm) if fused else None
+    if head is None:
+        return maths.logprobs_from_logits(reference_logits(ref_lm, input_ids, pad_id, T, temperature),
+                                          input_ids[:, -T:])
+    if temperature <= 0:
+        raise DataError(f"temperature: expected > 0, got {temperature}")
+    weight, bias, scale = head
+    with autocast(ref_lm):
+        hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
+    return linear_logprobs(hidden.to(weight.dtype), weight, bias, input_ids[:, -T:], scale / temperature)
 
 
 # ------------------------------------------------------------------------------------------ activation memory
