@@ -4,10 +4,11 @@ give the same `objective/*` trajectory within noise.
 
   straightforward: old log-probs and values recomputed in a second full forward pass of the Apprentice after
                    sampling (as ORIG), GPT-2's own Python GELU, a growing KV cache, Adam one parameter at a time,
-                   the response head eager;
+                   the response head and the original model's log-probs through autograd's ops on whole logits;
   optimised:       old log-probs and values kept from the KV-cached sampling pass, fused GELU kernel, the static
-                   KV cache (model.static_cache), fused Adam (ppo.fused_optimizer) and the compiled response head
-                   (run.compile) — every lever megacoach keeps on by default.
+                   KV cache (model.static_cache), fused Adam (ppo.fused_optimizer) and the fused response head
+                   (ppo.fused_head; run.compile where it does not serve) — every lever megacoach keeps on by
+                   default.
 
 Both runs use the built-in model, built-in queries, and the same Values Coach (--values-coach DIR, e.g.
 runs/demo/values_coach; by default a fresh head on the base model, normalised — fine for comparing paths).
@@ -38,7 +39,7 @@ def run(path: str, seed: int, a) -> tuple[list[dict], float]:
     on = path == "optimised"
     over = {"run": {"seed": seed, "threads": a.threads, "compile": on},
             "ppo": {"total_episodes": a.iterations * 64, "rollout_pass": "sampling" if on else "forward",
-                    "fused_optimizer": on},
+                    "fused_optimizer": on, "fused_head": on},
             "model": {"fused_activation": on, "static_cache": on}}
     if path != "optimised":  # the levers off: one scoring pass over the whole batch
         over["ppo"]["forward_batch_size"] = 64
