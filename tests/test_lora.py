@@ -29,13 +29,11 @@ def _trainer(model_dir, **ppo):
 
 def _base_logprobs(model_dir, qr, tr):
     from megacoach.lm.loading import load_causal_lm
-    from megacoach.ppo import maths
-    from megacoach.ppo.policy import reference_logits
+    from megacoach.ppo.policy import reference_logprobs
 
     base, _ = load_causal_lm(str(model_dir))
     t = tr.cfg.task
-    return maths.logprobs_from_logits(reference_logits(base, qr, tr.pad_id, t.response_length, t.temperature),
-                                      qr[:, -t.response_length:])
+    return reference_logprobs(base, qr, tr.pad_id, t.response_length, t.temperature, tr.cfg.ppo.fused_head)
 
 
 def test_only_adapter_and_value_head_train_and_reference_is_the_base(tiny_model_dir):

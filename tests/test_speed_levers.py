@@ -14,7 +14,6 @@ from megacoach.lm.hf import cache_of, lm_inputs, trunk_of
 from megacoach.lm.loading import load_causal_lm
 from megacoach.pipeline import build_trainer
 from megacoach.ppo import maths
-from megacoach.ppo.fused_head import linear_logprobs_and_entropy
 from megacoach.ppo.policy import Apprentice, fused_response_head, response_head
 from megacoach.reward.model import RewardModel
 from megacoach.sampling import HFGenerator, static_cache
@@ -110,7 +109,7 @@ def test_the_fused_head_gives_autograds_log_probs_entropies_and_gradients(bias, 
     grads = []
     for fused in (False, True):
         if fused:
-            lp, ent = linear_logprobs_and_entropy(h, w, b, tokens, scale, chunk_rows=4)
+            lp, ent = maths.linear_logprobs_and_entropy(h, w, b, tokens, scale, chunk_rows=4)
         else:
             logits = h @ w.t() + (b if bias else 0)
             lp, ent = maths.logprobs_and_entropy(logits * scale, tokens)
@@ -142,7 +141,7 @@ def test_the_fused_head_keeps_one_vocabulary_sized_tensor_and_refuses_a_second_b
         return out, sum(x for x in sizes if x >= big)
 
     _, autograd_kept = kept_bytes(lambda: maths.logprobs_and_entropy(h @ w.t(), tokens, 0.7))
-    (lp, _ent), fused_kept = kept_bytes(lambda: linear_logprobs_and_entropy(h, w, None, tokens, 1 / 0.7))
+    (lp, _ent), fused_kept = kept_bytes(lambda: maths.linear_logprobs_and_entropy(h, w, None, tokens, 1 / 0.7))
     assert autograd_kept >= 2 * big and fused_kept == big
     lp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

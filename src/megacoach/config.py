@@ -201,7 +201,7 @@ class PPOConfig(_Section):
                                   "rounding. False: one parameter at a time (torch's default on the CPU).")
     fused_head: bool = Field(True, description="The update's response head (LM head, temperature, one log-softmax, "
                              "the sampled tokens' log-probs and the entropy) as one pass with its own gradient "
-                             "(megacoach/ppo/fused_head.py): the logits are made in chunks of rows and only the "
+                             "(megacoach/ppo/maths.py): the logits are made in chunks of rows and only the "
                              "softmax is kept for the backward pass, so no compiler is needed. For heads that are a "
                              "scaled float32 linear map (GPT-2, Llama, Qwen, Granite, ...); others (softcapped Gemma-2, "
                              "bf16 heads) keep autograd's head, which run.compile compiles. The same numbers up to "

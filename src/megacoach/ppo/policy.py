@@ -22,7 +22,6 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 from megacoach.errors import DataError
 from megacoach.lm.hf import autocast, hidden_size_of, linear_head, lm_inputs, lm_logits, trunk_of
 from megacoach.ppo import maths
-from megacoach.ppo.fused_head import linear_logprobs, linear_logprobs_and_entropy
 
 
 @dataclass
@@ -43,12 +42,12 @@ def response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: f
 
 def fused_response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_head` in one pass with its own gradient (ppo.fused_head; megacoach/ppo/fused_head.py), for a model
+    """`response_head` in one pass with its own gradient (ppo.fused_head; megacoach/ppo/maths.py), for a model
     whose logits are a scaled float32 linear head (`lm.hf.linear_head`)."""
     if temperature <= 0:
         raise DataError(f"temperature: expected > 0, got {temperature}")
     weight, bias, scale = linear_head(lm)
-    return linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, scale / temperature)
+    return maths.linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, scale / temperature)
 
 
 class Apprentice(nn.Module):
@@ -154,7 +153,7 @@ def reference_logprobs(ref_lm, input_ids: torch.Tensor, pad_id: int, response_le
                        fused: bool = False) -> torch.Tensor:
     """[B, T] the original model's log-probs of the response tokens (the last T of input_ids), at the temperature.
     `fused` (ppo.fused_head) where its head is a scaled float32 linear map: the logits in chunks of rows
-    (fused_head.linear_logprobs), never as a whole [B, T, V] tensor."""
+    (maths.linear_logprobs), never as a whole [B, T, V] tensor."""
     T = response_length
     input_ids = input_ids.to(next(ref_lm.parameters()).device)
     head = linear_head(ref_lm) if fused else None
@@ -166,7 +165,7 @@ def reference_logprobs(ref_lm, input_ids: torch.Tensor, pad_id: int, response_le
     weight, bias, scale = head
     with autocast(ref_lm):
         hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
-    return linear_logprobs(hidden.to(weight.dtype), weight, bias, input_ids[:, -T:], scale / temperature)
+    return maths.linear_logprobs(hidden.to(weight.dtype), weight, bias, input_ids[:, -T:], scale / temperature)
 
 
 # ------------------------------------------------------------------------------------------ activation memory
