@@ -275,18 +275,23 @@ def _chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         z = buf[: e - s]
+        hs = h[s:e] if scale == 1.0 else h[s:e] * scale  # the scale on the narrow side: [rows, d], not [rows, V]
         if bias is None:
-            torch.mm(h[s:e], wt, out=z)
+            torch.mm(hs, wt, out=z)
         else:
-            torch.addmm(bias, h[s:e], wt, out=z)
-        if scale != 1.0:
-            z.mul_(scale)
-        z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))  # z is now logp
-        chosen[s:e] = z.gather(1, tokens[s:e, None]).squeeze(1)
-        if probs is not None or entropy is not None:
-            p = torch.exp(z, out=probs[s:e] if probs is not None else spare[: e - s])
-            if entropy is not None:
-                entropy[s:e] = torch.linalg.vecdot(p, z).neg_()
+            torch.addmm(bias, hs, wt, beta=scale, out=z)
+        z.sub_(z.amax(dim=-1, keepdim=True))  # z - max(z): exp cannot overflow
+        picked = z.gather(1, tokens[s:e, None]).squeeze(1)
+        # exp(z): into the kept softmax, a spare buffer (for the entropy), or z itself (nothing else reads it)
+        p = torch.exp(z, out=probs[s:e] if probs is not None else spare[: e - s]) if spare is not None or \
+            probs is not None else z.exp_()
+        total = p.sum(dim=-1)
+        log_total = total.log()
+        chosen[s:e] = picked - log_total
+        if entropy is not None:  # -sum softmax * logp = log(total) - sum(exp(z) * z) / total
+            entropy[s:e] = log_total - torch.linalg.vecdot(p, z) / total
+        if probs is not None:
+            p.div_(total[:, None])  # softmax(z), for the backward pass
     return chosen
 
 
