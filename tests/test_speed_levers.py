@@ -68,25 +68,26 @@ def _one_update(tiny_model_dir, **sections):
     return stats, moved
 
 
+def _assert_same_update(reference, other) -> None:
+    """Two `_one_update` results: the Apprentice moved (it is a real update) and the same, within float rounding."""
+    (ref_stats, ref_moved), (stats, moved) = reference, other
+    assert any(float(d.abs().max()) > 0 for d in ref_moved.values())
+    for name, d in ref_moved.items():
+        torch.testing.assert_close(moved[name], d, rtol=1e-3, atol=1e-7, msg=name)
+    for k in ("pg_loss", "approxkl", "entropy"):
+        assert stats[k] == pytest.approx(ref_stats[k], rel=1e-4, abs=1e-7), k
+
+
 @pytest.mark.parametrize("optimizer", ["adam", "tf_adam"])
 def test_the_fused_optimiser_moves_the_apprentice_as_the_one_at_a_time_one(tiny_model_dir, optimizer):
-    plain_stats, plain = _one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": False})
-    fused_stats, fused = _one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": True})
-    assert any(float(d.abs().max()) > 0 for d in plain.values())
-    for name, d in plain.items():
-        torch.testing.assert_close(fused[name], d, rtol=1e-3, atol=1e-7, msg=name)
-    for k in ("pg_loss", "approxkl", "entropy"):
-        assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-4, abs=1e-7), k
+    _assert_same_update(_one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": False}),
+                        _one_update(tiny_model_dir, ppo={"optimizer": optimizer, "fused_optimizer": True}))
 
 
 @needs_compiler
 def test_a_compiled_update_moves_the_apprentice_as_the_eager_one(tiny_model_dir):
-    eager_stats, eager = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False})
-    comp_stats, comp = _one_update(tiny_model_dir, run={"compile": True}, ppo={"fused_head": False})
-    for name, d in eager.items():
-        torch.testing.assert_close(comp[name], d, rtol=1e-3, atol=1e-7, msg=name)
-    for k in ("pg_loss", "approxkl", "entropy"):
-        assert comp_stats[k] == pytest.approx(eager_stats[k], rel=1e-4, abs=1e-7), k
+    _assert_same_update(_one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False}),
+                        _one_update(tiny_model_dir, run={"compile": True}, ppo={"fused_head": False}))
 
 
 def test_without_a_compiler_the_run_stays_eager_and_says_so(tiny_model_dir, monkeypatch):
@@ -96,10 +97,11 @@ def test_without_a_compiler_the_run_stays_eager_and_says_so(tiny_model_dir, monk
     assert tr.apprentice.head is response_head
 
 
-@pytest.mark.parametrize("bias, scale", [(False, 1 / 0.7), (True, 0.3 / 0.7)])
+@pytest.mark.parametrize("bias, scale", [(False, 1.0), (True, 0.3)])
 def test_the_fused_head_gives_autograds_log_probs_entropies_and_gradients(bias, scale):
     """ppo.fused_head: the chosen tokens' log-probs, the entropies and the gradients of hidden, weight and bias are
-    those of autograd through the LM head and one log-softmax, over several row chunks and a ragged last one."""
+    those of autograd through the LM head, the family's logit factor, the temperature and one log-softmax, over
+    several row chunks and a ragged last one."""
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(3, 7, 16, generator=gen).requires_grad_()
     w = (torch.randn(50, 16, generator=gen) * 0.3).requires_grad_()
@@ -109,10 +111,10 @@ def test_the_fused_head_gives_autograds_log_probs_entropies_and_gradients(bias, 
     grads = []
     for fused in (False, True):
         if fused:
-            lp, ent = maths.linear_logprobs_and_entropy(h, w, b, tokens, scale, chunk_rows=4)
+            lp, ent = maths.linear_logprobs_and_entropy(h, w, b, tokens, 0.7, scale, chunk_rows=4)
         else:
             logits = h @ w.t() + (b if bias else 0)
-            lp, ent = maths.logprobs_and_entropy(logits * scale, tokens)
+            lp, ent = maths.logprobs_and_entropy(logits * scale, tokens, 0.7)
         (lp * g).sum().backward()
         grads.append((lp.detach(), ent, h.grad, w.grad, None if b is None else b.grad))
         h.grad = w.grad = None
@@ -141,7 +143,7 @@ def test_the_fused_head_keeps_one_vocabulary_sized_tensor_and_refuses_a_second_b
         return out, sum(x for x in sizes if x >= big)
 
     _, autograd_kept = kept_bytes(lambda: maths.logprobs_and_entropy(h @ w.t(), tokens, 0.7))
-    (lp, _ent), fused_kept = kept_bytes(lambda: maths.linear_logprobs_and_entropy(h, w, None, tokens, 1 / 0.7))
+    (lp, _ent), fused_kept = kept_bytes(lambda: maths.linear_logprobs_and_entropy(h, w, None, tokens, 0.7))
     assert autograd_kept >= 2 * big and fused_kept == big
     lp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -165,13 +167,8 @@ def test_the_fused_head_serves_plain_float32_heads_and_no_compile_happens(tiny_m
 
 
 def test_a_fused_head_update_moves_the_apprentice_as_autograds(tiny_model_dir):
-    plain_stats, plain = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False})
-    fused_stats, fused = _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": True})
-    assert any(float(d.abs().max()) > 0 for d in plain.values())
-    for name, d in plain.items():
-        torch.testing.assert_close(fused[name], d, rtol=1e-3, atol=1e-7, msg=name)
-    for k in ("pg_loss", "approxkl", "entropy"):
-        assert fused_stats[k] == pytest.approx(plain_stats[k], rel=1e-4, abs=1e-7), k
+    _assert_same_update(_one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": False}),
+                        _one_update(tiny_model_dir, run={"compile": False}, ppo={"fused_head": True}))
 
 
 def test_training_without_a_store_loads_no_sqlalchemy():

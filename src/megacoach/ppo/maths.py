@@ -36,7 +36,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-
 from torch.autograd.function import once_differentiable
 
 from megacoach.errors import DataError
@@ -167,10 +166,14 @@ def _check_tokens(logits: torch.Tensor, tokens: torch.Tensor) -> None:
         raise DataError(f"tokens: expected shape {tuple(logits.shape[:-1])}, got {tuple(tokens.shape)}")
 
 
-def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / temperature) over the last axis, in float32 at least (bf16/fp16 logits are upcast)."""
+def _check_temperature(temperature: float) -> None:
     if temperature <= 0:
         raise DataError(f"temperature: expected > 0, got {temperature}")
+
+
+def _log_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last axis, in float32 at least (bf16/fp16 logits are upcast)."""
+    _check_temperature(temperature)
     lg = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
     if temperature != 1.0:
         lg = lg / temperature
@@ -246,7 +249,7 @@ def logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
 #
 # From the hidden states h [N, d] that predict the response tokens and a linear LM head (weight W [V, d], bias b):
 #
-#     z       = scale * (h W^T + b)          scale = the family's logit scaling / the temperature
+#     z       = scale * (h W^T + b)          scale = the family's logit factor / the temperature
 #     logp    = z - logsumexp(z)             (one log-softmax over the vocabulary)
 #     chosen  = logp[token]                  the sampled tokens' log-probs (what PPO's ratio reads)
 #     entropy = -sum_v softmax(z)_v logp_v   a statistic: no gradient
@@ -283,8 +286,8 @@ def _chunked_logprobs(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         z.sub_(z.amax(dim=-1, keepdim=True))  # z - max(z): exp cannot overflow
         picked = z.gather(1, tokens[s:e, None]).squeeze(1)
         # exp(z): into the kept softmax, a spare buffer (for the entropy), or z itself (nothing else reads it)
-        p = torch.exp(z, out=probs[s:e] if probs is not None else spare[: e - s]) if spare is not None or \
-            probs is not None else z.exp_()
+        out = probs[s:e] if probs is not None else None if spare is None else spare[: e - s]
+        p = z.exp_() if out is None else torch.exp(z, out=out)
         total = p.sum(dim=-1)
         log_total = total.log()
         chosen[s:e] = picked - log_total
@@ -327,10 +330,9 @@ class _LinearLogprobs(torch.autograd.Function):
 
 
 def _flat(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-          scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
+          temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     """(hidden as [N, d], tokens as [N], the leading shape) after the checks of the inputs."""
-    if scale <= 0:
-        raise DataError(f"temperature: expected > 0 (the head's scale is {scale})")
+    _check_temperature(temperature)
     if hidden.shape[:-1] != tokens.shape:
         raise DataError(f"tokens: expected shape {tuple(hidden.shape[:-1])}, got {tuple(tokens.shape)}")
     if hidden.dtype != torch.float32 or weight.dtype != torch.float32:
@@ -339,24 +341,26 @@ def _flat(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
 
 
 def linear_logprobs_and_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                tokens: torch.Tensor, scale: float,
+                                tokens: torch.Tensor, temperature: float = 1.0, scale: float = 1.0,
                                 chunk_rows: int = HEAD_CHUNK_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs of `tokens` [...], entropies [...] without gradient) of softmax(scale * (hidden W^T + b)), for
-    float32 `hidden` [..., d], `weight` [V, d] and `bias` [V] (or None); gradients flow into hidden, weight and
-    bias through the log-probs."""
-    h, tok, lead = _flat(hidden, weight, tokens, scale)
+    """(log-probs of `tokens` [...], entropies [...] without gradient) of softmax(scale * (hidden W^T + b) /
+    temperature), for float32 `hidden` [..., d], `weight` [V, d] and `bias` [V] (or None); `scale` is the family's
+    own logit factor (`lm.hf.linear_head`). Gradients flow into hidden, weight and bias through the log-probs."""
+    h, tok, lead = _flat(hidden, weight, tokens, temperature)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
-    chosen, entropy = _LinearLogprobs.apply(h.contiguous(), weight, bias, tok, float(scale), int(chunk_rows), keep)
+    chosen, entropy = _LinearLogprobs.apply(h.contiguous(), weight, bias, tok, float(scale / temperature),
+                                            int(chunk_rows), keep)
     return chosen.reshape(lead), entropy.reshape(lead)
 
 
 @torch.no_grad()
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tokens: torch.Tensor,
-                    scale: float, chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+                    temperature: float = 1.0, scale: float = 1.0, chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
     """The log-probs of `tokens` [...] alone, without gradient (the original model's, for the Coherence Coach): the
     same chunks, no softmax kept and no entropy."""
-    h, tok, lead = _flat(hidden, weight, tokens, scale)
-    return _chunked_logprobs(h.contiguous(), weight, bias, tok, float(scale), int(chunk_rows)).reshape(lead)
+    h, tok, lead = _flat(hidden, weight, tokens, temperature)
+    return _chunked_logprobs(h.contiguous(), weight, bias, tok, float(scale / temperature),
+                             int(chunk_rows)).reshape(lead)
 
 
 def kl_per_token(

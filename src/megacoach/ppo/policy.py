@@ -44,10 +44,8 @@ def fused_response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor,
                         temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`response_head` in one pass with its own gradient (ppo.fused_head; megacoach/ppo/maths.py), for a model
     whose logits are a scaled float32 linear head (`lm.hf.linear_head`)."""
-    if temperature <= 0:
-        raise DataError(f"temperature: expected > 0, got {temperature}")
     weight, bias, scale = linear_head(lm)
-    return maths.linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, scale / temperature)
+    return maths.linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, temperature, scale)
 
 
 class Apprentice(nn.Module):
@@ -137,15 +135,19 @@ def frozen_reference(lm) -> nn.Module:
     return ref
 
 
+def _reference_hidden(ref_lm, input_ids: torch.Tensor, pad_id: int, response_length: int) -> torch.Tensor:
+    """[B, T, d] the original model's hidden states that predict the response tokens (the last T of input_ids)."""
+    T = response_length
+    input_ids = input_ids.to(next(ref_lm.parameters()).device)
+    with autocast(ref_lm):
+        return trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
+
+
 @torch.inference_mode()
 def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_length: int,
                      temperature: float) -> torch.Tensor:
     """[B, T, V] the original model's temperature-scaled float32 logits that predict the response tokens."""
-    T = response_length
-    input_ids = input_ids.to(next(ref_lm.parameters()).device)
-    with autocast(ref_lm):
-        hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
-    return lm_logits(ref_lm, hidden).float() / temperature
+    return lm_logits(ref_lm, _reference_hidden(ref_lm, input_ids, pad_id, response_length)).float() / temperature
 
 
 @torch.inference_mode()
@@ -155,17 +157,13 @@ def reference_logprobs(ref_lm, input_ids: torch.Tensor, pad_id: int, response_le
     `fused` (ppo.fused_head) where its head is a scaled float32 linear map: the logits in chunks of rows
     (maths.linear_logprobs), never as a whole [B, T, V] tensor."""
     T = response_length
-    input_ids = input_ids.to(next(ref_lm.parameters()).device)
+    tokens = input_ids[:, -T:].to(next(ref_lm.parameters()).device)
     head = linear_head(ref_lm) if fused else None
     if head is None:
-        return maths.logprobs_from_logits(reference_logits(ref_lm, input_ids, pad_id, T, temperature),
-                                          input_ids[:, -T:])
-    if temperature <= 0:
-        raise DataError(f"temperature: expected > 0, got {temperature}")
+        return maths.logprobs_from_logits(reference_logits(ref_lm, input_ids, pad_id, T, temperature), tokens)
     weight, bias, scale = head
-    with autocast(ref_lm):
-        hidden = trunk_of(ref_lm)(**lm_inputs(input_ids, pad_id)).last_hidden_state[:, -T - 1:-1]
-    return maths.linear_logprobs(hidden.to(weight.dtype), weight, bias, input_ids[:, -T:], scale / temperature)
+    hidden = _reference_hidden(ref_lm, input_ids, pad_id, T)
+    return maths.linear_logprobs(hidden.to(weight.dtype), weight, bias, tokens, temperature, scale)
 
 
 # ------------------------------------------------------------------------------------------ activation memory
