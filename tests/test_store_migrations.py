@@ -21,13 +21,22 @@ def _engine(path):
     return create_engine(f"sqlite:///{path}")
 
 
-def _upgrade(path, revision):
+def _migrate(path, revision, step=command.upgrade):
+    """Run Alembic's `step` (upgrade or downgrade) to `revision` on the SQLite store at `path`."""
     engine = _engine(path)
     cfg = LabelStore._alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+        step(cfg, revision)
     engine.dispose()
+
+
+def _upgrade(path, revision):
+    _migrate(path, revision)
+
+
+def _downgrade(path, revision):
+    _migrate(path, revision, command.downgrade)
 
 
 def _fill_v1(path):
@@ -136,11 +145,8 @@ def test_downgrade_0002_to_0001(tmp_path):
     path = tmp_path / "down.db"
     _upgrade(path, "0002")
     _fill_v1(path)
+    _downgrade(path, "0001")
     engine = _engine(path)
-    cfg = LabelStore._alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0001")
     insp = inspect(engine)
     assert "andon_pulls" not in insp.get_table_names()
     assert "too_fast" not in {c["name"] for c in insp.get_columns("comparisons")}
@@ -192,11 +198,8 @@ def test_upgrade_from_0005_marks_finished_items_and_adds_the_indexes(tmp_path):
     store.close()
     assert sorted(seen) == [2, 3, 4]  # the open items and the calibration item, not the labeled one
 
+    _downgrade(path, "0005_app_secrets")
     engine = _engine(path)
-    cfg = LabelStore._alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0005_app_secrets")
     insp = inspect(engine)
     assert "filled" not in {c["name"] for c in insp.get_columns("items")}
     engine.dispose()
@@ -221,11 +224,8 @@ def test_upgrade_from_0007_adds_the_rate_limits_and_keeps_the_login_failures(tmp
     insp = inspect(_engine(path))
     assert "ix_rate_limits_kind_last" in {i["name"] for i in insp.get_indexes("rate_limits")}
 
+    _downgrade(path, "0007_login_failures")
     engine = _engine(path)
-    cfg = LabelStore._alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.downgrade(cfg, "0007_login_failures")
     insp = inspect(engine)
     assert "rate_limits" not in insp.get_table_names()
     assert "refusal_noted_at" not in {c["name"] for c in insp.get_columns("login_failures")}
