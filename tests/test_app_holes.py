@@ -231,18 +231,21 @@ def test_hole03_invitation_secrets_never_reach_the_access_log(tmp_path):
 # 4 ---------------------------------------------------------------------------------------------------
 
 def test_hole04_invitation_links_ignore_the_host_header(tmp_path):
-    w = make_world(tmp_path)
+    # another host name the app answers (an allowed host): links still never use the Host header
+    w = make_world(tmp_path, allowed_hosts=("testserver", "alt.example"))
     c = TestClient(w.app)
     csrf = login(c, "root")
-    evil = {"host": "evil.example"}
+    evil = {"host": "alt.example"}
+    assert c.get("/login", headers={"host": "evil.example"}).status_code == 400  # a host it does not answer
     r = c.post("/api/admin/invites", json=dict(name="carol"), headers=dict(evil, **{"x-csrf-token": csrf}))
     assert r.status_code == 201, r.text
-    assert "evil.example" not in r.json()["url"] and r.json()["url"].startswith("/invite/")
+    assert "alt.example" not in r.json()["url"] and r.json()["url"].startswith("/invite/")
     assert r.json()["note"]  # says that the link is a path: configure public_url for full links
     page = c.post("/admin/invites", data=dict(csrf_token=csrf, name="dave", role="labeler"), headers=evil)
-    assert page.status_code == 200 and "evil.example" not in page.text
+    assert page.status_code == 200 and "alt.example" not in page.text
     # with a configured public URL the links use it
-    w2 = make_world(_sub(tmp_path, "w2"), public_url="https://label.example.org/")
+    w2 = make_world(_sub(tmp_path, "w2"), public_url="https://label.example.org/",
+                    allowed_hosts=("testserver", "alt.example"))
     c2 = TestClient(w2.app)
     csrf2 = login(c2, "root")
     url = c2.post("/api/admin/invites", json=dict(name="erin"), headers=dict(evil, **{"x-csrf-token": csrf2})).json()["url"]
@@ -507,7 +510,7 @@ def test_hole11_slow_headers_and_slow_bodies_are_cut_off(tmp_path):
         # headers that never end: the server closes the connection after header_timeout_s
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(5)
-        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n")
+        s.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         t0 = time.monotonic()
         got = b""
         try:
@@ -523,7 +526,7 @@ def test_hole11_slow_headers_and_slow_bodies_are_cut_off(tmp_path):
         # a body that never ends: 408 from the app after body_timeout_s
         s = socket.create_connection(("127.0.0.1", port))
         s.settimeout(5)
-        s.sendall(b"POST /api/labels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /api/labels HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 100\r\n\r\n{\"item")
         got = b""
         try:

@@ -15,7 +15,8 @@ from typing import Iterator, Optional
 
 import pytest
 
-FAST = dict(argon2_time_cost=1, argon2_memory_kib=1024, too_fast_s=2.0)
+# "testserver": the Host of Starlette's TestClient (served apps answer 127.0.0.1 and localhost by default)
+FAST = dict(argon2_time_cost=1, argon2_memory_kib=1024, too_fast_s=2.0, allowed_hosts=("testserver",))
 PASSWORD = "correct horse battery staple"
 CSRF_RE = re.compile(r'name="csrf_token" value="([^"]*)"')
 

@@ -26,7 +26,7 @@ DbOpt = Annotated[Optional[str], typer.Option("--db", help="Label store: SQLAlch
 def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, overlap: Optional[int] = None,
               run_id: Optional[str] = None, too_fast: Optional[float] = None, public_url: Optional[str] = None,
               item_sources: Optional[list[str]] = None, trusted_proxies: Optional[list[str]] = None,
-              **more: object):
+              allowed_hosts: Optional[list[str]] = None, **more: object):
     """The app's settings from the command's flags (unset flags keep the app's defaults); ``more``:
     further settings by their field names (None: unset)."""
     # imported when a command runs: at start-up the settings model would add 2 ms to `megacoach --help`
@@ -37,6 +37,7 @@ def _settings(secure_cookies: bool = False, andon_pulls: Optional[int] = None, o
                        ("too_fast_s", too_fast), ("public_url", public_url),
                        ("item_sources", tuple(item_sources) if item_sources else None),
                        ("trusted_proxies", tuple(trusted_proxies) if trusted_proxies else None),
+                       ("allowed_hosts", tuple(allowed_hosts) if allowed_hosts else None),
                        *more.items()):
         if value is not None:
             values[key] = value
@@ -56,6 +57,10 @@ def serve_cmd(
     public_url: Annotated[Optional[str], typer.Option(
         "--public-url", help="Where people reach the app (https://...): the base of invitation links "
                              "(default: links are paths; never the request's Host header).")] = None,
+    allowed_host: Annotated[Optional[list[str]], typer.Option(
+        "--allowed-host", help="Another host name (or name:port) people reach the app by (repeatable). The app "
+                               "answers only these, the --public-url's host and, without --public-url, "
+                               "localhost/127.0.0.1/::1; any other Host header gets 400.")] = None,
     item_source: Annotated[Optional[list[str]], typer.Option("--item-source", help="Serve only items of this source (repeatable; default all).")] = None,
     trusted_proxy: Annotated[Optional[list[str]], typer.Option(
         "--trusted-proxy", help="IP address of a reverse proxy whose X-Forwarded-For names the client "
@@ -75,6 +80,7 @@ def serve_cmd(
 
     options = ServerOptions(workers=workers, threads=threads, limit_concurrency=limit_concurrency)
     settings = _settings(secure_cookies, andon_pulls, overlap, run_id, too_fast, public_url, item_source, trusted_proxy,
+                         allowed_host,
                          header_timeout_s=header_timeout, body_timeout_s=body_timeout, keep_alive_timeout_s=keep_alive,
                          password_hash_concurrency=login_concurrency, password_hash_queue=login_queue)
     serve(db, host, port, settings, server=options)

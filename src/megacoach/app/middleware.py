@@ -1,12 +1,14 @@
-"""ASGI middleware: a request body limit (size and time), same-origin checks on writes, and security headers."""
+"""ASGI middleware: the Host allow-list, a request body limit (size and time), same-origin checks on writes,
+and security headers."""
 
 from __future__ import annotations
 
 import json
 from typing import Any, Awaitable, Callable, Optional
-from urllib.parse import urlsplit
 
 import anyio
+
+from megacoach.app.hosts import HostPolicy, host_policy
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -108,25 +110,48 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-class SameOrigin:
-    """Refuses cross-site writes: an unsafe method whose Origin (or Sec-Fetch-Site) says another site.
-    Requests without those headers (scripts, the trainer) pass; they still need a token or CSRF."""
+class AllowedHosts:
+    """Answers only requests whose Host header names an allowed host (``hosts.HostPolicy``); any other
+    (or none) gets 400 before routing, so a page on another site that rebinds its name to the app's
+    address reaches nothing."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, policy: HostPolicy) -> None:
         self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            if not self.policy.host_allowed(host):
+                shown = host[:100] or "(none)"
+                await _refuse(scope, send, 400, f"this server does not answer for host {shown}; it answers for "
+                                                f"{self.policy.describe()} (megacoach label serve --public-url, "
+                                                "--allowed-host)")
+                return
+        await self.app(scope, receive, send)
+
+
+class SameOrigin:
+    """Refuses cross-site writes: an unsafe method whose Origin is not one of the allowed origins
+    (``hosts.HostPolicy.origin_allowed``: the public URL, or an allowed host; never compared with the
+    request's own Host header), or whose Sec-Fetch-Site says another site. Requests without those
+    headers (scripts, the trainer) pass; they still need a token or CSRF."""
+
+    def __init__(self, app: ASGIApp, policy: Optional[HostPolicy] = None) -> None:
+        self.app = app
+        self.policy = policy or host_policy(None, ())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("method") in UNSAFE:
             headers = dict(scope.get("headers") or [])
             site = headers.get(b"sec-fetch-site", b"").decode("latin-1").lower()
             origin = headers.get(b"origin", b"").decode("latin-1")
-            host = headers.get(b"host", b"").decode("latin-1").lower()
             if site == "cross-site":
                 await _refuse(scope, send, 403, "cross-site request refused")
                 return
             if origin and origin != "null":
-                if urlsplit(origin).netloc.lower() != host:
-                    await _refuse(scope, send, 403, f"cross-origin request from {origin} refused")
+                if not self.policy.origin_allowed(origin):
+                    await _refuse(scope, send, 403, f"cross-origin request from {origin[:200]} refused")
                     return
             elif origin == "null":
                 await _refuse(scope, send, 403, "request from an opaque origin refused")

@@ -36,7 +36,8 @@ from megacoach.app.auth import Auth
 from megacoach.app.core import HERE, SESSION_COOKIE, build_state, render
 from megacoach.app.errors import AppError, NotLoggedIn
 from megacoach.app.httpguard import uvicorn_options
-from megacoach.app.middleware import BodyLimit, SameOrigin, SecurityHeaders
+from megacoach.app.hosts import host_policy
+from megacoach.app.middleware import AllowedHosts, BodyLimit, SameOrigin, SecurityHeaders
 from megacoach.app.settings import AppSettings
 from megacoach.errors import ConfigError, DataError, StoreError
 from megacoach.labels.store import LabelStore
@@ -150,8 +151,10 @@ def create_app(db_url: Optional[str] = None, settings: SettingsLike = None, *,
     app.include_router(web.router)
     app.include_router(api.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
-    app.add_middleware(SameOrigin)
+    policy = host_policy(cfg.public_url, cfg.allowed_hosts)
+    app.add_middleware(SameOrigin, policy=policy)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    app.add_middleware(AllowedHosts, policy=policy)  # before everything but the security headers
     app.add_middleware(SecurityHeaders)
     return app
 

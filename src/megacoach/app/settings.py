@@ -25,6 +25,10 @@ class AppSettings(BaseModel):
     (429 with Retry-After). No account is ever locked: the right password from another client
     always gets in. A client's failures are forgotten ``login_forget_s`` after its last one.
 
+    Host names: the app answers requests for ``public_url``'s host and ``allowed_hosts`` (without a
+    ``public_url``: also localhost, 127.0.0.1 and ::1), any other Host gets 400; a browser's write must
+    come from one of these origins (``megacoach.app.hosts``).
+
     HTTP limits: ``max_body_bytes`` and ``body_timeout_s`` are enforced by the app's middleware;
     ``header_timeout_s``, ``keep_alive_timeout_s`` and ``max_header_bytes`` by the HTTP server
     (``megacoach.app.httpguard.uvicorn_options`` turns them into uvicorn's options).
@@ -80,6 +84,19 @@ class AppSettings(BaseModel):
     # Unset: links are printed as paths (/invite/...) to put after the address people use.
     # The request's Host header is never used for links.
     public_url: Optional[str] = None
+    # further host names (or name:port) people reach the app by: the app answers only these, public_url's
+    # host and, without a public_url, localhost / 127.0.0.1 / ::1 (any other Host: 400, before routing)
+    allowed_hosts: tuple[str, ...] = ()
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_allowed_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from megacoach.app.hosts import split_host
+
+        for entry in v:
+            if split_host(entry) is None or "://" in entry:
+                raise ValueError(f"{entry!r} is not a host name or name:port (e.g. label.example.org)")
+        return tuple(e.strip().lower() for e in v)
 
     @field_validator("public_url")
     @classmethod
