@@ -1,12 +1,15 @@
-"""The labeling app answers only its own host names and takes browser writes only from its own origins
-(app/hosts.py)."""
+"""The labeling app answers only its own host names, takes browser writes only from its own origins, and
+holds every request head to max_header_bytes however the bytes arrive (app/hosts.py, app/httpguard.py)."""
 
 from __future__ import annotations
 
+import socket
+
+import h11
 import pytest
 from fastapi.testclient import TestClient
 
-from test_app_support import csrf_of, login, make_world
+from test_app_support import FAST, csrf_of, login, make_world, server_in_thread
 
 
 # ----- the Host allow-list -------------------------------------------------------------------------
@@ -101,3 +104,98 @@ def test_allowed_host_flag_maps_to_the_setting(tmp_path, monkeypatch):
     for bad in ("https://x.example", "a b", "x/y", ""):
         with pytest.raises(ConfigError, match="allowed_hosts"):
             AppSettings.from_mapping(dict(allowed_hosts=(bad,)))
+
+
+# ----- the request-head limit ----------------------------------------------------------------------
+
+def _served(tmp_path):
+    import uvicorn
+
+    from megacoach.app.httpguard import uvicorn_options
+
+    w = make_world(tmp_path)
+    opts = uvicorn_options(w.app.state.mc.settings)
+    return server_in_thread(uvicorn.Config(w.app, log_level="warning", access_log=False, lifespan="off", **opts))
+
+
+def _status(sock: socket.socket) -> bytes:
+    """The status line the server sent before closing (b"" if it reset the connection first)."""
+    sock.settimeout(5)
+    data = b""
+    try:
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data.split(b"\r\n", 1)[0]
+
+
+def _head(pad: int) -> bytes:
+    return b"GET /api/health HTTP/1.1\r\nhost: 127.0.0.1\r\nx-pad: " + b"a" * pad + b"\r\n\r\n"
+
+
+def test_head_size_is_counted_on_the_complete_head():
+    from megacoach.app.httpguard import head_size, limit_heads
+
+    assert head_size(b"GET / HTTP/1.1\r\nhost: x\r\n\r\nbody") == len(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert head_size(b"GET / HTTP/1.1\r\nhost: x\r\n") == 25
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    limit_heads(conn, 16 * 1024)
+    conn.receive_data(_head(100_000))  # a whole head in one read: h11's own limit never sees it
+    with pytest.raises(h11.RemoteProtocolError):
+        conn.next_event()
+    # a small request, then an oversized one pipelined behind it in the same read
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+    limit_heads(conn, 16 * 1024)
+    conn.receive_data(_head(10) + _head(50_000))
+    assert isinstance(conn.next_event(), h11.Request) and isinstance(conn.next_event(), h11.EndOfMessage)
+    conn.send(h11.Response(status_code=200, headers=[("content-length", "0")]))
+    conn.send(h11.EndOfMessage())
+    conn.start_next_cycle()
+    with pytest.raises(h11.RemoteProtocolError):
+        conn.next_event()
+    # at the limit exactly: parsed
+    conn = h11.Connection(h11.SERVER)
+    limit_heads(conn, len(_head(100)))
+    conn.receive_data(_head(100))
+    assert isinstance(conn.next_event(), h11.Request)
+
+
+def test_oversized_heads_are_refused_however_they_arrive(tmp_path):
+    import time
+
+    with _served(tmp_path) as port:
+        for pad in (20_000, 100_000, 200_000):  # one write each
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                try:
+                    s.sendall(_head(pad))
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                status = _status(s)
+            assert b" 200 " not in status and (status == b"" or b" 400 " in status), (pad, status)
+            if pad == 20_000:
+                assert b" 400 " in status  # read whole by the server: it answers before closing
+        # in two writes, 20 KB then the rest 0.3 s later (h11's incomplete-head limit)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            head = _head(40_000)
+            s.sendall(head[:20_000])
+            time.sleep(0.3)
+            try:
+                s.sendall(head[20_000:])
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            status = _status(s)
+        assert b" 200 " not in status and (status == b"" or b" 400 " in status), status
+        # a head just within the limit is served, in one write and split
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(_head(15_000))
+            assert b" 200 " in _status(s)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            head = _head(15_000)
+            s.sendall(head[:7000])
+            time.sleep(0.2)
+            s.sendall(head[7000:])
+            assert b" 200 " in _status(s)

@@ -1,11 +1,18 @@
-"""HTTP server limits for the labeling app: slow clients are cut off.
+"""HTTP server limits for the labeling app: slow clients and oversized request heads are cut off.
 
-uvicorn bounds an idle kept-alive connection (``timeout_keep_alive``) and the size of a request's
-head (``h11_max_incomplete_event_size``) but not the time a client may take to send its request
-headers: a client that sends one header line a minute keeps its connection, and a slot, open
-forever. ``GuardedH11Protocol`` is uvicorn's h11 protocol with a deadline: the request line and
-headers must arrive within ``header_timeout_s`` of the connection opening (or of the first byte
-of the next request on a kept-alive connection); otherwise the server answers 408 and closes.
+uvicorn bounds an idle kept-alive connection (``timeout_keep_alive``) but not the time a client may
+take to send its request headers: a client that sends one header line a minute keeps its connection,
+and a slot, open forever. And its head limit (h11's ``max_incomplete_event_size``) only counts a head
+that is still incomplete: a head of any size that arrives whole in one read passes. ``GuardedH11Protocol``
+is uvicorn's h11 protocol with
+
+- a deadline: the request line and headers must arrive within ``header_timeout_s`` of the connection
+  opening (or of the first byte of the next request on a kept-alive connection); otherwise the server
+  answers 408 and closes;
+- a size limit on the complete head: before h11 parses a request's head, the bytes up to its blank line
+  (or all the bytes buffered, while it has none) are counted, whatever the socket reads delivered and
+  for pipelined requests too; beyond ``max_header_bytes`` the server answers 400 and closes, as uvicorn
+  does for a head h11 refuses.
 The body's deadline (``body_timeout_s``) and size (``max_body_bytes``) are the app's own
 middleware (``megacoach.app.middleware.BodyLimit``).
 
@@ -17,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any, Optional
+import re
+from typing import Any, Callable, Optional
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -32,13 +40,44 @@ _TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain;
                      + _TIMEOUT_BODY)
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's line and headers."""
+_END_OF_HEAD = re.compile(b"\n\r?\n")  # the blank line that ends a request head (as h11 finds it)
 
-    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+
+def head_size(buffered: bytes) -> int:
+    """The bytes of the request head at the start of ``buffered``: up to and with its blank line, or
+    all of them when the head is not complete yet."""
+    end = _END_OF_HEAD.search(buffered)
+    return end.end() if end is not None else len(buffered)
+
+
+def limit_heads(conn: h11.Connection, max_bytes: int) -> None:
+    """Make ``conn.next_event`` refuse (h11.RemoteProtocolError, which uvicorn answers with 400 and a
+    close) a request head larger than ``max_bytes``, counted on the complete head before h11 parses it."""
+    parse: Callable[[], Any] = conn.next_event
+
+    def next_event() -> Any:
+        if conn.their_state is h11.IDLE:  # the next thing to parse is a request head
+            size = head_size(conn.trailing_data[0])
+            if size > max_bytes:
+                raise h11.RemoteProtocolError(f"request head of {size} bytes or more: at most {max_bytes}",
+                                              error_status_hint=431)
+        return parse()
+
+    conn.next_event = next_event  # type: ignore[method-assign]
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers, and a size limit on
+    the complete request head (``max_header_bytes``; None: uvicorn's ``h11_max_incomplete_event_size``)."""
+
+    def __init__(self, *args: Any, header_timeout_s: float = 10.0, max_header_bytes: Optional[int] = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self._header_timer: Optional[asyncio.TimerHandle] = None
+        limit = max_header_bytes if max_header_bytes is not None else self.config.h11_max_incomplete_event_size
+        if limit is not None:
+            limit_heads(self.conn, limit)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -77,10 +116,11 @@ class GuardedH11Protocol(H11Protocol):
 
 
 def uvicorn_options(settings: AppSettings) -> dict[str, Any]:
-    """uvicorn's options for the app's HTTP limits: the guarded protocol (header deadline), the
-    keep-alive timeout and the largest request head."""
+    """uvicorn's options for the app's HTTP limits: the guarded protocol (header deadline, the largest
+    complete request head), the keep-alive timeout and the largest incomplete head."""
     return dict(
-        http=functools.partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s),
+        http=functools.partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s,
+                               max_header_bytes=settings.max_header_bytes),
         timeout_keep_alive=settings.keep_alive_timeout_s,
         h11_max_incomplete_event_size=settings.max_header_bytes,
     )
