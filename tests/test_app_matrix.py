@@ -1,7 +1,8 @@
 """Endpoint x role matrix: every route of the labeling app, asked by every kind of caller.
 
-Callers: anonymous, a labeler (browser session), an admin (browser session), a program's API token
-(the trainer), an admin's API token. Expected: ``ok`` (2xx, or a redirect that is not to the log-in
+Callers: anonymous, a labeler (browser session), an adjudicator (a labeler allowed to decide
+disagreements; browser session), an admin (browser session), a program's API token (the trainer), an
+admin's API token. Expected: ``ok`` (2xx, or a redirect that is not to the log-in
 page), ``login`` (401, or a redirect to /login for page GETs) or ``403``. A route missing from the
 table fails the test, so new routes must be added here.
 """
@@ -16,16 +17,18 @@ from fastapi.testclient import TestClient
 
 from test_app_support import PASSWORD, csrf_of, login, make_token, make_world
 
-ROLES = ("anon", "labeler", "admin", "token", "admin_token")
+ROLES = ("anon", "labeler", "adjudicator", "admin", "token", "admin_token")
 
-PUBLIC = dict(anon="ok", labeler="ok", admin="ok", token="ok", admin_token="ok")
-PERSON = dict(anon="login", labeler="ok", admin="ok", token="login", admin_token="login")
-ADMIN_PAGE = dict(anon="login", labeler="403", admin="ok", token="login", admin_token="login")
-API_ANY = dict(anon="login", labeler="ok", admin="ok", token="ok", admin_token="ok")
+PUBLIC = dict(anon="ok", labeler="ok", adjudicator="ok", admin="ok", token="ok", admin_token="ok")
+PERSON = dict(anon="login", labeler="ok", adjudicator="ok", admin="ok", token="login", admin_token="login")
+ADMIN_PAGE = dict(anon="login", labeler="403", adjudicator="403", admin="ok", token="login", admin_token="login")
+ADJUDICATE_PAGE = dict(ADMIN_PAGE, adjudicator="ok")
+API_ANY = dict(anon="login", labeler="ok", adjudicator="ok", admin="ok", token="ok", admin_token="ok")
 API_LABEL = API_ANY
-API_ANDON = dict(anon="login", labeler="ok", admin="ok", token="403", admin_token="ok")
-API_READ = dict(anon="login", labeler="403", admin="ok", token="ok", admin_token="ok")
-API_ADMIN = dict(anon="login", labeler="403", admin="ok", token="403", admin_token="ok")
+API_ANDON = dict(anon="login", labeler="ok", adjudicator="ok", admin="ok", token="403", admin_token="ok")
+API_READ = dict(anon="login", labeler="403", adjudicator="403", admin="ok", token="ok", admin_token="ok")
+API_ADMIN = dict(anon="login", labeler="403", adjudicator="403", admin="ok", token="403", admin_token="ok")
+API_ADJUDICATE = dict(API_ADMIN, adjudicator="ok")
 
 
 @dataclass
@@ -61,6 +64,21 @@ class Ctx:
     def victim(self) -> int:
         return self.world.store.get_or_create_labeler(f"victim{len(self.world.store.labelers())}").id
 
+    def dispute(self) -> int:
+        """A new item whose two labels (by two programs) disagree: open for any adjudicator."""
+        from test_app_support import add_items
+
+        store = self.world.store
+        (item_id,) = add_items(store, 1, batch=f"dispute{len(store.labelers())}", overlap=2)
+        n = len(store.labelers())
+        store.add_comparison(item_id, 0, store.get_or_create_labeler(f"bot-a{n}", kind="program").id)
+        store.add_comparison(item_id, None, store.get_or_create_labeler(f"bot-b{n}", kind="program").id,
+                             verdict="tie")
+        return item_id
+
+    def labeler_id(self) -> int:
+        return self.world.bob_id
+
     def revocable(self) -> int:
         make_token(self.world.store, "revocable")
         from megacoach.app.auth import Auth
@@ -84,7 +102,7 @@ Case = tuple[str, str, dict, Callable[[Ctx], tuple[str, dict]]]
 CASES: list[Case] = [
     ("GET", "/", dict(PERSON), lambda c: ("/", {})),
     ("GET", "/login", PUBLIC, lambda c: ("/login", {})),
-    ("POST", "/login", dict(PUBLIC, anon="login", labeler="login", admin="login", token="login", admin_token="login"),
+    ("POST", "/login", {role: "login" for role in ROLES},
      lambda c: ("/login", _login_form(c))),  # a wrong password for everyone: 401 by design
     ("POST", "/logout", PERSON, lambda c: ("/logout", c.form())),
     ("GET", "/invite/{token}", PUBLIC, lambda c: (f"/invite/{c.invite_token()}", {})),
@@ -95,6 +113,9 @@ CASES: list[Case] = [
     ("GET", "/label", PERSON, lambda c: ("/label", {})),
     ("POST", "/label/next", PERSON, lambda c: ("/label/next", c.form())),
     ("POST", "/label", PERSON, lambda c: ("/label", c.form(item_id=c.held_item(), choice=1, elapsed_ms="9000"))),
+    ("GET", "/adjudicate", ADJUDICATE_PAGE, lambda c: (f"/adjudicate?item_id={c.dispute()}", {})),
+    ("POST", "/adjudicate", ADJUDICATE_PAGE,
+     lambda c: ("/adjudicate", c.form(item_id=c.dispute(), choice="tie", note="both fine"))),
     ("POST", "/skip", PERSON, lambda c: ("/skip", c.form(item_id=c.held_item(), reason_choice="1"))),
     ("GET", "/guidelines", PERSON, lambda c: ("/guidelines", {})),
     ("GET", "/progress", PERSON, lambda c: ("/progress", {})),
@@ -105,6 +126,8 @@ CASES: list[Case] = [
     ("POST", "/admin/invites", ADMIN_PAGE, lambda c: ("/admin/invites", c.form(name=f"inv{c.role}", role="labeler"))),
     ("POST", "/admin/labelers/{labeler_id}/active", ADMIN_PAGE,
      lambda c: (f"/admin/labelers/{c.victim()}/active", c.form(active=0))),
+    ("POST", "/admin/labelers/{labeler_id}/adjudicator", ADMIN_PAGE,
+     lambda c: (f"/admin/labelers/{c.labeler_id()}/adjudicator", c.form(adjudicator=1))),
     ("POST", "/admin/tokens", ADMIN_PAGE, lambda c: ("/admin/tokens", c.form(owner="bot", token_name="t"))),
     ("POST", "/admin/tokens/{token_id}/revoke", ADMIN_PAGE, lambda c: (f"/admin/tokens/{c.revocable()}/revoke", c.form())),
     ("GET", "/admin/guidelines", ADMIN_PAGE, lambda c: ("/admin/guidelines", {})),
@@ -122,6 +145,11 @@ CASES: list[Case] = [
     ("POST", "/api/labels", API_LABEL, lambda c: ("/api/labels", c.json(item_id=c.held_item(), choice=2))),
     ("POST", "/api/skips", API_LABEL, lambda c: ("/api/skips", c.json(item_id=c.held_item(), reason="unsure"))),
     ("POST", "/api/andon", API_ANDON, lambda c: ("/api/andon", c.json(reason="loops"))),
+    ("GET", "/api/adjudication", API_ADJUDICATE, lambda c: ("/api/adjudication", dict(headers=c.headers))),
+    ("GET", "/api/adjudication/{item_id}", API_ADJUDICATE,
+     lambda c: (f"/api/adjudication/{c.dispute()}", dict(headers=c.headers))),
+    ("POST", "/api/adjudication/{item_id}", API_ADJUDICATE,
+     lambda c: (f"/api/adjudication/{c.dispute()}", c.json(choice=1, note="the first reads best"))),
     ("GET", "/api/labels", API_READ, lambda c: ("/api/labels", dict(headers=c.headers))),
     ("POST", "/api/export.jsonl", API_READ, lambda c: ("/api/export.jsonl", c.json())),
     ("GET", "/api/admin/dashboard", API_ADMIN, lambda c: ("/api/admin/dashboard", dict(headers=c.headers))),
@@ -129,6 +157,8 @@ CASES: list[Case] = [
     ("POST", "/api/admin/invites", API_ADMIN, lambda c: ("/api/admin/invites", c.json(name=f"api{c.role}"))),
     ("POST", "/api/admin/labelers/{labeler_id}/active", API_ADMIN,
      lambda c: (f"/api/admin/labelers/{c.victim()}/active", c.json(active=False))),
+    ("POST", "/api/admin/labelers/{labeler_id}/adjudicator", API_ADMIN,
+     lambda c: (f"/api/admin/labelers/{c.labeler_id()}/adjudicator", c.json(adjudicator=True))),
     ("POST", "/api/admin/tokens", API_ADMIN, lambda c: ("/api/admin/tokens", c.json(owner="bot2"))),
     ("POST", "/api/admin/tokens/{token_id}/revoke", API_ADMIN,
      lambda c: (f"/api/admin/tokens/{c.revocable()}/revoke", c.json())),
@@ -177,6 +207,9 @@ def test_role_matrix(tmp_path, role):
     headers: dict = {}
     csrf = ""
     if role == "labeler":
+        csrf = login(client, "alice")
+    elif role == "adjudicator":
+        w.store.update_labeler(w.alice_id, adjudicator=True)
         csrf = login(client, "alice")
     elif role == "admin":
         csrf = login(client, "root")

@@ -233,3 +233,50 @@ def test_upgrade_from_0007_adds_the_rate_limits_and_keeps_the_login_failures(tmp
     with engine.connect() as c:
         assert c.execute(text("SELECT key, failures FROM login_failures")).all() == [("k1", 4)]
     engine.dispose()
+
+
+def test_upgrade_from_0008_keeps_labels_as_best_and_downgrade_drops_what_0008_cannot_hold(tmp_path):
+    """0009: existing labels are "best" labels and no decisions; items get no explanation, labelers are no
+    adjudicators; ties, "none acceptable", decisions and explanations work after it. Downgrading to 0008
+    deletes the ties, "none acceptable" labels and decisions, keeps every best label and makes ``chosen``
+    required again."""
+    path = tmp_path / "v8.db"
+    _upgrade(path, "0008_rate_limits")
+    _fill_v1(path)
+    with LabelStore(f"sqlite:///{path}") as store:
+        assert store.schema_version() == "0009_verdicts_adjudication" == LabelStore.code_schema_version()
+        [old] = store.comparisons(view="all")
+        assert (old.verdict, old.chosen, old.adjudication, old.gold_explanation) == ("best", 1, False, None)
+        assert store.get_labeler("alice").adjudicator is False
+        content = store.create_item("q", [1], [NewSample("x", [1]), NewSample("y", [2])], overlap=2,
+                                    gold_explanation="y rhymes")
+        item = content.item.id
+        assert store.get_item(item).gold_explanation == "y rhymes"
+        bob = store.get_or_create_labeler("bob")
+        tie = store.add_comparison(item, None, "alice", verdict="tie")
+        store.add_comparison(item, 1, bob)
+        judge = store.get_or_create_labeler("judge", role="admin")
+        decision = store.add_comparison(item, None, judge, verdict="none", adjudication=True)
+        assert [c.id for c in store.comparisons()] == [old.id]
+        assert tie.chosen is None and decision.adjudication
+    insp = inspect(_engine(path))
+    assert "uq_comparisons_adjudication" in {i["name"] for i in insp.get_indexes("comparisons")}
+    engine = _engine(path)
+    with engine.begin() as c:  # the database itself refuses a "best" label without a choice
+        with pytest.raises(Exception, match="CHECK"):
+            c.execute(text("UPDATE comparisons SET chosen = NULL WHERE id = :id"), {"id": old.id})
+    engine.dispose()
+
+    _downgrade(path, "0008_rate_limits")
+    engine = _engine(path)
+    insp = inspect(engine)
+    cols = {c["name"]: c for c in insp.get_columns("comparisons")}
+    assert "verdict" not in cols and "adjudication" not in cols and cols["chosen"]["nullable"] is False
+    assert "gold_explanation" not in {c["name"] for c in insp.get_columns("items")}
+    assert "adjudicator" not in {c["name"] for c in insp.get_columns("labelers")}
+    with engine.connect() as c:
+        assert c.execute(text("SELECT item_id, chosen, labeler_id FROM comparisons ORDER BY id")).all() == [
+            (1, 1, 1), (2, 1, 2)]
+    engine.dispose()
+    with LabelStore(f"sqlite:///{path}") as store:  # and up again
+        assert [(c.verdict, c.chosen) for c in store.comparisons(view="all")] == [("best", 1), ("best", 1)]

@@ -17,6 +17,7 @@ from megacoach.app import andon as andon_mod
 from megacoach.app.auth import Principal
 from megacoach.app.core import (
     MAX_ID,
+    api_adjudicator,
     api_admin,
     api_andon,
     api_labeler,
@@ -29,7 +30,7 @@ from megacoach.app.core import (
 from megacoach.app.dashboard import dashboard
 from megacoach.app.errors import BadInput
 from megacoach.app.export import export_lines, label_json
-from megacoach.app.web import _set_active, publish_guideline, token_audit
+from megacoach.app.web import _set_active, dispute_json, publish_guideline, set_adjudicator, token_audit
 
 router = APIRouter(prefix="/api")
 
@@ -54,9 +55,15 @@ class NextItem(BaseModel):
         None, description="null when nothing is waiting; else item_id, k, prompt, continuations, expires_at")
 
 
+Verdict = Literal["best", "tie", "none"]
+
+
 class LabelIn(Strict):
     item_id: int = Field(ge=1, le=MAX_ID)
-    choice: int = Field(ge=1, le=100, description="1-based position (in the shown order) of the best continuation")
+    choice: Optional[int] = Field(None, ge=1, le=100, description="1-based position (in the shown order) of the best "
+                                                               "continuation; none with verdict tie or none")
+    verdict: Verdict = Field("best", description="best (choice names it), tie (the best ones are equally good) or "
+                                                 "none (none is acceptable)")
     time_taken_s: Optional[float] = Field(None, ge=0, le=86_400, description="time on task measured by the client")
     flagged: bool = False
     note: Optional[str] = Field(None, max_length=100_000)
@@ -66,12 +73,27 @@ class LabelIn(Strict):
 class LabelOut(BaseModel):
     comparison_id: int
     item_id: int
-    chosen: int = Field(description="canonical index of the chosen sample")
-    position: int
+    verdict: str
+    chosen: Optional[int] = Field(description="canonical index of the chosen sample (null for tie / none)")
+    position: Optional[int]
     too_fast: bool
     time_taken_s: float
     flagged: bool
     guideline_version: str
+    gold: Optional[dict[str, Any]] = Field(
+        None, description="on a gold (check) item you missed: expected_position (in your shown order), "
+                          "expected_text, explanation, yours; null otherwise")
+
+
+class DecisionIn(Strict):
+    verdict: Verdict = "best"
+    choice: Optional[int] = Field(None, ge=1, le=100, description="1-based position in the item's canonical order "
+                                                               "(as GET /api/adjudication/{item_id} lists them)")
+    note: Optional[str] = Field(None, max_length=100_000, description="the reason for the decision")
+
+
+class AdjudicatorIn(Strict):
+    adjudicator: bool
 
 
 class SkipIn(Strict):
@@ -172,9 +194,12 @@ def next_item(request: Request, who: Principal = Depends(api_labeler)) -> NextIt
 
 @router.post("/labels", response_model=LabelOut, status_code=201, tags=["labeling"])
 def submit_label(body: LabelIn, request: Request, who: Principal = Depends(api_labeler)) -> LabelOut:
-    """Label the item you hold: ``choice`` is the position you picked (1..K, your shown order)."""
-    out = state_of(request).labeling.submit(who, body.item_id, body.choice, client_elapsed_s=body.time_taken_s,
-                                            flagged=body.flagged, note=body.note, confidence=body.confidence)
+    """Label the item you hold: ``choice`` is the position you picked (1..K, your shown order), or
+    ``verdict`` tie (equally good) / none (none acceptable) without a choice. A missed gold item answers
+    with ``gold``: the expected choice and its explanation."""
+    out = state_of(request).labeling.submit(who, body.item_id, body.choice, verdict=body.verdict,
+                                            client_elapsed_s=body.time_taken_s, flagged=body.flagged, note=body.note,
+                                            confidence=body.confidence)
     return LabelOut(**out)
 
 
@@ -199,15 +224,44 @@ def pull_andon(body: AndonIn, request: Request, response: Response, who: Princip
     return out
 
 
+# ----- adjudication (adjudicators and admins) ---------------------------------------------------------
+
+@router.get("/adjudication", tags=["adjudication"])
+def adjudication_queue(request: Request, who: Principal = Depends(api_adjudicator),
+                       limit: int = Query(100, ge=1, le=1000)) -> dict:
+    """Items whose labels disagree: how many are open and decided, and the open ones you may decide
+    (not labeled by you), oldest first."""
+    adj = state_of(request).adjudication
+    return dict(adj.counts(), items=adj.open_items(who, limit))
+
+
+@router.get("/adjudication/{item_id}", tags=["adjudication"])
+def adjudication_item(request: Request, item_id: int = Path(..., ge=1, le=MAX_ID),
+                      who: Principal = Depends(api_adjudicator)) -> dict:
+    """A disputed item: its continuations in canonical order (positions 1..K), every label with its
+    reason, the skips, and the decision if there is one."""
+    return dispute_json(state_of(request).adjudication.dispute(who, item_id))
+
+
+@router.post("/adjudication/{item_id}", status_code=201, tags=["adjudication"])
+def adjudication_decide(body: DecisionIn, request: Request, item_id: int = Path(..., ge=1, le=MAX_ID),
+                        who: Principal = Depends(api_adjudicator)) -> dict:
+    """Decide a disputed item (one you did not label): the Values Coach trains on the decision instead of
+    the item's labels."""
+    st = state_of(request)
+    return st.adjudication.decide(who, item_id, body.verdict, body.choice, st.labeling._text(body.note, "note"))
+
+
 # ----- reading labels (admins, the trainer) -------------------------------------------------------------
 
 @router.get("/labels", tags=["labels"])
 def labels(request: Request, who: Principal = Depends(api_reader), after_id: int = Query(0, ge=0, le=MAX_ID),
            limit: int = Query(100, ge=1, le=1000), kind: Optional[Literal["person", "program"]] = None,
            split: Optional[Literal["train", "valid"]] = None) -> dict:
-    """Labels with id > after_id (id order), with their items, samples and provenance."""
+    """Labels with id > after_id (id order), with their items, samples and provenance: every label as
+    recorded (``verdict`` best / tie / none; ``adjudication`` for an adjudicator's decision)."""
     st = state_of(request)
-    page = st.store.comparisons(split=split, after_id=after_id, labeler_kind=kind, limit=limit)
+    page = st.store.comparisons(split=split, after_id=after_id, labeler_kind=kind, limit=limit, view="all")
     return dict(labels=[label_json(c) for c in page], next_after_id=page[-1].id if page else after_id)
 
 
@@ -228,14 +282,14 @@ def export(request: Request, who: Principal = Depends(api_reader), after_id: int
 @router.get("/admin/dashboard", tags=["admin"])
 def admin_dashboard(request: Request, who: Principal = Depends(api_admin)) -> dict:
     st = state_of(request)
-    return dashboard(st.store, st.settings, st.assigner)
+    return dashboard(st.store, st.settings, st.assigner, st.adjudication.counts())
 
 
 @router.get("/admin/labelers", tags=["admin"])
 def admin_labelers(request: Request, who: Principal = Depends(api_admin)) -> dict:
     st = state_of(request)
-    return dict(labelers=[dict(id=r.id, name=r.name, kind=r.kind, role=r.role, active=r.active,
-                               created_at=_iso(r.created_at)) for r in st.store.labelers()],
+    return dict(labelers=[dict(id=r.id, name=r.name, kind=r.kind, role=r.role, adjudicator=r.adjudicator,
+                               active=r.active, created_at=_iso(r.created_at)) for r in st.store.labelers()],
                 invitations=[dict(i, created_at=_iso(i["created_at"])) for i in st.auth.invitations()],
                 tokens=[dict(t, created_at=_iso(t["created_at"]), last_used_at=_iso(t["last_used_at"]),
                              expires_at=_iso(t["expires_at"])) for t in st.auth.api_tokens()])
@@ -257,6 +311,13 @@ def admin_invite(body: InviteIn, request: Request, who: Principal = Depends(api_
 def admin_set_active(body: ActiveIn, request: Request, labeler_id: int = Path(..., ge=1, le=MAX_ID),
                      who: Principal = Depends(api_admin)) -> dict:
     return _set_active(state_of(request), who, labeler_id, body.active)
+
+
+@router.post("/admin/labelers/{labeler_id}/adjudicator", tags=["admin"])
+def admin_set_adjudicator(body: AdjudicatorIn, request: Request, labeler_id: int = Path(..., ge=1, le=MAX_ID),
+                          who: Principal = Depends(api_admin)) -> dict:
+    """Allow a labeler to decide disagreements (the adjudicator role), or take it back."""
+    return set_adjudicator(state_of(request), who, labeler_id, body.adjudicator)
 
 
 @router.post("/admin/tokens", status_code=201, tags=["admin"])

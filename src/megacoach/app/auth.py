@@ -4,7 +4,11 @@ Who may do what (``PERMISSIONS``):
 - ``label``        take items and submit labels/skips: labelers, admins, programs (mock labelers);
 - ``andon``        pull the Andon cord: people (labelers and admins);
 - ``read_labels``  read every label (export, the trainer's pulls): admins and programs (API tokens);
+- ``adjudicate``   decide items whose labels disagree: adjudicators and admins;
 - ``admin``        people, invitations, tokens, guidelines, audit log, dashboard: admins only.
+
+An adjudicator is a labeler whom an admin allowed to decide disagreements (``labelers.adjudicator``):
+their role is "adjudicator" here, "labeler" in the store.
 
 An API token acts as its owner, limited to its scopes (``label``, ``read``, ``andon``, ``admin``),
 until it expires. It belongs to a program account or to the person who minted it: nobody mints a
@@ -38,13 +42,21 @@ from megacoach.labels.schema import ApiTokenRow, InvitationRow, LabelerRow, WebS
 from megacoach.labels.store import LabelStore
 
 PERMISSIONS: dict[str, frozenset[str]] = {
-    "label": frozenset({"admin", "labeler", "program"}),
-    "andon": frozenset({"admin", "labeler"}),
+    "label": frozenset({"admin", "labeler", "adjudicator", "program"}),
+    "andon": frozenset({"admin", "labeler", "adjudicator"}),
     "read_labels": frozenset({"admin", "program"}),
+    "adjudicate": frozenset({"admin", "adjudicator"}),
     "admin": frozenset({"admin"}),
 }
 # An API token's scopes: each grants one permission, and only as far as the owner's role has it.
-SCOPES: dict[str, str] = {"label": "label", "read": "read_labels", "andon": "andon", "admin": "admin"}
+SCOPES: dict[str, str] = {"label": "label", "read": "read_labels", "andon": "andon", "adjudicate": "adjudicate",
+                          "admin": "admin"}
+
+
+def app_role(row: Any) -> str:
+    """A labeler row's (or record's) role in the app: "adjudicator" for a labeler allowed to decide
+    disagreements, else the stored role."""
+    return "adjudicator" if row.role == "labeler" and getattr(row, "adjudicator", False) else row.role
 INVITABLE_ROLES = ("labeler", "admin")
 MAX_TOKEN_DAYS = 3650
 
@@ -73,7 +85,7 @@ class Principal:
 
     id: int
     name: str
-    role: str  # admin | labeler | program
+    role: str  # admin | labeler | adjudicator | program
     kind: str  # person | program
     via: str  # session | token
     csrf: Optional[str] = None  # the session's CSRF token (sessions only)
@@ -101,6 +113,7 @@ class Principal:
                 "read_labels": "reading all labels needs an admin account or an API token",
                 "andon": "only people can pull the Andon cord",
                 "label": "this account cannot label",
+                "adjudicate": "deciding disagreements is for adjudicators and admins",
             }[permission]
             raise Forbidden(f"{self.name} ({self.role}): {what}")
         return self
@@ -151,7 +164,7 @@ class Auth:
             row = s.scalar(select(LabelerRow).where(LabelerRow.name == name.strip()))
             stored = row.password_hash if row is not None else None
             person = row is not None and row.kind == "person" and bool(row.active)
-            principal = Principal(row.id, row.name, row.role, row.kind, "session") if row is not None else None
+            principal = Principal(row.id, row.name, app_role(row), row.kind, "session") if row is not None else None
         ok = self.passwords.verify(stored, password)
         if not ok or not person or principal is None:
             self.throttle.fail(client, name)
@@ -228,7 +241,7 @@ class Auth:
             sess, lab = found
             idle = (now - sess.last_seen_at).total_seconds()
             expired = sess.expires_at <= now or idle > self.settings.session_idle_s
-            principal = Principal(lab.id, lab.name, lab.role, lab.kind, "session", csrf=sess.csrf_token,
+            principal = Principal(lab.id, lab.name, app_role(lab), lab.kind, "session", csrf=sess.csrf_token,
                                   session_id=sess.id)
             active = bool(lab.active)
             touch = idle > 60
@@ -278,7 +291,7 @@ class Auth:
                 raise NotLoggedIn(f"API token expired {when}; ask an admin for a new one")
             if not lab.active:
                 raise NotLoggedIn(f"API token owner {lab.name!r} is deactivated")
-            principal = Principal(lab.id, lab.name, lab.role, lab.kind, "token", token_id=tok.id,
+            principal = Principal(lab.id, lab.name, app_role(lab), lab.kind, "token", token_id=tok.id,
                                   scopes=tuple(sc for sc in tok.scopes.split(",") if sc in SCOPES))
             touch = tok.last_used_at is None or (now - tok.last_used_at).total_seconds() > 60
         if touch:
@@ -310,7 +323,7 @@ class Auth:
             existing = self.store.get_or_create_labeler(owner, kind="program")
         if not existing.active:
             raise Conflict(f"account {owner!r} is deactivated")
-        allowed = scopes_for_role(existing.role)
+        allowed = scopes_for_role(app_role(existing))
         chosen = allowed if scopes is None else parse_scopes(scopes)
         if not chosen:
             raise BadInput("scopes: a token needs at least one scope")
@@ -409,7 +422,7 @@ class Auth:
                 s.flush()
                 row.used_at = now
                 row.labeler_id = lab.id
-                principal = Principal(lab.id, lab.name, lab.role, lab.kind, "session")
+                principal = Principal(lab.id, lab.name, app_role(lab), lab.kind, "session")
         except IntegrityError:
             raise Conflict(f"an account called {info['name']!r} already exists") from None
         return principal

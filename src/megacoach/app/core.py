@@ -13,6 +13,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
 from megacoach.app import andon as andon_mod
+from megacoach.app.adjudication import Adjudication
 from megacoach.app.auth import Auth, Principal
 from megacoach.app.errors import Forbidden, NotLoggedIn, retry_later
 from megacoach.app.labeling import Labeling
@@ -41,6 +42,7 @@ class AppState:
     templates: Jinja2Templates
     static_versions: dict[str, str]
     andon_rate: StoreRateLimit  # Andon requests per (client address, person) per minute, in the store
+    adjudication: Adjudication
 
 
 def build_state(store: LabelStore, settings: AppSettings) -> AppState:
@@ -55,7 +57,8 @@ def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     templates.env.globals["fmt_pct"] = lambda x: "–" if x is None else f"{x:.1f}%"
     templates.env.globals["fmt_dt"] = lambda t: "–" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
     return AppState(store, settings, Auth(store, settings), assigner, Labeling(store, settings, assigner),
-                    templates, versions, StoreRateLimit(store, "andon", settings.andon_rate_per_min, 60.0))
+                    templates, versions, StoreRateLimit(store, "andon", settings.andon_rate_per_min, 60.0),
+                    Adjudication(store))
 
 
 def _fmt_s(x: Optional[float]) -> str:
@@ -118,6 +121,10 @@ def page_labeler(request: Request) -> Principal:
     return page_user(request).require("label")
 
 
+def page_adjudicator(request: Request) -> Principal:
+    return page_user(request).require("adjudicate")
+
+
 def check_csrf(who: Principal, token: Optional[str]) -> None:
     """The form's CSRF token must be this session's (a token from another or an ended session fails)."""
     if not same_secret(who.csrf, token):
@@ -166,6 +173,10 @@ def api_andon(request: Request) -> Principal:
 
 def api_reader(request: Request) -> Principal:
     return api_principal(request).require("read_labels")
+
+
+def api_adjudicator(request: Request) -> Principal:
+    return api_principal(request).require("adjudicate")
 
 
 def api_admin(request: Request) -> Principal:

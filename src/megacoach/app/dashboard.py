@@ -14,6 +14,7 @@ from megacoach.app.metrics import (
     agreement,
     drift_canary,
     gold_accuracy,
+    gold_accuracy_by_day,
     latencies_s,
     per_hour,
     quantile,
@@ -28,9 +29,10 @@ MAX_FACTS = 50_000  # the newest labels the quality measures look at
 
 
 def label_facts(store: LabelStore, person_only: bool = True, limit: int = MAX_FACTS) -> list[LabelFact]:
+    """The newest labels (not adjudicators' decisions) as facts for the quality measures."""
     with store.session(write=False) as s:
         q = (select(ComparisonRow, ItemRow).join(ItemRow, ItemRow.id == ComparisonRow.item_id)
-             .order_by(ComparisonRow.id.desc()).limit(limit))
+             .where(~ComparisonRow.adjudication).order_by(ComparisonRow.id.desc()).limit(limit))
         if person_only:
             q = q.where(ComparisonRow.labeler_kind == "person")
         rows = [tuple(r) for r in s.execute(q)]
@@ -50,7 +52,8 @@ def label_facts(store: LabelStore, person_only: bool = True, limit: int = MAX_FA
                 gold_choice=it.gold_choice, time_taken_s=c.time_taken_s, too_fast=bool(c.too_fast),
                 flagged=bool(c.flagged), labeler_kind=c.labeler_kind,
                 sample_iterations=tuple(x[0] for x in info),
-                samples_created_at=max(x[1] for x in info) if info else None))
+                samples_created_at=max(x[1] for x in info) if info else None,
+                verdict=c.verdict, guideline_version=c.guideline_version))
         return facts
 
 
@@ -66,8 +69,10 @@ def _pct(x: Optional[float]) -> Optional[float]:
     return None if x is None else round(100.0 * x, 1)
 
 
-def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> dict[str, Any]:
-    """Everything the admin dashboard shows, as plain JSON-able data."""
+def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner,
+              disputes: Optional[dict[str, int]] = None) -> dict[str, Any]:
+    """Everything the admin dashboard shows, as plain JSON-able data (``disputes``: the open and decided
+    disagreements, ``Adjudication.counts``)."""
     now = utcnow()
     facts = label_facts(store)
     with store.session(write=False) as s:
@@ -80,13 +85,17 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
     lat = latencies_s([f for f in facts if (now - f.created_at) <= dt.timedelta(days=7)])
     agree = agreement(facts)
     gold = gold_accuracy(facts)
+    gold_days = gold_accuracy_by_day(facts)
     canary = drift_canary(facts)
     wins = win_rate_vs_initial(facts)
 
-    per: dict[int, dict[str, Any]] = defaultdict(lambda: dict(labels=0, last_hour=0, too_fast=0, flagged=0, times=[]))
+    per: dict[int, dict[str, Any]] = defaultdict(lambda: dict(labels=0, last_hour=0, too_fast=0, flagged=0, times=[],
+                                                              ties=0, nones=0))
     for f in facts:
         d = per[f.labeler_id]
         d["labels"] += 1
+        d["ties"] += int(f.verdict == "tie")
+        d["nones"] += int(f.verdict == "none")
         d["last_hour"] += int((now - f.created_at) <= dt.timedelta(hours=1))
         d["too_fast"] += int(f.too_fast)
         d["flagged"] += int(f.flagged)
@@ -96,15 +105,18 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
     for lid, row in sorted(labelers.items()):
         if row.kind != "person":
             continue
-        d = per.get(lid, dict(labels=0, last_hour=0, too_fast=0, flagged=0, times=[]))
+        d = per.get(lid, dict(labels=0, last_hour=0, too_fast=0, flagged=0, times=[], ties=0, nones=0))
         g = gold.get(lid)
         a = agree.per_labeler.get(lid)
         people.append(dict(
-            id=lid, name=row.name, role=row.role, active=bool(row.active), labels=d["labels"],
+            id=lid, name=row.name, role=row.role, adjudicator=bool(row.adjudicator), active=bool(row.active),
+            labels=d["labels"], ties=d["ties"], none_acceptable=d["nones"],
             last_hour=d["last_hour"], too_fast=d["too_fast"], flagged=d["flagged"], skips=int(skips_by.get(lid, 0)),
             median_time_s=quantile(d["times"], 0.5),
             gold_n=g.n if g else 0, gold_accuracy_pct=_pct(g.rate) if g else None,
-            agreement_n=a.n if a else 0, agreement_pct=_pct(a.rate) if a else None))
+            gold_by_day=[dict(day=day.isoformat(), n=r.n, pct=_pct(r.rate)) for day, r in gold_days.get(lid, [])],
+            agreement_n=a.n if a else 0, agreement_pct=_pct(a.rate) if a else None,
+            disagreement_pct=_pct(1.0 - a.rate) if a and a.rate is not None else None))
     st = andon_mod.state(store, settings)
     runs = []
     for r in store.run_statuses()[:10]:
@@ -124,6 +136,12 @@ def dashboard(store: LabelStore, settings: AppSettings, assigner: Assigner) -> d
         labels_per_hour_24h=hourly,
         latency_s=dict(n=len(lat), p50=quantile(lat, 0.5), p90=quantile(lat, 0.9), max=max(lat) if lat else None),
         agreement=dict(pairs=agree.overall.n, pct=_pct(agree.overall.rate), chance_pct=_pct(agree.chance)),
+        disagreement_by_version=[dict(version=v, pairs=r.n, agreement_pct=_pct(r.rate),
+                                      disagreement_pct=_pct(1.0 - r.rate) if r.rate is not None else None)
+                                 for v, r in agree.per_version.items()],
+        disputes=dict(disputes or dict(open=0, decided=0)),
+        verdicts=dict(best=sum(f.verdict == "best" for f in facts), tie=sum(f.verdict == "tie" for f in facts),
+                      none=sum(f.verdict == "none" for f in facts)),
         canary=[dict(batch=p.batch, n=p.n, pct=_pct(p.rate)) for p in canary],
         win_rate=[dict(iteration=w.iteration, n=w.n, pct=_pct(w.rate), chance_pct=_pct(w.chance)) for w in wins],
         people=people,

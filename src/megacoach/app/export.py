@@ -1,6 +1,6 @@
 """Labels as JSON lines, in megacoach's export format (``megacoach.labels.io``), so that a download
 from the app imports again with ``megacoach label import``: item, query, samples with provenance,
-choice, shown order, labeler, batch, split, guideline version, time on task, flag, note, times."""
+verdict (best, tie, none) and choice, adjudication, shown order, labeler, batch, split, guideline version, time on task, flag, note, times."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ def label_json(c: ComparisonRecord) -> dict[str, Any]:
 
 def export_lines(store: LabelStore, *, labeler_kind: Optional[str] = None, split: Optional[str] = None,
                  after_id: int = 0) -> Iterator[bytes]:
-    """Every label (id order, up to the newest at the start) as one JSON line each, page by page."""
+    """Every label as recorded (id order, up to the newest at the start; ties, "none acceptable" and
+    adjudicators' decisions too) as one JSON line each, page by page."""
     upto = store.position()
     pos = after_id
     while True:
-        page = store.comparisons(split=split, after_id=pos, upto_id=upto, labeler_kind=labeler_kind, limit=PAGE)
+        page = store.comparisons(split=split, after_id=pos, upto_id=upto, labeler_kind=labeler_kind, limit=PAGE,
+                                 view="all")
         if not page:
             return
         yield "".join(json.dumps(label_json(c), ensure_ascii=False) + "\n" for c in page).encode()

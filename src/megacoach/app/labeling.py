@@ -1,4 +1,5 @@
-"""What a human evaluator does: get the next item, label it, skip it; their own progress."""
+"""What a human evaluator does: get the next item, label it (a best continuation, "equally good" or "none
+acceptable"), skip it; the feedback on a missed gold item; their own progress."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Optional
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import and_, exists, func, or_, select
 from sqlalchemy.exc import IntegrityError
 
 from megacoach.app.auth import Principal
@@ -19,7 +20,7 @@ from megacoach.app.metrics import quantile
 from megacoach.app.settings import AppSettings
 from megacoach.errors import DataError, StoreError
 from megacoach.labels.assignment import Assigner
-from megacoach.labels.records import DuplicateLabelError
+from megacoach.labels.records import VERDICTS, DuplicateLabelError
 from megacoach.labels.schema import AppSecretRow, ComparisonRow, ItemLockRow, ItemRow, SkipRow, utcnow
 from megacoach.labels.store import LabelStore
 
@@ -56,6 +57,17 @@ def keyed_order(secret: bytes, labeler_id: int, item_id: int, k: int) -> list[in
         return hmac.new(secret, f"order:{labeler_id}:{item_id}:{i}".encode(), hashlib.sha256).digest()
 
     return sorted(range(k), key=key)
+
+
+def parse_choice(value: str) -> tuple[str, Optional[int]]:
+    """A form's choice: a position "1".."K" (verdict "best"), "tie" (equally good) or "none" (none
+    acceptable), as (verdict, position)."""
+    v = (value or "").strip().lower()
+    if v in ("tie", "none"):
+        return v, None
+    if v.isdigit() and 1 <= int(v) <= 100:
+        return "best", int(v)
+    raise BadInput("choice: expected a position (1, 2, ...), 'tie' (equally good) or 'none' (none acceptable)")
 
 
 @dataclass(frozen=True)
@@ -114,18 +126,27 @@ class Labeling:
         texts = [content.samples[c].text for c in order]
         return ShownItem(item_id, k, content.query.text, texts, order, expires_at)
 
-    def submit(self, who: Principal, item_id: int, position: int, *, client_elapsed_s: Optional[float] = None,
-               flagged: bool = False, note: Optional[str] = None, confidence: Optional[int] = None) -> dict:
-        """Record a label: ``position`` is the 1-based position the labeler picked in their shown order."""
+    def submit(self, who: Principal, item_id: int, position: Optional[int], *, verdict: str = "best",
+               client_elapsed_s: Optional[float] = None, flagged: bool = False, note: Optional[str] = None,
+               confidence: Optional[int] = None) -> dict:
+        """Record a label: ``position`` is the 1-based position the labeler picked in their shown order
+        (verdict "best"); with verdict "tie" (equally good) or "none" (none acceptable) there is none.
+        On a gold item the labeler missed, ``gold`` in the answer holds the expected choice and why."""
         note = self._text(note, "note")
         if confidence is not None and not 1 <= confidence <= 5:
             raise BadInput("confidence: expected 1..5")
+        if verdict not in VERDICTS:
+            raise BadInput(f"verdict: expected one of {', '.join(VERDICTS)}, got {verdict!r}")
+        if verdict != "best" and position is not None:
+            raise BadInput(f"choice: a {verdict!r} label picks no continuation")
+        if verdict == "best" and position is None:
+            raise BadInput("choice: pick the best continuation (or say they are equally good, or none is acceptable)")
         now = utcnow()
         with self.store.session(write=False) as s:  # one read transaction for the checks
             k = s.scalar(select(ItemRow.k).where(ItemRow.id == item_id))
             if k is None:
                 raise NotFound(f"item {item_id}: no such item")
-            if not 1 <= position <= k:
+            if position is not None and not 1 <= position <= k:
                 raise BadInput(f"choice: expected a position 1..{k}, got {position}")
             lock = self.assigner.current_lock(s, who.id, item_id)
             locked_at = lock.locked_at if lock is not None else None
@@ -145,13 +166,14 @@ class Labeling:
             taken = min(client_elapsed_s, server_s + 1.0)  # the page's own clock, never beyond the server's
         too_fast = taken < self.settings.too_fast_s
         order = self.order(who.id, item_id, k)
-        chosen = order[position - 1]
+        chosen = order[position - 1] if position is not None else None
         try:
             with self.store.transaction():
                 rec = self.store.add_comparison(
                     item_id, chosen, who.id, shown_order=order, time_taken_s=round(taken, 3), flagged=flagged,
-                    note=note, too_fast=too_fast, confidence=confidence, via=who.via, api_token_id=who.token_id)
-                detail = dict(item_id=item_id, comparison_id=rec.id, chosen=chosen, position=position,
+                    note=note, too_fast=too_fast, confidence=confidence, via=who.via, api_token_id=who.token_id,
+                    verdict=verdict)
+                detail = dict(item_id=item_id, comparison_id=rec.id, verdict=verdict, chosen=chosen, position=position,
                               time_taken_s=round(taken, 3), too_fast=too_fast, guideline_version=rec.guideline_version,
                               via=who.via, api_token_id=who.token_id)
                 self.store.append_audit(who.name, "label", detail)
@@ -162,8 +184,32 @@ class Labeling:
         except DataError as e:
             raise BadInput(str(e)) from None
         # The lock stays until this labeler's next assignment deletes it (it no longer counts).
-        return dict(comparison_id=rec.id, item_id=item_id, chosen=chosen, position=position, too_fast=too_fast,
-                    time_taken_s=round(taken, 3), flagged=flagged, guideline_version=rec.guideline_version)
+        return dict(comparison_id=rec.id, item_id=item_id, verdict=verdict, chosen=chosen, position=position,
+                    too_fast=too_fast, time_taken_s=round(taken, 3), flagged=flagged,
+                    guideline_version=rec.guideline_version, gold=self.gold_feedback(who, item_id))
+
+    def gold_feedback(self, who: Principal, item_id: int) -> Optional[dict]:
+        """When ``who`` labeled gold item ``item_id`` and missed its answer (another continuation, a tie or
+        "none acceptable"): the expected choice, as the position they saw it at and its text, what they
+        said, and the researchers' explanation. None otherwise (a hit, an ordinary item, no label)."""
+        with self.store.session(write=False) as s:
+            row = s.execute(select(ComparisonRow.chosen, ComparisonRow.verdict, ComparisonRow.shown_order,
+                                   ItemRow.is_gold, ItemRow.gold_choice, ItemRow.gold_explanation)
+                            .join(ItemRow, ItemRow.id == ComparisonRow.item_id)
+                            .where(ComparisonRow.item_id == item_id, ComparisonRow.labeler_id == who.id,
+                                   ~ComparisonRow.adjudication)).first()
+        if row is None or not row.is_gold or row.gold_choice is None:
+            return None
+        if row.verdict == "best" and row.chosen == row.gold_choice:
+            return None
+        (content,) = self.store.item_contents([item_id])
+        order = list(row.shown_order)
+        expected_position = order.index(row.gold_choice) + 1
+        yours = (dict(verdict="best", position=order.index(row.chosen) + 1) if row.verdict == "best"
+                 else dict(verdict=row.verdict, position=None))
+        return dict(item_id=item_id, expected_position=expected_position,
+                    expected_text=content.samples[row.gold_choice].text, prompt=content.query.text,
+                    explanation=row.gold_explanation or "", yours=yours)
 
     def skip(self, who: Principal, item_id: int, reason: str) -> dict:
         """Skip an item with a reason: it goes back to the queue for someone else."""
@@ -192,7 +238,7 @@ class Labeling:
     def progress(self, who: Principal) -> dict:
         now = utcnow()
         with self.store.session(write=False) as s:
-            mine = ComparisonRow.labeler_id == who.id
+            mine = and_(ComparisonRow.labeler_id == who.id, ~ComparisonRow.adjudication)
             total = s.scalar(select(func.count(ComparisonRow.id)).where(mine)) or 0
             last_hour = s.scalar(select(func.count(ComparisonRow.id)).where(
                 mine, ComparisonRow.created_at > now - dt.timedelta(hours=1))) or 0

@@ -20,7 +20,7 @@ class LabelFact:
 
     item_id: int
     labeler_id: int
-    chosen: int  # canonical index
+    chosen: Optional[int]  # canonical index (None for a tie or "none acceptable")
     k: int
     created_at: dt.datetime
     item_created_at: dt.datetime
@@ -34,6 +34,17 @@ class LabelFact:
     labeler_kind: str = "person"
     sample_iterations: tuple[Optional[int], ...] = field(default_factory=tuple)  # per canonical index
     samples_created_at: Optional[dt.datetime] = None  # the newest sample of the item
+    verdict: str = "best"  # best | tie | none
+    guideline_version: str = ""
+
+    @property
+    def answer(self) -> tuple[str, Optional[int]]:
+        """What the label says: two labels agree when their answers are equal (a tie agrees with a tie)."""
+        return (self.verdict, self.chosen if self.verdict == "best" else None)
+
+    @property
+    def hits_gold(self) -> bool:
+        return self.verdict == "best" and self.chosen == self.gold_choice
 
 
 @dataclass(frozen=True)
@@ -47,14 +58,30 @@ class Rate:
 
 
 def gold_accuracy(facts: Iterable[LabelFact]) -> dict[int, Rate]:
-    """Per labeler: how often they chose the researchers' answer on gold items."""
+    """Per labeler: how often they chose the researchers' answer on gold items (a tie or "none
+    acceptable" misses it)."""
     n: dict[int, int] = defaultdict(int)
     hit: dict[int, int] = defaultdict(int)
     for f in facts:
         if f.is_gold and f.gold_choice is not None:
             n[f.labeler_id] += 1
-            hit[f.labeler_id] += int(f.chosen == f.gold_choice)
+            hit[f.labeler_id] += int(f.hits_gold)
     return {lab: Rate(n[lab], hit[lab]) for lab in n}
+
+
+def gold_accuracy_by_day(facts: Iterable[LabelFact]) -> dict[int, list[tuple[dt.date, Rate]]]:
+    """Per labeler, their gold accuracy on each UTC day they labeled gold items, oldest first."""
+    n: dict[tuple[int, dt.date], int] = defaultdict(int)
+    hit: dict[tuple[int, dt.date], int] = defaultdict(int)
+    for f in facts:
+        if f.is_gold and f.gold_choice is not None:
+            key = (f.labeler_id, f.created_at.astimezone(dt.timezone.utc).date())
+            n[key] += 1
+            hit[key] += int(f.hits_gold)
+    out: dict[int, list[tuple[dt.date, Rate]]] = defaultdict(list)
+    for lab, day in sorted(n):
+        out[lab].append((day, Rate(n[(lab, day)], hit[(lab, day)])))
+    return dict(out)
 
 
 @dataclass(frozen=True)
@@ -63,10 +90,13 @@ class Agreement:
     chance: Optional[float]  # mean 1/K over those pairs (25% for best-of-4)
     per_pair: dict[tuple[int, int], Rate]  # (labeler a < labeler b)
     per_labeler: dict[int, Rate]  # a labeler against everyone else on shared items
+    per_version: dict[str, Rate] = field(default_factory=dict)  # by guideline version ("v1 / v2": pairs across)
 
 
 def agreement(facts: Iterable[LabelFact]) -> Agreement:
-    """Labeler-labeler agreement: for every item labeled by two or more labelers, every pair."""
+    """Labeler-labeler agreement: for every item labeled by two or more labelers, every pair. Two labels
+    agree when they give the same answer: the same best continuation, or both "equally good", or both
+    "none acceptable" (so ties and "none acceptable" count, as answers of their own)."""
     by_item: dict[int, list[LabelFact]] = defaultdict(list)
     for f in facts:
         by_item[f.item_id].append(f)
@@ -74,13 +104,19 @@ def agreement(facts: Iterable[LabelFact]) -> Agreement:
     pair_hit: dict[tuple[int, int], int] = defaultdict(int)
     lab_n: dict[int, int] = defaultdict(int)
     lab_hit: dict[int, int] = defaultdict(int)
+    ver_n: dict[str, int] = defaultdict(int)
+    ver_hit: dict[str, int] = defaultdict(int)
     total = hits = 0
     chance_sum = 0.0
     for labels in by_item.values():
         for a, b in combinations(sorted(labels, key=lambda x: x.labeler_id), 2):
             if a.labeler_id == b.labeler_id:
                 continue
-            same = int(a.chosen == b.chosen)
+            same = int(a.answer == b.answer)
+            versions = sorted({a.guideline_version, b.guideline_version})
+            ver = " / ".join(versions)
+            ver_n[ver] += 1
+            ver_hit[ver] += same
             key = (a.labeler_id, b.labeler_id)
             pair_n[key] += 1
             pair_hit[key] += same
@@ -95,6 +131,7 @@ def agreement(facts: Iterable[LabelFact]) -> Agreement:
         chance=chance_sum / total if total else None,
         per_pair={k: Rate(pair_n[k], pair_hit[k]) for k in pair_n},
         per_labeler={k: Rate(lab_n[k], lab_hit[k]) for k in lab_n},
+        per_version={k: Rate(ver_n[k], ver_hit[k]) for k in sorted(ver_n)},
     )
 
 
@@ -121,7 +158,7 @@ def drift_canary(facts: Iterable[LabelFact], source: str = "canary") -> list[Can
         if f.source != source:
             continue
         n[f.batch] += 1
-        pref[f.batch] += int(f.chosen == 0)
+        pref[f.batch] += int(f.verdict == "best" and f.chosen == 0)
         first[f.batch] = min(first.get(f.batch, f.item_created_at), f.item_created_at)
     points = [CanaryPoint(b, first[b], n[b], pref[b]) for b in n]
     return sorted(points, key=lambda p: (p.first_at, p.batch))
@@ -157,8 +194,8 @@ def win_rate_vs_initial(facts: Iterable[LabelFact], initial_iteration: int = 0) 
         if initial_iteration not in its or len(later) != 1 or None in its:
             continue
         (t,) = later
-        if not 0 <= f.chosen < len(its):
-            continue
+        if f.verdict != "best" or f.chosen is None or not 0 <= f.chosen < len(its):
+            continue  # a tie or "none acceptable" is no win for either policy
         n[t] += 1
         wins[t] += int(its[f.chosen] == t)
         chance[t] += sum(1 for i in its if i == t) / len(its)

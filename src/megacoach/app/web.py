@@ -1,4 +1,4 @@
-"""Server-rendered pages for people: log-in, invitation, labeling, progress, Andon cord, admin."""
+"""Server-rendered pages for people: log-in, invitation, labeling, progress, Andon cord, adjudication, admin."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from megacoach.app.core import (
     client_address,
     guideline_view,
     invite_link,
+    page_adjudicator,
     page_admin,
     page_labeler,
     page_user,
@@ -35,6 +36,7 @@ from megacoach.app.core import (
 from megacoach.app.dashboard import dashboard, sparkline
 from megacoach.app.errors import AppError, BadInput, Conflict, NotFound, NotLoggedIn
 from megacoach.app.export import export_lines
+from megacoach.app.labeling import parse_choice
 from megacoach.errors import DataError
 from megacoach.labels.schema import AuditRow
 
@@ -209,17 +211,20 @@ def _label_flash(saved: int, skipped: int, andon: int, result: Optional[str]) ->
 @router.get("/label", response_class=HTMLResponse)
 def label_page(request: Request, who: Principal = Depends(page_labeler), saved: int = Query(0, ge=0, le=1),
                skipped: int = Query(0, ge=0, le=1), empty: int = Query(0, ge=0, le=1),
-               result: Optional[str] = Query(None, max_length=10)):
+               result: Optional[str] = Query(None, max_length=10), missed: Optional[int] = Query(None, ge=1, le=MAX_ID)):
     """The item this labeler holds (read only: a GET assigns nothing). Without one, a form that
-    POSTs /label/next (label.js sends it at once, unless nothing was left a moment ago)."""
+    POSTs /label/next (label.js sends it at once, unless nothing was left a moment ago). ``missed``:
+    the gold item this labeler just missed: its expected choice and explanation are shown (only for
+    their own label of a gold item they missed)."""
     st = state_of(request)
+    feedback = st.labeling.gold_feedback(who, missed) if missed else None
     shown = st.labeling.held_item(who)
     progress = st.labeling.progress(who)
     guideline, guideline_html = guideline_view(st)
     ctx = dict(title="Label", item=shown, prompt=shown.prompt if shown else "",
                choices=shown.continuations if shown else [], progress=progress, guideline=guideline,
                guideline_html=guideline_html, skip_reasons=st.settings.skip_reasons,
-               max_chars=st.settings.max_text_chars, empty=bool(empty))
+               max_chars=st.settings.max_text_chars, empty=bool(empty), feedback=feedback)
     return render(request, "label.html", ctx, who=who, flash=_label_flash(saved, skipped, 0, result))
 
 
@@ -247,14 +252,18 @@ def _elapsed(elapsed_ms: str) -> Optional[float]:
 
 @router.post("/label")
 def label_submit(request: Request, who: Principal = Depends(page_labeler), csrf_token: str = Form("", max_length=200),
-                 item_id: int = Form(..., ge=1, le=MAX_ID), choice: int = Form(..., ge=1, le=100),
+                 item_id: int = Form(..., ge=1, le=MAX_ID), choice: str = Form(..., max_length=10),
                  elapsed_ms: str = Form("", max_length=30), flagged: str = Form("", max_length=10),
                  note: str = Form("", max_length=100_000)):
+    """A label: ``choice`` is a position 1..K, "tie" (equally good) or "none" (none acceptable). A missed
+    gold item shows its expected choice and explanation on the next page."""
     st = state_of(request)
     check_csrf(who, csrf_token)
-    out = st.labeling.submit(who, item_id, choice, client_elapsed_s=_elapsed(elapsed_ms),
+    verdict, position = parse_choice(choice)
+    out = st.labeling.submit(who, item_id, position, verdict=verdict, client_elapsed_s=_elapsed(elapsed_ms),
                              flagged=flagged in ("1", "on", "true"), note=note or None)
-    return _after(st, who, "?saved=1" + ("&result=fast" if out["too_fast"] else ""))
+    return _after(st, who, "?saved=1" + ("&result=fast" if out["too_fast"] else "")
+                  + (f"&missed={item_id}" if out["gold"] else ""))
 
 
 @router.post("/skip")
@@ -320,12 +329,52 @@ def andon_submit(request: Request, who: Principal = Depends(page_user), csrf_tok
     return _redirect("/andon?already=1" if out["already_pulled"] else "/andon?pulled=1")
 
 
+# ----- adjudication ------------------------------------------------------------------------------------
+
+def dispute_json(d) -> dict:
+    """A disputed item for the API and the page: continuations in canonical order (positions 1..K)."""
+    return dict(item_id=d.item_id, prompt=d.prompt,
+                continuations=[dict(position=i + 1, text=t) for i, t in enumerate(d.continuations)],
+                labels=d.labels, skips=d.skips, decision=d.decision, labeled_by_you=d.labeled_by_you)
+
+
+@router.get("/adjudicate", response_class=HTMLResponse)
+def adjudicate_page(request: Request, who: Principal = Depends(page_adjudicator),
+                    item_id: Optional[int] = Query(None, ge=1, le=MAX_ID), decided: int = Query(0, ge=0, le=1)):
+    """The oldest open disagreement this adjudicator may decide (or ``item_id``), every label with its
+    reason; read only (deciding is the form's POST)."""
+    st = state_of(request)
+    adj = st.adjudication
+    counts = adj.counts()
+    if item_id is None:
+        waiting = adj.open_items(who, 1)
+        item_id = waiting[0] if waiting else None
+    dispute = dispute_json(adj.dispute(who, item_id)) if item_id is not None else None
+    guideline, guideline_html = guideline_view(st)
+    flash = dict(kind="ok", text="Decision saved; the Values Coach trains on it.") if decided else None
+    return render(request, "adjudicate.html", dict(
+        title="Disagreements", counts=counts, dispute=dispute, max_chars=st.settings.max_text_chars,
+        guideline=guideline, guideline_html=guideline_html), who=who, flash=flash)
+
+
+@router.post("/adjudicate")
+def adjudicate_submit(request: Request, who: Principal = Depends(page_adjudicator),
+                      csrf_token: str = Form("", max_length=200), item_id: int = Form(..., ge=1, le=MAX_ID),
+                      choice: str = Form(..., max_length=10), note: str = Form("", max_length=100_000)):
+    """Decide a disagreement: ``choice`` a position 1..K (canonical order), "tie" or "none"; ``note`` the reason."""
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    verdict, position = parse_choice(choice)
+    st.adjudication.decide(who, item_id, verdict, position, st.labeling._text(note, "note"))
+    return _redirect("/adjudicate?decided=1")
+
+
 # ----- admin ------------------------------------------------------------------------------------------
 
 @router.get("/admin", response_class=HTMLResponse)
 def admin_dashboard(request: Request, who: Principal = Depends(page_admin), cleared: int = Query(0, ge=0, le=1)):
     st = state_of(request)
-    d = dashboard(st.store, st.settings, st.assigner)
+    d = dashboard(st.store, st.settings, st.assigner, st.adjudication.counts())
     charts = dict(
         hourly=Markup(sparkline([float(x) for x in d["labels_per_hour_24h"]])),
         wins=Markup(sparkline([w["pct"] for w in d["win_rate"]], hi=100.0, half_line=50.0)) if d["win_rate"] else "",
@@ -380,6 +429,29 @@ def _set_active(st, who: Principal, labeler_id: int, active: bool) -> dict:
         st.auth.end_all_sessions(labeler_id)
     st.store.append_audit(who.name, "activate" if active else "deactivate", dict(labeler=rec.name))
     return dict(id=rec.id, name=rec.name, active=rec.active)
+
+
+@router.post("/admin/labelers/{labeler_id}/adjudicator")
+def admin_set_adjudicator(request: Request, labeler_id: int = Path(..., ge=1, le=MAX_ID),
+                          who: Principal = Depends(page_admin), csrf_token: str = Form("", max_length=200),
+                          adjudicator: int = Form(..., ge=0, le=1)):
+    st = state_of(request)
+    check_csrf(who, csrf_token)
+    set_adjudicator(st, who, labeler_id, bool(adjudicator))
+    return _redirect("/admin/people")
+
+
+def set_adjudicator(st, who: Principal, labeler_id: int, on: bool) -> dict:
+    """Allow a labeler to decide disagreements (or take it back); audited."""
+    lab = st.store.get_labeler(labeler_id)
+    if lab is None:
+        raise NotFound(f"labeler {labeler_id}: no such labeler")
+    if on and (lab.kind != "person" or lab.role != "labeler"):
+        raise Conflict(f"{lab.name} ({lab.role}): only a person with the labeler role can be made an adjudicator "
+                       "(admins decide disagreements anyway)")
+    rec = st.store.update_labeler(labeler_id, adjudicator=on)
+    st.store.append_audit(who.name, "adjudicator_on" if on else "adjudicator_off", dict(labeler=rec.name))
+    return dict(id=rec.id, name=rec.name, adjudicator=rec.adjudicator)
 
 
 def token_audit(info: dict, who: Principal) -> dict:

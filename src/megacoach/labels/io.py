@@ -222,13 +222,15 @@ def comparison_to_dict(c: ComparisonRecord) -> dict[str, Any]:
         "format": JSONL_FORMAT,
         "comparison_id": c.id,
         "item": {"id": c.item_id, "batch": c.batch, "split": c.split, "source": c.item_source,
-                 "is_gold": c.is_gold, "gold_choice": c.gold_choice, "is_calibration": c.is_calibration,
-                 "created_at": _iso(c.item_created_at)},
+                 "is_gold": c.is_gold, "gold_choice": c.gold_choice, "gold_explanation": c.gold_explanation,
+                 "is_calibration": c.is_calibration, "created_at": _iso(c.item_created_at)},
         "query": {"id": c.query_id, "text": c.query_text, "token_ids": c.query_token_ids},
         "samples": [{"id": s.id, "text": s.text, "token_ids": s.token_ids, "policy": s.policy,
                      "iteration": s.iteration, "seed": s.seed, "run_id": s.run_id, "created_at": _iso(s.created_at)}
                     for s in c.samples],
+        "verdict": c.verdict,  # best (chosen names it) | tie (equally good) | none (none acceptable)
         "chosen": c.chosen,
+        "adjudication": c.adjudication,  # an adjudicator's decision on an item whose labels disagree
         "shown_order": c.shown_order,
         "labeler": c.labeler_name,
         "labeler_kind": c.labeler_kind,
@@ -261,8 +263,9 @@ def _atomic_write(path: Path, write: Any) -> None:
 def export_jsonl(store: LabelStore, path: Union[str, Path], *, split: Optional[str] = None,
                  batch: Optional[str] = None, after_id: Optional[int] = None) -> int:
     """Write the store's comparisons (optionally filtered) to `path`, one JSON object per line, in id
-    order; the file appears complete or not at all. Returns the number written."""
-    rows = store.comparisons(split=split, batch=batch, after_id=after_id)
+    order: every label as recorded (ties, "none acceptable" and adjudicators' decisions too); the file
+    appears complete or not at all. Returns the number written."""
+    rows = store.comparisons(split=split, batch=batch, after_id=after_id, view="all")
 
     def write(fh: Any) -> None:
         for c in rows:
@@ -321,7 +324,9 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
         rows.append(dict(
             where=where, item_key=_need(item, "id", f"{where}: item", int),
             item=item, query=query, samples=samples,
-            chosen=_need(row, "chosen", where, int), shown_order=_need(row, "shown_order", where, list),
+            verdict=row.get("verdict", "best"), adjudication=bool(row.get("adjudication", False)),
+            chosen=_need(row, "chosen", where, int) if row.get("verdict", "best") == "best" else row.get("chosen"),
+            shown_order=_need(row, "shown_order", where, list),
             labeler=_need(row, "labeler", where, str), labeler_kind=_need(row, "labeler_kind", where, str),
             guideline_version=_need(row, "guideline_version", where, str),
             time_taken_s=row.get("time_taken_s"), flagged=bool(row.get("flagged", False)), note=row.get("note"),
@@ -346,7 +351,7 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
                     samples=samples, split=_need(it, "split", f"{where}: item", str),
                     batch=_need(it, "batch", f"{where}: item", str), source=_need(it, "source", f"{where}: item", str),
                     is_gold=bool(it.get("is_gold", False)), gold_choice=it.get("gold_choice"),
-                    is_calibration=bool(it.get("is_calibration", False)),
+                    gold_explanation=it.get("gold_explanation"), is_calibration=bool(it.get("is_calibration", False)),
                     created_at=_parse_time(it.get("created_at"), f"{where}: item created_at"))
         prev = specs.setdefault(r["item_key"], spec)
         if prev is not spec and (prev["query_token_ids"] != spec["query_token_ids"]
@@ -374,7 +379,7 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
                                shown_order=r["shown_order"], guideline_version=r["guideline_version"],
                                time_taken_s=r["time_taken_s"], flagged=r["flagged"], note=r["note"],
                                too_fast=r["too_fast"], confidence=r["confidence"], created_at=r["labeled_at"],
-                               via=r["via"]))
+                               via=r["via"], verdict=r["verdict"], adjudication=r["adjudication"]))
         try:
             ids = store.add_comparisons(labels)
         except DataError as e:  # name the line, not the position in the list
@@ -420,7 +425,9 @@ def _dataset_features() -> "datasets.Features":
 def export_dataset(store: LabelStore, path: Optional[Union[str, Path]] = None, *, split: Optional[str] = None,
                    batch: Optional[str] = None) -> "datasets.Dataset":
     """The store's comparisons as a `datasets.Dataset` (one row per comparison, samples in canonical
-    order, `chosen` indexing them); saved with `save_to_disk(path)` when a path is given."""
+    order, `chosen` indexing them); saved with `save_to_disk(path)` when a path is given. These are the
+    labels the Values Coach trains on (the store's training view: no ties or "none acceptable", an
+    adjudicator's decision in place of the labels it decided); the JSONL export has every label."""
     from datasets import Dataset
 
     rows = [{

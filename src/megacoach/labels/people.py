@@ -112,8 +112,9 @@ class PeopleAdmin:
             return [labeler_rec(r) for r in s.scalars(select(LabelerRow).order_by(LabelerRow.id))]
 
     def update_labeler(self, labeler: LabelerRef, *, active: Optional[bool] = None, role: Optional[str] = None,
-                       password_hash: Optional[str] = None) -> LabelerRecord:
-        """Change a labeler's active flag, role (people only) or password hash."""
+                       password_hash: Optional[str] = None, adjudicator: Optional[bool] = None) -> LabelerRecord:
+        """Change a labeler's active flag, role (people only), password hash, or whether a labeler may
+        decide disagreements (``adjudicator``: labelers only; admins decide them anyway)."""
         with self._write("update a labeler") as s:
             row = labeler_row(s, labeler, active=False)
             if active is not None:
@@ -125,6 +126,13 @@ class PeopleAdmin:
                 row.role = role
             if password_hash is not None:
                 row.password_hash = password_hash
+            if adjudicator is not None:
+                if adjudicator and row.role != "labeler":
+                    raise DataError(f"labeler {row.name!r}: only a labeler can be made an adjudicator "
+                                    f"(role {row.role!r})")
+                row.adjudicator = bool(adjudicator)
+            if row.role != "labeler":
+                row.adjudicator = False
             s.flush()
             return labeler_rec(row)
 

@@ -22,6 +22,12 @@ from megacoach.errors import DataError
 
 
 SPLITS = ("train", "valid")  # the label splits: the Values Coach trains on one and is validated on the other
+# what a label says: "best" (``chosen`` is the best continuation), "tie" (the best ones are equally good: no
+# single best) or "none" (none is acceptable). Only "best" labels enter the Values Coach's K-way softmax.
+VERDICTS = ("best", "tie", "none")
+# which labels ``LabelStore.comparisons`` gives: "training" (what the Values Coach learns from: "best" labels,
+# and for an item an adjudicator decided only the decision) or "all" (every label as recorded)
+LABEL_VIEWS = ("training", "all")
 
 
 class DuplicateLabelError(DataError):
@@ -69,6 +75,7 @@ class ItemRecord:
     overlap: int
     run_id: Optional[str]
     created_at: dt.datetime
+    gold_explanation: Optional[str] = None  # why gold_choice is right: shown to a labeler who misses it
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +96,16 @@ class LabelerRecord:
     active: bool
     created_at: dt.datetime
     password_hash: Optional[str] = field(default=None, repr=False)
+    adjudicator: bool = False  # a labeler who also decides disagreements (the app's "adjudicator" role)
 
 
 @dataclass(frozen=True, slots=True)
 class ComparisonRecord:
     """One label with everything the Values Coach (reward model) needs, samples in canonical order.
 
-    ``chosen`` indexes ``samples``; ``shown_order[p]`` is the canonical index shown at position p."""
+    ``chosen`` indexes ``samples`` (None when ``verdict`` is "tie" or "none"); ``shown_order[p]`` is the
+    canonical index shown at position p. ``adjudication``: an adjudicator's decision on an item whose
+    labels disagree (it replaces them in the training view)."""
 
     id: int
     item_id: int
@@ -103,7 +113,7 @@ class ComparisonRecord:
     query_text: str
     query_token_ids: list[int]
     samples: list[SampleRecord]
-    chosen: int
+    chosen: Optional[int]
     shown_order: list[int]
     labeler_id: int
     labeler_name: str
@@ -124,6 +134,9 @@ class ComparisonRecord:
     created_at: dt.datetime
     via: Optional[str] = None  # "session" | "token" (the app) | None (the store's API, an import)
     api_token_id: Optional[int] = None  # the API token a label came through (via "token")
+    verdict: str = "best"  # best | tie | none (VERDICTS)
+    adjudication: bool = False
+    gold_explanation: Optional[str] = None
 
     @property
     def k(self) -> int:
@@ -286,7 +299,7 @@ def check_fields(spec: dict[str, Any], allowed: set[str], required: Sequence[str
 def check_item_spec(spec: dict[str, Any], what: str) -> dict[str, Any]:
     """One ``create_items`` spec checked, with its defaults filled in (samples as ``check_sample`` returns)."""
     allowed = {"query_text", "query_token_ids", "samples", "query_source", "split", "batch", "source",
-               "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at"}
+               "is_gold", "gold_choice", "is_calibration", "overlap", "run_id", "created_at", "gold_explanation"}
     check_fields(spec, allowed, ("query_text", "query_token_ids", "samples"), what)
     if not isinstance(spec["query_text"], str):
         raise DataError(f"{what} query_text: expected a string")
@@ -296,13 +309,35 @@ def check_item_spec(spec: dict[str, Any], what: str) -> dict[str, Any]:
                samples=samples, split=spec.get("split", "train"), batch=str(spec.get("batch", "")),
                source=spec.get("source", "offline"), is_gold=bool(spec.get("is_gold", False)),
                gold_choice=spec.get("gold_choice"), is_calibration=bool(spec.get("is_calibration", False)),
-               overlap=spec.get("overlap", 1), run_id=spec.get("run_id"), created_at=spec.get("created_at"))
+               overlap=spec.get("overlap", 1), run_id=spec.get("run_id"), created_at=spec.get("created_at"),
+               gold_explanation=check_explanation(spec.get("gold_explanation"), f"{what} gold_explanation"))
     try:
         check_item_fields(len(samples), out["split"], out["source"], out["is_gold"], out["gold_choice"],
                           out["overlap"])
     except DataError as e:
         raise DataError(f"{what}: {e}") from None
     return out
+
+
+def check_explanation(value: Any, what: str) -> Optional[str]:
+    """A gold item's explanation: text or None (empty text: None)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{what}: expected a string or None, got {type(value).__name__}")
+    return value.strip() or None
+
+
+def check_verdict(where: str, verdict: Any, chosen: Any, k: int) -> tuple[str, Optional[int]]:
+    """A label's verdict and choice: "best" with a canonical index 0..k-1, or "tie" / "none" without one."""
+    check_choice(verdict, f"{where}verdict", VERDICTS)
+    if verdict == "best":
+        if chosen is None:
+            raise DataError(f"{where}chosen: a 'best' label names the chosen continuation")
+        return verdict, check_int(chosen, f"{where}chosen", 0, k - 1)
+    if chosen is not None:
+        raise DataError(f"{where}chosen: a {verdict!r} label chooses no continuation (got {chosen!r})")
+    return verdict, None
 
 
 LABEL_VIAS = ("session", "token")

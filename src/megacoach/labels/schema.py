@@ -44,6 +44,11 @@ Revision 0008_rate_limits: ``rate_limits``, the request rate limits' windows (th
 client address and person), and ``login_failures.refusal_noted_at``, so that every server process counts
 the same requests and a throttled client's first refused try is audited once.
 
+Revision 0009_verdicts_adjudication: ``comparisons.verdict`` (best | tie | none; ``chosen`` is NULL for a tie
+or "none acceptable"), ``comparisons.adjudication`` (an adjudicator's decision on an item whose labels
+disagree; at most one per item, ``uq_comparisons_adjudication``), ``items.gold_explanation`` (shown to a
+labeler who misses a gold item) and ``labelers.adjudicator`` (a labeler who may decide disagreements).
+
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
 scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
@@ -74,11 +79,13 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from megacoach.labels.records import (
     SPLITS,
+    VERDICTS,
     AuditEntry,
     GuidelineRecord,
     ItemRecord,
@@ -189,6 +196,7 @@ class ItemRow(Base):
     # rev 0006, written by the assigner (labels/assignment.py) only: True once the item needs nothing more
     # from the ordinary queue. An index hint, never the truth: the assigner still counts labels and locks.
     filled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    gold_explanation: Mapped[Optional[str]] = mapped_column(Text, nullable=True)  # rev 0009
 
 
 class LabelerRow(Base):
@@ -205,11 +213,17 @@ class LabelerRow(Base):
     password_hash: Mapped[Optional[str]] = mapped_column(String(500), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # rev 0009: a labeler who may also decide disagreements (the app's "adjudicator" role)
+    adjudicator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+
+CHOSEN_MATCHES_VERDICT = "(verdict = 'best' AND chosen IS NOT NULL) OR (verdict <> 'best' AND chosen IS NULL)"
 
 
 class ComparisonRow(Base):
-    """A label: ``chosen`` is a canonical index 0..K-1; ``shown_order[p]`` is the canonical index
-    shown at position p. ``split`` is copied from the item. One label per (item, labeler)."""
+    """A label: ``chosen`` is a canonical index 0..K-1 (NULL for a tie or "none acceptable", rev 0009);
+    ``shown_order[p]`` is the canonical index shown at position p. ``split`` is copied from the item.
+    One label per (item, labeler); ``adjudication`` rows are adjudicators' decisions, one per item."""
 
     __tablename__ = "comparisons"
     __table_args__ = (
@@ -217,11 +231,15 @@ class ComparisonRow(Base):
         CheckConstraint("chosen >= 0", name="chosen_nonnegative"),
         CheckConstraint(_in("labeler_kind", LABELER_KINDS), name="labeler_kind"),
         CheckConstraint(_in("split", SPLITS), name="split"),
+        CheckConstraint(_in("verdict", VERDICTS), name="verdict"),  # rev 0009
+        CheckConstraint(CHOSEN_MATCHES_VERDICT, name="chosen_matches_verdict"),  # rev 0009
+        Index("uq_comparisons_adjudication", "item_id", unique=True,  # rev 0009: one decision per item
+              sqlite_where=text("adjudication"), postgresql_where=text("adjudication")),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), index=True)
-    chosen: Mapped[int] = mapped_column(Integer)
+    chosen: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     shown_order: Mapped[list[int]] = mapped_column(JSON)
     labeler_id: Mapped[int] = mapped_column(ForeignKey("labelers.id"), index=True)
     labeler_kind: Mapped[str] = mapped_column(String(10))
@@ -237,6 +255,9 @@ class ComparisonRow(Base):
     # (an API token, whose id is kept), None (written with the store's API, or imported)
     via: Mapped[Optional[str]] = mapped_column(String(10), nullable=True)
     api_token_id: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
+    # rev 0009: best | tie | none, and whether this is an adjudicator's decision
+    verdict: Mapped[str] = mapped_column(String(10), default="best", server_default="best")
+    adjudication: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class SkipRow(Base):
@@ -431,11 +452,12 @@ def sample_rec(r: SampleRow) -> SampleRecord:
 
 def item_rec(r: ItemRow) -> ItemRecord:
     return ItemRecord(r.id, r.query_id, r.k, list(r.sample_ids), r.batch, r.split, r.source, bool(r.is_gold),
-                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at)
+                      r.gold_choice, bool(r.is_calibration), r.overlap, r.run_id, r.created_at, r.gold_explanation)
 
 
 def labeler_rec(r: LabelerRow) -> LabelerRecord:
-    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash)
+    return LabelerRecord(r.id, r.name, r.kind, r.role, bool(r.active), r.created_at, r.password_hash,
+                         bool(r.adjudicator))
 
 
 def skip_rec(r: SkipRow) -> SkipRecord:

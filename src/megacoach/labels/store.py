@@ -72,10 +72,10 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, select, text
+from sqlalchemy import and_, create_engine, event, exists, func, insert, inspect, or_, select, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 from sqlalchemy.pool import StaticPool
 
 try:
@@ -89,6 +89,7 @@ from megacoach.labels.people import PeopleAdmin, labeler_row, latest_guideline_r
 from megacoach.labels.records import (
     ComparisonRecord,
     DuplicateLabelError,
+    LABEL_VIEWS,
     SPLITS,
     ItemContent,
     ItemRecord,
@@ -101,8 +102,10 @@ from megacoach.labels.records import (
     check_fields,
     check_int,
     check_item_fields,
+    check_explanation,
     check_item_spec,
     check_label_extras,
+    check_verdict,
     check_via,
     check_sample,
     check_shown_order,
@@ -478,8 +481,9 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     def add_item(self, query: Union[int, QueryRecord], samples: Sequence[Union[int, SampleRecord]],
                  k: Optional[int] = None, *, split: str = "train", batch: str = "", source: str = "offline",
                  is_gold: bool = False, gold_choice: Optional[int] = None, is_calibration: bool = False,
-                 overlap: int = 1, run_id: Optional[str] = None) -> ItemRecord:
+                 overlap: int = 1, run_id: Optional[str] = None, gold_explanation: Optional[str] = None) -> ItemRecord:
         """An item to label: a stored query and K >= 2 of its stored samples (this order is canonical)."""
+        gold_explanation = check_explanation(gold_explanation, "gold_explanation")
         query_id = query.id if isinstance(query, QueryRecord) else query
         sample_ids = [x.id if isinstance(x, SampleRecord) else x for x in samples]
         sample_ids = [check_int(x, f"sample id {i}", 1) for i, x in enumerate(sample_ids)]
@@ -500,7 +504,8 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                     raise DataError(f"sample {sid} continues query {found[sid]}, not query {query_id}")
             row = ItemRow(query_id=query_id, k=k, sample_ids=sample_ids, batch=str(batch), split=split,
                           source=source, is_gold=bool(is_gold), gold_choice=gold_choice,
-                          is_calibration=bool(is_calibration), overlap=overlap, run_id=run_id)
+                          is_calibration=bool(is_calibration), overlap=overlap, run_id=run_id,
+                          gold_explanation=gold_explanation)
             s.add(row)
             s.flush()
             return item_rec(row)
@@ -508,12 +513,13 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     def create_item(self, query_text: str, query_token_ids: Sequence[int], samples: Sequence[NewSample], *,
                     query_source: str = "", split: str = "train", batch: str = "", source: str = "offline",
                     is_gold: bool = False, gold_choice: Optional[int] = None, is_calibration: bool = False,
-                    overlap: int = 1, run_id: Optional[str] = None) -> ItemContent:
+                    overlap: int = 1, run_id: Optional[str] = None,
+                    gold_explanation: Optional[str] = None) -> ItemContent:
         """Query + its K samples + the item, in one transaction (the trainer's and importers' path)."""
         return self.create_items([dict(query_text=query_text, query_token_ids=query_token_ids, samples=samples,
                                        query_source=query_source, split=split, batch=batch, source=source,
                                        is_gold=is_gold, gold_choice=gold_choice, is_calibration=is_calibration,
-                                       overlap=overlap, run_id=run_id)])[0]
+                                       overlap=overlap, run_id=run_id, gold_explanation=gold_explanation)])[0]
 
     def create_items(self, specs: Sequence[dict[str, Any]]) -> list[ItemContent]:
         """Many `create_item` calls (same keyword names, as dicts) in one transaction, with bulk inserts.
@@ -543,7 +549,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
             i_params.append(dict(query_id=qid, k=len(sids), sample_ids=sids, batch=x["batch"], split=x["split"],
                                  source=x["source"], is_gold=x["is_gold"], gold_choice=x["gold_choice"],
                                  is_calibration=x["is_calibration"], overlap=x["overlap"], run_id=x["run_id"],
-                                 created_at=x["created_at"] or now))
+                                 created_at=x["created_at"] or now, gold_explanation=x["gold_explanation"]))
         i_ids = list(s.scalars(insert(ItemRow).returning(ItemRow.id, sort_by_parameter_order=True), i_params))
         out = []
         for iid, qid, qp, sids, ip, x in zip(i_ids, q_ids, q_params, per_item_sids, i_params, specs):
@@ -552,7 +558,8 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                                     smp["seed"], smp["run_id"], ip["created_at"])
                        for sid, smp in zip(sids, x["samples"])]
             item = ItemRecord(iid, qid, ip["k"], sids, ip["batch"], ip["split"], ip["source"], ip["is_gold"],
-                              ip["gold_choice"], ip["is_calibration"], ip["overlap"], ip["run_id"], ip["created_at"])
+                              ip["gold_choice"], ip["is_calibration"], ip["overlap"], ip["run_id"], ip["created_at"],
+                              ip["gold_explanation"])
             out.append(ItemContent(item, query, samples))
         return out
 
@@ -630,10 +637,11 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
     def _label_values(item: ItemRow, lab: LabelerRow, where: str, chosen: Any, shown_order: Any,
                       guideline_version: str, time_taken_s: Any, flagged: Any, note: Any, too_fast: Any,
                       confidence: Any, created_at: Optional[dt.datetime], via: Any = None,
-                      api_token_id: Any = None) -> dict[str, Any]:
+                      api_token_id: Any = None, verdict: Any = "best", adjudication: Any = False) -> dict[str, Any]:
         check_via(where, via, api_token_id)
+        verdict, chosen = check_verdict(f"{where}item {item.id}: ", verdict, chosen, item.k)
         values = dict(
-            item_id=item.id, chosen=check_int(chosen, f"{where}item {item.id}: chosen", 0, item.k - 1),
+            item_id=item.id, chosen=chosen, verdict=verdict, adjudication=bool(adjudication),
             shown_order=check_shown_order(shown_order, item.k, f"{where}item {item.id}: shown_order"),
             labeler_id=lab.id, labeler_kind=lab.kind, guideline_version=str(guideline_version),
             time_taken_s=None if time_taken_s is None else float(time_taken_s), flagged=bool(flagged), note=note,
@@ -643,16 +651,21 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
             values["created_at"] = created_at
         return values
 
-    def add_comparison(self, item_id: int, chosen: int, labeler: LabelerRef, *,
+    def add_comparison(self, item_id: int, chosen: Optional[int], labeler: LabelerRef, *,
                        shown_order: Optional[Sequence[int]] = None, guideline_version: Optional[str] = None,
                        time_taken_s: Optional[float] = None, flagged: bool = False, note: Optional[str] = None,
                        too_fast: bool = False, confidence: Optional[int] = None, via: Optional[str] = None,
-                       api_token_id: Optional[int] = None) -> ComparisonRecord:
-        """Record that `labeler` judged canonical sample `chosen` best in item `item_id`.
+                       api_token_id: Optional[int] = None, verdict: str = "best",
+                       adjudication: bool = False) -> ComparisonRecord:
+        """Record that `labeler` judged canonical sample `chosen` best in item `item_id` (verdict "best"),
+        or that the best ones are equally good (verdict "tie", chosen None), or that none is acceptable
+        (verdict "none", chosen None).
 
         shown_order: shown position -> canonical index (identity if None). guideline_version: defaults
         to the latest guideline ("" if none). via: how the label arrived ("session", "token" with its
-        api_token_id, None). A second label by the same labeler -> DuplicateLabelError."""
+        api_token_id, None). adjudication: an adjudicator's decision on the item (one per item; the
+        training view uses it instead of the item's labels). A second label by the same labeler ->
+        DuplicateLabelError."""
         check_label_extras("", time_taken_s, note, confidence, None)
         with self._write("add a label") as s:
             item = s.get(ItemRow, item_id)
@@ -663,12 +676,15 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 latest = latest_guideline_row(s)
                 guideline_version = latest.version if latest is not None else ""
             values = self._label_values(item, lab, "", chosen, shown_order, guideline_version, time_taken_s, flagged,
-                                        note, too_fast, confidence, None, via, api_token_id)
+                                        note, too_fast, confidence, None, via, api_token_id, verdict, adjudication)
             prior = s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
                                                             ComparisonRow.labeler_id == lab.id))
             if prior is not None:
                 raise DuplicateLabelError(f"item {item_id} already has a label from labeler {lab.name!r} "
                                           f"(comparison {prior}); one label per item and labeler")
+            if adjudication and s.scalar(select(ComparisonRow.id).where(ComparisonRow.item_id == item_id,
+                                                                        ComparisonRow.adjudication)) is not None:
+                raise DuplicateLabelError(f"item {item_id} is decided already; one adjudication per item")
             row = ComparisonRow(**values)
             try:
                 with s.begin_nested():
@@ -684,7 +700,7 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
         Any bad or doubled label -> DataError / DuplicateLabelError naming it, and nothing is written.
         Returns the new comparison ids in order."""
         allowed = {"item_id", "chosen", "labeler", "shown_order", "guideline_version", "time_taken_s", "flagged",
-                   "note", "too_fast", "confidence", "created_at", "via"}
+                   "note", "too_fast", "confidence", "created_at", "via", "verdict", "adjudication"}
         for i, spec in enumerate(labels):
             check_fields(spec, allowed, ("item_id", "chosen", "labeler"), f"label {i}")
             check_label_extras(f"label {i}: ", spec.get("time_taken_s"), spec.get("note"),
@@ -724,7 +740,8 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 params.append(self._label_values(
                     item, lab, where, x["chosen"], x.get("shown_order"),
                     default_version if version is None else version, x.get("time_taken_s"), x.get("flagged", False),
-                    x.get("note"), x.get("too_fast", False), x.get("confidence"), x.get("created_at"), x.get("via")))
+                    x.get("note"), x.get("too_fast", False), x.get("confidence"), x.get("created_at"), x.get("via"),
+                    None, x.get("verdict", "best"), x.get("adjudication", False)))
             now = utcnow()
             for p in params:
                 p.setdefault("created_at", now)
@@ -748,17 +765,36 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
                 note=c.note, too_fast=bool(c.too_fast), confidence=c.confidence, split=c.split, batch=it.batch,
                 item_source=it.source, is_gold=bool(it.is_gold), gold_choice=it.gold_choice,
                 is_calibration=bool(it.is_calibration), item_created_at=it.created_at, created_at=c.created_at,
-                via=c.via, api_token_id=c.api_token_id))
+                via=c.via, api_token_id=c.api_token_id, verdict=c.verdict, adjudication=bool(c.adjudication),
+                gold_explanation=it.gold_explanation))
         return out
+
+    @staticmethod
+    def _view(stmt: Any, view: str) -> Any:
+        """The labels of a view: "all", or "training": the "best" labels the Values Coach's K-way softmax
+        learns from (ties and "none acceptable" stay out), and for an item an adjudicator decided only the
+        decision (its labels stay out)."""
+        if check_choice(view, "view", LABEL_VIEWS) == "all":
+            return stmt
+        decision = aliased(ComparisonRow)
+        decided = exists().where(decision.item_id == ComparisonRow.item_id, decision.adjudication)
+        return stmt.where(ComparisonRow.verdict == "best", or_(ComparisonRow.adjudication, ~decided))
 
     def comparisons(self, split: Optional[str] = None, after_id: Optional[int] = None, *,
                     upto_id: Optional[int] = None, batch: Optional[str] = None, labeler_kind: Optional[str] = None,
-                    labeler: Optional[LabelerRef] = None, limit: Optional[int] = None) -> list[ComparisonRecord]:
-        """Labels in id order (id > after_id, id <= upto_id), each with query and samples in canonical order."""
+                    labeler: Optional[LabelerRef] = None, limit: Optional[int] = None,
+                    view: str = "training") -> list[ComparisonRecord]:
+        """Labels in id order (id > after_id, id <= upto_id), each with query and samples in canonical order.
+
+        ``view="training"`` (the default: what the Values Coach and the guards read) gives the labels that
+        name a best continuation, with an adjudicator's decision in place of the labels of the item it
+        decided; ``view="all"`` gives every label as recorded, ties, "none acceptable" and decisions too
+        (exports, the labeling app)."""
         stmt = (select(ComparisonRow, ItemRow, LabelerRow.name)
                 .join(ItemRow, ComparisonRow.item_id == ItemRow.id)
                 .join(LabelerRow, ComparisonRow.labeler_id == LabelerRow.id)
                 .order_by(ComparisonRow.id))
+        stmt = self._view(stmt, view)
         if split is not None:
             stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if after_id is not None:
@@ -777,8 +813,10 @@ class LabelStore(PeopleAdmin, RunStatuses, StoreEngine):
             rows = [(c, it, name) for c, it, name in s.execute(stmt)]
             return self._comparison_records(s, rows)
 
-    def count_comparisons(self, split: Optional[str] = None, *, labeler_kind: Optional[str] = None) -> int:
-        stmt = select(func.count(ComparisonRow.id))
+    def count_comparisons(self, split: Optional[str] = None, *, labeler_kind: Optional[str] = None,
+                          view: str = "training") -> int:
+        """How many labels ``comparisons`` would give (``view``: "training" by default, or "all")."""
+        stmt = self._view(select(func.count(ComparisonRow.id)), view)
         if split is not None:
             stmt = stmt.where(ComparisonRow.split == check_choice(split, "split", SPLITS))
         if labeler_kind is not None:

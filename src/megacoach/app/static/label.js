@@ -1,7 +1,10 @@
 // Keyboard-only labeling for the human evaluators (no mouse needed, no external scripts).
 //   1..K  pick a continuation        Enter  submit the label
+//   E     the continuations are equally good (no single best)
+//   N     none of them is acceptable
 //   S     skip (then 1..n picks a reason, Enter confirms, Esc cancels)
 //   F     flag the item (focuses the note; Esc leaves the note)
+//   R     type a reason or note without flagging (Esc leaves it)
 //   G     open / close the guidelines
 "use strict";
 (function () {
@@ -19,7 +22,10 @@
   const guide = document.getElementById("guidelines-dialog");
   const status = document.getElementById("key-status");
   const elapsed = document.getElementById("elapsed-ms");
-  const choices = Array.from(form.querySelectorAll('input[name="choice"]'));
+  const options = Array.from(form.querySelectorAll('input[name="choice"]'));
+  const choices = options.filter(function (c) { return /^[0-9]+$/.test(c.value); });
+  const tie = document.getElementById("choice-tie");
+  const none = document.getElementById("choice-none");
   const reasons = skipForm ? Array.from(skipForm.querySelectorAll('input[name="reason_choice"]')) : [];
   const started = performance.now();
   let sending = false;
@@ -27,9 +33,9 @@
   if (skipForm) skipForm.noValidate = true;
 
   function say(text) { if (status) status.textContent = text; }
-  function chosen() { return choices.find(function (c) { return c.checked; }); }
+  function chosen() { return options.find(function (c) { return c.checked; }); }
   function mark() {
-    choices.forEach(function (c) {
+    options.forEach(function (c) {
       const card = c.closest(".choice");
       if (card) card.classList.toggle("selected", c.checked);
     });
@@ -53,7 +59,7 @@
   }
   function submitLabel() {
     if (sending) return;
-    if (!chosen()) { say("Pick a continuation first: press 1-" + choices.length + "."); return; }
+    if (!chosen()) { say("Pick a continuation first: press 1-" + choices.length + " (or E equally good, N none acceptable)."); return; }
     elapsed.value = String(Math.round(performance.now() - started));
     sending = true;
     form.submit();
@@ -67,7 +73,7 @@
     skipForm.submit();
   }
 
-  choices.forEach(function (c) { c.addEventListener("change", mark); });
+  options.forEach(function (c) { c.addEventListener("change", mark); });
   form.addEventListener("submit", function (e) { e.preventDefault(); submitLabel(); });
   if (skipForm) skipForm.addEventListener("submit", function (e) { e.preventDefault(); submitSkip(); });
   if (flag) flag.addEventListener("change", function () { flagBox.classList.toggle("on", flag.checked); });
@@ -111,12 +117,18 @@
       choices[n - 1].checked = true;
       mark();
       say("Picked " + n + ". Enter to submit.");
+    } else if ((key === "e" || key === "E") && tie) {
+      e.preventDefault(); tie.checked = true; mark(); say("Equally good. Enter to submit.");
+    } else if ((key === "n" || key === "N") && none) {
+      e.preventDefault(); none.checked = true; mark(); say("None acceptable. Enter to submit.");
     } else if (key === "Enter") {
       e.preventDefault(); submitLabel();
     } else if (key === "s" || key === "S") {
       e.preventDefault(); openSkip();
     } else if (key === "f" || key === "F") {
       e.preventDefault(); setFlag(!flag.checked);
+    } else if (key === "r" || key === "R") {
+      e.preventDefault(); note.focus(); say("Type your reason (optional), Esc to leave it, Enter to submit.");
     } else if (key === "g" || key === "G") {
       e.preventDefault(); toggleGuide();
     }
