@@ -187,11 +187,15 @@ class ServerOptions:
     limit_concurrency: int = 512  # connections (and requests) per worker; beyond it new requests get 503
     backlog: int = 2048  # pending connections the kernel queues for the socket
     graceful_shutdown_s: float = 10.0  # on SIGTERM/SIGINT, requests in flight get this long
+    # with --workers N: a worker that does not answer the supervisor's health check within this long (while it
+    # starts, or later) is killed and replaced; uvicorn's 5 s killed every worker, forever, on a busy machine
+    worker_healthcheck_s: int = 60
 
     def __post_init__(self) -> None:
         checks = dict(workers=self.workers >= 1, threads=self.threads >= 1,
                       limit_concurrency=self.limit_concurrency >= 1, backlog=self.backlog >= 1,
-                      graceful_shutdown_s=self.graceful_shutdown_s >= 0)
+                      graceful_shutdown_s=self.graceful_shutdown_s >= 0,
+                      worker_healthcheck_s=self.worker_healthcheck_s >= 1)
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"server option {bad[0]!r}: {getattr(self, bad[0])!r} is out of range")
@@ -246,6 +250,7 @@ class ServerConfig(UvicornConfig):
 
     def __init__(self, db_url: Optional[str], settings: AppSettings, options: ServerOptions, **kwargs: Any) -> None:
         super().__init__("megacoach.app.server:create_app", workers=options.workers,
+                         timeout_worker_healthcheck=options.worker_healthcheck_s,
                          **uvicorn_kwargs(settings, options), **kwargs)
         self.db_url = db_url
         self.mc_settings = settings
