@@ -175,6 +175,8 @@ def test_adjudicators_see_every_choice_with_its_reason_and_decide(tmp_path):
     said = {x["labeler"]: (x["verdict"], x["position"], x["note"]) for x in d["labels"]}
     assert said == {"alice": ("best", 1, "0 is funnier"), "bob": ("tie", None, "both 0 and 2 work")}
     assert [x["position"] for x in d["continuations"]] == [1, 2, 3, 4] and d["decision"] is None
+    for other in (agreed, gold, 10_000):  # an adjudicator reads the labels of disagreements only
+        assert carol.get(f"/api/adjudication/{other}").status_code == 404
     # alice cannot decide (she labeled it, and she is no adjudicator); nothing to decide on an agreed item
     assert carol.post(f"/api/adjudication/{agreed}", json=dict(choice=1), headers=carol_h).status_code == 409
     r = carol.post(f"/api/adjudication/{item}", json=dict(choice=3, note="3 keeps the metre"), headers=carol_h)
@@ -185,6 +187,14 @@ def test_adjudicators_see_every_choice_with_its_reason_and_decide(tmp_path):
     assert [(x.labeler_name, x.chosen, x.adjudication) for x in training] == [("carol", 2, True)]
     assert carol.get("/api/adjudication").json() == dict(open=0, decided=1, items=[])
     assert w.store.audit_entries(action="adjudicate")[-1].detail["note"] == "3 keeps the metre"
+    # an item that waits for a third label is no disagreement yet
+    (item3,) = add_items(w.store, 1, overlap=3, batch="three")
+    _labels(w.store, item3, 0, 1)
+    assert item3 not in carol.get("/api/adjudication").json()["items"]
+    assert carol.post(f"/api/adjudication/{item3}", json=dict(choice=1), headers=carol_h).status_code == 409
+    _labels(w.store, item3, 2)
+    assert carol.get("/api/adjudication").json()["items"] == [item3]
+    assert carol.post(f"/api/adjudication/{item3}", json=dict(choice=2), headers=carol_h).status_code == 201
     # an admin who labeled an item cannot decide it either
     (item2,) = add_items(w.store, 1, overlap=2, batch="two")
     w.store.add_comparison(item2, 0, w.admin_id)
@@ -194,7 +204,7 @@ def test_adjudicators_see_every_choice_with_its_reason_and_decide(tmp_path):
     assert carol.post(f"/api/adjudication/{item2}", json=dict(verdict="none"), headers=carol_h).status_code == 201
     # the dashboard: disagreement per labeler and per guideline version, decisions, gold accuracy by day
     dash = root.get("/api/admin/dashboard").json()
-    assert dash["disputes"] == dict(open=0, decided=2)
+    assert dash["disputes"] == dict(open=0, decided=3)
     people = {p["name"]: p for p in dash["people"]}
     assert people["alice"]["disagreement_pct"] == 33.3 and people["alice"]["agreement_n"] == 3
     assert people["bob"]["ties"] == 1 and people["carol"]["labels"] == 0  # decisions are no labels

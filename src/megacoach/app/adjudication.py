@@ -1,7 +1,8 @@
 """Disagreements and their adjudication.
 
-An ordinary item (neither gold nor calibration) is *disputed* when two or more of its labels disagree:
-different best continuations, or a best continuation beside "equally good" or "none acceptable". An
+An ordinary item (neither gold nor calibration) is *disputed* once it has all the labels it asks for (its
+overlap, at least the app's ``--overlap``) and two or more of them disagree: different best continuations,
+or a best continuation beside "equally good" or "none acceptable". An
 adjudicator (a labeler an admin allowed to, or an admin) sees every label of the item with its reason
 (note), confidence and guideline version, and the skips with theirs, and decides: a best continuation,
 "equally good" or "none acceptable", with a reason. The decision is a label of its own
@@ -32,13 +33,15 @@ def answer_key() -> Any:
                 else_=ComparisonRow.chosen)
 
 
-def disputed_items() -> Any:
-    """SELECT item_id of the ordinary items whose labels disagree, decided or not."""
+def disputed_items(min_overlap: int = 1) -> Any:
+    """SELECT item_id of the ordinary items that have their labels (as many as the item's overlap, at
+    least ``min_overlap``) and whose labels disagree, decided or not."""
+    wanted = case((ItemRow.overlap > min_overlap, ItemRow.overlap), else_=min_overlap)
     return (select(ComparisonRow.item_id)
             .join(ItemRow, ItemRow.id == ComparisonRow.item_id)
             .where(~ComparisonRow.adjudication, ~ItemRow.is_gold, ~ItemRow.is_calibration)
             .group_by(ComparisonRow.item_id)
-            .having(func.count(func.distinct(answer_key())) > 1))
+            .having(func.count(func.distinct(answer_key())) > 1, func.count(ComparisonRow.id) >= func.max(wanted)))
 
 
 def _decided(item_id: Any) -> Any:
@@ -60,30 +63,40 @@ class Dispute:
 
 
 class Adjudication:
-    def __init__(self, store: LabelStore) -> None:
+    def __init__(self, store: LabelStore, overlap: int = 1) -> None:
         self.store = store
+        self.overlap = overlap  # the app's --overlap: an item is disputed once it has at least this many labels
+
+    def _disputed(self) -> Any:
+        return disputed_items(self.overlap)
 
     def counts(self) -> dict[str, int]:
         """Disputed items: open (no decision yet) and decided."""
         with self.store.session(write=False) as s:
-            ids = disputed_items().subquery()
+            ids = self._disputed().subquery()
             total = s.scalar(select(func.count()).select_from(ids)) or 0
             decided = s.scalar(select(func.count()).select_from(ids).where(_decided(ids.c.item_id))) or 0
         return dict(open=int(total - decided), decided=int(decided))
 
     def open_items(self, who: Principal, limit: int = 100) -> list[int]:
         """Disputed items without a decision that ``who`` did not label, oldest first."""
-        ids = disputed_items().subquery()
+        ids = self._disputed().subquery()
         mine = exists().where(ComparisonRow.item_id == ids.c.item_id, ComparisonRow.labeler_id == who.id)
         with self.store.session(write=False) as s:
             return [int(i) for i in s.scalars(select(ids.c.item_id).where(~_decided(ids.c.item_id), ~mine)
                                               .order_by(ids.c.item_id).limit(limit))]
 
+    def _is_disputed(self, s: Any, item_id: int) -> bool:
+        return bool(s.scalar(select(func.count()).select_from(
+            self._disputed().where(ComparisonRow.item_id == item_id).subquery())))
+
     def dispute(self, who: Principal, item_id: int) -> Dispute:
+        """A disputed item (open or decided) as its adjudicator sees it; any other item: NotFound (an
+        adjudicator reads the labels of disagreements only)."""
         with self.store.session(write=False) as s:
             item = s.get(ItemRow, item_id)
-            if item is None:
-                raise NotFound(f"item {item_id}: no such item")
+            if item is None or not self._is_disputed(s, item_id):
+                raise NotFound(f"item {item_id}: no such disagreement")
             rows = s.execute(select(ComparisonRow, LabelerRow.name)
                              .join(LabelerRow, LabelerRow.id == ComparisonRow.labeler_id)
                              .where(ComparisonRow.item_id == item_id).order_by(ComparisonRow.id)).all()
@@ -116,12 +129,12 @@ class Adjudication:
                 raise NotFound(f"item {item_id}: no such item")
             if position is not None and not 1 <= position <= item.k:
                 raise BadInput(f"choice: expected a position 1..{item.k}, got {position}")
-            disputed = s.scalar(select(func.count()).select_from(
-                disputed_items().where(ComparisonRow.item_id == item_id).subquery()))
+            disputed = self._is_disputed(s, item_id)
             labeled = s.scalar(select(ComparisonRow.id).where(and_(
                 ComparisonRow.item_id == item_id, ComparisonRow.labeler_id == who.id, ~ComparisonRow.adjudication)))
         if not disputed:
-            raise Conflict(f"item {item_id}: its labels do not disagree; there is nothing to decide")
+            raise Conflict(f"item {item_id}: its labels do not disagree (or not all of them are in yet); there is "
+                           "nothing to decide")
         if labeled is not None:
             raise Conflict(f"item {item_id}: you labeled it yourself; another adjudicator or admin decides it")
         chosen = None if position is None else position - 1

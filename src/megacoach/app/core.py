@@ -58,7 +58,7 @@ def build_state(store: LabelStore, settings: AppSettings) -> AppState:
     templates.env.globals["fmt_dt"] = lambda t: "–" if t is None else t.strftime("%Y-%m-%d %H:%M:%S UTC")
     return AppState(store, settings, Auth(store, settings), assigner, Labeling(store, settings, assigner),
                     templates, versions, StoreRateLimit(store, "andon", settings.andon_rate_per_min, 60.0),
-                    Adjudication(store))
+                    Adjudication(store, settings.overlap))
 
 
 def _fmt_s(x: Optional[float]) -> str:
