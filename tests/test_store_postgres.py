@@ -115,3 +115,35 @@ def test_newer_schema_refused(store):
     engine.dispose()
     with pytest.raises(StoreError, match="9999_future"):
         LabelStore(PG_URL)
+
+
+def test_ties_decisions_and_disagreements(store):
+    """Migration 0009 on PostgreSQL: ties and "none acceptable" (chosen NULL, checked by the database), one
+    decision per item (the partial unique index), the training view, and the disagreement query."""
+    from megacoach.app.adjudication import Adjudication, disputed_items
+    from megacoach.app.auth import Principal
+    from megacoach.labels.schema import ComparisonRow
+
+    c = store.create_item("q", [1, 2], [NewSample(f"s{j}", [3 + j]) for j in range(3)], overlap=2,
+                          gold_explanation="why")
+    item = c.item.id
+    a, b = store.get_or_create_labeler("alice").id, store.get_or_create_labeler("bob").id
+    judge = store.get_or_create_labeler("judge", role="admin")
+    best = store.add_comparison(item, 2, a)
+    tie = store.add_comparison(item, None, b, verdict="tie")
+    assert tie.chosen is None and store.comparisons() == [best]
+    with store.session(write=False) as s:
+        assert list(s.scalars(disputed_items(2))) == [item]
+    adj = Adjudication(store, 2)
+    assert adj.counts() == dict(open=1, decided=0)
+    who = Principal(judge.id, "judge", "admin", "person", "session")
+    assert adj.open_items(who) == [item]
+    out = adj.decide(who, item, "best", 1, "s0 reads best")
+    assert [(x.chosen, x.adjudication) for x in store.comparisons()] == [(0, True)]
+    store.get_or_create_labeler("x", kind="program")
+    with pytest.raises(DuplicateLabelError):
+        store.add_comparisons([dict(item_id=item, chosen=1, labeler="x", adjudication=True)])
+    assert adj.counts() == dict(open=0, decided=1) and out["chosen"] == 0
+    with pytest.raises(Exception, match="chosen_matches_verdict"), store.session() as s, s.begin():
+        s.get(ComparisonRow, best.id).chosen = None
+    assert store.get_item(item).gold_explanation == "why"
