@@ -143,9 +143,10 @@ class Labeling:
             raise BadInput("choice: pick the best continuation (or say they are equally good, or none is acceptable)")
         now = utcnow()
         with self.store.session(write=False) as s:  # one read transaction for the checks
-            k = s.scalar(select(ItemRow.k).where(ItemRow.id == item_id))
-            if k is None:
+            found = s.execute(select(ItemRow.k, ItemRow.is_gold).where(ItemRow.id == item_id)).first()
+            if found is None:
                 raise NotFound(f"item {item_id}: no such item")
+            k, is_gold = found
             if position is not None and not 1 <= position <= k:
                 raise BadInput(f"choice: expected a position 1..{k}, got {position}")
             lock = self.assigner.current_lock(s, who.id, item_id)
@@ -186,7 +187,8 @@ class Labeling:
         # The lock stays until this labeler's next assignment deletes it (it no longer counts).
         return dict(comparison_id=rec.id, item_id=item_id, verdict=verdict, chosen=chosen, position=position,
                     too_fast=too_fast, time_taken_s=round(taken, 3), flagged=flagged,
-                    guideline_version=rec.guideline_version, gold=self.gold_feedback(who, item_id))
+                    guideline_version=rec.guideline_version,
+                    gold=self.gold_feedback(who, item_id) if is_gold else None)
 
     def gold_feedback(self, who: Principal, item_id: int) -> Optional[dict]:
         """When ``who`` labeled gold item ``item_id`` and missed its answer (another continuation, a tie or
