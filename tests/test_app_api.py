@@ -101,6 +101,38 @@ def test_invitation_flow_creates_labeler_and_is_single_use(world):
     assert "invite" in actions and "invite_accept" in actions
 
 
+def test_adjudicator_invitations_make_labelers_who_decide(world):
+    """An adjudicator can be invited from the People page's form and from the API; accepting makes a labeler
+    (the store's role) with the adjudicator flag, whose app role is "adjudicator"."""
+    c = TestClient(world.app)
+    csrf = login(c, "root")
+    people = c.get("/admin/people")
+    assert '<option value="adjudicator">' in people.text
+    page = c.post("/admin/invites", data=dict(name="ada", role="adjudicator", csrf_token=csrf))
+    assert page.status_code == 200 and "/invite/" in page.text
+    r = c.post("/api/admin/invites", json=dict(name="judy", role="adjudicator"), headers={"x-csrf-token": csrf})
+    assert r.status_code == 201 and r.json()["role"] == "adjudicator"
+    url = r.json()["url"]
+    invites = {i["name"]: i for i in c.get("/api/admin/people").json()["invitations"]}
+    assert invites["ada"]["role"] == invites["judy"]["role"] == "adjudicator" and invites["judy"]["state"] == "open"
+
+    guest = TestClient(world.app)
+    path = url[url.index("/invite/"):]
+    welcome = guest.get(path)
+    assert "invited as <strong>adjudicator</strong>" in welcome.text
+    r = guest.post(path, data=dict(password=PASSWORD, password2=PASSWORD, csrf_token=csrf_of(welcome.text)),
+                   follow_redirects=False)
+    assert r.status_code == 303
+    assert guest.get("/api/me").json()["role"] == "adjudicator"
+    rec = world.store.get_labeler("judy")
+    assert (rec.kind, rec.role, rec.adjudicator) == ("person", "labeler", True)
+    assert guest.get("/adjudicate").status_code == 200
+    accepted = [e for e in world.store.audit_entries() if e.action == "invite_accept"]
+    assert accepted[-1].detail["role"] == "adjudicator"
+    bad = c.post("/api/admin/invites", json=dict(name="x", role="judge"), headers={"x-csrf-token": csrf})
+    assert bad.status_code == 422
+
+
 def test_invitation_expires(tmp_path):
     from megacoach.labels.schema import InvitationRow
 
@@ -498,12 +530,21 @@ def test_bootstrap_admin_link_and_create_admin(tmp_path):
 def test_cli_app_commands(tmp_path):
     from typer.testing import CliRunner
 
+    from megacoach.app.auth import Auth
     from megacoach.app.cli import app as label
+    from megacoach.app.settings import AppSettings
+    from megacoach.labels.store import LabelStore
 
     runner = CliRunner()
     db = str(tmp_path / "cli.db")
     r = runner.invoke(label, ["invite", "erin", "--db", db])
     assert r.exit_code == 0 and "/invite/" in r.output
+    r = runner.invoke(label, ["invite", "fay", "--db", db, "--role", "adjudicator"])
+    assert r.exit_code == 0 and "/invite/" in r.output
+    with LabelStore(f"sqlite:///{db}") as store:
+        token = r.output.strip().rsplit("/invite/", 1)[1]
+        assert Auth(store, AppSettings(**FAST)).accept_invitation(token, PASSWORD).role == "adjudicator"
+        assert store.get_labeler("fay").adjudicator is True
     r = runner.invoke(label, ["token", "trainer", "--db", db])
     assert r.exit_code == 0 and r.output.strip().startswith("mct_")
     r = runner.invoke(label, ["serve", "--help"])

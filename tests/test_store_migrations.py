@@ -244,7 +244,7 @@ def test_upgrade_from_0008_keeps_labels_as_best_and_downgrade_drops_what_0008_ca
     _upgrade(path, "0008_rate_limits")
     _fill_v1(path)
     with LabelStore(f"sqlite:///{path}") as store:
-        assert store.schema_version() == "0009_verdicts_adjudication" == LabelStore.code_schema_version()
+        assert store.schema_version() == LabelStore.code_schema_version()
         [old] = store.comparisons(view="all")
         assert (old.verdict, old.chosen, old.adjudication, old.gold_explanation) == ("best", 1, False, None)
         assert store.get_labeler("alice").adjudicator is False
@@ -280,3 +280,45 @@ def test_upgrade_from_0008_keeps_labels_as_best_and_downgrade_drops_what_0008_ca
     engine.dispose()
     with LabelStore(f"sqlite:///{path}") as store:  # and up again
         assert [(c.verdict, c.chosen) for c in store.comparisons(view="all")] == [("best", 1), ("best", 1)]
+
+
+def _invite(c, id_, name, role, used_by=None):
+    c.execute(text("INSERT INTO invitations (id, token_hash, name, role, created_by, created_at, expires_at, used_at, "
+                   "labeler_id) VALUES (:id, :h, :name, :role, 'root', '2026-01-01 10:00:00', '2099-01-01 10:00:00', "
+                   ":used, :lab)"),
+              dict(id=id_, h=hashlib.sha256(name.encode()).hexdigest(), name=name, role=role,
+                   used="2026-01-02 10:00:00" if used_by else None, lab=used_by))
+
+
+def test_upgrade_from_0009_widens_invitation_roles_and_downgrade_turns_adjudicators_into_labelers(tmp_path):
+    """0010: ``invitations.role`` holds "adjudicator" (existing invitations kept as they were). Downgrading to
+    0009 turns every adjudicator invitation into a labeler invitation (the flag is lost for the open ones),
+    keeps the others, and leaves the adjudicator flag of an account made from such an invitation set."""
+    path = tmp_path / "v9.db"
+    _upgrade(path, "0009_verdicts_adjudication")
+    engine = _engine(path)
+    with engine.begin() as c:
+        _invite(c, 1, "lena", "labeler")
+        _invite(c, 2, "root2", "admin")
+    engine.dispose()
+    with LabelStore(f"sqlite:///{path}") as store:
+        assert store.schema_version() == "0010_invitation_roles" == LabelStore.code_schema_version()
+        judge = store.get_or_create_labeler("judith")
+        store.update_labeler(judge.id, adjudicator=True)
+        with store.engine.begin() as c:
+            _invite(c, 3, "judith", "adjudicator", used_by=judge.id)
+            _invite(c, 4, "ada", "adjudicator")
+    engine = _engine(path)
+    assert {c["name"]: c for c in inspect(engine).get_columns("invitations")}["role"]["type"].length == 20
+    engine.dispose()
+
+    _downgrade(path, "0009_verdicts_adjudication")
+    engine = _engine(path)
+    role = {c["name"]: c for c in inspect(engine).get_columns("invitations")}["role"]
+    assert role["type"].length == 10 and role["nullable"] is False
+    with engine.connect() as c:
+        assert c.execute(text("SELECT id, name, role, labeler_id FROM invitations ORDER BY id")).all() == [
+            (1, "lena", "labeler", None), (2, "root2", "admin", None), (3, "judith", "labeler", judge.id),
+            (4, "ada", "labeler", None)]
+        assert c.execute(text("SELECT adjudicator FROM labelers WHERE name = 'judith'")).scalar() == 1
+    engine.dispose()

@@ -107,7 +107,7 @@ class AndonIn(Strict):
 
 class InviteIn(Strict):
     name: str = Field(min_length=1, max_length=1000)
-    role: Literal["labeler", "admin"] = "labeler"
+    role: Literal["labeler", "adjudicator", "admin"] = "labeler"
 
 
 class ActiveIn(Strict):

@@ -57,7 +57,8 @@ def app_role(row: Any) -> str:
     """A labeler row's (or record's) role in the app: "adjudicator" for a labeler allowed to decide
     disagreements, else the stored role."""
     return "adjudicator" if row.role == "labeler" and getattr(row, "adjudicator", False) else row.role
-INVITABLE_ROLES = ("labeler", "admin")
+# An invitation's role; "adjudicator" makes a labeler with ``labelers.adjudicator`` set.
+INVITABLE_ROLES = ("labeler", "adjudicator", "admin")
 MAX_TOKEN_DAYS = 3650
 
 
@@ -417,7 +418,8 @@ class Auth:
                     raise AppError("this invitation was already used; log in instead", 410)
                 if s.scalar(select(LabelerRow.id).where(LabelerRow.name == row.name)) is not None:
                     raise Conflict(f"an account called {row.name!r} already exists")
-                lab = LabelerRow(name=row.name, kind="person", role=row.role, password_hash=pw_hash, active=True)
+                lab = LabelerRow(name=row.name, kind="person", role="admin" if row.role == "admin" else "labeler",
+                                 adjudicator=row.role == "adjudicator", password_hash=pw_hash, active=True)
                 s.add(lab)
                 s.flush()
                 row.used_at = now

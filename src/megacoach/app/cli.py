@@ -4,7 +4,7 @@
     megacoach label serve --db URL --workers 2                     # two worker processes on one port
     megacoach label create-admin NAME --db URL                     # or make an admin directly (asks a password)
     megacoach label reset-password NAME --db URL                   # a person's new password (role kept)
-    megacoach label invite NAME --db URL [--role admin]            # an invitation link from the shell
+    megacoach label invite NAME --db URL [--role adjudicator|admin] # an invitation link from the shell
     megacoach label token OWNER --db URL [--scope read] [--days 90] # an API token for the trainer/scripts
 """
 
@@ -125,10 +125,11 @@ def reset_password_cmd(
 def invite_cmd(
     name: Annotated[str, typer.Argument(help="The person's log-in name.")],
     db: DbOpt = None,
-    role: Annotated[str, typer.Option("--role", help="labeler or admin.")] = "labeler",
+    role: Annotated[str, typer.Option(
+        "--role", help="labeler, adjudicator (a labeler who also decides disagreements) or admin.")] = "labeler",
     base_url: Annotated[str, typer.Option("--base-url", help="Where the app is reachable.")] = "http://127.0.0.1:8000",
 ):
-    """Print a one-time invitation link for a new labeler (or admin)."""
+    """Print a one-time invitation link for a new labeler (or adjudicator, or admin)."""
     # SQLAlchemy: imported when the command runs, keeps `megacoach --help` light
     from megacoach.app.auth import Auth
     from megacoach.labels.store import LabelStore

@@ -49,11 +49,15 @@ or "none acceptable"), ``comparisons.adjudication`` (an adjudicator's decision o
 disagree; at most one per item, ``uq_comparisons_adjudication``), ``items.gold_explanation`` (shown to a
 labeler who misses a gold item) and ``labelers.adjudicator`` (a labeler who may decide disagreements).
 
+Revision 0010_invitation_roles: ``invitations.role`` holds 20 characters, so that a person can be invited
+as an ``adjudicator`` (accepting makes a labeler with ``labelers.adjudicator`` set).
+
 Migrations live in ``megacoach/labels/migrations/versions`` (0001 initial, 0002 calibration/overlap,
 too-fast flag, confidence, Andon cord and run status, 0003 the labeling app's tables, 0004 API token
 scopes and expiry, and how each label arrived: ``comparisons.via`` / ``api_token_id``; 0005 the
 app's server-side secrets; 0006 the assignment indexes; 0007 the log-in throttle's counts; 0008 the
-rate limits' windows). A new table goes into ``Base.metadata`` here with an Alembic revision whose
+rate limits' windows; 0009 ties, "none acceptable", adjudication and gold explanations; 0010 adjudicator
+invitations). A new table goes into ``Base.metadata`` here with an Alembic revision whose
 ``down_revision`` is the current head; the store always migrates to head.
 
 Times are stored as naive UTC in the database and returned as timezone-aware UTC datetimes.
@@ -340,7 +344,7 @@ class InvitationRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String(200))
-    role: Mapped[str] = mapped_column(String(10))
+    role: Mapped[str] = mapped_column(String(20))  # labeler | adjudicator | admin (rev 0010: 20 characters)
     created_by: Mapped[str] = mapped_column(String(200), default="")
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
