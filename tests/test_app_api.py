@@ -113,7 +113,7 @@ def test_adjudicator_invitations_make_labelers_who_decide(world):
     r = c.post("/api/admin/invites", json=dict(name="judy", role="adjudicator"), headers={"x-csrf-token": csrf})
     assert r.status_code == 201 and r.json()["role"] == "adjudicator"
     url = r.json()["url"]
-    invites = {i["name"]: i for i in c.get("/api/admin/people").json()["invitations"]}
+    invites = {i["name"]: i for i in c.get("/api/admin/labelers").json()["invitations"]}
     assert invites["ada"]["role"] == invites["judy"]["role"] == "adjudicator" and invites["judy"]["state"] == "open"
 
     guest = TestClient(world.app)
