@@ -7,14 +7,14 @@ import pytest
 import torch
 
 
-def _trainer(model_dir, **ppo):
+def _trainer(model_dir, task=None, **ppo):
     from megacoach.config import load_config
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
-    cfg = load_config(preset="tiny", overrides=[{"model": {"name_or_path": str(model_dir)}, "ppo": ppo}])
+    cfg = load_config(preset="tiny", overrides=[{"model": {"name_or_path": str(model_dir)}, "ppo": ppo, "task": task or {}}])
     torch.manual_seed(0)
     lm, tok = load_causal_lm(str(model_dir))
     coach = RewardModel.from_base(str(model_dir), tokenizer=tok, seed=0).eval()
@@ -66,10 +66,12 @@ def test_rewards_and_advantages_are_whitened_once_over_the_whole_batch(tiny_mode
     episodes here), not over each update minibatch (4): what config.py and ppo/objective.py say."""
     from megacoach.ppo import objective
 
-    tr = _trainer(tiny_model_dir, batch_size=8, mini_batch_size=4, whiten_rewards=True)
+    # no truncation: every response is valid, so the (random) Values Coach's scores differ from row to row
+    tr = _trainer(tiny_model_dir, {"truncate_token": None}, batch_size=8, mini_batch_size=4, whiten_rewards=True)
     beta = tr.kl_ctl.value
     batch = tr.rollout(tr.next_queries())
     p = batch.path
+    assert bool(batch.valid.all()) and float(p.scores.std()) > 0
     raw, _ = objective.assemble_rewards(p.scores, p.kl, beta, batch.mask)
     whole = objective.whiten_rewards(raw, batch.mask)
     assert torch.allclose(p.rewards, whole, atol=1e-6)
