@@ -195,8 +195,8 @@ class PPOLoop:
     # ---------------------------------------------------------------- the end
     def finish(self, eval_queries, coach_metrics) -> dict:
         initial = [json.loads(line) for line in (self.rundir.path / "initial_samples.jsonl").read_text().splitlines()]
-        final = [g[0] for g in self.sampler.continuations(
-            eval_queries, 1, seeds.generator(self.cfg.run.seed, seeds.Stream.EVAL_SAMPLING))]
+        final = [g[0] for g in self.sampler.continuations(eval_queries, 1, seeds.generator(
+            self.cfg.run.seed, seeds.Stream.EVAL_SAMPLING, device=self.sampler.device))]  # where the model samples
         rows = [{"query": q.text, "initial": ini["response"], "final": fin.text}
                 for q, ini, fin in zip(eval_queries, initial, final)]
         extra = {}
