@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from megacoach.errors import ConfigError
@@ -34,6 +35,9 @@ def _peft(model, r: int, alpha: float, dropout: float, target_modules: list[str]
         peft_model = get_peft_model(model, config)
     except ValueError as err:  # PEFT knows no default for this family, or a module name is not in the model
         raise ConfigError(f"{field}: {err}") from None
+    for q in peft_model.parameters():  # what trains is float32 over any base (PEFT upcasts, this makes sure)
+        if q.requires_grad and q.is_floating_point() and q.dtype != torch.float32:
+            q.data = q.data.float()
     precision = getattr(model, PRECISION_ATTR, None)
     if precision is not None:
         setattr(peft_model, PRECISION_ATTR, precision)  # lm.hf.autocast reads it on the model it is given
