@@ -213,6 +213,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
         lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
         ref = AdapterOff(lm)  # (over a bf16 base the adapter trains in float32: lm.adapters.add_lora)
+        values_coach.share_base(lm)  # a LoRA Values Coach on the same base: its adapter joins it (one base copy)
     else:
         ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     if cfg.ppo.gradient_checkpointing:  # only the update's backward pass recomputes (sampling is inference)
