@@ -8,7 +8,9 @@ live monitors, the guards' preflight and a Values Coach training step run that w
 silently compute on the CPU, or fail far from the line that made the tensor.
 
 `torch.set_default_device` does not reach `torch.Generator()` (it stays on the CPU, tested below): generators are
-made with an explicit device anyway.
+made with an explicit device anyway. A whole guarded run, its end (`PPOLoop.finish`) included, is checked for
+sampling generators that `seeds.generator` made on the CPU by default, and its checkpoint, made to look like a GPU
+run's (CUDA generator states), resumes here with the guards on.
 """
 
 from __future__ import annotations
