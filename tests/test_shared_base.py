@@ -45,6 +45,8 @@ def pair(tiny_model_dir):
     from megacoach.pipeline import build_trainer
 
     cfg, lm, tok, coach, queries = _parts(tiny_model_dir, coach_lora=True)
+    with torch.no_grad():  # a pad token added at load gets a random row each time: it never reaches a score
+        coach.trunk.get_input_embeddings().weight[tok.pad_token_id] += 1.0
     separate = copy.deepcopy(coach)
     shared = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries)
     _nonzero_(shared.apprentice.lm, 2)

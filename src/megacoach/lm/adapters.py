@@ -166,19 +166,38 @@ def _base_weights(module: nn.Module) -> dict[str, torch.Tensor]:
             if "lora_" not in n}
 
 
-def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER) -> SharedTrunk | None:
+def _same_base(own: dict, shared: dict, embeddings: str | None, pad_id: int | None) -> bool:
+    """Whether two trunks' base weights are equal, the pad token's input-embedding row aside: a run's tokenizer may
+    add a pad token, whose new row each load initialises at random, and that row never reaches a score (pad positions
+    are masked out of attention and never read)."""
+    if own.keys() != shared.keys():
+        return False
+    for k, a in own.items():
+        b = shared[k]
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            return False
+        if k == embeddings and pad_id is not None and 0 <= pad_id < a.shape[0]:
+            keep = torch.arange(a.shape[0], device=a.device) != pad_id
+            a, b = a[keep], b[keep]
+        if not torch.equal(a, b):
+            return False
+    return True
+
+
+def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER, pad_id: int | None = None) -> SharedTrunk | None:
     """The Values Coach's LoRA trunk `coach_trunk` (a PEFT model over a bare trunk: `add_trunk_lora`) as an adapter
     of the Apprentice's PEFT model `peft_lm`, over its base: returns the trunk to score with (`SharedTrunk`), or None
-    where the two bases are not the same weights (another model, precision or device), which then stay apart.
+    where the two bases are not the same weights (another model, precision or device; the pad token's embedding row
+    `pad_id` aside: `_same_base`), which then stay apart.
     The coach's adapter is copied in frozen; the Apprentice's adapter still trains, and the original model (all
     adapters off) is unchanged. The same scores as the separate trunk, exactly: same weights, same computation."""
     from peft import LoraConfig
 
-    own = _base_weights(coach_trunk.base_model.model)
-    shared = _base_weights(trunk_of(peft_lm))
-    if own.keys() != shared.keys() or any(
-            a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b)
-            for a, b in ((own[k], shared[k]) for k in own)):
+    base = coach_trunk.base_model.model
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    emb_name = next((n.replace(".base_layer", "") for n, m in base.named_modules() if m is emb), None)
+    if not _same_base(_base_weights(base), _base_weights(trunk_of(peft_lm)),
+                      None if emb_name is None else f"{emb_name}.weight".lstrip("."), pad_id):
         return None
     conf = coach_trunk.peft_config["default"]
     coach_layers = _lora_layers(coach_trunk.base_model.model)

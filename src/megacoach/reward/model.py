@@ -169,7 +169,7 @@ class RewardModel(nn.Module):
 
         if not self.lora or self.retokenizer is not None or not has_adapter(self.trunk):
             return False
-        shared = share_trunk(peft_lm, self.trunk)
+        shared = share_trunk(peft_lm, self.trunk, pad_id=self.pad_id)
         if shared is None:
             return False
         precision = self.precision
