@@ -128,14 +128,16 @@ fi
 step env bash -c "nvidia-smi; $PY -c 'import sys, torch; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
 record env "$RC" "$SECS" "$(grep -m1 '^torch' "$OUT/env.log")"
 
-setup() {
-  "$PY" benchmarks/wheelhouse.py check "$WH" || return 1
-  "$PY" -m pip install -q --no-index --find-links "$WH" $("$PY" benchmarks/wheelhouse.py requirements) || return 1
-  "$PY" -m pip install -q --no-index --no-deps --find-links "$WH" trl || echo "trl not installed: the TRL bench will fail"
-  "$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || return 1
-  "$PY" -c 'import megacoach, torch, transformers; print("megacoach ready: torch", torch.__version__, "transformers", transformers.__version__)'
-}
-step setup setup
+# megacoach itself is imported from src/ (PYTHONPATH) whether or not its editable install below works
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+SETUP='set -e
+"$PY" benchmarks/wheelhouse.py check "$WH"
+"$PY" -m pip install -q --no-index --find-links "$WH" $("$PY" benchmarks/wheelhouse.py requirements)
+"$PY" -m pip install -q --no-index --no-deps --find-links "$WH" trl || echo "trl not installed: the TRL bench will fail"
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation -e . || echo "no editable install: megacoach from src/"
+"$PY" -c "import megacoach, torch, transformers; print(\"megacoach ready: torch\", torch.__version__, \"transformers\", transformers.__version__)"'
+export PY WH
+step setup bash -c "$SETUP"
 record setup "$RC" "$SECS" "$(tail -1 "$OUT/setup.log" | cut -c1-150)"
 
 step gpu_tests "$PY" -m pytest -p no:cacheprovider -o addopts= -q -rfEs -m gpu tests/test_gpu.py
