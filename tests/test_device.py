@@ -8,7 +8,9 @@ live monitors, the guards' preflight and a Values Coach training step run that w
 silently compute on the CPU, or fail far from the line that made the tensor.
 
 `torch.set_default_device` does not reach `torch.Generator()` (it stays on the CPU, tested below): generators are
-made with an explicit device anyway.
+made with an explicit device anyway. A whole guarded run, its end (`PPOLoop.finish`) included, is checked for
+sampling generators that `seeds.generator` made on the CPU by default, and its checkpoint, made to look like a GPU
+run's (CUDA generator states), resumes here with the guards on.
 """
 
 from __future__ import annotations
@@ -181,3 +183,153 @@ def test_cpu_defaults_are_fp32_and_say_so(tiny_model_dir):
     assert (hw.device, hw.apprentice, hw.reference, hw.values_coach, hw.tf32) == (torch.device("cpu"), "fp32",
                                                                                    "fp32", "fp32", False)
     assert "Apprentice fp32" in hw.line() and hw.describe()["value_head"] == "fp32"
+
+
+# ------------------------------------------------------------------------------------------ a whole run
+CUDA_STATE_BYTES = 16  # a CUDA generator's state (seed and offset); a CPU one's is 5,056 bytes
+
+
+@contextmanager
+def sampling_generators_named():
+    """Records the megacoach lines whose random generator reaches a sampler (`HFGenerator.generate`) although it was
+    made by `seeds.generator` without `device=`: its CPU default, which a model on a GPU refuses. Yields the set."""
+    from megacoach.sampling import HFGenerator
+
+    found: set[str] = set()
+    defaulted: dict[int, str] = {}
+    keep: list = []  # the recorded generators stay alive, so their ids stay theirs
+    real_generator, real_generate = seeds.generator, HFGenerator.generate
+
+    def generator(base, stream, offset=0, device=None):
+        if device is None:
+            g = real_generator(base, stream, offset)
+            defaulted[id(g)] = _caller() or "?"
+            keep.append(g)
+            return g
+        return real_generator(base, stream, offset, device=device)
+
+    def generate(self, queries, response_length, temperature, generator=None, *args, **kwargs):
+        if generator is not None and id(generator) in defaulted:
+            found.add(defaulted[id(generator)])
+        return real_generate(self, queries, response_length, temperature, generator, *args, **kwargs)
+
+    seeds.generator, HFGenerator.generate = generator, generate
+    try:
+        yield found
+    finally:
+        seeds.generator, HFGenerator.generate = real_generator, real_generate
+
+
+def _as_if_saved_on_cuda(state: dict) -> dict:
+    """A CPU run's checkpoint with its device-side random streams as a CUDA run saves them (16-byte states)."""
+    cuda = torch.arange(CUDA_STATE_BYTES, dtype=torch.uint8, device="cpu")
+    state["trainer"]["rng"].update({"gen_sample": cuda.clone(), "gen_sample_device": "cuda"})
+    state["guards"].update({"gen": cuda.clone(), "gen_device": "cuda"})
+    return state
+
+
+def test_a_whole_guarded_run_ends_and_resumes_from_another_kind_of_device(tiny_model_dir, tmp_path):
+    """`megacoach train` with the guards, to its end (`PPOLoop.finish`: before/after samples, summary, report, the
+    Apprentice saved) with every sampling generator made on the models' device; then its checkpoint, made to look
+    like a GPU run's (16-byte CUDA generator states), resumed here for one more iteration with the guards on."""
+    from megacoach.pipeline import train
+    from megacoach.runs import RunDir
+
+    db, coach_dir = H.prepare_tiny(tmp_path / "prep", tiny_model_dir)
+    run = H.new_run(tmp_path / "run", db)
+    cfg = H.tiny_config(run, tiny_model_dir, coach_dir, run={"out": str(run), "max_iterations": 1})
+    with sampling_generators_named() as found:
+        summary = train(cfg, console=QUIET)
+    assert not found, "sampling generators made on the CPU by default at:\n" + "\n".join(sorted(found))
+    assert summary["iterations"] == 1
+    for name in ("before_after.jsonl", "summary.json", "report.html", "apprentice/config.json"):
+        assert (run / name).is_file(), name
+
+    rundir = RunDir(run)
+    rundir.save_checkpoint(_as_if_saved_on_cuda(rundir.latest_checkpoint()), 1)
+    more = H.tiny_config(run, tiny_model_dir, coach_dir, run={"out": str(run), "max_iterations": 2})
+    assert train(more, resume=True, console=QUIET)["iterations"] == 2
+    assert not (run / "HALTED.json").exists()
+    resumed = rundir.latest_checkpoint()  # the streams of this run's own kind, said so
+    assert resumed["guards"]["gen"].numel() == torch.Generator(device="cpu").get_state().numel()
+    assert resumed["guards"]["gen_device"] == "cpu" and resumed["trainer"]["rng"]["gen_sample_device"] == "cpu"
+
+
+def test_a_generator_state_of_another_kind_of_device_leaves_the_stream_alone():
+    cpu = seeds.generator(1, seeds.Stream.GUARD_SAMPLING, device="cpu")
+    before = cpu.get_state()
+    cuda_state = torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8, device="cpu")
+    assert not seeds.restore(cpu, cuda_state, "cuda") and torch.equal(cpu.get_state(), before)
+    assert not seeds.restore(cpu, cuda_state)  # an older checkpoint that does not say: told by the state's size
+    assert torch.equal(cpu.get_state(), before)
+    other = seeds.generator(2, seeds.Stream.GUARD_SAMPLING, device="cpu").get_state()
+    assert seeds.restore(cpu, other, "cpu") and torch.equal(cpu.get_state(), other)
+
+    class CudaLike:  # a CUDA generator as restore sees it: its device and its 16-byte state
+        device = torch.device("cuda", 0)
+
+        def __init__(self):
+            self.state = torch.ones(CUDA_STATE_BYTES, dtype=torch.uint8, device="cpu")
+
+        def get_state(self):
+            return self.state
+
+        def set_state(self, state):
+            self.state = state
+
+    g = CudaLike()
+    assert not seeds.restore(g, other, "cpu") and not seeds.restore(g, other)
+    assert seeds.restore(g, cuda_state, "cuda") and torch.equal(g.state, cuda_state)
+
+
+def test_guards_and_lockstep_restore_only_a_stream_of_their_own_kind(rig):
+    from megacoach.distributed import Dist, Lockstep
+    from megacoach.guards.core import Guards
+    from megacoach.pipeline import build_trainer
+
+    cfg, lm, tok, coach, queries, store, labeler = rig
+    trainer = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries)
+    guards = Guards(cfg, trainer, store, labeler, log=QUIET.print)
+    state = guards.state_dict()
+    own = guards.gen.get_state()
+    guards.load_state_dict({**state, "gen": torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8), "gen_device": "cuda"})
+    assert torch.equal(guards.gen.get_state(), own)
+    legacy = {k: v for k, v in state.items() if k != "gen_device"}  # saved before states said their device
+    guards.load_state_dict({**legacy, "gen": torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8)})
+    assert torch.equal(guards.gen.get_state(), own)
+
+    lock = Lockstep(Dist.single(), coach)
+    sample = trainer.gens["sample"]
+    mine = sample.get_state()
+    lock.load_state_dict(trainer, {"sample_rng_ranks": [torch.zeros(CUDA_STATE_BYTES, dtype=torch.uint8)],
+                                   "sample_rng_device": "cuda"}, mine)
+    assert torch.equal(sample.get_state(), mine) and lock.state_dict() == {}
+    saved = seeds.generator(9, seeds.Stream.PPO_QUERIES, device="cpu").get_state()
+    lock.load_state_dict(trainer, {"sample_rng_ranks": [saved], "sample_rng_device": "cpu"}, mine)
+    assert torch.equal(sample.get_state(), saved) and lock.state_dict()["sample_rng_device"] == "cpu"
+
+
+def test_generators_and_models_compare_by_device_type_and_index():
+    from megacoach.lm.hf import same_device
+
+    assert same_device("cuda", "cuda:0") and same_device(torch.device("cuda", 0), "cuda")
+    assert not same_device("cuda:1", "cuda:0") and not same_device("cpu", "cuda:0")
+    assert same_device("cpu", torch.device("cpu", 0))
+
+
+def test_the_sampler_takes_a_generator_that_names_its_device_with_an_index(tiny_model_dir):
+    """torch matches `cpu` with `cpu:0` (and `cuda` with `cuda:0`): so does the sampler's check."""
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.sampling import HFGenerator
+
+    class Indexed(torch.Generator):  # a generator that reports its device with an index, as torch.device('cpu', 0)
+        @property
+        def device(self):
+            return torch.device("cpu", 0)
+
+    lm, tok = load_causal_lm(str(tiny_model_dir))
+    gen = HFGenerator(lm, tok.pad_token_id)
+    q = torch.full((2, 4), 5, dtype=torch.long, device="cpu")
+    a = gen.generate(q, 3, 1.0, Indexed(device="cpu").manual_seed(0))
+    b = gen.generate(q, 3, 1.0, torch.Generator(device="cpu").manual_seed(0))
+    assert torch.equal(a.responses, b.responses)

@@ -37,7 +37,8 @@ class ModelConfig(_Section):
     precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
         "auto", description="The Apprentice's numeric precision. 'fp32'; 'bf16-mixed': float32 master weights and "
         "optimiser state, bf16 autocast for the forward passes, log-probs, KL, values, advantages and losses in "
-        "float32; 'bf16': bfloat16 weights (meant for models that only infer). Default 'auto': fp32 on the CPU, "
+        "float32; 'bf16': bfloat16 weights, for a frozen base under a LoRA adapter (ppo.lora_r; without LoRA it is "
+        "refused: use bf16-mixed). Default 'auto': fp32 on the CPU, "
         "bf16-mixed on a GPU with bfloat16 (fp32 on one without). The run says which at start and in "
         "RUN_DIR/precision.json.")
     reference_precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = Field(
@@ -220,10 +221,12 @@ class PPOConfig(_Section):
     forward_batch_size: int | None = Field(
         None, ge=1, description="Rows per forward pass when a rollout is scored (Values Coach, original model, and the "
         "'forward' rollout pass); None = ppo.mini_batch_size. Only peak memory changes: each row is computed alone.")
-    rollout_pass: Literal["sampling", "forward"] = Field(
-        "sampling", description="Where the old log-probs and values come from. 'sampling': kept from the KV-cached "
-        "sampling pass (no second forward of the Apprentice; equal up to float rounding). 'forward': recomputed in a "
-        "separate full forward pass (the straightforward path, as ORIG).")
+    rollout_pass: Literal["auto", "sampling", "forward"] = Field(
+        "auto", description="Where the old log-probs and values come from. 'sampling': kept from the KV-cached "
+        "sampling pass (no second forward of the Apprentice; equal up to float rounding in fp32). 'forward': "
+        "recomputed in a separate full forward pass (the straightforward path, as ORIG), the same forward the update "
+        "runs. Default 'auto': 'sampling' for an fp32 Apprentice, 'forward' in any other precision (in bf16 the "
+        "decode and the full forward round differently: the PPO ratio would not start at 1; docs/hardware.md).")
     lora_r: int = Field(0, ge=0, description="Rank of a LoRA adapter (through PEFT) on the Apprentice; 0 (default): "
                         "off, every weight trains (the paper). With LoRA only the adapter and the value head train, and "
                         "the original model is the same base with the adapter switched off (one copy of the weights; "

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from megacoach import seeds
 from megacoach.errors import ConfigError, MegacoachError
 
 T = TypeVar("T")
@@ -389,6 +390,7 @@ class Lockstep:
         self._coach_shared = values_coach  # the Values Coach the other processes hold
         self._resync = False  # rank 0 loaded a state the others must receive with the next iteration
         self._sample_rngs = None  # every rank's sampling RNG state, for checkpoints
+        self._sample_device = None  # the kind of device those states are of ('cpu', 'cuda')
 
     def lead(self, trainer, before_update):
         with self.dist.collective():
@@ -400,6 +402,7 @@ class Lockstep:
         out = trainer.step(before_update)
         if self.dist.distributed:  # kept for checkpoints, so a resumed run samples as an uninterrupted one
             self._sample_rngs = self.dist.gather_object(trainer.gens["sample"].get_state())
+            self._sample_device = torch.device(trainer.gens["sample"].device).type
         return out
 
     def _lead_message(self, trainer) -> dict:
@@ -458,14 +461,16 @@ class Lockstep:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {} if self._sample_rngs is None else {"sample_rng_ranks": self._sample_rngs}
+        return {} if self._sample_rngs is None else {"sample_rng_ranks": self._sample_rngs,
+                                                     "sample_rng_device": self._sample_device}
 
     def load_state_dict(self, trainer, state: dict, own_sampling) -> None:
         """After the trainer restored `state`: each rank's own sampling stream, and the others told on rank 0."""
         ranks = state.get("sample_rng_ranks")
-        if ranks is not None and len(ranks) == self.dist.processes:
-            trainer.gens["sample"].set_state(ranks[self.dist.rank])
-            self._sample_rngs = ranks
-        elif not self.dist.is_main:  # nothing saved for this rank (another process count): keep its own stream
-            trainer.gens["sample"].set_state(own_sampling)
+        gen = trainer.gens["sample"]
+        if (ranks is not None and len(ranks) == self.dist.processes
+                and seeds.restore(gen, ranks[self.dist.rank], state.get("sample_rng_device"))):
+            self._sample_rngs, self._sample_device = ranks, torch.device(gen.device).type
+        elif not self.dist.is_main:  # nothing for this rank (another process count, or device kind): its own stream
+            gen.set_state(own_sampling)
         self._resync = self.dist.is_main  # the others receive this state with the next iteration

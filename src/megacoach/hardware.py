@@ -11,8 +11,10 @@ Precisions (per model):
   fp32        float32 weights and compute (the default on the CPU)
   bf16-mixed  float32 master weights and optimiser state; the forward passes run under bf16 autocast; log-softmax,
               log-probs, KL, values, advantages and losses stay float32 (the default on a GPU with bf16)
-  bf16        bfloat16 weights: for models that only infer (the original model, the Values Coach when asked); the
-              Apprentice in bf16 also trains its bfloat16 weights directly
+  bf16        bfloat16 weights: for models that only infer (the original model, the Values Coach when asked), and
+              for the Apprentice's frozen base under a LoRA adapter (the adapter and the value head train in
+              float32); the Apprentice without LoRA is refused in bf16 (`check_trainable`: use bf16-mixed)
+              Buffers (a rotary embedding's `inv_freq`) stay float32 in every precision.
   fp16        float16 weights (only through the older `model.dtype=float16`)
 A model's precision is recorded on it (`set_precision`) and `lm.hf.autocast(module)` is the one switch its forward
 passes use, so the sampler, the Apprentice, the original model and the Values Coach each run in their own.
@@ -110,14 +112,30 @@ def compile_in_process() -> bool:
 
 def set_precision(module: nn.Module, precision: str, cast: bool = True) -> nn.Module:
     """Record `precision` on `module` (and cast its floating weights to the precision's dtype when `cast` and
-    they are not in it already)."""
+    they are not in it already). Buffers keep their dtype: a float32 buffer such as a rotary embedding's `inv_freq`
+    stays float32 (in bf16 its frequencies would be off by up to 0.4%, and every position's angle with them)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} (expected one of {', '.join(PRECISIONS)})")
     target = _WEIGHTS[precision]
     if cast and any(p.is_floating_point() and p.dtype != target for p in module.parameters()):
+        kept = [(m, name, b) for m in module.modules() for name, b in m._buffers.items()
+                if b is not None and b.is_floating_point()]
         module.to(target)
+        for m, name, b in kept:  # the same tensors as before the cast (on the same device)
+            m._buffers[name] = b
     setattr(module, PRECISION_ATTR, precision)
     return module
+
+
+def check_trainable(precision: str, lora: bool) -> None:
+    """ConfigError where the Apprentice would train half-precision weights directly: with bf16 (or fp16) weights
+    every trainable parameter must be float32, which LoRA gives (its adapter and the value head are float32 over the
+    frozen half-precision base); without LoRA every weight trains, and Adam's small updates round away in bfloat16
+    (on the CPU, 8 steps changed 20% of the weights against 98% with float32 masters): bf16-mixed is that run."""
+    if precision in ("bf16", "fp16") and not lora:
+        raise ConfigError(f"model.precision={precision}: the Apprentice would train {weights_dtype_name(precision)} "
+                          "weights directly (most Adam updates round away); use model.precision=bf16-mixed (float32 "
+                          "master weights, bf16 compute), or a LoRA adapter (ppo.lora_r) over a frozen bf16 base")
 
 
 def move(module: nn.Module, device: torch.device) -> nn.Module:
@@ -158,10 +176,13 @@ class Hardware:
                 + (", TF32 matmuls on" if self.tf32 else ""))
 
     def apply(self) -> None:
-        """Process-wide switches: TF32 matmuls on a GPU that has them (the CPU is never touched)."""
+        """Process-wide switches: TF32 for float32 matmuls and convolutions on a GPU that has it, through torch's
+        `fp32_precision` settings ('tf32' or 'ieee'; the older `allow_tf32` flags are deprecated). The CPU is never
+        touched."""
         if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = self.tf32
-            torch.backends.cudnn.allow_tf32 = self.tf32
+            precision = "tf32" if self.tf32 else "ieee"
+            torch.backends.cuda.matmul.fp32_precision = precision
+            torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def _pick(field: str, asked: str, device: torch.device, legacy: str | None) -> str:

@@ -42,7 +42,7 @@ from megacoach.labels.records import NewSample
 from megacoach.labels.store import LabelStore
 from megacoach.hardware import load_model
 from megacoach.lm.adapters import add_lora
-from megacoach.lm.hf import autocast, device_of, lm_inputs
+from megacoach.lm.hf import autocast, device_of, lm_inputs, lm_logits, trunk_of
 from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
 from megacoach.ppo import episodes, objective
@@ -193,9 +193,9 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
     kls, nll_sum, n_tok = [], 0.0, 0
     for i in range(0, len(queries), 64):
         qr = torch.cat([s.query_ids[i:i + 64], s.responses[i:i + 64]], 1).to(device_of(ref_lm))
-        with autocast(ref_lm):
-            logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1]
-        logits = logits.float().to(s.logprobs.device) / t.temperature
+        with autocast(ref_lm):  # the trunk in the model's precision, the head and log-softmax in float32
+            hidden = trunk_of(ref_lm)(**lm_inputs(qr, pad)).last_hidden_state[:, -t.response_length - 1:-1]
+        logits = lm_logits(ref_lm, hidden, float32=True).float().to(s.logprobs.device) / t.temperature
         ref_lp = torch.log_softmax(logits, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
         kls.append(objective.sequence_kl(s.logprobs[i:i + 64], ref_lp, None if s.mask is None else s.mask[i:i + 64]))
         # fluency: the original model's perplexity (temperature 1) of the truncated text it would read

@@ -20,6 +20,7 @@ from megacoach import seeds
 from megacoach.errors import HaltError
 from megacoach.guards.alarms import Alarm, GuardHalt
 from megacoach.labels.labelers import labeler_scores
+from megacoach.lm.adapters import save_own_adapter
 from megacoach.report import Loggers, write_before_after, write_report
 from megacoach.runs import RunControl
 
@@ -195,8 +196,8 @@ class PPOLoop:
     # ---------------------------------------------------------------- the end
     def finish(self, eval_queries, coach_metrics) -> dict:
         initial = [json.loads(line) for line in (self.rundir.path / "initial_samples.jsonl").read_text().splitlines()]
-        final = [g[0] for g in self.sampler.continuations(
-            eval_queries, 1, seeds.generator(self.cfg.run.seed, seeds.Stream.EVAL_SAMPLING))]
+        final = [g[0] for g in self.sampler.continuations(eval_queries, 1, seeds.generator(
+            self.cfg.run.seed, seeds.Stream.EVAL_SAMPLING, device=self.sampler.device))]  # where the model samples
         rows = [{"query": q.text, "initial": ini["response"], "final": fin.text}
                 for q, ini, fin in zip(eval_queries, initial, final)]
         extra = {}
@@ -209,7 +210,7 @@ class PPOLoop:
         write_before_after(self.rundir.path / "before_after.jsonl", rows)
         if coach_metrics and coach_metrics.get("valid_accuracy") is not None:
             extra["Values Coach held-out accuracy"] = round(coach_metrics["valid_accuracy"], 4)
-        self.trainer.apprentice.lm.save_pretrained(self.rundir.path / "apprentice")
+        save_own_adapter(self.trainer.apprentice.lm, self.rundir.path / "apprentice")
         self.sampler.tok.save_pretrained(self.rundir.path / "apprentice")
         summary = {**self.summary(), **extra}
         (self.rundir.path / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -197,6 +197,7 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     checked once against its own forward (`lm.hf.check_logits`). With `ppo.lora_r` the Apprentice is `lm` with a
     LoRA adapter (lm.adapters) and the original model is the same weights with the adapter off."""
     hw = hw or resolve_hardware(cfg, dist)
+    hardware.check_trainable(hw.apprentice, bool(cfg.ppo.lora_r))  # no half-precision weight trains directly
     if lm is None:
         lm, tok = hardware.load_model(cfg, hw)
     hardware.place(lm, hw.device, hw.apprentice)
@@ -211,7 +212,8 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
     if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
         lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
-        ref = AdapterOff(lm)
+        ref = AdapterOff(lm)  # (over a bf16 base the adapter trains in float32: lm.adapters.add_lora)
+        values_coach.share_base(lm)  # a LoRA Values Coach on the same base: its adapter joins it (one base copy)
     else:
         ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     if cfg.ppo.gradient_checkpointing:  # only the update's backward pass recomputes (sampling is inference)

@@ -26,7 +26,8 @@ from transformers import StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from megacoach.errors import ConfigError
-from megacoach.lm.hf import CACHE_KW, autocast, cache_of, device_of, lm_logits, position_ids_from_mask, trunk_of
+from megacoach.lm.hf import (CACHE_KW, autocast, cache_of, device_of, lm_logits, position_ids_from_mask, same_device,
+                             trunk_of)
 
 
 @dataclass
@@ -130,7 +131,7 @@ class HFGenerator:
         `stop_ids`: a row ends at its first token among them, padding follows, and the loop ends once all have."""
         T = response_length
         device = self.device
-        if generator is not None and torch.device(generator.device) != device:
+        if generator is not None and not same_device(generator.device, device):
             raise ConfigError(f"the sampling generator lives on {generator.device} but the model on {device}: make "
                               f"it with torch.Generator(device=...) (seeds.generator(..., device=...))")
         queries = queries.to(device)

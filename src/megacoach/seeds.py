@@ -44,6 +44,20 @@ def generator(base: int, stream: Stream, offset: int = 0, device: torch.device |
     return torch.Generator(device=device).manual_seed(seed_of(base, stream, offset))
 
 
+def restore(generator: torch.Generator, state: torch.Tensor, saved_on: str | None = None) -> bool:
+    """Set `generator`'s state from a checkpoint's `state` when it fits: saved on the same kind of device
+    (`saved_on`, 'cpu' or 'cuda', where the checkpoint says it) and of this generator's state format. A CPU
+    generator's state is 5,056 bytes (Mersenne Twister), a CUDA one's 16 (seed and offset): a checkpoint of a GPU run
+    resumed on the CPU (or back) leaves the generator on its own stream, seeded as the run is, and returns False (the
+    weights and every other state load either way)."""
+    if saved_on is not None and saved_on != torch.device(generator.device).type:
+        return False
+    if state.numel() != generator.get_state().numel():
+        return False
+    generator.set_state(state)
+    return True
+
+
 def rng(base: int, stream: Stream, offset: int = 0) -> random.Random:
     """A Python `random.Random` for `stream`."""
     return random.Random(seed_of(base, stream, offset))

@@ -321,7 +321,7 @@ class Guards:
     def state_dict(self) -> dict:
         return {"history": self.history, "fresh": self.fresh, "pending": self.pending, "baseline": self.baseline,
                 "preflights": self.preflights, "seen_id": self.seen_id, "gen": self.gen.get_state(),
-                "rng": self.rng.getstate()}
+                "gen_device": torch.device(self.gen.device).type, "rng": self.rng.getstate()}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -332,8 +332,8 @@ class Guards:
         self.baseline = state.get("baseline")
         self.preflights = state.get("preflights", [])
         self.seen_id = state.get("seen_id", 0)
-        if "gen" in state:
-            self.gen.set_state(state["gen"])
+        if "gen" in state:  # saved on another kind of device (a GPU run resumed on the CPU): its own stream
+            seeds.restore(self.gen, state["gen"], state.get("gen_device"))
         if "rng" in state:
             self.rng.setstate(state["rng"])
 

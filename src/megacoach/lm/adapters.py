@@ -16,8 +16,10 @@ shares with the Apprentice is the original's.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from megacoach.errors import ConfigError
@@ -34,6 +36,9 @@ def _peft(model, r: int, alpha: float, dropout: float, target_modules: list[str]
         peft_model = get_peft_model(model, config)
     except ValueError as err:  # PEFT knows no default for this family, or a module name is not in the model
         raise ConfigError(f"{field}: {err}") from None
+    for q in peft_model.parameters():  # what trains is float32 over any base (PEFT upcasts, this makes sure)
+        if q.requires_grad and q.is_floating_point() and q.dtype != torch.float32:
+            q.data = q.data.float()
     precision = getattr(model, PRECISION_ATTR, None)
     if precision is not None:
         setattr(peft_model, PRECISION_ATTR, precision)  # lm.hf.autocast reads it on the model it is given
@@ -98,6 +103,134 @@ class AdapterOff(nn.Module):
     def forward(self, *args, **kwargs):
         with self.model.disable_adapter():
             return self.model(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ one base, three roles
+COACH_ADAPTER = "values_coach"  # the Values Coach's adapter, beside the Apprentice's ('default') on one base
+
+
+def _lora_layers(module: nn.Module) -> dict[str, nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
+@contextlib.contextmanager
+def adapter_active(peft_model, name: str):
+    """Every LoRA layer of `peft_model` computes with adapter `name` alone inside this context (a layer without it:
+    the base alone), then with what it had before. Which parameters train is left as it was (PEFT's own
+    `set_adapter` would change it)."""
+    layers = list(_lora_layers(peft_model).values())
+    before = [m._active_adapter for m in layers]
+    for m in layers:
+        m._active_adapter = [name]
+    try:
+        yield
+    finally:
+        for m, b in zip(layers, before):
+            m._active_adapter = b
+
+
+class SharedTrunk(nn.Module):
+    """A trunk that is another model's trunk with one of its adapters switched on in every forward pass: the
+    Values Coach on the Apprentice's base (`share_trunk`). Owns no weights (the base and the adapter are the PEFT
+    model's), so nothing is counted, moved or cast twice."""
+
+    def __init__(self, peft_model, adapter: str):
+        super().__init__()
+        object.__setattr__(self, "_peft", peft_model)  # not a submodule
+        object.__setattr__(self, "_trunk", trunk_of(peft_model))
+        self.adapter = adapter
+
+    @property
+    def config(self):
+        return self._trunk.config
+
+    def forward(self, *args, **kwargs):
+        training = self._trunk.training  # the Values Coach scores without dropout, whatever the Apprentice is doing
+        self._trunk.eval()
+        try:
+            with adapter_active(self._peft, self.adapter):
+                return self._trunk(*args, **kwargs)
+        finally:
+            self._trunk.train(training)
+
+    def save_pretrained(self, *args, **kwargs):
+        raise ConfigError("a Values Coach on the Apprentice's shared base is saved where it was trained "
+                          "(RUN_DIR/values_coach); this view of it has no files of its own")
+
+
+def _base_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A trunk's weights other than LoRA's, by the name they have without PEFT's wrapping."""
+    return {n.replace(".base_layer", ""): p for n, p in module.named_parameters(remove_duplicate=False)
+            if "lora_" not in n}
+
+
+def _same_base(own: dict, shared: dict, embeddings: str | None, pad_id: int | None) -> bool:
+    """Whether two trunks' base weights are equal, the pad token's input-embedding row aside: a run's tokenizer may
+    add a pad token, whose new row each load initialises at random, and that row never reaches a score (pad positions
+    are masked out of attention and never read)."""
+    if own.keys() != shared.keys():
+        return False
+    for k, a in own.items():
+        b = shared[k]
+        if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+            return False
+        if k == embeddings and pad_id is not None and 0 <= pad_id < a.shape[0]:
+            keep = torch.arange(a.shape[0], device=a.device) != pad_id
+            a, b = a[keep], b[keep]
+        if not torch.equal(a, b):
+            return False
+    return True
+
+
+def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER, pad_id: int | None = None) -> SharedTrunk | None:
+    """The Values Coach's LoRA trunk `coach_trunk` (a PEFT model over a bare trunk: `add_trunk_lora`) as an adapter
+    of the Apprentice's PEFT model `peft_lm`, over its base: returns the trunk to score with (`SharedTrunk`), or None
+    where the two bases are not the same weights (another model, precision or device; the pad token's embedding row
+    `pad_id` aside: `_same_base`), which then stay apart.
+    The coach's adapter is copied in frozen; the Apprentice's adapter still trains, and the original model (all
+    adapters off) is unchanged. The same scores as the separate trunk, exactly: same weights, same computation."""
+    from peft import LoraConfig
+
+    base = coach_trunk.base_model.model
+    emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+    emb_name = next((n.replace(".base_layer", "") for n, m in base.named_modules() if m is emb), None)
+    if not _same_base(_base_weights(base), _base_weights(trunk_of(peft_lm)),
+                      None if emb_name is None else f"{emb_name}.weight".lstrip("."), pad_id):
+        return None
+    conf = coach_trunk.peft_config["default"]
+    coach_layers = _lora_layers(coach_trunk.base_model.model)
+    peft_lm.add_adapter(adapter, LoraConfig(r=conf.r, lora_alpha=conf.lora_alpha, lora_dropout=conf.lora_dropout,
+                                            bias="none", target_modules=sorted({n.split(".")[-1]
+                                                                                for n in coach_layers})))
+    layers = _lora_layers(trunk_of(peft_lm))
+    with torch.no_grad():
+        for name, src in coach_layers.items():
+            dst = layers.get(name)
+            if dst is None or adapter not in dst.lora_A:
+                peft_lm.delete_adapter(adapter)
+                return None
+            dst.lora_A[adapter].weight.copy_(src.lora_A["default"].weight)
+            dst.lora_B[adapter].weight.copy_(src.lora_B["default"].weight)
+            dst.scaling[adapter] = src.scaling["default"]
+        extra = [n for n, m in layers.items() if adapter in m.lora_A and n not in coach_layers]
+        if extra:  # the coach's target names matched more modules here than it adapted: not the same function
+            peft_lm.delete_adapter(adapter)
+            return None
+    for n, q in peft_lm.named_parameters():
+        if f".{adapter}." in n:
+            q.requires_grad_(False)  # the Values Coach does not train in PPO
+    return SharedTrunk(peft_lm, adapter)
+
+
+def save_own_adapter(lm, out: str | Path) -> None:
+    """Save the Apprentice: a plain model whole; a PEFT model's own adapter only ('default', not a Values Coach's
+    adapter sharing its base)."""
+    if has_adapter(lm):
+        lm.save_pretrained(out, selected_adapters=["default"])
+    else:
+        lm.save_pretrained(out)
 
 
 def merge_adapter(base_lm, adapter_dir: str | Path):

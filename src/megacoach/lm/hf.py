@@ -106,13 +106,18 @@ def logits_transform(config) -> list[tuple[str, float]]:
     return steps
 
 
-def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(lm, hidden: torch.Tensor, float32: bool = False) -> torch.Tensor:
     """The model's real next-token logits from trunk hidden states [..., d]: the LM head, then the family's own
     scaling or capping (`logits_transform`), as `lm(input_ids).logits` computes them. Every place megacoach makes
     logits (sampling, the Apprentice, the original model) goes through here, outside autocast: the hidden state is
-    cast to the head's weights' dtype (float32 unless the model's weights are bf16)."""
+    cast to the head's weights' dtype (float32 unless the model's weights are bf16). `float32`: a linear head of bf16
+    weights computes in float32 too (evaluation figures; bf16 logits are off by up to 0.4% of their size)."""
     head = lm.get_output_embeddings()
-    logits = head(hidden.to(head.weight.dtype))  # a bf16-mixed model's head reads float32 (its master weights)
+    if float32 and isinstance(head, nn.Linear) and head.weight.dtype != torch.float32:
+        bias = None if head.bias is None else head.bias.float()
+        logits = nn.functional.linear(hidden.float(), head.weight.float(), bias)
+    else:
+        logits = head(hidden.to(head.weight.dtype))  # a bf16-mixed model's head reads float32 (its master weights)
     for op, value in logits_transform(lm.config):
         if op == "divide":
             logits = logits / value
@@ -179,6 +184,22 @@ def device_of(module: nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether `a` and `b` name one device, as torch matches a tensor with a generator: the same type and index,
+    where no index means the type's current device (`cuda` is `cuda:0` unless another is current; `cpu` is
+    `cpu:0`)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and _index(a) == _index(b)
+
+
+def _index(device: torch.device) -> int:
+    if device.index is not None:
+        return device.index
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return 0
 
 
 def precision_of(module: nn.Module) -> str:

@@ -28,7 +28,7 @@ import torch
 
 from megacoach.config import TaskConfig
 from megacoach.errors import ConfigError
-from megacoach.lm.hf import left_pad
+from megacoach.lm.hf import left_pad, precision_of
 from megacoach.ppo import objective
 from megacoach.ppo.policy import reference_logprobs as reference_logprobs_of
 from megacoach.sampling import ResponseGenerator, sample_in_batches
@@ -318,6 +318,20 @@ def reward_path(tr, batch: Batch) -> objective.RewardPath:
 
 
 # ------------------------------------------------------------------------------------------ whole batches
+def old_logprobs_from_sampling(rollout_pass: str, apprentice) -> bool:
+    """Whether PPO's old log-probs and values are kept from the sampling pass (ppo.rollout_pass) rather than
+    recomputed by the update's own forward. 'auto': only for an fp32 Apprentice. In bf16 (bf16-mixed, or a bf16 base)
+    the KV-cached decode and the full forward round differently (docs/hardware.md: 1e-3 nats on the CPU), so the
+    ratio would not start at 1 and the clip window would sit off-centre; the forward pass makes both sides one
+    computation. A separate value trunk always needs the forward pass (the sampler reads the policy's trunk only)."""
+    if apprentice.value_trunk is not None:
+        return False
+    if rollout_pass == "auto":
+        return precision_of(apprentice.lm) == "fp32"
+    return rollout_pass == "sampling"
+
+
+
 def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     """PPO's batch: each process samples its share of the global batch with the Apprentice; the reward path runs
     on the whole (gathered) batch on every process."""
@@ -325,7 +339,7 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     all_query_ids = pad_queries(queries, tr.pad_id, t.query_length, device=tr.device)
     query_ids = tr.dist.shard(all_query_ids) if tr.ddp else all_query_ids  # this process's share
     tr.apprentice.eval()
-    from_sampling = tr.cfg.ppo.rollout_pass == "sampling" and tr.apprentice.value_trunk is None
+    from_sampling = old_logprobs_from_sampling(tr.cfg.ppo.rollout_pass, tr.apprentice)
     stops = {"stop_ids": tr.stops.end_ids} if tr.stops.early else {}  # with stops, the sampler ends rows early
     roll = tr.generator.generate(query_ids, t.response_length, t.temperature, rng, return_hidden=from_sampling,
                                  **stops)

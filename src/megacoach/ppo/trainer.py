@@ -51,8 +51,7 @@ def set_rng_state(state: dict, generators: dict[str, torch.Generator]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     for k, g in generators.items():
-        if state.get(f"gen_{k}_device", "cpu") == torch.device(g.device).type:
-            g.set_state(state[f"gen_{k}"])
+        seeds.restore(g, state[f"gen_{k}"], state.get(f"gen_{k}_device"))
 
 
 def check_finite(batch: Batch, iteration: int) -> None:

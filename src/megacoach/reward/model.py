@@ -159,6 +159,24 @@ class RewardModel(nn.Module):
         self.lora = {"r": int(r), "alpha": float(alpha), "dropout": float(dropout),
                      "target_modules": list(target_modules) if target_modules else None}
 
+    def share_base(self, peft_lm) -> bool:
+        """Score through the Apprentice's base instead of a copy of it: where this coach is a LoRA adapter on the same
+        base weights (same model, precision and device) as the Apprentice's PEFT model `peft_lm`, its adapter joins
+        that model (frozen) and this coach's own trunk is dropped; one copy of the base then serves the Apprentice,
+        the original model and the Values Coach (lm.adapters.share_trunk). The same scores, exactly. False (nothing
+        changed) where it cannot."""
+        from megacoach.lm.adapters import has_adapter, share_trunk
+
+        if not self.lora or self.retokenizer is not None or not has_adapter(self.trunk):
+            return False
+        shared = share_trunk(peft_lm, self.trunk, pad_id=self.pad_id)
+        if shared is None:
+            return False
+        precision = self.precision
+        self.trunk = shared
+        set_precision(self.trunk, precision, cast=False)
+        return True
+
     def reset_head(self, seed: int | None = None) -> None:
         """Head weight ~ N(0, 1/sqrt(d_model + 1)), bias 0 (ORIG's init_scale 1); drawn on the CPU, whatever the
         device (the same head everywhere for a seed)."""

@@ -1,0 +1,131 @@
+"""One copy of the base weights: with LoRA on the Apprentice (ppo.lora_r) and on the Values Coach (reward.lora_r) over
+the same base, the Apprentice, the original model (all adapters off) and the Values Coach (its own adapter on) share
+one frozen base, and compute exactly what separate copies compute."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+LORA = {"lora_r": 4, "lora_alpha": 8.0, "rollout_pass": "forward"}
+
+
+def _nonzero_(module, seed: int, adapter: str = "default") -> None:
+    """LoRA B matrices start at zero (the adapter is the identity): make them something, so that a test can tell
+    an adapter that computes from one that does not."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for n, q in module.named_parameters():
+            if f"lora_B.{adapter}." in n:
+                q.copy_(torch.randn(q.shape, generator=g, device="cpu") * 0.1)
+
+
+def _parts(model_dir, coach_lora: bool):
+    from megacoach.config import load_config
+    from megacoach.lm.loading import load_causal_lm
+    from megacoach.reward.model import RewardModel
+    from megacoach.tasks import load_queries
+
+    cfg = load_config(preset="tiny", overrides=[{"model": {"name_or_path": str(model_dir)}, "ppo": LORA,
+                                                 "run": {"max_iterations": 2}}])
+    torch.manual_seed(0)
+    lm, tok = load_causal_lm(str(model_dir))
+    coach = RewardModel.from_base(str(model_dir), tokenizer=tok, seed=0).eval()
+    if coach_lora:
+        coach.add_lora(4, 8.0)
+        _nonzero_(coach, 1)
+    return cfg, lm, tok, coach, load_queries(cfg.task, tok, "train", 32, 31)
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model_dir):
+    """(shared trainer, the Values Coach as a separate copy, a trainer whose Values Coach has no adapter)."""
+    from megacoach.pipeline import build_trainer
+
+    cfg, lm, tok, coach, queries = _parts(tiny_model_dir, coach_lora=True)
+    with torch.no_grad():  # a pad token added at load gets a random row each time: it never reaches a score
+        coach.trunk.get_input_embeddings().weight[tok.pad_token_id] += 1.0
+    separate = copy.deepcopy(coach)
+    shared = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries)
+    _nonzero_(shared.apprentice.lm, 2)
+    cfg, lm, tok, plain_coach, queries = _parts(tiny_model_dir, coach_lora=False)
+    apart = build_trainer(cfg, lm=lm, tok=tok, values_coach=plain_coach, queries=queries)
+    mine = dict(shared.apprentice.named_parameters())
+    with torch.no_grad():  # the same Apprentice adapter in both (its random A matrices drew after the coach's here)
+        for n, q in apart.apprentice.named_parameters():
+            if "lora_" in n:
+                q.copy_(mine[n])
+    return shared, separate, apart
+
+
+def _ids(tr, n: int = 6) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(5)
+    T = tr.cfg.task.query_length + tr.cfg.task.response_length
+    ids = torch.randint(3, 200, (n, T), generator=g, device="cpu")
+    ids[:2, :5] = tr.pad_id  # some left padding
+    return ids
+
+
+def test_the_three_roles_hold_one_copy_of_the_base(pair):
+    from megacoach.lm.adapters import SharedTrunk
+
+    shared, _, _ = pair
+    coach = shared.values_coach
+    assert isinstance(coach.trunk, SharedTrunk)
+    assert [n for n, _ in coach.named_parameters()] == ["head.weight", "head.bias"]  # no weights of its own
+    ptrs = lambda m: {q.data_ptr() for q in m.parameters()}  # noqa: E731
+    base = {q.data_ptr() for n, q in shared.apprentice.lm.named_parameters() if "lora_" not in n}
+    assert base <= ptrs(shared.ref_lm.model)  # the original model is the same storage
+
+
+def test_shared_scores_and_log_probs_equal_separate_copies(pair):
+    from megacoach.ppo.policy import reference_logprobs
+
+    shared, separate, apart = pair
+    ids = _ids(shared)
+    with torch.no_grad():
+        assert torch.equal(shared.values_coach(ids), separate(ids))
+        q, r = ids[:, :24], ids[:, 24:].reshape(3, 2, -1)
+        assert torch.equal(shared.values_coach.best_of_k(q[::2], r), separate.best_of_k(q[::2], r))
+    t = shared.cfg.task
+    a = shared.apprentice(ids, shared.pad_id, t.response_length, t.temperature, responses=ids[:, -t.response_length:])
+    b = apart.apprentice(ids, apart.pad_id, t.response_length, t.temperature, responses=ids[:, -t.response_length:])
+    assert torch.equal(a.logprobs, b.logprobs) and torch.equal(a.values, b.values)
+    args = (shared.pad_id, t.response_length, t.temperature)
+    assert torch.equal(reference_logprobs(shared.ref_lm, ids, *args), reference_logprobs(apart.ref_lm, ids, *args))
+
+
+def test_only_the_apprentice_trains_and_only_its_state_is_saved(pair):
+    from megacoach.guards.probe import mutable_state
+    from megacoach.lm.adapters import COACH_ADAPTER
+
+    shared, separate, _ = pair
+    trained = {n for n, q in shared.apprentice.named_parameters() if q.requires_grad}
+    assert trained and not any(COACH_ADAPTER in n for n in trained)
+    optimised = {id(q) for group in shared.optimizer.param_groups for q in group["params"]}
+    assert optimised == {id(q) for q in shared.apprentice.parameters() if q.requires_grad}
+    snap = mutable_state(shared.apprentice)  # what the guards' preflight copies: only what trains (and buffers)
+    assert not any(COACH_ADAPTER in k for k in snap) and not any(k.endswith("base_layer.weight") for k in snap)
+    assert not any(COACH_ADAPTER in k for k in shared.apprentice_state())
+    ids = _ids(shared)
+    shared.iteration()
+    with torch.no_grad():
+        assert torch.equal(shared.values_coach(ids), separate(ids))  # the Values Coach did not move
+
+
+def test_another_base_is_not_shared(tiny_model_dir, tmp_path):
+    """A Values Coach whose base weights differ (another model, or another precision) keeps its own trunk."""
+    from megacoach import hardware
+    from megacoach.pipeline import build_trainer
+
+    cfg, lm, tok, coach, queries = _parts(tiny_model_dir, coach_lora=True)
+    with torch.no_grad():
+        next(p for n, p in coach.trunk.named_parameters() if "lora_" not in n).add_(1e-3)
+    tr = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries)
+    assert type(tr.values_coach.trunk).__name__ != "SharedTrunk"
+    cfg, lm, tok, coach, queries = _parts(tiny_model_dir, coach_lora=True)
+    cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"precision": "bf16"})})
+    tr = build_trainer(cfg, lm=lm, tok=tok, values_coach=coach, queries=queries, hw=hardware.resolve(cfg))
+    assert type(tr.values_coach.trunk).__name__ != "SharedTrunk"
