@@ -34,7 +34,8 @@ from pathlib import Path
 IDENTITIES = ("token", "labeler", "admin")
 MODES = ("positive", "negative")
 PASSWORD = "fuzz-password-1234"
-SETTINGS = dict(argon2_time_cost=1, argon2_memory_kib=1024, too_fast_s=0.0)
+# "testserver": the Host that schemathesis's in-process ASGI client sends (the app answers allowed hosts only)
+SETTINGS = dict(argon2_time_cost=1, argon2_memory_kib=1024, too_fast_s=0.0, allowed_hosts=("testserver",))
 
 
 def _world(folder: Path):
