@@ -127,6 +127,7 @@ def test_bad_guard_thresholds_are_config_errors(bad):
 
 
 def test_bug_patches_are_undone():
+    from megacoach.labels.store import LabelStore
     from megacoach.ppo import maths, objective
     from megacoach.ppo.trainer import PPOTrainer
     from megacoach.reward import train as reward_train
@@ -134,7 +135,7 @@ def test_bug_patches_are_undone():
 
     links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, maths.assemble_rewards,  # noqa
                      maths.policy_loss, maths.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
-                     PPOTrainer.__init__)
+                     PPOTrainer.__init__, LabelStore._comparison_records)
     before = links()
     for name in B.BUGS:
         with B.inject(name) as bug:

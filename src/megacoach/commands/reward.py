@@ -69,12 +69,17 @@ def reward_eval(
     db: DbOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or valid")] = "valid",
 ):
-    """Best-of-K accuracy and loss of a Values Coach on the store's labels."""
+    """Best-of-K accuracy and loss of a Values Coach on the store's labels, and the accuracy with every choice
+    reversed (below chance for a coach that agrees with the labelers)."""
     # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.reward.model import RewardModel
     from megacoach.reward.train import evaluate
 
     coach = RewardModel.from_pretrained(path)
     res = evaluate(coach, open_store(db).comparisons(split=split))
-    console.print(f"Values Coach {path} on {res['n']} {split} comparisons: accuracy {res['accuracy']:.4f}, "
+    if not res["n"]:
+        console.print(f"Values Coach {path}: no {split} comparisons in the label store")
+        return
+    console.print(f"Values Coach {path} on {res['n']} {split} comparisons: accuracy {res['accuracy']:.4f} "
+                  f"(chance {res['chance']:.4f}; with every choice reversed {res['reversed_accuracy']:.4f}), "
                   f"loss {res['loss']:.4f}")

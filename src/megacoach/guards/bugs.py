@@ -28,6 +28,8 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | loss-sign           | the clipped policy loss maximised instead of minimised       | -(score - β·KL)        | gibberish           |
 | optimizer-ascent    | the optimiser steps up the loss's gradient                   | -(score - β·KL)        | gibberish           |
 | reward-scaling-sign | the reward whitening (scale only) returns minus the rewards  | -(score - β·KL)        | gibberish           |
+| choice-reversed     | the label store reads each choice from the other end of the  | what labelers liked    | fluent, negative    |
+|                     | samples (K = 2: the other one): training, preflight, monitors| least                  |                     |
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
 the incident command and the benchmark train a separate Values Coach under those.
@@ -36,19 +38,17 @@ the incident command and the benchmark train a separate Values Coach under those
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 
 from megacoach.ppo import maths, objective
 from megacoach.ppo import trainer as trainer_mod
+from megacoach.errors import ConfigError
+from megacoach.labels.store import LabelStore
 from megacoach.reward import train as reward_train
 from megacoach.reward.model import RewardModel
-
-import torch
-
-from megacoach.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,16 @@ def _reward_scaling_sign(stack: ExitStack) -> None:
     _setattr(stack, maths, "whiten_rewards", whiten_rewards)
 
 
+def _choice_reversed(stack: ExitStack) -> None:
+    orig = LabelStore._comparison_records
+
+    def _comparison_records(self, s, rows):
+        # the label's choice read from the other end of the canonical order (K = 2: the other sample)
+        return [replace(c, chosen=c.k - 1 - c.chosen) for c in orig(self, s, rows)]
+
+    _setattr(stack, LabelStore, "_comparison_records", _comparison_records)
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -212,6 +222,9 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("optimizer-ascent", "the optimiser steps up the gradient", "-(score - β·KL)", "gibberish", _optimizer_ascent),
     Bug("reward-scaling-sign", "the reward scaling (whitening, mean kept) returns minus the rewards",
         "-(score - β·KL)", "gibberish", _reward_scaling_sign),
+    Bug("choice-reversed", "the label store reads each label's choice from the other end (K = 2: the other sample), "
+        "for the Values Coach's training, the preflight and the monitors alike", "what the labelers liked least",
+        "fluent, negative text", _choice_reversed, affects_values_coach=True),
 ]}
 
 

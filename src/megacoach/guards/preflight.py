@@ -5,10 +5,15 @@ Each check is a one-sided test at the stated confidence (`guards.confidence`, de
 passes only if "the reward path points the right way" beats "it is unrelated (or opposite)" at that
 confidence. A failure names the component of the reward path where the direction is lost.
 
+0. `label_store`       labels with known choices written to a scratch store of the run's store class and read
+                       back through the Values Coach's data path: each choice must land on the sample it named
+                       (a path that reads the choice reversed is invisible to every other check: the Values
+                       Coach learns the reversed labels and then agrees with them).
 1. `ppo_loss`          synthetic log-probs and advantages: minus the loss gradient has the advantage's
                        sign on every token (`objective.ppo_loss` moves log-probs the right way).
 2. `values_coach`      held-out labeled comparisons from the store: the Values Coach's score ranks the labelers'
-                       choice above the other samples better than chance (exact rank test).
+                       choice above the other samples better than chance (exact rank test); the agreement with
+                       every choice reversed is reported beside it and must fall below chance.
 3. `reward_path`       the same comparisons, each sample treated as a response the Values Coach scores: the
                        complete quantity PPO pushes up — episode score, the KL term, reward scaling, GAE,
                        advantage whitening, and the gradient of the actual loss — ranks the choice better
@@ -44,7 +49,8 @@ import torch
 
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
-from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
+from megacoach.guards.labelcheck import roundtrip_choices
+from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test, t_sf
 from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, maths, objective
 from megacoach.tasks import Query
@@ -68,6 +74,7 @@ class Check:
 
 COMPONENTS = {
     "heldout_labels": "held-out labels",
+    "label_store": "label store (the labelers' choice read back: LabelStore.comparisons → reward.data)",
     "ppo_loss": "PPO loss (objective.ppo_loss)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
@@ -106,6 +113,19 @@ def check_ppo_loss(trainer, alpha: float, seed: int) -> Check:
     msg = (f"minus the loss gradient has the advantage's sign on {frac_ok:.0%} of {int(nz.sum())} tokens"
            + ("" if ok else ": the loss pushes log-probabilities against the advantages"))
     return Check("ppo_loss", COMPONENTS["ppo_loss"], ok, msg, {"agree": frac_ok, "nonzero": frac_nz})
+
+
+# ------------------------------------------------------------------------------------------ 0. the labels' direction
+def check_label_store(store) -> Check:
+    """Labels with known choices written to a scratch store of the run's store class and read back as the Values
+    Coach's training reads them (guards/labelcheck.py): every choice must land on the sample it named."""
+    problems = roundtrip_choices(type(store))
+    if not problems:
+        return Check("label_store", COMPONENTS["label_store"], True, "labels written with known choices (K = 2 and "
+                     "4) read back through the store and the Values Coach's data path choose the samples they named")
+    return Check("label_store", COMPONENTS["label_store"], False, "the labelers' choice is read wrongly on its way to "
+                 "the Values Coach: " + "; ".join(problems) + " — labels read this way would be scored as agreement "
+                 "with the reversed choice", {"problems": problems})
 
 
 # ------------------------------------------------------------------------------------------ 2-3. labels
@@ -148,11 +168,17 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     figs["with_penalty"] = as_is.as_dict()
     figs["valid_share"] = float(batch.valid.float().mean())
     vc = tests["values_coach"]
-    vc_ok = vc.p_better <= alpha
+    rev = reversed_rank_test(_grouped(st["values_coach"], rows), chosen)  # the same figure, every choice reversed
+    figs["values_coach_reversed"] = rev.as_dict()
+    blind = vc.agreement > 0.5 and rev.agreement >= 0.5
+    vc_ok = vc.p_better <= alpha and not blind
     vc_msg = (f"on {vc.n} held-out comparisons the Values Coach ranks the labelers' choice first in {vc.top1:.0%} "
               f"(chance {1 / np.mean([k for _, k, _ in rows]):.0%}), pairwise agreement {vc.agreement:.2f} "
-              f"(chance 0.50), p = {_fmt_p(vc.p_better)}")
-    if not vc_ok:
+              f"(chance 0.50; with every choice reversed {rev.agreement:.2f}), p = {_fmt_p(vc.p_better)}")
+    if blind:
+        vc_msg += (" — the agreement does not fall below chance when every choice is reversed: it does not read "
+                   "which sample the labelers chose")
+    elif not vc_ok:
         vc_msg += (" — it does not agree with the labels better than chance" if vc.p_worse > alpha else
                    " — it ranks what the labelers preferred BELOW the rest (inverted)")
     # the penalty rule, as the path applies it
@@ -184,7 +210,8 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     else:
         path_msg = (f"with the invalid-response penalty the path ranks the labelers' choice BELOW the rest "
                     f"(agreement {as_is.agreement:.2f}, p = {_fmt_p(as_is.p_worse)})")
-    return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg, figs["values_coach"]),
+    return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg,
+                  {**figs["values_coach"], "reversed": figs["values_coach_reversed"]}),
             Check("reward_path", comp, path_ok, path_msg, figs), tests)
 
 
@@ -395,6 +422,7 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
         c.seconds = time.time() - t0
         return out
 
+    checks.append(timed(check_label_store, store))
     checks.append(timed(check_ppo_loss, trainer, alpha, seed))
     vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]

@@ -1,0 +1,131 @@
+"""The guards against the public bug classes beyond the section 4.4 incident (docs/guards.md, "The field's bug
+classes"): each check fails on a planted bug and passes clean."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from megacoach.errors import DataError
+from megacoach.guards import bugs as B
+from megacoach.guards import stats as S
+from megacoach.labels.records import NewSample
+from megacoach.labels.store import LabelStore
+from megacoach.reward import train as reward_train
+from megacoach.reward.loss import best_of_k_loss, blind_to_direction, reversed_choices
+
+
+# ------------------------------------------------------------------------------------------ direction-aware figures
+def _reversed_accuracy(rewards, chosen):
+    return torch.stack([best_of_k_loss(rewards, c)[1] for c in reversed_choices(chosen, rewards.shape[1])]).mean()
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_reversed_accuracy_falls_below_chance_exactly_when_the_accuracy_is_above(k):
+    gen = torch.Generator().manual_seed(k)
+    for _ in range(20):
+        rewards = torch.randn(32, k, generator=gen)
+        truth = rewards.argmax(1)
+        noisy = torch.where(torch.rand(32, generator=gen) < 0.3, torch.randint(0, k, (32,), generator=gen), truth)
+        acc = float(best_of_k_loss(rewards, noisy)[1])
+        rev = float(_reversed_accuracy(rewards, noisy))
+        if acc > 1 / k:
+            assert rev < 1 / k
+        assert not blind_to_direction(acc, rev, 1 / k)
+    assert [c.tolist() for c in reversed_choices(torch.tensor([0, 1]), 2)] == [[1, 0]]
+
+
+def test_reversed_rank_test_mirrors_the_rank_test():
+    rng = np.random.default_rng(0)
+    for k in (2, 3, 4):
+        values = [rng.normal(size=k) for _ in range(60)]
+        chosen = [int(np.argmax(v)) if i % 3 else int(rng.integers(k)) for i, v in enumerate(values)]
+        rt, rev = S.rank_test(values, chosen), S.reversed_rank_test(values, chosen)
+        assert rt.agreement > 0.5 > rev.agreement
+        assert rev.agreement == pytest.approx((k / 2 - rt.agreement) / (k - 1))
+
+
+def _comparisons(n=40, k=2):
+    gen = torch.Generator().manual_seed(1)
+    return [{"query_ids": [5, 6], "sample_ids": [torch.randint(7, 30, (3,), generator=gen).tolist() for _ in range(k)],
+             "chosen": i % k} for i in range(n)]
+
+
+class _Scorer(torch.nn.Module):
+    """A stand-in Values Coach: the score of a sequence is its last token id (what evaluate needs of a coach)."""
+
+    pad_id = 0
+    retokenizer = None
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, ids, pad_id=None):
+        return self.w * ids[:, -1].float()
+
+    def best_of_k(self, queries, responses, pad_id=None):
+        b, k, r = responses.shape
+        return self(torch.cat([queries.repeat_interleave(k, 0), responses.reshape(b * k, r)], 1)).view(b, k)
+
+
+def test_evaluate_reports_the_reversed_accuracy_and_refuses_a_blind_one(monkeypatch):
+    comps = _comparisons()
+    for c in comps:  # choose the sample with the highest last token: the stand-in coach agrees with every label
+        c["chosen"] = int(np.argmax([s[-1] for s in c["sample_ids"]]))
+    coach = _Scorer()
+    monkeypatch.setattr(reward_train, "_vocab_size", lambda model: 100)
+    res = reward_train.evaluate(coach, comps)
+    assert res["accuracy"] > 0.9 and res["reversed_accuracy"] < 0.1 and res["chance"] == 0.5
+
+    def blind(rewards, chosen):  # an accuracy that never reads the choice: "some sample is strictly best"
+        loss, _ = best_of_k_loss(rewards, chosen)
+        top2 = rewards.float().topk(2, dim=1).values
+        return loss, (top2[:, 0] > top2[:, 1]).float().mean()
+
+    monkeypatch.setattr(reward_train, "best_of_k_loss", blind)
+    with pytest.raises(DataError, match="does not depend on which sample"):
+        reward_train.evaluate(coach, comps)
+
+
+# ------------------------------------------------------------------------------------------ the labels' way in
+def test_the_label_round_trip_passes_clean_and_refuses_a_reversed_read():
+    from megacoach.guards.labelcheck import roundtrip_choices
+    from megacoach.guards.preflight import check_label_store
+
+    assert roundtrip_choices(LabelStore) == []
+    with B.inject("choice-reversed"):
+        problems = roundtrip_choices(LabelStore)
+        store = LabelStore("sqlite://")
+        try:
+            check = check_label_store(store)
+        finally:
+            store.close()
+    assert problems and "reads sample" in problems[0]
+    assert not check.passed and "label store" in check.component
+
+
+def test_an_import_that_reads_the_choice_reversed_is_refused(tmp_path):
+    from megacoach.labels.io import import_openai_labels
+
+    class Tok:
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+
+    records = [{"query": [1, 2], "sample0": [3, 4], "sample1": [5, 6], "best": 1},
+               {"query": [1, 7], "sample0": [8], "sample1": [9, 9], "best": 0}]
+    clean = LabelStore(f"sqlite:///{tmp_path / 'a.db'}")
+    try:
+        res = import_openai_labels(clean, records, Tok(), vocab_size=50, pad_token_id=None)
+        assert res.comparisons == 2
+        assert [c.samples[c.chosen].token_ids for c in clean.comparisons()] == [[5, 6], [8]]
+    finally:
+        clean.close()
+    bad = LabelStore(f"sqlite:///{tmp_path / 'b.db'}")
+    try:
+        with B.inject("choice-reversed"), pytest.raises(DataError, match="choice is read wrongly"):
+            import_openai_labels(bad, records, Tok(), vocab_size=50, pad_token_id=None)
+        assert bad.count_comparisons() == 0  # nothing imported
+    finally:
+        bad.close()
