@@ -129,3 +129,109 @@ def test_an_import_that_reads_the_choice_reversed_is_refused(tmp_path):
         assert bad.count_comparisons() == 0  # nothing imported
     finally:
         bad.close()
+
+
+# ------------------------------------------------------------------------------------------ sampler vs trainer
+def test_rollout_agreement_figures_and_what_differs():
+    from megacoach.ppo import consistency as C
+
+    gen = torch.Generator().manual_seed(0)
+    old = -torch.rand(16, 8, generator=gen) * 4
+    mask = torch.ones(16, 8, dtype=torch.bool)
+    mask[:, 6:] = False
+    tol = C.tolerances("fp32")
+    same = C.rollout_agreement(old + 1e-6 * torch.randn(16, 8, generator=gen), old, mask)
+    assert same["tokens"] == 96 and C.disagreement(same, tol) == []
+    assert tol["max_logratio"] == pytest.approx(4096 * 2 ** -23) and C.tolerances("bf16")["max_logratio"] == 1.0
+    hot = C.rollout_agreement(old * 0.7, old, mask)  # the trainer's log-probs at another temperature
+    assert "temperature" in C.disagreement(hot, tol)[0]
+    shifted = C.rollout_agreement(old - 1e-3, old, mask)  # one softmax has a term the other lacks
+    assert "constant shift" in C.disagreement(shifted, tol)[0]
+    outside = old.clone()
+    outside[:, 6:] = 0.0  # differences outside the mask count nowhere
+    assert C.rollout_agreement(outside, old, mask)["max_logratio"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------ tiny runs
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir):
+    import guard_helpers as H
+
+    db, coach = H.prepare_tiny(tmp_path_factory.mktemp("classes"), tiny_model_dir)
+    return tiny_model_dir, db, coach
+
+
+@pytest.fixture(scope="module")
+def rig(prepared, tmp_path_factory):
+    import guard_helpers as H
+
+    return H.build_rig(prepared, tmp_path_factory.mktemp("rig"))
+
+
+def test_sampler_trainer_check_passes_clean_and_names_a_temperature_slip(rig):
+    from megacoach.guards.preflight import check_rollout
+
+    cfg, trainer, _, _ = rig
+    qs = trainer.train_queries[:8]
+    before = {k: v.clone() for k, v in trainer.apprentice.state_dict().items()}
+    clean = check_rollout(trainer, qs, cfg.guards)
+    assert clean.passed, clean.message
+    assert clean.figures["max_logratio"] <= clean.figures["tolerance_max_logratio"]
+    with B.inject("temperature-one-place"):
+        slip = check_rollout(trainer, qs, cfg.guards)
+    assert not slip.passed and "temperature" in slip.message, slip.message
+    after = trainer.apprentice.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # stopped before any step, and restored
+    assert trainer.before_first_step is None
+
+
+def test_the_live_check_halts_a_temperature_slip_before_the_first_step(prepared, tmp_path):
+    import json
+
+    import guard_helpers as H
+    from rich.console import Console
+
+    from megacoach.errors import HaltError
+    from megacoach.pipeline import train
+
+    md, db, coach = prepared
+    run = H.new_run(tmp_path, db)
+    cfg = H.tiny_config(run, md, coach, guards={"preflight": False})
+    with B.inject("temperature-one-place"), pytest.raises(HaltError):
+        train(cfg, console=Console(quiet=True))
+    rec = json.loads((run / "HALTED.json").read_text())
+    assert rec["source"] == "guard/rollout_agreement" and rec["iteration"] == 0, rec["reason"]
+    assert "temperature" in rec["reason"]
+
+
+# ------------------------------------------------------------------------------------------ padding
+def test_padding_moves_nothing_clean_and_a_leak_is_named(rig):
+    from megacoach.guards import probe as P
+    from megacoach.guards.padding import padding_leaks
+    from megacoach.guards.preflight import check_padding
+
+    cfg, trainer, _, _ = rig
+    qs = trainer.train_queries[:8]
+    with P.scratch(trainer):
+        batch = trainer.rollout(qs)
+    assert padding_leaks(trainer, batch, seed=3) == {}
+    with B.inject("pad-leak"):
+        leaks = padding_leaks(trainer, batch, seed=3)
+        check = check_padding(trainer, qs, 3)
+    assert "advantages" in leaks and not check.passed and "advantages" in check.message, check.message
+
+
+def test_padding_probe_sees_a_score_read_in_the_padding(rig, monkeypatch):
+    from megacoach.guards import probe as P
+    from megacoach.guards.padding import padding_leaks
+    from megacoach.reward import model as reward_model
+
+    cfg, trainer, _, _ = rig
+    with P.scratch(trainer):
+        batch = trainer.rollout(trainer.train_queries[:8])
+
+    def last_column(input_ids, pad):  # trl#3750: the score read at the last position, a pad after the end
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, dtype=torch.long, device=input_ids.device)
+
+    monkeypatch.setattr(reward_model, "last_real_index", last_column)
+    assert "Values Coach scores" in padding_leaks(trainer, batch, seed=3)

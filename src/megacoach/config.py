@@ -298,6 +298,13 @@ class GuardsConfig(_Section):
                                         "confidently less often than this. None: the no-change rate (ceil(K/2)/K).")
     min_evidence: int = Field(24, ge=1, description="Judgements (fresh labels, or scored samples) needed before a "
                               "labeler-based monitor may halt.")
+    rollout_check: bool = Field(True, description="Before the first optimiser step of every update (and in the "
+                                "preflight), compare the trainer's log-probs of the first minibatch's tokens with the "
+                                "rollout's own (PPO's ratio is 1 there by construction); beyond float rounding at the "
+                                "Apprentice's precision, halt before the step and name what differs.")
+    rollout_tolerance: float = Field(1.0, gt=0, description="Scale of that check's tolerance (1 = what float rounding "
+                                     "allows at the Apprentice's precision; raise it for a generation engine whose "
+                                     "kernels round differently from the trainer's).")
 
 
 class OnlineConfig(_Section):

@@ -30,6 +30,10 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | reward-scaling-sign | the reward whitening (scale only) returns minus the rewards  | -(score - β·KL)        | gibberish           |
 | choice-reversed     | the label store reads each choice from the other end of the  | what labelers liked    | fluent, negative    |
 |                     | samples (K = 2: the other one): training, preflight, monitors| least                  |                     |
+| temperature-one-    | the update's forward at temperature 1, the sampler at T      | ratios off from the    | off-policy drift    |
+| place               | (TRL's server mode, trl#4159; prime-rl PR#697)               | first step             |                     |
+| pad-leak            | GAE over the padding after each response (ROLL PR#447)      | + padding's values     | advantages moved    |
+| kl-zeroed           | the KL measured against the Apprentice itself: always 0      | score                  | coach-pleasing drift|
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
 the incident command and the benchmark train a separate Values Coach under those.
@@ -43,7 +47,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from megacoach.ppo import maths, objective
+from megacoach.ppo import maths, objective, policy
 from megacoach.ppo import trainer as trainer_mod
 from megacoach.errors import ConfigError
 from megacoach.labels.store import LabelStore
@@ -202,6 +206,37 @@ def _choice_reversed(stack: ExitStack) -> None:
     _setattr(stack, LabelStore, "_comparison_records", _comparison_records)
 
 
+def _temperature_one_place(stack: ExitStack) -> None:
+    orig = policy.Apprentice.forward
+
+    def forward(self, input_ids, pad_id, response_length, temperature, with_values=True, responses=None):
+        # the update's forward (the only one with gradients) lost the temperature; the sampler still applies it
+        return orig(self, input_ids, pad_id, response_length, 1.0 if torch.is_grad_enabled() else temperature,
+                    with_values, responses)
+
+    _setattr(stack, policy.Apprentice, "forward", forward)
+
+
+def _pad_leak(stack: ExitStack) -> None:
+    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
+        # GAE run over the padding as if every position were real (the value at the first pad bootstraps the last
+        # real token), then whitened over the real tokens
+        adv, returns = maths.gae(rewards, values, gamma, lam, None)
+        return maths.whiten(adv, mask), returns
+
+    _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
+
+
+def _kl_zeroed(stack: ExitStack) -> None:
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
+        # the Apprentice passed where the original model belongs: the KL term is 0 and constrains nothing
+        return orig(scores, logprobs, logprobs, kl_coef, whiten, mask)
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -225,6 +260,15 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("choice-reversed", "the label store reads each label's choice from the other end (K = 2: the other sample), "
         "for the Values Coach's training, the preflight and the monitors alike", "what the labelers liked least",
         "fluent, negative text", _choice_reversed, affects_values_coach=True),
+    Bug("temperature-one-place", "the update's forward takes its log-probs at temperature 1 while the rollout samples "
+        "(and keeps its log-probs) at the task's temperature", "a distorted ratio: every token's log-ratio off by "
+        "the temperature", "PPO clips and pushes on a policy it is not sampling from", _temperature_one_place),
+    Bug("pad-leak", "GAE run over the padding after each response (the value at the first pad bootstraps the last "
+        "real token; ROLL PR#447, trl#7024)", "score - β·KL plus what sits in the padding",
+        "advantages moved by padding", _pad_leak),
+    Bug("kl-zeroed", "the KL term measured against the Apprentice itself (it passed where the original model "
+        "belongs): always 0, it constrains nothing (open-instruct#530's shape)", "score",
+        "coach-pleasing drift", _kl_zeroed),
 ]}
 
 

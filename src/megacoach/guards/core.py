@@ -4,6 +4,8 @@ live monitors after every iteration, and their state in checkpoints.
     guards.preflight(reason)          before the first update, on resume, after a Values Coach (re)load
     guards.values_coach_reloaded(vc)  the online loop's hook: swap the Values Coach, rescore, preflight again
     guards.before_update(batch)       inside the iteration, before PPO's update: raises GuardHalt
+    guards.before_first_step(figures) inside PPO's update, before its first optimiser step (PPOTrainer.before_first_step):
+                                      the sampler against the trainer; raises GuardHalt
     guards.after_iteration(batch, metrics, labeler_scores) -> (guard/* metrics, alarms)
 
 Fresh labels: every iteration `fresh_labels_per_iteration` items of K samples — ceil(K/2) from the
@@ -32,6 +34,7 @@ from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
 from megacoach.guards.canaries import load_canaries
 from megacoach.guards.monitors import MONITORS, Thresholds, judge
 from megacoach.guards.preflight import canary_margins, run_preflight
+from megacoach.guards.rollout import halt_on_disagreement
 from megacoach.guards.stats import alpha_per_check, ols, z_for
 from megacoach.labels.labelers import label_items, labeler_scores
 from megacoach.labels.records import NewSample
@@ -205,6 +208,13 @@ class Guards:
                 raise GuardHalt(Alarm("path_direction", "halt", "PPO is about to push " + " and ".join(what) +
                                       " — the reward path is flipped somewhere between the Values Coach and the "
                                       "optimiser", figs, samples))
+
+    # ---------------------------------------------------------------------------------------- before the first step
+    def before_first_step(self, figures: dict) -> None:
+        """PPOTrainer.update's hook, before its first optimiser step: the trainer's log-probs of the first
+        minibatch's tokens against the rollout's own (guards/rollout.py); raises GuardHalt beyond float rounding."""
+        if self.g.rollout_check:
+            halt_on_disagreement(figures, self.trainer, self.g.rollout_tolerance)
 
     # ---------------------------------------------------------------------------------------- after the iteration
     def _fresh_items(self, batch, iteration: int) -> None:

@@ -33,6 +33,15 @@ confidence. A failure names the component of the reward path where the direction
                        significantly more than half the pairs. (A whole epoch of minibatch steps buries each
                        pair's own step under the others' on a small model; the full update's direction is
                        watched after every real update by the `update_direction` monitor.)
+5b. `sampler_trainer`  a rollout of the probe queries and PPO's update on it, stopped before its optimiser step:
+                       the trainer's log-probs of the sampled tokens must equal the sampler's (PPO's first ratio
+                       is 1 by construction) within float rounding at the Apprentice's precision
+                       (guards/rollout.py; the same check runs before the first step of every update).
+5c. `padding`         every position outside the masks of a rollout perturbed (more padding around the Values
+                       Coach's input, other token ids after each response's end, junk log-probs, values,
+                       advantages and returns there): nothing at real tokens may move — scores, log-probs,
+                       values, rewards, advantages, returns, the PPO loss and its gradients (guards/padding.py;
+                       without stops, masks of random lengths are drawn for the reward path and the loss).
 6. `canaries`          canary prompts with known good and bad continuations, through the complete path: a
                        ranking significantly WORSE than chance fails; not better than chance only warns
                        (hand-written canaries can be off the Values Coach's distribution).
@@ -50,6 +59,9 @@ import torch
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
 from megacoach.guards.labelcheck import roundtrip_choices
+from megacoach.guards.padding import padding_leaks
+from megacoach.guards.rollout import COMPONENT as SAMPLER_TRAINER
+from megacoach.guards.rollout import check_sampler_trainer
 from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test, t_sf
 from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, maths, objective
@@ -76,6 +88,8 @@ COMPONENTS = {
     "heldout_labels": "held-out labels",
     "label_store": "label store (the labelers' choice read back: LabelStore.comparisons → reward.data)",
     "ppo_loss": "PPO loss (objective.ppo_loss)",
+    "sampler_trainer": SAMPLER_TRAINER,
+    "padding": "padding and masks (episodes → objective.run_reward_path → objective.ppo_loss)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
     "coherence_coach": "Coherence Coach (the KL term: maths.kl_per_token, β, objective.megacoach_rewards)",
@@ -362,6 +376,32 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
     return Check("optimiser", COMPONENTS["optimiser"], ok, msg, figs)
 
 
+# ------------------------------------------------------------------------------------------ 5b. sampler vs trainer
+def check_rollout(trainer, queries, gcfg) -> Check:
+    """The trainer's log-probs of sampled responses against the sampler's, before an optimiser step (rollout.py)."""
+    if not gcfg.rollout_check:
+        return Check("sampler_trainer", COMPONENTS["sampler_trainer"], True, "switched off (guards.rollout_check=false)",
+                     warning=True)
+    ok, msg, figs = check_sampler_trainer(trainer, queries, one_step_config, gcfg.rollout_tolerance)
+    return Check("sampler_trainer", COMPONENTS["sampler_trainer"], ok, msg, figs)
+
+
+# ------------------------------------------------------------------------------------------ 5c. padding
+def check_padding(trainer, queries, seed: int) -> Check:
+    """Every position outside the masks of a rollout perturbed; nothing at real tokens may move (padding.py)."""
+    with P.scratch(trainer):
+        batch = trainer.rollout(queries)
+        leaks = padding_leaks(trainer, batch, seed)
+    drawn = "" if batch.mask is not None else " (no stops: masks of random lengths drawn for the reward path and loss)"
+    if not leaks:
+        return Check("padding", COMPONENTS["padding"], True, "padding perturbed everywhere outside the masks moved "
+                     "nothing at real tokens: Values Coach scores, log-probs, values, rewards, advantages, returns, "
+                     "the PPO loss and its gradients" + drawn)
+    named = ", ".join(f"{k} (by up to {v:.3g})" for k, v in leaks.items())
+    return Check("padding", COMPONENTS["padding"], False, f"padding leaks into what PPO optimises: perturbing only "
+                 f"positions outside the masks moved {named} at real tokens" + drawn, {"leaks": leaks})
+
+
 # ------------------------------------------------------------------------------------------ 6. canaries
 def canary_margins(trainer, canaries) -> dict:
     """Push and Values Coach score of each canary's good minus its bad continuation."""
@@ -427,6 +467,8 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
     vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]
     checks.append(timed(check_coherence_coach, trainer, probe_queries, alpha, seed + 1, gcfg.require_coherence_coach))
+    checks.append(timed(check_rollout, trainer, probe_queries, gcfg))
+    checks.append(timed(check_padding, trainer, probe_queries, seed + 2))
     checks.append(timed(check_optimiser, trainer, probe_queries, alpha))
     can, can_fig = timed(check_canaries, trainer, canaries, alpha)
     checks.append(can)
