@@ -235,3 +235,49 @@ def test_padding_probe_sees_a_score_read_in_the_padding(rig, monkeypatch):
 
     monkeypatch.setattr(reward_model, "last_real_index", last_column)
     assert "Values Coach scores" in padding_leaks(trainer, batch, seed=3)
+
+
+# ------------------------------------------------------------------------------------------ reward terms
+def test_reward_terms_scorers_and_their_sum_in_the_episode_score():
+    from megacoach.errors import ConfigError
+    from megacoach.ppo import objective
+    from megacoach.reward import terms as T
+
+    assert T.load_scorer("length")("q", "abc") == 3.0 and T.load_scorer("words")("q", "a b c") == 3.0
+    assert T.load_scorer("regex:!")("q", "out!") == 1.0 and T.load_scorer("regex:!")("q", "out") == 0.0
+    assert T.load_scorer("megacoach.reward.terms:_length")("q", "ab") == 2.0
+    for bad in ("regex:(", "nope", "no.such.module:f"):
+        with pytest.raises(ConfigError, match="reward.terms"):
+            T.load_scorer(bad)
+    values = torch.tensor([[3.0, 1.0], [5.0, 0.0]])
+    weights = torch.tensor([-0.5, 2.0])
+    scores = objective.episode_scores(torch.tensor([1.0, 1.0]), torch.tensor([True, False]), -1.0, values, weights)
+    assert scores.tolist() == [1.0 - 1.5 + 2.0, -1.0]  # the terms ride on valid responses only
+
+
+def _with_terms(trainer, weight):
+    from megacoach.config import RewardTerm
+    from megacoach.reward.terms import load_terms
+
+    return load_terms([RewardTerm(name="no-exclaiming", scorer="regex:!", weight=weight, examples=[
+        {"query": "What say you?", "better": "I pray you, stay.", "worse": "Out, out!"},
+        {"query": "Speak.", "better": "I will, my lord.", "worse": "Away!"}])])
+
+
+def test_reward_term_directions_pass_clean_and_an_inverted_term_is_refused_by_name(rig):
+    from megacoach.guards.preflight import check_reward_terms
+
+    cfg, trainer, _, _ = rig
+    saved = trainer.terms
+    try:
+        trainer.terms = _with_terms(trainer, -0.5)
+        clean = check_reward_terms(trainer)
+        assert clean.passed, clean.message
+        with B.inject("term-sign"):
+            flipped = check_reward_terms(trainer)
+        assert not flipped.passed and "no-exclaiming" in flipped.component, flipped.message
+        trainer.terms = _with_terms(trainer, +0.5)  # configured the wrong way round: the examples refuse it
+        wrong = check_reward_terms(trainer)
+        assert not wrong.passed and "weighted score" in wrong.message
+    finally:
+        trainer.terms = saved

@@ -136,7 +136,7 @@ def test_bug_patches_are_undone():
 
     links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, maths.assemble_rewards,  # noqa
                      maths.policy_loss, maths.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
-                     PPOTrainer.__init__, LabelStore._comparison_records, Apprentice.forward)
+                     PPOTrainer.__init__, LabelStore._comparison_records, Apprentice.forward, objective.term_total)
     before = links()
     for name in B.BUGS:
         with B.inject(name) as bug:

@@ -34,6 +34,7 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | place               | (TRL's server mode, trl#4159; prime-rl PR#697)               | first step             |                     |
 | pad-leak            | GAE over the padding after each response (ROLL PR#447)      | + padding's values     | advantages moved    |
 | kl-zeroed           | the KL measured against the Apprentice itself: always 0      | score                  | coach-pleasing drift|
+| term-sign           | a reward term's weight with the wrong sign (reward.terms)    | score - term           | the term's opposite |
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
 the incident command and the benchmark train a separate Values Coach under those.
@@ -63,6 +64,7 @@ class Bug:
     outcome: str
     patch: Callable[[ExitStack], None]
     affects_values_coach: bool = False
+    overrides: dict | None = None  # config the bug needs to act (a reward term to flip); the incident adds it
 
 
 def _setattr(stack: ExitStack, obj, name: str, value) -> None:
@@ -237,6 +239,24 @@ def _kl_zeroed(stack: ExitStack) -> None:
     _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
 
 
+def _term_sign(stack: ExitStack) -> None:
+    orig = objective.term_total
+
+    def term_total(values, weights):
+        flipped = weights.clone()
+        flipped[..., 0] = -flipped[..., 0]  # the first term's sign: a penalty added as a bonus
+        return orig(values, flipped)
+
+    _setattr(stack, objective, "term_total", term_total)
+
+
+# a format rule for the term-sign bug to flip (the built-in model's Shakespeare: fewer exclamations)
+EXCLAIM_TERM = {"reward": {"terms": [{"name": "no-exclaiming", "scorer": "regex:!", "weight": -0.5, "examples": [
+    {"query": "What say you?", "better": "I pray you, stay.", "worse": "Out, out!"},
+    {"query": "Who comes here?", "better": "My lord, the king.", "worse": "The king! The king!"},
+    {"query": "Speak.", "better": "I will, my lord.", "worse": "Away!"}]}]}}
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -269,6 +289,9 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("kl-zeroed", "the KL term measured against the Apprentice itself (it passed where the original model "
         "belongs): always 0, it constrains nothing (open-instruct#530's shape)", "score",
         "coach-pleasing drift", _kl_zeroed),
+    Bug("term-sign", "a reward term's weight applied with the wrong sign (a penalty added as a bonus; "
+        "alpamayo-recipes#29, NetSecGame#478); the incident configures a format rule for it to flip",
+        "score + the term's opposite", "what the term was meant to penalise", _term_sign, overrides=EXCLAIM_TERM),
 ]}
 
 

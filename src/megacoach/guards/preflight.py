@@ -21,6 +21,9 @@ confidence. A failure names the component of the reward path where the direction
                        chance is named. The invalid-response penalty (a fixed task rule, blind to the
                        labels) is checked apart: it must reach exactly the invalid responses, and the path
                        with it may not rank the labelers' choice significantly below chance.
+3b. `reward_terms`     each reward term (`reward.terms`) on its own examples: its weighted score, and its part of
+                       PPO's push (the Values Coach's score held fixed, the term on against off), must prefer
+                       every example's better response; an inverted term is refused by name (guards/terms.py).
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
                        weights that train — with LoRA, the adapter's — at levels calibrated to ~2 and ~8
                        nats): the reward path's KL term must fall as the exact KL (from the full next-token
@@ -60,11 +63,13 @@ from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
 from megacoach.guards.labelcheck import roundtrip_choices
 from megacoach.guards.padding import padding_leaks
+from megacoach.guards.terms import check_terms
 from megacoach.guards.rollout import COMPONENT as SAMPLER_TRAINER
 from megacoach.guards.rollout import check_sampler_trainer
 from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test, t_sf
 from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, maths, objective
+from megacoach.reward import terms as reward_terms
 from megacoach.tasks import Query
 
 
@@ -90,6 +95,7 @@ COMPONENTS = {
     "ppo_loss": "PPO loss (objective.ppo_loss)",
     "sampler_trainer": SAMPLER_TRAINER,
     "padding": "padding and masks (episodes → objective.run_reward_path → objective.ppo_loss)",
+    "reward_terms": "reward terms (reward.terms, summed by objective.episode_scores)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
     "coherence_coach": "Coherence Coach (the KL term: maths.kl_per_token, β, objective.megacoach_rewards)",
@@ -199,6 +205,8 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     pen = float(trainer.cfg.task.penalty_reward)
     sc, raw, valid = batch.path.scores.float(), batch.raw_scores.float(), batch.valid
     wrong_pen = int((~valid & ((sc - pen).abs() > 1e-5)).sum())
+    if batch.terms is not None and trainer.terms:  # the reward terms' weighted sum rides on the Values Coach's score
+        raw = raw + objective.term_total(batch.terms, reward_terms.weights_of(trainer.terms, batch.terms.device))
     wrong_val = int((valid & ((sc - raw).abs() > 1e-4 * (1 + raw.abs()))).sum())
     final = tests["ppo_push"]
     path_ok = final.p_better <= alpha and as_is.p_worse > alpha and not (wrong_pen or wrong_val)
@@ -386,6 +394,14 @@ def check_rollout(trainer, queries, gcfg) -> Check:
     return Check("sampler_trainer", COMPONENTS["sampler_trainer"], ok, msg, figs)
 
 
+# ------------------------------------------------------------------------------------------ 3b. reward terms
+def check_reward_terms(trainer) -> Check:
+    """Each reward term's direction on its own examples, alone and through PPO's push (guards/terms.py)."""
+    ok, msg, figs, bad = check_terms(trainer)
+    comp = COMPONENTS["reward_terms"] if bad is None else f"reward term {bad!r} (reward.terms)"
+    return Check("reward_terms", comp, ok, msg, figs)
+
+
 # ------------------------------------------------------------------------------------------ 5c. padding
 def check_padding(trainer, queries, seed: int) -> Check:
     """Every position outside the masks of a rollout perturbed; nothing at real tokens may move (padding.py)."""
@@ -466,6 +482,7 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
     checks.append(timed(check_ppo_loss, trainer, alpha, seed))
     vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]
+    checks.append(timed(check_reward_terms, trainer))
     checks.append(timed(check_coherence_coach, trainer, probe_queries, alpha, seed + 1, gcfg.require_coherence_coach))
     checks.append(timed(check_rollout, trainer, probe_queries, gcfg))
     checks.append(timed(check_padding, trainer, probe_queries, seed + 2))

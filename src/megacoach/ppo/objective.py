@@ -4,7 +4,7 @@ This is the ONE implementation of "what PPO maximises". The trainer calls it, an
 preflight calls the very same functions (never a re-implementation), so a sign slip anywhere along
 the path is seen by the guards exactly as the optimiser sees it.
 
-    score_b      = Values Coach (normalised)  if the response is valid,  else penalty_reward
+    score_b      = Values Coach (normalised) + sum_i w_i term_i   if the response is valid,  else penalty_reward
     kl_bt        = logp_policy - logp_ref                        (the Coherence Coach's measure)
     reward_bt    = -beta * kl_bt  (+ score_b on the last token)  (the Megacoach reward)
     reward_bt    = whiten_rewards(reward_bt)                     (scale only, mean kept; optional)
@@ -24,9 +24,20 @@ import torch
 from megacoach.ppo import maths
 
 
-def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward: float) -> torch.Tensor:
-    """The Values Coach's normalised score for valid responses; the fixed penalty for invalid ones."""
-    return torch.where(valid, raw_scores.float(), torch.full_like(raw_scores.float(), penalty_reward))
+def term_total(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B] the reward terms' weighted sum (`reward.terms`): values [B, n] (each term's value of each response)
+    times weights [n]."""
+    return (values.float() * weights.to(device=values.device, dtype=torch.float32)).sum(-1)
+
+
+def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward: float,
+                   terms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The Values Coach's normalised score for valid responses, plus the reward terms' weighted sum where there are
+    terms (`terms` [B, n] values, `weights` [n]); the fixed penalty for invalid ones."""
+    score = raw_scores.float()
+    if terms is not None and terms.shape[-1]:
+        score = score + term_total(terms, weights)
+    return torch.where(valid, score, torch.full_like(score, penalty_reward))
 
 
 def megacoach_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_coef: float,
@@ -92,9 +103,11 @@ class RewardPath:
 
 
 def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: float, penalty_reward: float,
-                    whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None) -> RewardPath:
-    """The whole path, in the order the trainer uses it (`mask`: each episode's real tokens; None: all)."""
-    scores = episode_scores(raw_scores, valid, penalty_reward)
+                    whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None,
+                    terms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> RewardPath:
+    """The whole path, in the order the trainer uses it (`mask`: each episode's real tokens; None: all; `terms`
+    [B, n] and `weights` [n]: the reward terms beside the Values Coach's score, None: none)."""
+    scores = episode_scores(raw_scores, valid, penalty_reward, terms, weights)
     rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards, mask=mask)
     adv, returns = advantages_and_returns(rewards, values, gamma, lam, mask=mask)
     return RewardPath(scores, kl, non_score, rewards, adv, returns)

@@ -33,6 +33,7 @@ from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.lm.hf import device_of
 from megacoach.ppo.policy import Apprentice, load_apprentice_state
+from megacoach.reward.terms import load_terms
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
 from megacoach.tasks import Query
@@ -83,6 +84,7 @@ class PPOTrainer:
         if not train_queries:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
+        self.terms = load_terms(cfg.reward.terms)  # reward terms beside the Values Coach's score (reward/terms.py)
         self.generator = generator or HFGenerator(policy_lm, self.pad_id, cfg.model.static_cache)
         self.stops = episodes.stop_rule(tokenizer, cfg.task, device=self.device)  # where a response ends
         self.kl_ctl = make_kl_controller(cfg.kl)
