@@ -46,7 +46,8 @@ def rollout_agreement(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     """Figures of the trainer's log-probs `new_logprobs` [B, T] against the rollout's `old_logprobs` [B, T] on the
     real tokens (`mask`; None: all): approxkl (mean of half the squared log-ratio), the largest |log-ratio|, its
     mean (a constant shift: one softmax has a term the other lacks), the slope of the trainer's log-probs on the
-    rollout's (1 = same temperature) and the share of the difference on each response's last real token."""
+    rollout's (least squares with an intercept: 1 = same temperature, about T_rollout / T_trainer when
+    the temperature differs) and the share of the difference on each response's last real token."""
     new = new_logprobs.detach().double()
     old = old_logprobs.detach().double()
     m = torch.ones_like(new, dtype=torch.bool) if mask is None else mask.to(device=new.device, dtype=torch.bool)
@@ -55,10 +56,10 @@ def rollout_agreement(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor,
     if n == 0:
         return {"approxkl": 0.0, "max_logratio": 0.0, "mean_logratio": 0.0, "slope": 1.0, "last_token_share": 0.0,
                 "tokens": 0}
-    o = torch.where(m, old, torch.zeros((), dtype=old.dtype, device=old.device))
-    nn = torch.where(m, new, torch.zeros((), dtype=new.dtype, device=new.device))
-    denom = float((o * o).sum())
-    slope = float((nn * o).sum()) / denom if denom > 0 else 1.0
+    o, nw = old[m], new[m]
+    oc = o - o.mean()
+    denom = float((oc * oc).sum())
+    slope = float((oc * (nw - nw.mean())).sum()) / denom if denom > 0 else 1.0  # least squares, with an intercept
     last = m.long().cumsum(1).eq(m.long().sum(1, keepdim=True)) & m  # each row's last real token
     total = float(d.abs().sum())
     return {"approxkl": float(0.5 * (d * d).sum()) / n, "max_logratio": float(d.abs().max()),
