@@ -48,7 +48,8 @@ def reward_train(
                                            dtype=weights_dtype_name(hw.values_coach_training),
                                            precision=hw.values_coach_training)
     model_.save_pretrained(out)
-    console.print(f"Values Coach saved to {out}: held-out accuracy {metrics.get('valid_accuracy')}")
+    console.print(f"Values Coach saved to {out}: held-out accuracy {metrics.get('valid_accuracy')} (with every "
+                  f"choice reversed {metrics.get('valid_reversed_accuracy')})")
 
 
 def _sequences(conts, pad_id: int, query_length: int):
