@@ -210,8 +210,8 @@ class PPOTrainer:
         if self.ddp:
             figs = self.dist.mean_metrics(figs)
         self.rollout_agreement = figs
-        if self.ddp:
-            self.dist.run_on_main(self.before_first_step, figs)
+        if self.ddp:  # every process takes part; rank 0's hook (the guards live there) decides for all
+            self.dist.run_on_main(lambda f: None if self.before_first_step is None else self.before_first_step(f), figs)
         elif self.before_first_step is not None:
             self.before_first_step(figs)
 
