@@ -281,3 +281,16 @@ def test_reward_term_directions_pass_clean_and_an_inverted_term_is_refused_by_na
         assert not wrong.passed and "weighted score" in wrong.message
     finally:
         trainer.terms = saved
+
+
+def test_the_agreement_monitor_logs_the_reversed_figure():
+    from megacoach.guards import monitors as M
+
+    th = M.Thresholds(alpha=1e-4, z_halt=S.z_for(1e-4), window=4, min_evidence=24, kl_budget=25.0,
+                      agreement_floor=0.5, winrate_floor=None)
+    rng = np.random.default_rng(0)
+    hist = [{"iteration": 1, "score": rng.normal(0, 1, 64), "labeler": rng.normal(0, 0.4, 64)}]
+    base = {"score": rng.normal(0, 1, 256), "labeler": rng.normal(0, 0.4, 256)}
+    agree = [{"iteration": 1, "values": [3.0, 0.0, 1.0, 2.0], "chosen": 0, "win": True, "p0": 0.5}] * 30
+    m, _ = M.judge(hist, agree, base, None, th, 1.0)
+    assert m["guard/agreement"] == 1.0 and m["guard/agreement_reversed"] == pytest.approx(1 / 3)
