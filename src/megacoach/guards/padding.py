@@ -115,9 +115,9 @@ def padding_leaks(trainer, batch, seed: int = 0) -> dict[str, float]:
         zero = torch.zeros_like(new)
         return loss, (zero if g_new is None else g_new), (zero if g_v is None else g_v)
 
-    shifted = pa.advantages.float() + 0.0
-    ins = (batch.logprobs + 0.05 * torch.randn(batch.logprobs.shape, generator=gen, device="cpu").to(batch.logprobs.device),
-           batch.logprobs, shifted, batch.values + 0.1, batch.values, pa.returns)
+    # new log-probs and values a little away from the old ones (ratios off 1, clipping in play)
+    moved = batch.logprobs + 0.05 * torch.randn(batch.logprobs.shape, generator=gen, device="cpu").to(batch.logprobs.device)
+    ins = (moved, batch.logprobs, pa.advantages, batch.values + 0.1, batch.values, pa.returns)
     junk = tuple(_outside(x, mask, _junk(x, gen, negative=i < 2)) for i, x in enumerate(ins))
     la, gna, gva = loss_and_grads(*ins)
     lb, gnb, gvb = loss_and_grads(*junk)
