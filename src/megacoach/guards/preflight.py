@@ -480,9 +480,11 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
 
     checks.append(timed(check_label_store, store))
     checks.append(timed(check_ppo_loss, trainer, alpha, seed))
+    # each reward term on its own examples before the labels: an inverted term also loses the labelers' ranking
+    # along the path, and the failure should name the term, not the stage where its effect shows
+    checks.append(timed(check_reward_terms, trainer))
     vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]
-    checks.append(timed(check_reward_terms, trainer))
     checks.append(timed(check_coherence_coach, trainer, probe_queries, alpha, seed + 1, gcfg.require_coherence_coach))
     checks.append(timed(check_rollout, trainer, probe_queries, gcfg))
     checks.append(timed(check_padding, trainer, probe_queries, seed + 2))
