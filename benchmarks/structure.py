@@ -8,7 +8,8 @@ one process) for 3 iterations under `sys.setprofile`, and reports, for the 2nd i
 - `loop`: the whole iteration of `PPOLoop.run` — also the labelers, the guards' monitors and fresh labels, the label
   store, metrics, report, Andon checks and checkpoint;
 the files of src/megacoach entered (a function of the file called), the moves between files (consecutive calls in
-different files), and the re-entries of the most visited file. Then the import graph's cycles (grimp, which counts
+different files), and the re-entries of the most visited file, each count raw and with the leaf helpers (below)
+folded into their callers, side by side. Then the import graph's cycles (grimp, which counts
 imports inside functions too), megacoach's own imports made inside functions, and the largest classes and functions.
 Prints one JSON line last.
 """
@@ -86,16 +87,31 @@ def _rooms(events, skip=frozenset()) -> list[str]:
 
 
 def route(events) -> dict:
+    """The route's figures, each raw and with the leaf helpers folded into their callers (side by side: a fold
+    can hide code placed in a helper to lower a count, the raw figure cannot)."""
     files: list[str] = []
     for _, callee, _ in events:
         if callee not in files:
             files.append(callee)
     rooms, folded = _rooms(events), _rooms(events, LEAF_HELPERS)
-    top = collections.Counter(rooms).most_common(3)
     return {"files": len(files), "files_leaf_helpers_folded": len([f for f in files if f not in LEAF_HELPERS]),
             "moves": max(0, len(rooms) - 1), "moves_leaf_helpers_folded": max(0, len(folded) - 1),
-            "trainer_entries": rooms.count("ppo/trainer.py"), "files_in_order": files,
-            "most_entered": [f"{f}: {n}" for f, n in top]}
+            "trainer_entries": rooms.count("ppo/trainer.py"),
+            "trainer_entries_leaf_helpers_folded": folded.count("ppo/trainer.py"), "files_in_order": files,
+            "most_entered": [f"{f}: {n}" for f, n in collections.Counter(rooms).most_common(3)],
+            "most_entered_leaf_helpers_folded": [f"{f}: {n}" for f, n in collections.Counter(folded).most_common(3)]}
+
+
+def table(name: str, r: dict) -> str:
+    """The route's figures as rows of raw | folded."""
+    rows = [("files entered", r["files"], r["files_leaf_helpers_folded"]),
+            ("moves between files", r["moves"], r["moves_leaf_helpers_folded"]),
+            ("ppo/trainer.py entered", r["trainer_entries"], r["trainer_entries_leaf_helpers_folded"]),
+            ("most entered", ", ".join(r["most_entered"]), ", ".join(r["most_entered_leaf_helpers_folded"]))]
+    w = max(len(str(raw)) for _, raw, _ in rows)
+    lines = [f"{name}:", f"  {'':24s} {'raw':{w}s} | leaf helpers folded ({', '.join(sorted(LEAF_HELPERS))})"]
+    lines += [f"  {label:24s} {str(raw):{w}s} | {fold}" for label, raw, fold in rows]
+    return "\n".join(lines + ["  " + " > ".join(r["files_in_order"])])
 
 
 def segments(events):
@@ -155,11 +171,7 @@ def main(argv=None) -> int:
            "largest_functions": largest((ast.FunctionDef, ast.AsyncFunctionDef)),
            "readme_bytes": (ROOT / "README.md").stat().st_size}
     for k in ("trainer_iteration", "loop_iteration"):
-        r = res[k]
-        print(f"{k}: {r['files']} files ({r['files_leaf_helpers_folded']} with the leaf helpers folded), {r['moves']} "
-              f"moves between files ({r['moves_leaf_helpers_folded']} folded), ppo/trainer.py entered "
-              f"{r['trainer_entries']} times; most entered {r['most_entered']}", file=sys.stderr)
-        print("   " + " > ".join(r["files_in_order"]), file=sys.stderr)
+        print(table(k, res[k]), file=sys.stderr)
     if a.out is None:
         shutil.rmtree(out, ignore_errors=True)
     print(json.dumps(res))

@@ -128,14 +128,14 @@ def test_bad_guard_thresholds_are_config_errors(bad):
 
 def test_bug_patches_are_undone():
     from megacoach.labels.store import LabelStore
-    from megacoach.ppo import maths, objective
+    from megacoach.ppo import objective
     from megacoach.ppo.policy import Apprentice
     from megacoach.ppo.trainer import PPOTrainer
     from megacoach.reward import train as reward_train
     from megacoach.reward.model import RewardModel
 
-    links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, maths.assemble_rewards,  # noqa
-                     maths.policy_loss, maths.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
+    links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, objective.assemble_rewards,  # noqa
+                     objective.policy_loss, objective.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
                      PPOTrainer.__init__, LabelStore._comparison_records, Apprentice.forward, objective.term_total)
     before = links()
     for name in B.BUGS:

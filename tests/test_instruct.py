@@ -167,17 +167,17 @@ def test_more_left_padding_changes_no_log_prob(chat_model_dir, prompts):
 
 
 def test_ppo_update_and_metrics_see_only_real_tokens(chat_model_dir, prompts, monkeypatch):
-    from megacoach.ppo import maths
+    from megacoach.ppo import objective
 
     tr = _trainer(chat_model_dir, prompts)
     seen = []
-    orig = maths.policy_loss
+    orig = objective.policy_loss
 
     def policy_loss(new_logp, old_logp, advantages, clip=0.2, mask=None):
         seen.append(mask)
         return orig(new_logp, old_logp, advantages, clip, mask)
 
-    monkeypatch.setattr(maths, "policy_loss", policy_loss)
+    monkeypatch.setattr(objective, "policy_loss", policy_loss)
     batch, metrics = tr.step()
     assert seen and all(s is not None and s.shape[1] == tr.cfg.task.response_length for s in seen)
     assert sum(int(s.sum()) for s in seen) == int(batch.mask.sum()) * tr.cfg.ppo.ppo_epochs

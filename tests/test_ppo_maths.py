@@ -1,4 +1,5 @@
-"""PPO maths on tiny tensors, each expected number derived by hand in the comments."""
+"""PPO maths on tiny tensors (the reward path of ppo/objective.py, the response heads of ppo/policy.py), each
+expected number derived by hand in the comments."""
 
 from __future__ import annotations
 
@@ -8,15 +9,12 @@ import pytest
 import torch
 
 from megacoach.errors import DataError
-from megacoach.ppo.maths import (
+from megacoach.ppo.objective import (
     assemble_rewards,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_per_token,
     last_true_index,
-    logprobs_and_entropy,
-    logprobs_from_logits,
     masked_mean,
     masked_var,
     mean_sequence_kl,
@@ -25,6 +23,7 @@ from megacoach.ppo.maths import (
     whiten,
     whiten_rewards,
 )
+from megacoach.ppo.policy import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 
 LN2 = math.log(2.0)
 

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 
-def _trainer(model_dir, **ppo):
+def _trainer(model_dir, task=None, **ppo):
     from megacoach.config import load_config
     from megacoach.lm.loading import load_causal_lm
     from megacoach.pipeline import build_trainer
     from megacoach.reward.model import RewardModel
     from megacoach.tasks import load_queries
 
-    cfg = load_config(preset="tiny", overrides=[{"model": {"name_or_path": str(model_dir)}, "ppo": ppo}])
+    cfg = load_config(preset="tiny", overrides=[{"model": {"name_or_path": str(model_dir)}, "ppo": ppo, "task": task or {}}])
     torch.manual_seed(0)
     lm, tok = load_causal_lm(str(model_dir))
     coach = RewardModel.from_base(str(model_dir), tokenizer=tok, seed=0).eval()
@@ -59,3 +59,26 @@ def test_mmap_threshold_setting():
 
         if ctypes.util.find_library("c"):
             assert set_mmap_threshold(32) is True  # glibc's largest dynamic value: a harmless setting
+
+
+def test_rewards_and_advantages_are_whitened_once_over_the_whole_batch(tiny_model_dir):
+    """ppo.whiten_rewards and the advantages' whitening take their statistics over the whole rollout batch (8
+    episodes here), not over each update minibatch (4): what config.py and ppo/objective.py say."""
+    from megacoach.ppo import objective
+
+    # no truncation: every response is valid, so the (random) Values Coach's scores differ from row to row
+    tr = _trainer(tiny_model_dir, {"truncate_token": None}, batch_size=8, mini_batch_size=4, whiten_rewards=True)
+    beta = tr.kl_ctl.value
+    batch = tr.rollout(tr.next_queries())
+    p = batch.path
+    assert bool(batch.valid.all()) and float(p.scores.std()) > 0
+    raw, _ = objective.assemble_rewards(p.scores, p.kl, beta, batch.mask)
+    whole = objective.whiten_rewards(raw, batch.mask)
+    assert torch.allclose(p.rewards, whole, atol=1e-6)
+    adv, returns = objective.gae(whole, batch.values, tr.cfg.ppo.gamma, tr.cfg.ppo.lam, batch.mask)
+    assert torch.allclose(p.advantages, objective.whiten(adv, batch.mask), atol=1e-5)
+    assert torch.allclose(p.returns, returns, atol=1e-5)
+    # whitened per minibatch, the same rows would read otherwise
+    halves = torch.cat([objective.whiten_rewards(raw[:4]), objective.whiten_rewards(raw[4:])])
+    assert not torch.allclose(p.rewards, halves, atol=1e-3)
+    assert abs(float(p.advantages.mean())) < 1e-5 and abs(float(p.advantages.var(unbiased=False)) - 1) < 1e-3

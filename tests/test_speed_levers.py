@@ -13,7 +13,7 @@ from megacoach.config import load_config
 from megacoach.lm.hf import cache_of, lm_inputs, trunk_of
 from megacoach.lm.loading import load_causal_lm
 from megacoach.pipeline import build_trainer
-from megacoach.ppo import maths
+from megacoach.ppo import policy
 from megacoach.ppo.policy import Apprentice, fused_response_head, response_head
 from megacoach.reward.model import RewardModel
 from megacoach.sampling import HFGenerator, static_cache
@@ -111,10 +111,10 @@ def test_the_fused_head_gives_autograds_log_probs_entropies_and_gradients(bias, 
     grads = []
     for fused in (False, True):
         if fused:
-            lp, ent = maths.linear_logprobs_and_entropy(h, w, b, tokens, 0.7, scale, chunk_rows=4)
+            lp, ent = policy.linear_logprobs_and_entropy(h, w, b, tokens, 0.7, scale, chunk_rows=4)
         else:
             logits = h @ w.t() + (b if bias else 0)
-            lp, ent = maths.logprobs_and_entropy(logits * scale, tokens, 0.7)
+            lp, ent = policy.logprobs_and_entropy(logits * scale, tokens, 0.7)
         (lp * g).sum().backward()
         grads.append((lp.detach(), ent, h.grad, w.grad, None if b is None else b.grad))
         h.grad = w.grad = None
@@ -142,8 +142,8 @@ def test_the_fused_head_keeps_one_vocabulary_sized_tensor_and_refuses_a_second_b
             out = fn()
         return out, sum(x for x in sizes if x >= big)
 
-    _, autograd_kept = kept_bytes(lambda: maths.logprobs_and_entropy(h @ w.t(), tokens, 0.7))
-    (lp, _ent), fused_kept = kept_bytes(lambda: maths.linear_logprobs_and_entropy(h, w, None, tokens, 0.7))
+    _, autograd_kept = kept_bytes(lambda: policy.logprobs_and_entropy(h @ w.t(), tokens, 0.7))
+    (lp, _ent), fused_kept = kept_bytes(lambda: policy.linear_logprobs_and_entropy(h, w, None, tokens, 0.7))
     assert autograd_kept >= 2 * big and fused_kept == big
     lp.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -236,7 +236,7 @@ class PPOConfig(_Section):
                                   "rounding. False: one parameter at a time (torch's default on the CPU).")
     fused_head: bool = Field(True, description="The update's response head (LM head, temperature, one log-softmax, "
                              "the sampled tokens' log-probs and the entropy) as one pass with its own gradient "
-                             "(megacoach/ppo/maths.py): the logits are made in chunks of rows and only the "
+                             "(megacoach/ppo/policy.py): the logits are made in chunks of rows and only the "
                              "softmax is kept for the backward pass, so no compiler is needed. For heads that are a "
                              "scaled float32 linear map (GPT-2, Llama, Qwen, Granite, ...); others (softcapped Gemma-2, "
                              "bf16 heads) keep autograd's head, which run.compile compiles. The same numbers up to "
@@ -247,7 +247,9 @@ class PPOConfig(_Section):
     vf_coef: float = Field(0.1, ge=0, description="Value loss coefficient. Paper: 0.1.")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount. Paper: 1.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda. Paper: 0.95.")
-    whiten_rewards: bool = Field(True, description="Scale rewards per minibatch (mean kept). Paper: yes.")
+    whiten_rewards: bool = Field(True, description="Scale the rewards (mean kept) once over the whole "
+                                "rollout batch, before GAE; the advantages are whitened over the whole batch too. "
+                                "Paper: yes, per minibatch (the same with its one minibatch per batch).")
     separate_value_model: bool = Field(False, description="False: value head on the policy's trunk (ORIG). "
                                        "True: a separate value network.")
     forward_batch_size: int | None = Field(

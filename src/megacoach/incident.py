@@ -45,7 +45,7 @@ from megacoach.lm.adapters import add_lora
 from megacoach.lm.hf import autocast, device_of, lm_inputs
 from megacoach import pipeline
 from megacoach.pipeline import collect_labels, seed_everything, train, values_coach
-from megacoach.ppo import episodes, maths
+from megacoach.ppo import episodes, objective
 from megacoach.ppo.episodes import stop_rule
 from megacoach.ppo.policy import Apprentice, frozen_reference, load_apprentice_state
 from megacoach.runs import RunDir
@@ -197,7 +197,7 @@ def evaluate_policy(lm, ref_lm, tok, cfg, queries, labeler, seed: int) -> dict:
             logits = ref_lm(**lm_inputs(qr, pad)).logits[:, -t.response_length - 1:-1]
         logits = logits.float().to(s.logprobs.device) / t.temperature
         ref_lp = torch.log_softmax(logits, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
-        kls.append(maths.sequence_kl(s.logprobs[i:i + 64], ref_lp, None if s.mask is None else s.mask[i:i + 64]))
+        kls.append(objective.sequence_kl(s.logprobs[i:i + 64], ref_lp, None if s.mask is None else s.mask[i:i + 64]))
         # fluency: the original model's perplexity (temperature 1) of the truncated text it would read
         lp1 = torch.log_softmax(logits * t.temperature, -1).gather(-1, s.responses[i:i + 64, :, None]).squeeze(-1)
         real = s.truncated[i:i + 64] != pad

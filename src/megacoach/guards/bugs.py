@@ -1,8 +1,8 @@
 """Specification bugs, injected for demonstrations and tests: each is a context manager that patches ONE
 link of the real reward path (or of the Values Coach's training) while it is active, the way a careless
 refactor would. Production code knows nothing about them: there is no `if bug:` anywhere; the trainer
-looks every link up at call time (`objective.x(...)`, `maths.x(...)`), so a patch is seen by training and
-guards alike.
+looks every link up at call time (`objective.x(...)`; inside ppo/objective.py each link finds the next in the
+module's namespace when it runs), so a patch is seen by training and guards alike.
 
     with inject("incident"):
         pipeline.train(cfg)  # guards.enabled: the guards watch the run
@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from megacoach.ppo import maths, objective, policy
+from megacoach.ppo import objective, policy
 from megacoach.ppo import trainer as trainer_mod
 from megacoach.errors import ConfigError
 from megacoach.labels.store import LabelStore
@@ -108,12 +108,12 @@ def _no_coherence_coach(stack: ExitStack) -> None:
 
 
 def _score_sign(stack: ExitStack) -> None:
-    orig = maths.assemble_rewards
+    orig = objective.assemble_rewards
 
     def assemble_rewards(score, kl, kl_coef, mask=None):
         return orig(-score, kl, kl_coef, mask)
 
-    _setattr(stack, maths, "assemble_rewards", assemble_rewards)
+    _setattr(stack, objective, "assemble_rewards", assemble_rewards)
 
 
 def _negated_gain(stack: ExitStack) -> None:
@@ -154,13 +154,13 @@ def _advantage_sign(stack: ExitStack) -> None:
 
 
 def _loss_sign(stack: ExitStack) -> None:
-    orig = maths.policy_loss
+    orig = objective.policy_loss
 
     def policy_loss(new_logp, old_logp, advantages, clip=0.2, mask=None):
         loss, stats = orig(new_logp, old_logp, advantages, clip, mask)
         return -loss, stats
 
-    _setattr(stack, maths, "policy_loss", policy_loss)
+    _setattr(stack, objective, "policy_loss", policy_loss)
 
 
 def _optimizer_ascent(stack: ExitStack) -> None:
@@ -190,12 +190,12 @@ def _optimizer_ascent(stack: ExitStack) -> None:
 
 
 def _reward_scaling_sign(stack: ExitStack) -> None:
-    orig = maths.whiten_rewards
+    orig = objective.whiten_rewards
 
     def whiten_rewards(rewards, mask=None):
         return -orig(rewards, mask)
 
-    _setattr(stack, maths, "whiten_rewards", whiten_rewards)
+    _setattr(stack, objective, "whiten_rewards", whiten_rewards)
 
 
 def _choice_reversed(stack: ExitStack) -> None:
@@ -223,8 +223,8 @@ def _pad_leak(stack: ExitStack) -> None:
     def advantages_and_returns(rewards, values, gamma, lam, mask=None):
         # GAE run over the padding as if every position were real (the value at the first pad bootstraps the last
         # real token), then whitened over the real tokens
-        adv, returns = maths.gae(rewards, values, gamma, lam, None)
-        return maths.whiten(adv, mask), returns
+        adv, returns = objective.gae(rewards, values, gamma, lam, None)
+        return objective.whiten(adv, mask), returns
 
     _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
 

@@ -39,7 +39,7 @@ from megacoach.guards.terms import term_metrics
 from megacoach.guards.stats import alpha_per_check, ols, z_for
 from megacoach.labels.labelers import label_items, labeler_scores
 from megacoach.labels.records import NewSample
-from megacoach.ppo import episodes, maths, objective
+from megacoach.ppo import episodes, objective
 from megacoach.reward import terms as reward_terms
 from megacoach.sampling import HFGenerator
 from megacoach.tasks import Query
@@ -137,7 +137,7 @@ class Guards:
             "query_ids": s.query_ids, "truncated": s.truncated, "valid": s.valid,
             "score": self._episode_scores(s.query_ids, s.truncated, s.valid),
             "labeler": self._labeler_scores(s.queries, s.texts),
-            "ref_nll": float(-maths.masked_mean(s.logprobs, s.mask)) if s.mask is not None else float(-s.logprobs.mean()),
+            "ref_nll": float(-objective.masked_mean(s.logprobs, s.mask)) if s.mask is not None else float(-s.logprobs.mean()),
             "texts": s.texts[:8],
         }
 
@@ -185,7 +185,7 @@ class Guards:
         raw_batch = batch.path.scores.float().cpu()  # what the rollout carried into the reward path
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
         tol = 1e-3 * (1.0 + float(raw_now.abs().max()) if len(score) else 1.0)
-        k1 = maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).cpu().numpy()
+        k1 = objective.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).cpu().numpy()
         p = tr.cfg.ppo
         push = objective.loss_push(batch.logprobs, path.advantages, batch.values, path.returns, p.cliprange,
                                    p.cliprange_value, p.vf_coef, batch.mask).cpu().numpy()
@@ -306,9 +306,9 @@ class Guards:
         if score is None:
             score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)
         ls = np.asarray(labeler_scores, dtype=float)
-        kl = float(maths.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).mean())
+        kl = float(objective.sequence_kl(batch.logprobs.float(), batch.ref_logprobs.float(), batch.mask).mean())
         ref_nll = float(-(batch.ref_logprobs.float().mean() if batch.mask is None
-                          else maths.masked_mean(batch.ref_logprobs.float(), batch.mask)))
+                          else objective.masked_mean(batch.ref_logprobs.float(), batch.mask)))
         self.history.append({"iteration": it, "score": np.asarray(score, dtype=float), "labeler": ls,
                              "score_mean": float(np.mean(score)), "labeler_mean": float(np.nanmean(ls)) if np.isfinite(ls).any() else float("nan"),
                              "kl": kl})

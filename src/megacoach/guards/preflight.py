@@ -68,7 +68,7 @@ from megacoach.guards.rollout import COMPONENT as SAMPLER_TRAINER
 from megacoach.guards.rollout import check_sampler_trainer
 from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test, t_sf
 from megacoach.lm.adapters import has_adapter
-from megacoach.ppo import episodes, maths, objective
+from megacoach.ppo import episodes, objective
 from megacoach.reward import terms as reward_terms
 from megacoach.tasks import Query
 
@@ -98,7 +98,7 @@ COMPONENTS = {
     "reward_terms": "reward terms (reward.terms, summed by objective.episode_scores)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
-    "coherence_coach": "Coherence Coach (the KL term: maths.kl_per_token, β, objective.megacoach_rewards)",
+    "coherence_coach": "Coherence Coach (the KL term: objective.kl_per_token, β, objective.megacoach_rewards)",
     "optimiser": "optimiser step (PPOTrainer.update and its optimiser)",
     "canaries": "canary prompts through the reward path",
 }
@@ -269,7 +269,7 @@ def check_coherence_coach(trainer, queries, alpha: float, seed: int, require_kl:
             non_score = b.path.non_score.float().sum(1).cpu().numpy()
             # the score held fixed: what the path does with the KL alone, on the furthest copy
             fixed = P.with_scores(trainer, b, torch.zeros_like(b.raw_scores), torch.ones_like(b.valid))
-            log_ratio = maths.sequence_kl(b.logprobs.float(), b.ref_logprobs.float(), b.mask).cpu().numpy()
+            log_ratio = objective.sequence_kl(b.logprobs.float(), b.ref_logprobs.float(), b.mask).cpu().numpy()
             reward = fixed.path.rewards.float().sum(1).cpu().numpy()
             push = P.ppo_push(trainer, fixed).cpu().numpy()
         xs.append(ex), ns.append(non_score)

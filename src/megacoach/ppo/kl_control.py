@@ -1,6 +1,6 @@
 """The Coherence Coach's weight beta (``kl_coef``): fixed, or adapted toward a target KL, as ORIG.
 
-The Megacoach reward is ``score - beta * KL`` (see maths.py for the sign convention), so beta must
+The Megacoach reward is ``score - beta * KL`` (see objective.py for the sign convention), so beta must
 be >= 0: a negative beta turns the KL penalty into a bonus for leaving the original model (half of
 the paper's section 4.4 incident). Both controllers refuse a negative beta.
 
@@ -10,7 +10,7 @@ Adaptive control (style tasks: beta0 0.15, target 6 nats, horizon 10,000 episode
     beta = beta * (1 + err * n_steps / horizon)
 
 where KL is the batch mean of the per-episode summed per-token log-ratio
-(:func:`megacoach.ppo.maths.mean_sequence_kl`) and ``n_steps`` the number of episodes in the batch.
+(:func:`megacoach.ppo.objective.mean_sequence_kl`) and ``n_steps`` the number of episodes in the batch.
 With ORIG's horizon, beta moves by at most 2% per 1,000 episodes.
 """
 

@@ -27,7 +27,7 @@ import torch
 from megacoach.config import Config
 from megacoach.distributed import Dist, Lockstep, check_world
 from megacoach.errors import DataError
-from megacoach.ppo import consistency, episodes, maths, objective
+from megacoach.ppo import consistency, episodes, objective
 from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
@@ -133,7 +133,7 @@ class PPOTrainer:
             before_update(batch)  # 7. the guards look at what is about to be optimised
         kl_coef = self.kl_ctl.value
         stats = self.update(batch)  # 8. PPO epochs x minibatches
-        self.kl_ctl.update(float(maths.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. Coherence Coach
+        self.kl_ctl.update(float(objective.mean_sequence_kl(batch.path.kl)), self.cfg.ppo.batch_size)  # 9. Coherence Coach
         self.iteration_no += 1
         self.episodes += self.cfg.ppo.batch_size
         metrics = objective.iteration_metrics(batch, stats, kl_coef, self.scheduler.get_last_lr()[0],  # 10.
@@ -183,7 +183,7 @@ class PPOTrainer:
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite PPO loss ({loss.item()}) at iteration {self.iteration_no}")
                     (loss / p.gradient_accumulation_steps).backward()
-                    stats["entropy"] = out.entropy.mean() if mask is None else maths.masked_mean(out.entropy, mask)
+                    stats["entropy"] = out.entropy.mean() if mask is None else objective.masked_mean(out.entropy, mask)
                     stats["total_loss"] = loss.detach()
                     for k, v in stats.items():
                         acc.setdefault(k, []).append(float(v))
