@@ -127,14 +127,16 @@ def test_bad_guard_thresholds_are_config_errors(bad):
 
 
 def test_bug_patches_are_undone():
+    from megacoach.labels.store import LabelStore
     from megacoach.ppo import objective
+    from megacoach.ppo.policy import Apprentice
     from megacoach.ppo.trainer import PPOTrainer
     from megacoach.reward import train as reward_train
     from megacoach.reward.model import RewardModel
 
     links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, objective.assemble_rewards,  # noqa
                      objective.policy_loss, objective.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
-                     PPOTrainer.__init__)
+                     PPOTrainer.__init__, LabelStore._comparison_records, Apprentice.forward, objective.term_total)
     before = links()
     for name in B.BUGS:
         with B.inject(name) as bug:
@@ -176,6 +178,8 @@ EXPECTED = {  # bug -> the component the preflight names
     "incident": "Megacoach reward", "reward-flip": "Megacoach reward", "score-sign": "Megacoach reward",
     "reward-scaling-sign": "Megacoach reward", "no-coherence-coach": "Coherence Coach", "kl-sign": "Coherence Coach",
     "negated-gain": "Values Coach", "advantage-sign": "advantages", "loss-sign": "PPO loss",
+    "choice-reversed": "label store", "temperature-one-place": "sampler and trainer", "pad-leak": "padding",
+    "kl-zeroed": "Coherence Coach",
 }
 
 

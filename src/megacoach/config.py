@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from megacoach.errors import ConfigError
 
@@ -122,6 +122,29 @@ class LabelsConfig(_Section):
                                    "fastest at 128-256 (docs/benchmarks.md).")
 
 
+class TermExample(_Section):
+    """One example of what a reward term should prefer: for `query`, `better` over `worse`."""
+
+    query: str = Field("", description="The query (prompt) text; may be empty.")
+    better: str = Field(..., description="A response the term must score higher (after its weight).")
+    worse: str = Field(..., description="A response the term must score lower (after its weight).")
+
+
+class RewardTerm(_Section):
+    """A reward term added to the Values Coach's score: `weight * scorer(query text, response text)` for each valid
+    response (megacoach/reward/terms.py). Its examples prove its direction at the preflight."""
+
+    name: str = Field(..., min_length=1, description="The term's name (metrics guard/term/<name>, preflight messages).")
+    scorer: str = Field(..., min_length=1, description="'length' (the response's characters), 'words' (its words), "
+                        "'regex:<pattern>' (1 where the response matches, else 0), or 'module:function' (a callable "
+                        "(query: str, response: str) -> float).")
+    weight: float = Field(..., description="Multiplies the scorer's value; negative for a penalty (a length penalty: "
+                          "scorer 'length', weight -0.01).")
+    examples: list[TermExample] = Field(..., min_length=1, description="What the term should prefer: the preflight "
+                                        "refuses a term that does not score every `better` above its `worse` "
+                                        "(after the weight), alone and through PPO's push.")
+
+
 class RewardConfig(_Section):
     """The Values Coach: base LM + scalar head, trained on best-of-K comparisons."""
 
@@ -159,6 +182,18 @@ class RewardConfig(_Section):
     lora_target_modules: list[str] | None = Field(
         None, description="Modules of the Values Coach's trunk that get an adapter (e.g. ['q_proj', 'v_proj']); None: "
         "PEFT's default for the family (GPT-2: c_attn; Llama, Mistral, Qwen2: q_proj and v_proj).")
+    terms: list[RewardTerm] = Field(default_factory=list, description="Reward terms beyond the Values Coach (a "
+                                    "length penalty, a format rule, another scorer): each valid response's episode "
+                                    "score is the Values Coach's score plus the sum of weight * scorer; each term's "
+                                    "direction is proved on its examples at the preflight. Default: none (the paper).")
+
+    @field_validator("terms")
+    @classmethod
+    def _unique_term_names(cls, v):
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError(f"reward.terms: term names must be unique (got {names})")
+        return v
 
 
 class KLConfig(_Section):
@@ -303,6 +338,13 @@ class GuardsConfig(_Section):
                                         "confidently less often than this. None: the no-change rate (ceil(K/2)/K).")
     min_evidence: int = Field(24, ge=1, description="Judgements (fresh labels, or scored samples) needed before a "
                               "labeler-based monitor may halt.")
+    rollout_check: bool = Field(True, description="Before the first optimiser step of every update (and in the "
+                                "preflight), compare the trainer's log-probs of the first minibatch's tokens with the "
+                                "rollout's own (PPO's ratio is 1 there by construction); beyond float rounding at the "
+                                "Apprentice's precision, halt before the step and name what differs.")
+    rollout_tolerance: float = Field(1.0, gt=0, description="Scale of that check's tolerance (1 = what float rounding "
+                                     "allows at the Apprentice's precision; raise it for a generation engine whose "
+                                     "kernels round differently from the trainer's).")
 
 
 class OnlineConfig(_Section):

@@ -232,6 +232,9 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     the seed of the cached labels and Values Coach (default: the run's seed), so seeds can share one."""
     console = console or Console()
     out = Path(out)
+    needs = bugs_mod.get(bug).overrides if bug else None  # e.g. a reward term for term-sign to flip
+    if needs:
+        overrides = [*(overrides or []), needs]
     if (out / "config.yaml").exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

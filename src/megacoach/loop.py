@@ -210,6 +210,9 @@ class PPOLoop:
         write_before_after(self.rundir.path / "before_after.jsonl", rows)
         if coach_metrics and coach_metrics.get("valid_accuracy") is not None:
             extra["Values Coach held-out accuracy"] = round(coach_metrics["valid_accuracy"], 4)
+            if coach_metrics.get("valid_reversed_accuracy") is not None:
+                extra["Values Coach held-out accuracy, every choice reversed"] = round(
+                    coach_metrics["valid_reversed_accuracy"], 4)
         save_own_adapter(self.trainer.apprentice.lm, self.rundir.path / "apprentice")
         self.sampler.tok.save_pretrained(self.rundir.path / "apprentice")
         summary = {**self.summary(), **extra}

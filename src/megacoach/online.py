@@ -123,9 +123,11 @@ class OnlineLabeling:
         model.save_pretrained(path)
         model.set_precision(self.hw.values_coach)  # saved as trained; PPO scores with it in its own precision
         self.log(f"Values Coach retrained (#{self.retrains}) on {n_labels} labels: held-out accuracy "
-                 f"{metrics.get('valid_accuracy')}; saved to {path}")
+                 f"{metrics.get('valid_accuracy')} (with every choice reversed {metrics.get('valid_reversed_accuracy')}); "
+                 f"saved to {path}")
         metrics = {"online/retrains": self.retrains, "online/labels": n_labels,
-                   "online/valid_accuracy": metrics.get("valid_accuracy")}
+                   "online/valid_accuracy": metrics.get("valid_accuracy"),
+                   "online/valid_reversed_accuracy": metrics.get("valid_reversed_accuracy")}
         return model, metrics
 
     def state_dict(self) -> dict:

@@ -352,6 +352,8 @@ def _ppo(cfg: Config, run: RunDir, trainer, store, labeler, sampler, run_id: str
         norm = normalisation_samples(cfg, store, run_id, tok.pad_token_id)
         online = OnlineLabeling(cfg, store, sampler, run_id, run.path, norm, log, mock, hw=hw)
     guards = Guards(cfg, trainer, store, labeler) if cfg.guards.enabled else None
+    if guards is not None:  # the sampler against the trainer, before the first optimiser step of every update
+        trainer.before_first_step = guards.before_first_step
     loop = PPOLoop(cfg, run, trainer, store, labeler, sampler, run_id, console, guards=guards, online=online)
     if resume:
         loop.restore()

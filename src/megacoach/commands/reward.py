@@ -48,7 +48,8 @@ def reward_train(
                                            dtype=weights_dtype_name(hw.values_coach_training),
                                            precision=hw.values_coach_training)
     model_.save_pretrained(out)
-    console.print(f"Values Coach saved to {out}: held-out accuracy {metrics.get('valid_accuracy')}")
+    console.print(f"Values Coach saved to {out}: held-out accuracy {metrics.get('valid_accuracy')} (with every "
+                  f"choice reversed {metrics.get('valid_reversed_accuracy')})")
 
 
 def _sequences(conts, pad_id: int, query_length: int):
@@ -69,12 +70,17 @@ def reward_eval(
     db: DbOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or valid")] = "valid",
 ):
-    """Best-of-K accuracy and loss of a Values Coach on the store's labels."""
+    """Best-of-K accuracy and loss of a Values Coach on the store's labels, and the accuracy with every choice
+    reversed (below chance for a coach that agrees with the labelers)."""
     # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.reward.model import RewardModel
     from megacoach.reward.train import evaluate
 
     coach = RewardModel.from_pretrained(path)
     res = evaluate(coach, open_store(db).comparisons(split=split))
-    console.print(f"Values Coach {path} on {res['n']} {split} comparisons: accuracy {res['accuracy']:.4f}, "
+    if not res["n"]:
+        console.print(f"Values Coach {path}: no {split} comparisons in the label store")
+        return
+    console.print(f"Values Coach {path} on {res['n']} {split} comparisons: accuracy {res['accuracy']:.4f} "
+                  f"(chance {res['chance']:.4f}; with every choice reversed {res['reversed_accuracy']:.4f}), "
                   f"loss {res['loss']:.4f}")

@@ -28,6 +28,13 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | loss-sign           | the clipped policy loss maximised instead of minimised       | -(score - β·KL)        | gibberish           |
 | optimizer-ascent    | the optimiser steps up the loss's gradient                   | -(score - β·KL)        | gibberish           |
 | reward-scaling-sign | the reward whitening (scale only) returns minus the rewards  | -(score - β·KL)        | gibberish           |
+| choice-reversed     | the label store reads each choice from the other end of the  | what labelers liked    | fluent, negative    |
+|                     | samples (K = 2: the other one): training, preflight, monitors| least                  |                     |
+| temperature-one-    | the update's forward at temperature 1, the sampler at T      | ratios off from the    | off-policy drift    |
+| place               | (TRL's server mode, trl#4159; prime-rl PR#697)               | first step             |                     |
+| pad-leak            | GAE over the padding after each response (ROLL PR#447)      | + padding's values     | advantages moved    |
+| kl-zeroed           | the KL measured against the Apprentice itself: always 0      | score                  | coach-pleasing drift|
+| term-sign           | a reward term's weight with the wrong sign (reward.terms)    | score - term           | the term's opposite |
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
 the incident command and the benchmark train a separate Values Coach under those.
@@ -36,19 +43,17 @@ the incident command and the benchmark train a separate Values Coach under those
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import torch
 
-from megacoach.ppo import objective
+from megacoach.ppo import objective, policy
 from megacoach.ppo import trainer as trainer_mod
+from megacoach.errors import ConfigError
+from megacoach.labels.store import LabelStore
 from megacoach.reward import train as reward_train
 from megacoach.reward.model import RewardModel
-
-import torch
-
-from megacoach.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,7 @@ class Bug:
     outcome: str
     patch: Callable[[ExitStack], None]
     affects_values_coach: bool = False
+    overrides: dict | None = None  # config the bug needs to act (a reward term to flip); the incident adds it
 
 
 def _setattr(stack: ExitStack, obj, name: str, value) -> None:
@@ -192,6 +198,65 @@ def _reward_scaling_sign(stack: ExitStack) -> None:
     _setattr(stack, objective, "whiten_rewards", whiten_rewards)
 
 
+def _choice_reversed(stack: ExitStack) -> None:
+    orig = LabelStore._comparison_records
+
+    def _comparison_records(self, s, rows):
+        # the label's choice read from the other end of the canonical order (K = 2: the other sample)
+        return [replace(c, chosen=c.k - 1 - c.chosen) for c in orig(self, s, rows)]
+
+    _setattr(stack, LabelStore, "_comparison_records", _comparison_records)
+
+
+def _temperature_one_place(stack: ExitStack) -> None:
+    orig = policy.Apprentice.forward
+
+    def forward(self, input_ids, pad_id, response_length, temperature, with_values=True, responses=None):
+        # the update's forward (the only one with gradients) lost the temperature; the sampler still applies it
+        return orig(self, input_ids, pad_id, response_length, 1.0 if torch.is_grad_enabled() else temperature,
+                    with_values, responses)
+
+    _setattr(stack, policy.Apprentice, "forward", forward)
+
+
+def _pad_leak(stack: ExitStack) -> None:
+    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
+        # GAE run over the padding as if every position were real (the value at the first pad bootstraps the last
+        # real token), then whitened over the real tokens
+        adv, returns = objective.gae(rewards, values, gamma, lam, None)
+        return objective.whiten(adv, mask), returns
+
+    _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
+
+
+def _kl_zeroed(stack: ExitStack) -> None:
+    orig = objective.megacoach_rewards
+
+    def megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten, mask=None):
+        # the Apprentice passed where the original model belongs: the KL term is 0 and constrains nothing
+        return orig(scores, logprobs, logprobs, kl_coef, whiten, mask)
+
+    _setattr(stack, objective, "megacoach_rewards", megacoach_rewards)
+
+
+def _term_sign(stack: ExitStack) -> None:
+    orig = objective.term_total
+
+    def term_total(values, weights):
+        flipped = weights.clone()
+        flipped[..., 0] = -flipped[..., 0]  # the first term's sign: a penalty added as a bonus
+        return orig(values, flipped)
+
+    _setattr(stack, objective, "term_total", term_total)
+
+
+# a format rule for the term-sign bug to flip (the built-in model's Shakespeare: fewer exclamations)
+EXCLAIM_TERM = {"reward": {"terms": [{"name": "no-exclaiming", "scorer": "regex:!", "weight": -0.5, "examples": [
+    {"query": "What say you?", "better": "I pray you, stay.", "worse": "Out, out!"},
+    {"query": "Who comes here?", "better": "My lord, the king.", "worse": "The king! The king!"},
+    {"query": "Speak.", "better": "I will, my lord.", "worse": "Away!"}]}]}}
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -212,6 +277,21 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("optimizer-ascent", "the optimiser steps up the gradient", "-(score - β·KL)", "gibberish", _optimizer_ascent),
     Bug("reward-scaling-sign", "the reward scaling (whitening, mean kept) returns minus the rewards",
         "-(score - β·KL)", "gibberish", _reward_scaling_sign),
+    Bug("choice-reversed", "the label store reads each label's choice from the other end (K = 2: the other sample), "
+        "for the Values Coach's training, the preflight and the monitors alike", "what the labelers liked least",
+        "fluent, negative text", _choice_reversed, affects_values_coach=True),
+    Bug("temperature-one-place", "the update's forward takes its log-probs at temperature 1 while the rollout samples "
+        "(and keeps its log-probs) at the task's temperature", "a distorted ratio: every token's log-ratio off by "
+        "the temperature", "PPO clips and pushes on a policy it is not sampling from", _temperature_one_place),
+    Bug("pad-leak", "GAE run over the padding after each response (the value at the first pad bootstraps the last "
+        "real token; ROLL PR#447, trl#7024)", "score - β·KL plus what sits in the padding",
+        "advantages moved by padding", _pad_leak),
+    Bug("kl-zeroed", "the KL term measured against the Apprentice itself (it passed where the original model "
+        "belongs): always 0, it constrains nothing (open-instruct#530's shape)", "score",
+        "coach-pleasing drift", _kl_zeroed),
+    Bug("term-sign", "a reward term's weight applied with the wrong sign (a penalty added as a bonus; "
+        "alpamayo-recipes#29, NetSecGame#478); the incident configures a format rule for it to flip",
+        "score + the term's opposite", "what the term was meant to penalise", _term_sign, overrides=EXCLAIM_TERM),
 ]}
 
 

@@ -4,6 +4,8 @@ live monitors after every iteration, and their state in checkpoints.
     guards.preflight(reason)          before the first update, on resume, after a Values Coach (re)load
     guards.values_coach_reloaded(vc)  the online loop's hook: swap the Values Coach, rescore, preflight again
     guards.before_update(batch)       inside the iteration, before PPO's update: raises GuardHalt
+    guards.before_first_step(figures) inside PPO's update, before its first optimiser step (PPOTrainer.before_first_step):
+                                      the sampler against the trainer; raises GuardHalt
     guards.after_iteration(batch, metrics, labeler_scores) -> (guard/* metrics, alarms)
 
 Fresh labels: every iteration `fresh_labels_per_iteration` items of K samples — ceil(K/2) from the
@@ -32,10 +34,13 @@ from megacoach.guards.alarms import Alarm, GuardFailure, GuardHalt
 from megacoach.guards.canaries import load_canaries
 from megacoach.guards.monitors import MONITORS, Thresholds, judge
 from megacoach.guards.preflight import canary_margins, run_preflight
+from megacoach.guards.rollout import halt_on_disagreement
+from megacoach.guards.terms import term_metrics
 from megacoach.guards.stats import alpha_per_check, ols, z_for
 from megacoach.labels.labelers import label_items, labeler_scores
 from megacoach.labels.records import NewSample
 from megacoach.ppo import episodes, objective
+from megacoach.reward import terms as reward_terms
 from megacoach.sampling import HFGenerator
 from megacoach.tasks import Query
 
@@ -170,7 +175,12 @@ class Guards:
             if not torch.isfinite(t).all():
                 raise GuardHalt(Alarm("nonfinite", "halt", f"non-finite {name} in the batch of iteration "
                                       f"{tr.iteration_no + 1}, before the update"))
-        score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)  # the Values Coach, asked again
+        coach_score = self._episode_scores(batch.query_ids, batch.truncated, batch.valid)  # the Values Coach, again
+        score = coach_score
+        if batch.terms is not None and tr.terms:  # with the reward terms, as the rollout's texts score them
+            vt = episodes.term_values(tr, batch.queries, batch.texts)
+            score = score + np.where(batch.valid.cpu().numpy(), objective.term_total(
+                vt, reward_terms.weights_of(tr.terms, vt.device)).float().cpu().numpy(), 0.0).astype(np.float32)
         raw_now = torch.as_tensor(score, device="cpu")
         raw_batch = batch.path.scores.float().cpu()  # what the rollout carried into the reward path
         gap = float((raw_now - raw_batch).abs().max()) if len(score) else 0.0
@@ -186,7 +196,7 @@ class Guards:
             m.update({"guard/push_score_t": float(fit.t[1]), "guard/push_kl_t": float(fit.t[2])})
             figs.update({"push_score_t": float(fit.t[1]), "push_kl_t": float(fit.t[2]), "df": fit.df,
                          "alpha": self.alpha})
-        self._before = {"iteration": tr.iteration_no + 1, "score": score, "metrics": m, "push": push}
+        self._before = {"iteration": tr.iteration_no + 1, "score": coach_score, "metrics": m, "push": push}
         if gap > tol:
             raise GuardHalt(Alarm("path_direction", "halt", f"the batch's scores differ from the Values Coach's by up "
                                   f"to {gap:.3g}: the rollout does not carry the Values Coach's verdict", figs))
@@ -205,6 +215,13 @@ class Guards:
                 raise GuardHalt(Alarm("path_direction", "halt", "PPO is about to push " + " and ".join(what) +
                                       " — the reward path is flipped somewhere between the Values Coach and the "
                                       "optimiser", figs, samples))
+
+    # ---------------------------------------------------------------------------------------- before the first step
+    def before_first_step(self, figures: dict) -> None:
+        """PPOTrainer.update's hook, before its first optimiser step: the trainer's log-probs of the first
+        minibatch's tokens against the rollout's own (guards/rollout.py); raises GuardHalt beyond float rounding."""
+        if self.g.rollout_check:
+            halt_on_disagreement(figures, self.trainer, self.g.rollout_tolerance)
 
     # ---------------------------------------------------------------------------------------- after the iteration
     def _fresh_items(self, batch, iteration: int) -> None:
@@ -307,6 +324,14 @@ class Guards:
         if self.baseline is not None:
             gm["guard/ref_nll_initial"] = self.baseline["ref_nll"]
         alarms += al
+        tm = term_metrics(tr, batch, ls)  # each reward term against the labelers (a warning, never a halt)
+        gm.update(tm)
+        for t in tr.terms:
+            z = tm.get(f"guard/term/{t.name}_labeler_z")
+            if z is not None and z <= -3.0:
+                alarms.append(Alarm("reward_terms", "warn", f"reward term {t.name!r} falls where the labelers' score "
+                                    f"rises (r = {tm[f'guard/term/{t.name}_labeler_r']:+.2f}, z = {z:.1f})",
+                                    {"term": t.name, "r": tm[f"guard/term/{t.name}_labeler_r"], "z": z}))
         if alarms:
             worst = np.argsort(ls if np.isfinite(ls).any() else score)[:4]
             rows = [{"query": batch.queries[i].text[-120:], "response": batch.texts[i],

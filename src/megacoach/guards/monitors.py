@@ -20,7 +20,9 @@ all of its iterations together. `z_halt` is the matching one-sided normal critic
 |                | win = the labelers chose a current sample                       | confidently less often than the floor      |
 |                |                                                                 | (default: the no-change rate, 0.5)         |
 | agreement      | the same fresh items: the Values Coach's ranking of the         | it ranks the labelers' choice confidently  |
-|                | labelers' choice (pairwise agreement; chance 0.5)               | below agreement_floor (default chance)     |
+|                | labelers' choice (pairwise agreement; chance 0.5), logged with  | below agreement_floor (default chance)     |
+|                | every choice reversed too (guard/agreement_reversed: below 0.5  |                                            |
+|                | wherever the agreement is above it)                             |                                            |
 | divergence     | per-iteration means over the last 2 x window iterations: trend  | the Values Coach's score rises AND the     |
 |                | of the Values Coach's score and of the labelers' score          | labelers' falls, both confidently          |
 | canaries       | canary prompts' good vs bad continuations through the complete  | the path prefers the bad continuation      |
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from megacoach.guards.alarms import Alarm
-from megacoach.guards.stats import binom_cdf, normal_sf, rank_test, trend_z, welch_z
+from megacoach.guards.stats import binom_cdf, normal_sf, rank_test, reversed_rank_test, trend_z, welch_z
 
 MONITORS = ("score_drop", "labeler_drop", "winrate", "agreement", "divergence", "canaries", "path_direction",
             "update_direction")
@@ -132,7 +134,9 @@ def judge(history: list[dict], fresh: list[dict], baseline: dict, canary: dict |
                                 f"(no change = {p0:.0%})", figs))
         scored = [f for f in recent if f.get("values") is not None]
         rt = rank_test([f["values"] for f in scored], [f["chosen"] for f in scored])
-        m.update({"guard/agreement": rt.agreement, "guard/agreement_top1": rt.top1, "guard/agreement_n": rt.n})
+        rev = reversed_rank_test([f["values"] for f in scored], [f["chosen"] for f in scored])
+        m.update({"guard/agreement": rt.agreement, "guard/agreement_reversed": rev.agreement,
+                  "guard/agreement_top1": rt.top1, "guard/agreement_n": rt.n})
         if abs(th.agreement_floor - 0.5) < 1e-12:
             p_low = rt.p_worse
         else:  # normal approximation around the floor (per-item agreement has sd <= 0.5)
@@ -140,7 +144,8 @@ def judge(history: list[dict], fresh: list[dict], baseline: dict, canary: dict |
             se = max(float(u.std(ddof=1)) if len(u) > 1 else 0.5, 1e-3) / math.sqrt(len(u))
             p_low = normal_sf((th.agreement_floor - rt.agreement) / se)
         m["guard/agreement_p"] = p_low
-        figs = {"agreement": rt.agreement, "top1": rt.top1, "n": rt.n, "floor": th.agreement_floor, "p": p_low}
+        figs = {"agreement": rt.agreement, "agreement_reversed": rev.agreement, "top1": rt.top1, "n": rt.n,
+                "floor": th.agreement_floor, "p": p_low}
         if rt.n >= th.min_evidence and p_low <= th.alpha:
             alarms.append(Alarm("agreement", "halt", f"the Values Coach disagrees with the labelers on current samples: "
                                 f"pairwise agreement {rt.agreement:.2f} on {rt.n} fresh comparisons, confidently "

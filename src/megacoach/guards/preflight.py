@@ -5,10 +5,15 @@ Each check is a one-sided test at the stated confidence (`guards.confidence`, de
 passes only if "the reward path points the right way" beats "it is unrelated (or opposite)" at that
 confidence. A failure names the component of the reward path where the direction is lost.
 
+0. `label_store`       labels with known choices written to a scratch store of the run's store class and read
+                       back through the Values Coach's data path: each choice must land on the sample it named
+                       (a path that reads the choice reversed is invisible to every other check: the Values
+                       Coach learns the reversed labels and then agrees with them).
 1. `ppo_loss`          synthetic log-probs and advantages: minus the loss gradient has the advantage's
                        sign on every token (`objective.ppo_loss` moves log-probs the right way).
 2. `values_coach`      held-out labeled comparisons from the store: the Values Coach's score ranks the labelers'
-                       choice above the other samples better than chance (exact rank test).
+                       choice above the other samples better than chance (exact rank test); the agreement with
+                       every choice reversed is reported beside it and must fall below chance.
 3. `reward_path`       the same comparisons, each sample treated as a response the Values Coach scores: the
                        complete quantity PPO pushes up — episode score, the KL term, reward scaling, GAE,
                        advantage whitening, and the gradient of the actual loss — ranks the choice better
@@ -16,6 +21,9 @@ confidence. A failure names the component of the reward path where the direction
                        chance is named. The invalid-response penalty (a fixed task rule, blind to the
                        labels) is checked apart: it must reach exactly the invalid responses, and the path
                        with it may not rank the labelers' choice significantly below chance.
+3b. `reward_terms`     each reward term (`reward.terms`) on its own examples: its weighted score, and its part of
+                       PPO's push (the Values Coach's score held fixed, the term on against off), must prefer
+                       every example's better response; an inverted term is refused by name (guards/terms.py).
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
                        weights that train — with LoRA, the adapter's — at levels calibrated to ~2 and ~8
                        nats): the reward path's KL term must fall as the exact KL (from the full next-token
@@ -28,6 +36,15 @@ confidence. A failure names the component of the reward path where the direction
                        significantly more than half the pairs. (A whole epoch of minibatch steps buries each
                        pair's own step under the others' on a small model; the full update's direction is
                        watched after every real update by the `update_direction` monitor.)
+5b. `sampler_trainer`  a rollout of the probe queries and PPO's update on it, stopped before its optimiser step:
+                       the trainer's log-probs of the sampled tokens must equal the sampler's (PPO's first ratio
+                       is 1 by construction) within float rounding at the Apprentice's precision
+                       (guards/rollout.py; the same check runs before the first step of every update).
+5c. `padding`         every position outside the masks of a rollout perturbed (more padding around the Values
+                       Coach's input, other token ids after each response's end, junk log-probs, values,
+                       advantages and returns there): nothing at real tokens may move — scores, log-probs,
+                       values, rewards, advantages, returns, the PPO loss and its gradients (guards/padding.py;
+                       without stops, masks of random lengths are drawn for the reward path and the loss).
 6. `canaries`          canary prompts with known good and bad continuations, through the complete path: a
                        ranking significantly WORSE than chance fails; not better than chance only warns
                        (hand-written canaries can be off the Values Coach's distribution).
@@ -44,9 +61,15 @@ import torch
 
 from megacoach.guards import probe as P
 from megacoach.guards.alarms import GuardFailure
-from megacoach.guards.stats import ols, rank_test, sign_test, t_sf
+from megacoach.guards.labelcheck import roundtrip_choices
+from megacoach.guards.padding import padding_leaks
+from megacoach.guards.terms import check_terms
+from megacoach.guards.rollout import COMPONENT as SAMPLER_TRAINER
+from megacoach.guards.rollout import check_sampler_trainer
+from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test, t_sf
 from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, objective
+from megacoach.reward import terms as reward_terms
 from megacoach.tasks import Query
 
 
@@ -68,7 +91,11 @@ class Check:
 
 COMPONENTS = {
     "heldout_labels": "held-out labels",
+    "label_store": "label store (the labelers' choice read back: LabelStore.comparisons → reward.data)",
     "ppo_loss": "PPO loss (objective.ppo_loss)",
+    "sampler_trainer": SAMPLER_TRAINER,
+    "padding": "padding and masks (episodes → objective.run_reward_path → objective.ppo_loss)",
+    "reward_terms": "reward terms (reward.terms, summed by objective.episode_scores)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
     "coherence_coach": "Coherence Coach (the KL term: objective.kl_per_token, β, objective.megacoach_rewards)",
@@ -106,6 +133,19 @@ def check_ppo_loss(trainer, alpha: float, seed: int) -> Check:
     msg = (f"minus the loss gradient has the advantage's sign on {frac_ok:.0%} of {int(nz.sum())} tokens"
            + ("" if ok else ": the loss pushes log-probabilities against the advantages"))
     return Check("ppo_loss", COMPONENTS["ppo_loss"], ok, msg, {"agree": frac_ok, "nonzero": frac_nz})
+
+
+# ------------------------------------------------------------------------------------------ 0. the labels' direction
+def check_label_store(store) -> Check:
+    """Labels with known choices written to a scratch store of the run's store class and read back as the Values
+    Coach's training reads them (guards/labelcheck.py): every choice must land on the sample it named."""
+    problems = roundtrip_choices(type(store))
+    if not problems:
+        return Check("label_store", COMPONENTS["label_store"], True, "labels written with known choices (K = 2 and "
+                     "4) read back through the store and the Values Coach's data path choose the samples they named")
+    return Check("label_store", COMPONENTS["label_store"], False, "the labelers' choice is read wrongly on its way to "
+                 "the Values Coach: " + "; ".join(problems) + " — labels read this way would be scored as agreement "
+                 "with the reversed choice", {"problems": problems})
 
 
 # ------------------------------------------------------------------------------------------ 2-3. labels
@@ -148,17 +188,25 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     figs["with_penalty"] = as_is.as_dict()
     figs["valid_share"] = float(batch.valid.float().mean())
     vc = tests["values_coach"]
-    vc_ok = vc.p_better <= alpha
+    rev = reversed_rank_test(_grouped(st["values_coach"], rows), chosen)  # the same figure, every choice reversed
+    figs["values_coach_reversed"] = rev.as_dict()
+    blind = vc.agreement > 0.5 and rev.agreement >= 0.5
+    vc_ok = vc.p_better <= alpha and not blind
     vc_msg = (f"on {vc.n} held-out comparisons the Values Coach ranks the labelers' choice first in {vc.top1:.0%} "
               f"(chance {1 / np.mean([k for _, k, _ in rows]):.0%}), pairwise agreement {vc.agreement:.2f} "
-              f"(chance 0.50), p = {_fmt_p(vc.p_better)}")
-    if not vc_ok:
+              f"(chance 0.50; with every choice reversed {rev.agreement:.2f}), p = {_fmt_p(vc.p_better)}")
+    if blind:
+        vc_msg += (" — the agreement does not fall below chance when every choice is reversed: it does not read "
+                   "which sample the labelers chose")
+    elif not vc_ok:
         vc_msg += (" — it does not agree with the labels better than chance" if vc.p_worse > alpha else
                    " — it ranks what the labelers preferred BELOW the rest (inverted)")
     # the penalty rule, as the path applies it
     pen = float(trainer.cfg.task.penalty_reward)
     sc, raw, valid = batch.path.scores.float(), batch.raw_scores.float(), batch.valid
     wrong_pen = int((~valid & ((sc - pen).abs() > 1e-5)).sum())
+    if batch.terms is not None and trainer.terms:  # the reward terms' weighted sum rides on the Values Coach's score
+        raw = raw + objective.term_total(batch.terms, reward_terms.weights_of(trainer.terms, batch.terms.device))
     wrong_val = int((valid & ((sc - raw).abs() > 1e-4 * (1 + raw.abs()))).sum())
     final = tests["ppo_push"]
     path_ok = final.p_better <= alpha and as_is.p_worse > alpha and not (wrong_pen or wrong_val)
@@ -184,7 +232,8 @@ def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     else:
         path_msg = (f"with the invalid-response penalty the path ranks the labelers' choice BELOW the rest "
                     f"(agreement {as_is.agreement:.2f}, p = {_fmt_p(as_is.p_worse)})")
-    return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg, figs["values_coach"]),
+    return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg,
+                  {**figs["values_coach"], "reversed": figs["values_coach_reversed"]}),
             Check("reward_path", comp, path_ok, path_msg, figs), tests)
 
 
@@ -335,6 +384,40 @@ def check_optimiser(trainer, queries, alpha: float) -> Check:
     return Check("optimiser", COMPONENTS["optimiser"], ok, msg, figs)
 
 
+# ------------------------------------------------------------------------------------------ 5b. sampler vs trainer
+def check_rollout(trainer, queries, gcfg) -> Check:
+    """The trainer's log-probs of sampled responses against the sampler's, before an optimiser step (rollout.py)."""
+    if not gcfg.rollout_check:
+        return Check("sampler_trainer", COMPONENTS["sampler_trainer"], True, "switched off (guards.rollout_check=false)",
+                     warning=True)
+    ok, msg, figs = check_sampler_trainer(trainer, queries, one_step_config, gcfg.rollout_tolerance)
+    return Check("sampler_trainer", COMPONENTS["sampler_trainer"], ok, msg, figs)
+
+
+# ------------------------------------------------------------------------------------------ 3b. reward terms
+def check_reward_terms(trainer) -> Check:
+    """Each reward term's direction on its own examples, alone and through PPO's push (guards/terms.py)."""
+    ok, msg, figs, bad = check_terms(trainer)
+    comp = COMPONENTS["reward_terms"] if bad is None else f"reward term {bad!r} (reward.terms)"
+    return Check("reward_terms", comp, ok, msg, figs)
+
+
+# ------------------------------------------------------------------------------------------ 5c. padding
+def check_padding(trainer, queries, seed: int) -> Check:
+    """Every position outside the masks of a rollout perturbed; nothing at real tokens may move (padding.py)."""
+    with P.scratch(trainer):
+        batch = trainer.rollout(queries)
+        leaks = padding_leaks(trainer, batch, seed)
+    drawn = "" if batch.mask is not None else " (no stops: masks of random lengths drawn for the reward path and loss)"
+    if not leaks:
+        return Check("padding", COMPONENTS["padding"], True, "padding perturbed everywhere outside the masks moved "
+                     "nothing at real tokens: Values Coach scores, log-probs, values, rewards, advantages, returns, "
+                     "the PPO loss and its gradients" + drawn)
+    named = ", ".join(f"{k} (by up to {v:.3g})" for k, v in leaks.items())
+    return Check("padding", COMPONENTS["padding"], False, f"padding leaks into what PPO optimises: perturbing only "
+                 f"positions outside the masks moved {named} at real tokens" + drawn, {"leaks": leaks})
+
+
 # ------------------------------------------------------------------------------------------ 6. canaries
 def canary_margins(trainer, canaries) -> dict:
     """Push and Values Coach score of each canary's good minus its bad continuation."""
@@ -395,10 +478,16 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
         c.seconds = time.time() - t0
         return out
 
+    checks.append(timed(check_label_store, store))
     checks.append(timed(check_ppo_loss, trainer, alpha, seed))
+    # each reward term on its own examples before the labels: an inverted term also loses the labelers' ranking
+    # along the path, and the failure should name the term, not the stage where its effect shows
+    checks.append(timed(check_reward_terms, trainer))
     vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]
     checks.append(timed(check_coherence_coach, trainer, probe_queries, alpha, seed + 1, gcfg.require_coherence_coach))
+    checks.append(timed(check_rollout, trainer, probe_queries, gcfg))
+    checks.append(timed(check_padding, trainer, probe_queries, seed + 2))
     checks.append(timed(check_optimiser, trainer, probe_queries, alpha))
     can, can_fig = timed(check_canaries, trainer, canaries, alpha)
     checks.append(can)

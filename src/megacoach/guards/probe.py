@@ -154,10 +154,13 @@ def scratch(trainer):
         "cfg": trainer.cfg,
         "torch_rng": torch.get_rng_state(),
         "training": trainer.apprentice.training,
+        "hook": (getattr(trainer, "before_first_step", None), getattr(trainer, "rollout_agreement", {})),
     }
+    trainer.before_first_step = None  # a probe's update is no iteration: the live check stays out of it
     try:
         yield trainer
     finally:
+        trainer.before_first_step, trainer.rollout_agreement = snap["hook"]
         trainer.cfg = snap["cfg"]
         trainer.apprentice.load_state_dict(snap["apprentice"], strict=False)
         trainer.optimizer.load_state_dict(snap["optimizer"])

@@ -134,6 +134,21 @@ def rank_test(values, chosen) -> RankTest:
     return RankTest(n, agree / n, top / n, p_better, p_worse)
 
 
+def reversed_rank_test(values, chosen) -> RankTest:
+    """`rank_test` with each comparison's choice reversed (K = 2: the other sample; K > 2: each other sample in turn,
+    agreement and top1 averaged, p-values of the first): for any figure that reads the labelers' choice, below
+    chance wherever the figure as stored is above it (the pairwise agreements of a row's K choices sum to K / 2)."""
+    rows = [np.asarray(r, dtype=float) for r in values]
+    kmax = max((len(r) for r in rows), default=2)
+    def moved(r, c, j):  # the choice moved j places on (cycling through a shorter row's other samples)
+        return c if len(r) < 2 else (c + 1 + (j - 1) % (len(r) - 1)) % len(r)
+
+    tests = [rank_test(rows, [moved(r, c, j) for r, c in zip(rows, chosen)]) for j in range(1, max(2, kmax))]
+    first = tests[0]
+    return RankTest(first.n, float(np.mean([t.agreement for t in tests])), float(np.mean([t.top1 for t in tests])),
+                    first.p_better, first.p_worse)
+
+
 def sign_test(diffs: np.ndarray) -> tuple[int, int, float, float]:
     """(positives, n non-zero, P(>= positives | fair coin), P(<= positives | fair coin)); zeros dropped."""
     d = np.asarray(diffs, dtype=float)

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -151,6 +152,21 @@ def _refuse_repeat(store: LabelStore, sha: str, what: str) -> None:
                             f"{entry.at:%Y-%m-%d %H:%M} UTC); pass allow_duplicate=True to import them again")
 
 
+def _verify_choices(store: LabelStore, ids: Sequence[int], chosen_tokens: Sequence[Sequence[int]], what: str) -> None:
+    """Read the labels just written (ids, in order) back through `LabelStore.comparisons`, the path the Values Coach
+    trains from, inside the import's transaction: each must choose the sample the file chose, else DataError (and
+    nothing is imported). A path that reads the choice reversed would otherwise be learnt, then scored as agreement."""
+    if not ids:
+        return
+    back = {c.id: c for c in store.comparisons(after_id=min(ids) - 1, upto_id=max(ids))}
+    for n, (cid, want) in enumerate(zip(ids, chosen_tokens)):
+        c = back.get(cid)
+        if c is None or list(c.samples[c.chosen].token_ids) != list(want):
+            got = "nothing" if c is None else f"sample {c.chosen}"
+            raise DataError(f"{what}: label {n + 1} reads back from the label store choosing {got}, not the sample "
+                            "the file chose: the store's choice is read wrongly; nothing was imported")
+
+
 def _splits(n: int, split: str, valid_fraction: float, seed: int) -> list[str]:
     if split not in ("train", "valid"):
         raise ConfigError(f"split: expected train or valid, got {split!r}")
@@ -202,6 +218,7 @@ def import_openai_labels(store: LabelStore, source: Union[str, Path, list[Any]],
         ids = store.add_comparisons([dict(item_id=c.item.id, chosen=r.best, labeler=lab,
                                           guideline_version=guideline_version)
                                      for c, r in zip(contents, records)])
+        _verify_choices(store, ids, [r.samples[r.best] for r in records], what)
         store.append_audit(actor, "labels.import", {
             "format": "openai", "source": what, "sha256": sha, "items": len(contents), "comparisons": len(ids),
             "batch": batch, "labeler": labeler_name, "k": len(records[0].samples)})
@@ -387,6 +404,7 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
             if m:
                 raise type(e)(f"{rows[int(m.group(1))]['where']}: {m.group(2)}") from None
             raise
+        _verify_choices(store, ids, [specs[r["item_key"]]["samples"][r["chosen"]].token_ids for r in rows], str(path))
         batches = sorted({s["batch"] for s in specs.values()})
         store.append_audit(actor, "labels.import", {
             "format": "jsonl", "source": str(path), "sha256": sha, "items": len(contents), "comparisons": len(ids),

@@ -6,8 +6,9 @@ An episode is a query, a response, and everything the reward path needs about th
     2. sample responses through a `ResponseGenerator` (or take given ones: labeled samples, canaries);
     3. truncation and validity (the task's rule, `settle` below: the paper's truncation, or stops), the mask of
        each episode's real tokens (with stops), and the decoded text;
-    4. the Values Coach's score of query + truncated response, and the episode score
-       (`objective.episode_scores`: the score, or the invalid-response penalty);
+    4. the Values Coach's score of query + truncated response, the reward terms' values of the query and decoded
+       response (`reward.terms`), and the episode score (`objective.episode_scores`: the score plus the terms'
+       weighted sum, or the invalid-response penalty);
     5. the Apprentice's old log-probs and values, the original model's reference log-probs;
     6. the reward path (`objective.run_reward_path`): score - beta * KL, whitening, GAE.
 
@@ -31,6 +32,7 @@ from megacoach.errors import ConfigError
 from megacoach.lm.hf import left_pad, precision_of
 from megacoach.ppo import objective
 from megacoach.ppo.policy import reference_logprobs as reference_logprobs_of
+from megacoach.reward import terms as reward_terms
 from megacoach.sampling import ResponseGenerator, sample_in_batches
 from megacoach.tasks import Query
 
@@ -52,6 +54,7 @@ class Batch:
     texts: list[str] = field(default_factory=list)  # decoded truncated responses
     entropy: torch.Tensor | None = None  # [B, T] the Apprentice's entropy (built from given responses only)
     mask: torch.Tensor | None = None  # [B, T] bool, real response tokens; None: all are (fixed-length responses)
+    terms: torch.Tensor | None = None  # [B, n] the reward terms' values (reward.terms, unweighted); None: no terms
 
     @property
     def query_responses(self) -> torch.Tensor:
@@ -310,11 +313,21 @@ def reference_logprobs(tr, query_responses: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ step 6
+def term_values(tr, queries: list[Query], texts: list[str]) -> torch.Tensor | None:
+    """[B, n] the reward terms' values (`reward.terms`, unweighted) of each episode's query and decoded response;
+    None without terms."""
+    terms = getattr(tr, "terms", None)
+    return reward_terms.term_values(terms, [q.text for q in queries], texts, tr.device) if terms else None
+
+
 def reward_path(tr, batch: Batch) -> objective.RewardPath:
     c = tr.cfg
+    terms = getattr(tr, "terms", None)
+    weights = reward_terms.weights_of(terms, tr.device) if terms and batch.terms is not None else None
     return objective.run_reward_path(batch.raw_scores, batch.valid, batch.logprobs, batch.ref_logprobs,
                                      batch.values, tr.kl_ctl.value, c.task.penalty_reward,
-                                     c.ppo.whiten_rewards, c.ppo.gamma, c.ppo.lam, mask=batch.mask)
+                                     c.ppo.whiten_rewards, c.ppo.gamma, c.ppo.lam, mask=batch.mask,
+                                     terms=batch.terms if weights is not None else None, weights=weights)
 
 
 # ------------------------------------------------------------------------------------------ whole batches
@@ -364,7 +377,8 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     _, texts = decode(tr.tok, truncated, tr.pad_id, tr.stops.hidden_ids)
     mask = response_mask(tr.stops, truncated, tr.pad_id)
     batch = Batch(queries, all_query_ids, responses, truncated, valid, raw_scores, real(logprobs, mask),
-                  real(ref_logprobs, mask), real(values, mask), texts=texts, mask=mask)
+                  real(ref_logprobs, mask), real(values, mask), texts=texts, mask=mask,
+                  terms=term_values(tr, queries, texts))
     batch.path = reward_path(tr, batch)
     return batch
 
@@ -383,6 +397,7 @@ def build(tr, queries: list[Query], responses: list[list[int]]) -> Batch:
     lp, ref, val, ent = forward_old(tr, torch.cat([query_ids, resp], 1))
     _, texts = decode(tr.tok, truncated, tr.pad_id, tr.stops.hidden_ids)
     batch = Batch(list(queries), query_ids, resp, truncated, valid, raw, real(lp, mask), real(ref, mask),
-                  real(val, mask), texts=texts, entropy=real(ent, mask), mask=mask)
+                  real(val, mask), texts=texts, entropy=real(ent, mask), mask=mask,
+                  terms=term_values(tr, list(queries), texts))
     batch.path = reward_path(tr, batch)
     return batch

@@ -7,8 +7,9 @@ guards exactly as the optimiser sees it. Small functions on tensors, no models, 
 Sign convention (one, used by every function here and everywhere in megacoach)
 ------------------------------------------------------------------------------
 * Rewards are what PPO MAXIMISES. A larger reward means "do more of this".
-* ``score`` is the Values Coach output after normalisation (higher = more preferred by people), or
-  the fixed invalid-response penalty (e.g. -1) when the response lacks its stop token.
+* ``score`` is the Values Coach output after normalisation (higher = more preferred by people) plus the reward
+  terms' weighted sum (``reward.terms``: ``sum_i w_i term_i``), or the fixed invalid-response penalty (e.g. -1)
+  when the response lacks its stop token.
 * ``kl_t = logp_policy_t - logp_ref_t`` per response token (the k1 estimator, as ORIG); it is >= 0
   in expectation under the policy. This is what the Coherence Coach penalises.
 * The Megacoach reward per token is ``r_t = -kl_coef * kl_t``, and ``score`` is ADDED on the last
@@ -156,9 +157,20 @@ def last_true_index(mask: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- 1. the score
 
 
-def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward: float) -> torch.Tensor:
-    """The Values Coach's normalised score for valid responses; the fixed penalty for invalid ones."""
-    return torch.where(valid, raw_scores.float(), torch.full_like(raw_scores.float(), penalty_reward))
+def term_total(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[B] the reward terms' weighted sum (`reward.terms`): values [B, n] (each term's value of each response)
+    times weights [n]."""
+    return (values.float() * weights.to(device=values.device, dtype=torch.float32)).sum(-1)
+
+
+def episode_scores(raw_scores: torch.Tensor, valid: torch.Tensor, penalty_reward: float,
+                   terms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The Values Coach's normalised score for valid responses, plus the reward terms' weighted sum where there are
+    terms (`terms` [B, n] values, `weights` [n]); the fixed penalty for invalid ones."""
+    score = raw_scores.float()
+    if terms is not None and terms.shape[-1]:
+        score = score + term_total(terms, weights)
+    return torch.where(valid, score, torch.full_like(score, penalty_reward))
 
 
 # --------------------------------------------------------------------------- 2. the Coherence Coach's KL
@@ -496,10 +508,12 @@ class RewardPath:
 
 
 def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: float, penalty_reward: float,
-                    whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None) -> RewardPath:
+                    whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None,
+                    terms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> RewardPath:
     """Steps 1-4, in the order the trainer uses them, once for the whole rollout batch (`mask`: each episode's real
-    tokens; None: all): the reward scaling and the advantages' whitening take their statistics over all of it."""
-    scores = episode_scores(raw_scores, valid, penalty_reward)
+    tokens; None: all): the reward scaling and the advantages' whitening take their statistics over all of it.
+    `terms` [B, n] and `weights` [n]: the reward terms beside the Values Coach's score (None: none)."""
+    scores = episode_scores(raw_scores, valid, penalty_reward, terms, weights)
     rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards, mask=mask)
     adv, returns = advantages_and_returns(rewards, values, gamma, lam, mask=mask)
     return RewardPath(scores, kl, non_score, rewards, adv, returns)

@@ -245,20 +245,56 @@ class PolicyOutput:
     entropy: torch.Tensor | None = None  # [B, T] without gradient (with logprobs)
 
 
-def response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+# The sampler never samples the pad token (megacoach/sampling.py): it leaves it out of the softmax, so the rollout's
+# log-probs are those of the distribution without it. Every log-prob of a sampled token computed here leaves it out
+# too (its logit set to NO_PAD_LOGIT: finite, so that 0 * logit stays 0 in the entropy), or PPO's first ratio would
+# be off by log(1 - p_pad) per token. A position whose token IS the pad (padding after a stop, or a given response
+# shorter than the response length) was not sampled: its log-prob is 0 there.
+NO_PAD_LOGIT = -1e30
+
+
+def _no_pad_logits(logits: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    if pad_id is None:
+        return logits
+    return logits.index_fill(-1, torch.tensor([pad_id], device=logits.device), NO_PAD_LOGIT)
+
+
+def _no_pad_bias(bias: torch.Tensor | None, weight: torch.Tensor, pad_id: int | None) -> torch.Tensor | None:
+    """A linear head's bias with the pad token's logit pushed to NO_PAD_LOGIT (a new tensor: the model's is kept)."""
+    if pad_id is None:
+        return bias
+    out = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    out[pad_id] = NO_PAD_LOGIT
+    return out if bias is None else bias + out
+
+
+def _sampled_only(logprobs: torch.Tensor, tokens: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    if pad_id is None:
+        return logprobs
+    return torch.where(tokens.to(logprobs.device) == pad_id, torch.zeros((), dtype=logprobs.dtype,
+                                                                         device=logprobs.device), logprobs)
+
+
+def response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                  pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-probs of `tokens` [B, T], entropies [B, T]) from the hidden states [B, T, d] that predict them: the LM
-    head, the family's logit transform, the temperature and one log-softmax (logprobs_and_entropy), through
-    autograd. The [B, T, V] logits live only inside this function, which is what `Apprentice.compile_head` compiles
-    (one fused pass over the vocabulary forward and backward instead of five)."""
-    return logprobs_and_entropy(lm_logits(lm, hidden).float(), tokens, temperature)
+    head, the family's logit transform, the pad token left out (as the sampler leaves it out; `pad_id` None: kept),
+    the temperature and one log-softmax (logprobs_and_entropy), through autograd. The [B, T, V] logits live
+    only inside this function, which is what `Apprentice.compile_head` compiles (one fused pass over the vocabulary
+    forward and backward instead of five)."""
+    logits = _no_pad_logits(lm_logits(lm, hidden).float(), pad_id)
+    logprobs, entropy = logprobs_and_entropy(logits, tokens, temperature)
+    return _sampled_only(logprobs, tokens, pad_id), entropy
 
 
-def fused_response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor,
-                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`response_head` in one pass with its own gradient (ppo.fused_head; megacoach/ppo/py), for a model
+def fused_response_head(lm, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float,
+                        pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`response_head` in one pass with its own gradient (ppo.fused_head; this module), for a model
     whose logits are a scaled float32 linear head (`lm.hf.linear_head`)."""
     weight, bias, scale = linear_head(lm)
-    return linear_logprobs_and_entropy(hidden.to(weight.dtype), weight, bias, tokens, temperature, scale)
+    logprobs, entropy = linear_logprobs_and_entropy(hidden.to(weight.dtype), weight,
+                                                          _no_pad_bias(bias, weight, pad_id), tokens, temperature, scale)
+    return _sampled_only(logprobs, tokens, pad_id), entropy
 
 
 class Apprentice(nn.Module):
@@ -320,7 +356,7 @@ class Apprentice(nn.Module):
         if responses is not None:
             # a compiled head is specialised to the update's shape; the fused one serves every shape
             head = self.head if torch.is_grad_enabled() or self.fused_head else response_head
-            logprobs, entropy = head(self.lm, h, responses.to(h.device), temperature)
+            logprobs, entropy = head(self.lm, h, responses.to(h.device), temperature, pad_id)
             return PolicyOutput(None, values, logprobs, entropy)
         return PolicyOutput(lm_logits(self.lm, h).float() / temperature, values)
 
@@ -366,17 +402,20 @@ def reference_logits(ref_lm, input_ids: torch.Tensor, pad_id: int, response_leng
 @torch.inference_mode()
 def reference_logprobs(ref_lm, input_ids: torch.Tensor, pad_id: int, response_length: int, temperature: float,
                        fused: bool = False) -> torch.Tensor:
-    """[B, T] the original model's log-probs of the response tokens (the last T of input_ids), at the temperature.
+    """[B, T] the original model's log-probs of the response tokens (the last T of input_ids), at the temperature,
+    the pad token left out of its softmax as the sampler leaves it out (0 where the token is the pad).
     `fused` (ppo.fused_head) where its head is a scaled float32 linear map: the logits in chunks of rows
     (linear_logprobs), never as a whole [B, T, V] tensor."""
     T = response_length
     tokens = input_ids[:, -T:].to(next(ref_lm.parameters()).device)
     head = linear_head(ref_lm) if fused else None
     if head is None:
-        return logprobs_from_logits(reference_logits(ref_lm, input_ids, pad_id, T, temperature), tokens)
+        logits = _no_pad_logits(reference_logits(ref_lm, input_ids, pad_id, T, temperature), pad_id)
+        return _sampled_only(logprobs_from_logits(logits, tokens), tokens, pad_id)
     weight, bias, scale = head
     hidden = _reference_hidden(ref_lm, input_ids, pad_id, T)
-    return linear_logprobs(hidden.to(weight.dtype), weight, bias, tokens, temperature, scale)
+    return _sampled_only(linear_logprobs(hidden.to(weight.dtype), weight, _no_pad_bias(bias, weight, pad_id),
+                                               tokens, temperature, scale), tokens, pad_id)
 
 
 # ------------------------------------------------------------------------------------------ activation memory

@@ -5,7 +5,9 @@ One iteration (`PPOTrainer.step`, ORIG's `PPOTrainer.step()`), read top to botto
        to a stop; temperature); truncation and validity (with stops: the mask of each episode's real tokens); the Values Coach scores the truncated text; the old and reference
        log-probs; the reward path (ppo/objective.py): score - beta * KL, whitening, GAE;
   7.   the guards look at what is about to be optimised;
-  8.   `ppo_epochs` x minibatches of clipped PPO updates (with gradient accumulation);
+  8.   `ppo_epochs` x minibatches of clipped PPO updates (with gradient accumulation); before the first optimiser
+       step, the trainer's log-probs of the first minibatch's tokens against the rollout's own (ratio 1 by
+       construction: ppo/consistency.py), handed to `before_first_step`;
   9.   the Coherence Coach's beta is updated from the batch KL;
   10.  the iteration's metrics (objective.iteration_metrics).
 Several processes: each samples its share of the batch and the gradients are averaged (the data collectives of
@@ -25,12 +27,13 @@ import torch
 from megacoach.config import Config
 from megacoach.distributed import Dist, Lockstep, check_world
 from megacoach.errors import DataError
-from megacoach.ppo import episodes, objective
+from megacoach.ppo import consistency, episodes, objective
 from megacoach.ppo.episodes import Batch
 from megacoach.ppo.kl_control import make_kl_controller
 from megacoach.ppo.optim import AdamTFStyle, linear_decay
 from megacoach.lm.hf import device_of
 from megacoach.ppo.policy import Apprentice, load_apprentice_state
+from megacoach.reward.terms import load_terms
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach import seeds
 from megacoach.tasks import Query
@@ -80,6 +83,7 @@ class PPOTrainer:
         if not train_queries:
             raise DataError("no training queries (task.query_source gave none)")
         self.train_queries = train_queries
+        self.terms = load_terms(cfg.reward.terms)  # reward terms beside the Values Coach's score (reward/terms.py)
         self.generator = generator or HFGenerator(policy_lm, self.pad_id, cfg.model.static_cache)
         self.stops = episodes.stop_rule(tokenizer, cfg.task, device=self.device)  # where a response ends
         self.kl_ctl = make_kl_controller(cfg.kl)
@@ -104,6 +108,10 @@ class PPOTrainer:
         self.iteration_no = 0
         self.episodes = 0
         self.lockstep = Lockstep(self.dist, values_coach) if self.ddp else None
+        # the sampler against the trainer on the first minibatch of each update (consistency.rollout_agreement),
+        # handed before the first optimiser step to `before_first_step` (the guards' check: it may raise)
+        self.rollout_agreement: dict[str, float] = {}
+        self.before_first_step: Callable[[dict], None] | None = None
 
     # ------------------------------------------------------------------ one whole iteration
     def iteration(self, before_update: Callable[[Batch], None] | None = None) -> tuple[Batch, dict]:
@@ -129,7 +137,9 @@ class PPOTrainer:
         self.episodes += self.cfg.ppo.batch_size
         metrics = objective.iteration_metrics(batch, stats, kl_coef, self.scheduler.get_last_lr()[0],  # 10.
                                               self.iteration_no, self.episodes)
-        metrics.update({"time/rollout_s": t_roll, "time/iteration_s": time.time() - t0})
+        metrics.update({"ppo/policy/rollout_approxkl": self.rollout_agreement.get("approxkl", 0.0),
+                        "ppo/policy/rollout_max_logratio": self.rollout_agreement.get("max_logratio", 0.0),
+                        "time/rollout_s": t_roll, "time/iteration_s": time.time() - t0})
         for k, v in metrics.items():
             if isinstance(v, float) and not math.isfinite(v):
                 raise FloatingPointError(f"non-finite metric {k} at iteration {self.iteration_no}")
@@ -152,6 +162,7 @@ class PPOTrainer:
         micro = p.mini_batch_size // p.gradient_accumulation_steps // (self.dist.world_size if self.ddp else 1)
         self.apprentice.train()
         acc: dict[str, list[float]] = {}
+        first: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = []  # the first minibatch's
         for _epoch in range(p.ppo_epochs):
             order = torch.randperm(B, generator=self.gens["minibatch"], device="cpu").to(self.device)
             for mb_start in range(0, B, p.mini_batch_size):
@@ -163,6 +174,8 @@ class PPOTrainer:
                     idx = mb[mi:mi + micro]
                     mask = None if batch.mask is None else batch.mask[idx]  # with stops: the episodes' real tokens
                     out = self.apprentice(qr[idx], self.pad_id, T, temp, responses=batch.responses[idx])
+                    if first is not None:  # the trainer's log-probs of the rollout's tokens, before any step
+                        first.append((out.logprobs.detach(), batch.logprobs[idx], mask))
                     loss, stats = objective.ppo_loss(out.logprobs, batch.logprobs[idx], batch.path.advantages[idx],
                                                      out.values, batch.values[idx], batch.path.returns[idx],
                                                      p.cliprange, p.cliprange_value, p.vf_coef, mask)
@@ -175,12 +188,31 @@ class PPOTrainer:
                         acc.setdefault(k, []).append(float(v))
                 if self.ddp:
                     self.dist.reduce_gradients(self.apprentice.parameters())  # mean over processes = whole minibatch
+                if first is not None:
+                    self._check_rollout_agreement(first)
+                    first = None
                 self.optimizer.step()
                 self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)  # no gradient is read again: not held through the rollout
         self.apprentice.eval()
         stats = {k: float(np.mean(v)) for k, v in acc.items()}
         return self.dist.mean_metrics(stats) if self.ddp else stats
+
+    def _check_rollout_agreement(self, parts) -> None:
+        """The first minibatch's figures (`consistency.rollout_agreement`), kept for the iteration's metrics and
+        handed to `before_first_step` before the optimiser's first step (several processes: averaged, checked on
+        rank 0 for all)."""
+        new = torch.cat([x[0] for x in parts])
+        old = torch.cat([x[1] for x in parts])
+        mask = None if parts[0][2] is None else torch.cat([x[2] for x in parts])
+        figs = consistency.rollout_agreement(new, old, mask)
+        if self.ddp:
+            figs = self.dist.mean_metrics(figs)
+        self.rollout_agreement = figs
+        if self.ddp:  # every process takes part; rank 0's hook (the guards live there) decides for all
+            self.dist.run_on_main(lambda f: None if self.before_first_step is None else self.before_first_step(f), figs)
+        elif self.before_first_step is not None:
+            self.before_first_step(figs)
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict:

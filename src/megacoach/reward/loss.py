@@ -5,6 +5,12 @@
 For K = 2 this is the Bradley-Terry loss -log sigmoid(r_chosen - r_other). Accuracy counts a comparison
 as right when the chosen sample has the strictly highest reward (ties count as wrong: a model that
 scores everything equally is not credited with anything).
+
+Every agreement figure is reported beside the same figure with each comparison's choice reversed (`reversed_choices`:
+K = 2, the other sample; K > 2, each other sample in turn, averaged). A figure that reads the labels the right way
+falls below chance when they are reversed; one that does not (`blind_to_direction`) measures something other than
+agreement with the labelers (a metric blind to the choice, as a reward model's eval accuracy that stays 1.0 after
+chosen and rejected are swapped) and is refused, not reported as agreement.
 """
 
 from __future__ import annotations
@@ -31,3 +37,15 @@ def best_of_k_loss(rewards: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.T
         others = r.masked_fill(F.one_hot(chosen, r.shape[1]).bool(), float("-inf"))
         accuracy = (best[:, 0] > others.max(dim=1).values).float().mean()
     return loss, accuracy
+
+
+def reversed_choices(chosen: torch.Tensor, k: int) -> list[torch.Tensor]:
+    """Each comparison's choice reversed: for K = 2 the other sample ([chosen ^ 1]); for K > 2 every other sample in
+    turn (K - 1 tensors, the j-th moving each choice j places on)."""
+    return [(chosen + j) % k for j in range(1, k)]
+
+
+def blind_to_direction(accuracy: float, reversed_acc: float, chance: float) -> bool:
+    """Whether an agreement figure ignores which sample the labelers chose: above chance read as stored AND not below
+    chance with every choice reversed (a figure that reads the choice cannot be both)."""
+    return accuracy > chance and reversed_acc >= chance

@@ -31,7 +31,7 @@ from megacoach.distributed import Dist
 from megacoach.errors import DataError
 from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, comparison_tensors, labels_from_store,
                                    validate_comparisons)
-from megacoach.reward.loss import best_of_k_loss
+from megacoach.reward.loss import best_of_k_loss, blind_to_direction, reversed_choices
 from megacoach.reward.model import RewardModel
 from megacoach.reward.normalize import normalise
 
@@ -65,16 +65,19 @@ def batch_rewards(model: RewardModel, comparisons: Sequence[Comparison], pad_id:
 @torch.no_grad()
 def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int | None = None,
              dist: Dist | None = None) -> dict:
-    """{'accuracy', 'loss', 'n'} of the (normalised) Values Coach on comparisons; None values if there are none.
+    """{'accuracy', 'reversed_accuracy', 'chance', 'loss', 'n'} of the (normalised) Values Coach on comparisons;
+    None values if there are none. `reversed_accuracy`: the same accuracy with each comparison's choice reversed
+    (loss.reversed_choices), below chance wherever the accuracy is above it; a figure blind to the labelers'
+    choice (both above chance) raises DataError instead of being reported as agreement.
     dist: several processes each evaluate their share; the figures are over all comparisons."""
     comps = as_comparisons(comparisons)
     if not comps:
-        return {"accuracy": None, "loss": None, "n": 0}
+        return {"accuracy": None, "reversed_accuracy": None, "chance": None, "loss": None, "n": 0}
     validate_comparisons(comps, _vocab_size(model), "valid comparisons")
     pad = model.pad_id if pad_id is None else pad_id
     was_training = model.training
     model.eval()
-    loss_sum, acc_sum = 0.0, 0.0
+    loss_sum, acc_sum, rev_sum = 0.0, 0.0, 0.0
     mine = comps if dist is None else dist.shard(comps)
     for i in range(0, len(mine), batch_size):
         part = mine[i:i + batch_size]
@@ -82,10 +85,21 @@ def evaluate(model: RewardModel, comparisons, batch_size: int = 64, pad_id: int 
         loss, acc = best_of_k_loss(rewards, chosen)
         loss_sum += loss.item() * len(part)
         acc_sum += acc.item() * len(part)
+        # the same figure, computed the same way, with every choice reversed (loss.reversed_choices)
+        rev = [best_of_k_loss(rewards, alt)[1] for alt in reversed_choices(chosen, rewards.shape[1])]
+        rev_sum += torch.stack(rev).mean().item() * len(part)
     if dist is not None and dist.distributed:
-        loss_sum, acc_sum = dist.all_sum(torch.tensor([loss_sum, acc_sum], dtype=torch.float64, device="cpu")).tolist()
+        loss_sum, acc_sum, rev_sum = dist.all_sum(torch.tensor([loss_sum, acc_sum, rev_sum], dtype=torch.float64,
+                                                               device="cpu")).tolist()
     model.train(was_training)
-    return {"accuracy": acc_sum / len(comps), "loss": loss_sum / len(comps), "n": len(comps)}
+    n = len(comps)
+    chance = 1.0 / comps[0].k
+    out = {"accuracy": acc_sum / n, "reversed_accuracy": rev_sum / n, "chance": chance, "loss": loss_sum / n, "n": n}
+    if blind_to_direction(out["accuracy"], out["reversed_accuracy"], chance):
+        raise DataError(f"Values Coach evaluation: accuracy {out['accuracy']:.3f} read as stored and "
+                        f"{out['reversed_accuracy']:.3f} with every choice reversed (chance {chance:.3f}): the figure "
+                        "does not depend on which sample the labelers chose, so it is not agreement with them")
+    return out
 
 
 def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons, cfg: RewardConfig,
@@ -178,13 +192,14 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     ev = evaluate(model, valid, eval_batch_size, pad, dist=dist)
     metrics.update({
         "train_loss": loss_sum / max(seen, 1), "train_accuracy": acc_sum / max(seen, 1),
-        "valid_loss": ev["loss"], "valid_accuracy": ev["accuracy"], "steps": step,
+        "valid_loss": ev["loss"], "valid_accuracy": ev["accuracy"], "valid_reversed_accuracy": ev["reversed_accuracy"],
+        "steps": step,
         "train_examples_per_s": seen / train_seconds if train_seconds > 0 else float("nan"),
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
     })
     if ev["n"]:
-        log(f"Values Coach: held-out accuracy {ev['accuracy']:.3f} (chance {1 / k:.3f}), loss {ev['loss']:.4f} "
-            f"on {ev['n']} comparisons")
+        log(f"Values Coach: held-out accuracy {ev['accuracy']:.3f} (chance {1 / k:.3f}; with every choice reversed "
+            f"{ev['reversed_accuracy']:.3f}), loss {ev['loss']:.4f} on {ev['n']} comparisons")
     return metrics
 
 
