@@ -408,9 +408,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # warmth of the reply (megacoach/guidelines/warm-replies.md; VADER scores the reply's tone).
     "smollm2-instruct": {
         "model": {"name_or_path": "smollm2-135m-instruct"},
-        "task": {"query_source": "builtin:instructions", "chat_template": True, "query_length": 64,
-                 "response_length": 48, "temperature": 0.7, "truncate_token": None, "stop_at_eos": True,
-                 "penalty_reward": -1.0},
+        "task": {"query_source": "builtin:instructions", "chat_template": True,
+                 "system_prompt": "You are a friendly assistant. Reply in one or two short sentences.",
+                 "query_length": 64, "response_length": 64, "temperature": 0.7, "truncate_token": None,
+                 "stop_at_eos": True, "penalty_reward": -1.0},
         "labels": {"labeler": "vader", "num_comparisons": 400, "k": 4, "sample_batch_size": 64,
                    "guideline_version": "warm-replies-v1"},
         "reward": {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "normalize_samples": 128, "lora_r": 16,
