@@ -83,7 +83,8 @@ def test_chat_template_queries_and_the_eos_stop(loaded):
 
     lm, tok = loaded
     cfg = load_config(preset="smollm2-instruct")
-    assert load_queries(cfg.task, tok, "train", 4, 0)[0].token_ids[-5:] == tok("<|im_start|>assistant\n")["input_ids"][-5:]
+    turn = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert load_queries(cfg.task, tok, "train", 4, 0)[0].token_ids[-len(turn):] == turn
     prompts = ["Say hello in three words.", "Reply with one word: yes or no?", "Name a colour.", "Say thanks."]
     queries = [Query(p, query_token_ids(cfg.task, tok, p)) for p in prompts]
     for q in queries:

@@ -71,7 +71,7 @@ def import_gguf(
 ):
     """Convert a GGUF file into a Hugging Face model folder (safetensors in float32, the tokenizer and its chat
     template) that model.name_or_path and reward.model accept. transformers' GGUF loader reads the file; needs the
-    extra megacoach[gguf]. (model.name_or_path also takes the .gguf file itself: it is then converted once into
+    gguf package (pip install megacoach with its extra named gguf). (model.name_or_path also takes the .gguf file itself: it is then converted once into
     megacoach's cache.)"""
     # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
     from megacoach.lm.gguf import convert
