@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned (pyproject.toml gives the range the code needs; 2.13.0 is the tested one): its CPU
 	# wheel lies on this machine's disk (anything else downloads GBs)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]' torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,gguf]' torch==2.13.0
 	# torch.compile (run.compile) builds C++ kernels: Debian's g++ where it is missing (else the run stays eager)
 	@command -v g++ >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends g++ >/dev/null; } || \

@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--device", default=None, help="train the Values Coach on e.g. cuda (sampling stays on CPU)")
+    p.add_argument("--coach-model", default=None,
+                   help="the Values Coach's base (reward.model) when it is not --model: e.g. smollm2-135m-instruct or a "
+                        ".gguf file; it reads the policy's samples as text. Default: --model")
+    p.add_argument("--coach-lora", type=int, default=0, help="reward.lora_r: a LoRA adapter on the Values Coach (0: off)")
     p.add_argument("--out", default=None, help="also write the full results (per size metrics) to this JSON file")
     p.add_argument("--quiet", action="store_true", help="no per-step training log")
     p.add_argument("--no-bow", dest="bow", action="store_false",
@@ -154,11 +158,14 @@ def main(argv=None) -> int:
             task_kw["query_min_tokens"] = min(TaskConfig().query_min_tokens, max(1, task_kw["query_length"] // 2))
         task = TaskConfig(**task_kw)
         rcfg = RewardConfig(**{k: v for k, v in {"learning_rate": args.lr, "batch_size": args.batch_size,
-                                                 "epochs": args.epochs,
-                                                 "normalize_samples": args.normalize_samples}.items() if v is not None})
+                                                 "epochs": args.epochs, "normalize_samples": args.normalize_samples,
+                                                 "model": args.coach_model, "lora_r": args.coach_lora or None,
+                                                 "lora_alpha": 2.0 * args.coach_lora if args.coach_lora else None}.items()
+                                if v is not None})
         policy, tok = load_causal_lm(args.model)
         n_total = args.valid + sizes[-1]
-        say(f"Values Coach benchmark: base model {args.model!r}, best of {args.k}, labeler {args.labeler!r}, "
+        say(f"Values Coach benchmark: base model {args.model!r}, Values Coach on {args.coach_model or args.model!r}"
+            f"{f' (LoRA r={args.coach_lora})' if args.coach_lora else ''}, best of {args.k}, labeler {args.labeler!r}, "
             f"held-out {args.valid}, sizes {sizes}; task: query {task.query_length}, response {task.response_length}, "
             f"temperature {task.temperature}, truncate {task.truncate_token!r} after {task.truncate_after}; "
             f"reward: lr {rcfg.learning_rate}, batch {rcfg.batch_size}, epochs {rcfg.epochs}")
@@ -174,6 +181,8 @@ def main(argv=None) -> int:
         norm = [left_pad([c.query_ids], tok.pad_token_id, task.query_length)[0].tolist() + c.sample_ids[i % args.k]
                 for i, c in enumerate(norm_src)]
         norm_t = left_pad(norm, tok.pad_token_id)  # any padding: the Values Coach reads the last real token
+        if args.coach_model is not None:  # a coach of another base reads (query ids, response ids) pairs as text
+            norm_t = [(list(c.query_ids), list(c.sample_ids[i % args.k])) for i, c in enumerate(norm_src)]
         del policy
 
         results = []

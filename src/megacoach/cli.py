@@ -35,6 +35,7 @@ label_app.add_typer(labeling_app.app)  # serve, create-admin, reset-password, in
 app.add_typer(label_app, name="label")
 
 app.add_typer(reward.app, name="reward")
+app.add_typer(model.app, name="model")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,7 +56,8 @@ class ModelConfig(_Section):
 class TaskConfig(_Section):
     """Query/response settings: the paper's book-style (sentiment, descriptiveness) task."""
 
-    query_source: str = Field("builtin", description="'builtin' (excerpts of the held-in Shakespeare plays), a "
+    query_source: str = Field("builtin", description="'builtin' (excerpts of the held-in Shakespeare plays), "
+                              "'builtin:instructions' (320 short instructions shipped with megacoach, for chat models), a "
                               ".txt file (one query per line), a .jsonl file (field 'text'), or 'hf:NAME[:SPLIT[:FIELD]]'.")
     query_length: int = Field(64, ge=1, description="Query tokens (left-padded with the pad token). Paper: 64.")
     query_min_tokens: int = Field(24, ge=1, description="Built-in excerpts are at least this many tokens.")
@@ -431,6 +432,42 @@ PRESETS: dict[str, dict[str, Any]] = {
         # exercise the guards switch them on with a Values Coach built to agree with the labels
         "guards": {"enabled": False, "fresh_labels_per_iteration": 2, "min_evidence": 4, "probe_queries": 8,
                    "baseline_samples": 16, "preflight_comparisons": 64},
+    },
+    # The paper's sentiment task on a real pretrained model: SmolLM2-135M-Instruct (`megacoach model get
+    # smollm2-135m-instruct`; GPT-2-small's scale), plain continuation, VADER as the mock labeler, sized for 2 CPU
+    # cores. Every field it sets, and why, is in docs/commands.md#presets.
+    "smollm2-sentiment": {
+        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "task": {"query_source": "builtin", "chat_template": False, "query_length": 64, "query_min_tokens": 24,
+                 "response_length": 24, "temperature": 0.7, "truncate_token": ".", "truncate_after": 16,
+                 "penalty_reward": -1.0},
+        "labels": {"labeler": "vader", "num_comparisons": 1000, "k": 4, "sample_batch_size": 64,
+                   "guideline_version": "sentiment-v1"},
+        "reward": {"learning_rate": 5e-5, "batch_size": 8, "epochs": 1, "normalize_samples": 128},
+        "kl": {"adaptive": True, "init_kl_coef": 0.15, "target": 6.0, "horizon": 1000},
+        "ppo": {"total_episodes": 384, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 4,
+                "learning_rate": 1e-5},
+        "guards": {"baseline_samples": 64, "probe_queries": 16, "preflight_comparisons": 128},
+        "run": {"eval_queries": 200, "checkpoint_every": 4},
+    },
+    # An instruct model answering short instructions in its chat template, responses ending at <|im_end|>, LoRA on
+    # the Apprentice and on the Values Coach, the guards on. Mock labeler and people judge the same thing: the
+    # warmth of the reply (megacoach/guidelines/warm-replies.md; VADER scores the reply's tone).
+    "smollm2-instruct": {
+        "model": {"name_or_path": "smollm2-135m-instruct"},
+        "task": {"query_source": "builtin:instructions", "chat_template": True,
+                 "system_prompt": "You are a friendly assistant. Reply in one or two short sentences.",
+                 "query_length": 64, "response_length": 64, "temperature": 0.7, "truncate_token": None,
+                 "stop_at_eos": True, "penalty_reward": -1.0},
+        "labels": {"labeler": "vader", "num_comparisons": 400, "k": 4, "sample_batch_size": 64,
+                   "guideline_version": "warm-replies-v1"},
+        "reward": {"learning_rate": 1e-4, "batch_size": 8, "epochs": 1, "normalize_samples": 128, "lora_r": 16,
+                   "lora_alpha": 32.0},
+        "kl": {"adaptive": True, "init_kl_coef": 0.15, "target": 6.0, "horizon": 1000},
+        "ppo": {"total_episodes": 256, "batch_size": 16, "mini_batch_size": 4, "ppo_epochs": 4,
+                "learning_rate": 1e-4, "lora_r": 16, "lora_alpha": 32.0},
+        "guards": {"baseline_samples": 64, "probe_queries": 16, "preflight_comparisons": 128},
+        "run": {"eval_queries": 200, "checkpoint_every": 4},
     },
 }
 

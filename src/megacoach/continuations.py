@@ -15,6 +15,7 @@ from megacoach.config import Config, TaskConfig
 from megacoach.errors import DataError
 from megacoach.hardware import load_model
 from megacoach.ppo import episodes
+from megacoach.progress import StageProgress
 from megacoach.sampling import HFGenerator, ResponseGenerator
 from megacoach.tasks import Query, load_queries, query_token_ids
 
@@ -45,13 +46,23 @@ class TaskSampler:
         return episodes.pad_queries(queries, self.tok.pad_token_id, self.task.query_length)
 
     def continuations(self, queries: list[Query], k: int, generator: torch.Generator | None,
-                      batch_size: int = 64) -> list[list[Continuation]]:
-        """k continuations of each query (each query is read once; its KV cache serves its k continuations)."""
-        s = episodes.sample(self.gen, self.tok, self.task, self.stops, queries, generator, batch_size, repeats=k)
+                      batch_size: int = 64, progress: StageProgress | None = None) -> list[list[Continuation]]:
+        """k continuations of each query (each query is read once; its KV cache serves its k continuations).
+
+        progress: told after each sampling call (`batch_size` continuations; `advance` counts continuations). The
+        calls are the ones one `episodes.sample` over all queries makes, in the same order from the same random
+        generator, so the continuations do not depend on whether progress is shown."""
+        step = max(1, batch_size // k)  # queries per sampling call, as episodes.sample cuts them
+        chunks = [queries] if progress is None else [queries[i:i + step] for i in range(0, len(queries), step)]
         out: list[list[Continuation]] = []
-        for i, q in enumerate(queries):
-            rows = range(i * k, (i + 1) * k)
-            out.append([Continuation(q, s.ids[r], s.texts[r], bool(s.valid[r]), s.responses[r].tolist()) for r in rows])
+        for chunk in chunks:
+            s = episodes.sample(self.gen, self.tok, self.task, self.stops, chunk, generator, batch_size, repeats=k)
+            for i, q in enumerate(chunk):
+                rows = range(i * k, (i + 1) * k)
+                out.append([Continuation(q, s.ids[r], s.texts[r], bool(s.valid[r]), s.responses[r].tolist())
+                            for r in rows])
+            if progress is not None:
+                progress.advance(len(chunk) * k)
         return out
 
 

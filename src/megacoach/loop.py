@@ -14,13 +14,13 @@ import json
 import time
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from megacoach import seeds
 from megacoach.errors import HaltError
 from megacoach.guards.alarms import Alarm, GuardHalt
 from megacoach.labels.labelers import labeler_scores
 from megacoach.lm.adapters import save_own_adapter
+from megacoach.progress import StageProgress
 from megacoach.report import Loggers, write_before_after, write_report
 from megacoach.runs import RunControl
 
@@ -136,18 +136,11 @@ class PPOLoop:
         return [{"query": batch.queries[i].text, "response": batch.texts[i], "score": float(batch.path.scores[i]),
                  "kl": float(kl[i])} for i in range(min(n, len(batch.texts)))]
 
-    def progress(self):
+    def progress(self) -> StageProgress:
         """A live bar on a terminal; elsewhere (output piped to a file) one plain line per iteration."""
-        cols = [TextColumn("[bold]PPO[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("{task.fields[figures]}")]
-        return Progress(*cols, console=self.console, transient=False, disable=not self.console.is_terminal)
-
-    def report_progress(self, progress, task, metrics: dict) -> None:
-        figures = progress_figures(metrics)
-        progress.update(task, advance=1, figures=figures)
-        if not self.console.is_terminal:
-            self.console.print(f"PPO {self.trainer.iteration_no}/{self.trainer.n_iterations}  {figures}",
-                               markup=False, highlight=False)
+        tr = self.trainer
+        return StageProgress("PPO", tr.n_iterations, console=self.console, unit="iterations", every_s=0.0,
+                             completed=tr.iteration_no)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -157,7 +150,6 @@ class PPOLoop:
             self.guards.preflight("before the first update" if tr.iteration_no == 0 else
                                   f"on resume at iteration {tr.iteration_no}")  # GuardFailure names the component
         with self.progress() as progress:
-            task = progress.add_task("ppo", total=tr.n_iterations, completed=tr.iteration_no, figures="")
             while tr.iteration_no < tr.n_iterations:
                 self.halt_if_pulled(self.control.pulled())  # check
                 batch, metrics = self.iterate()  # rollout -> guards' batch check -> update -> beta
@@ -170,7 +162,7 @@ class PPOLoop:
                     guard_metrics, alarms = self.guards.after_iteration(batch, metrics, ls)
                     metrics.update(guard_metrics)
                 self.log(batch, metrics)
-                self.report_progress(progress, task, metrics)
+                progress.advance(1, progress_figures(metrics))
                 self.halt_if_pulled(self.control.pulled())  # a pause set during this iteration must not be lost
                 self.halt_if_pulled(self.control.running(tr.iteration_no, {"alarms": [a.as_dict() for a in alarms]}))
                 self.halt_on_alarms(alarms, batch, metrics)

@@ -32,6 +32,7 @@ from megacoach.labels.records import NewSample
 from megacoach.lm.adapters import AdapterOff, add_lora
 from megacoach.lm.hf import check_logits, left_pad
 from megacoach.lm.loading import resolve_model_path
+from megacoach.progress import StageProgress
 from megacoach.loop import PPOLoop
 from megacoach.memory import set_mmap_threshold
 from megacoach.online import OnlineLabeling
@@ -62,12 +63,13 @@ def store_url(cfg: Config, run: RunDir) -> str:
 
 # ------------------------------------------------------------------------------------------ labels
 def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str, policy: str, log,
-                   iteration: int = 0) -> int:
+                   iteration: int = 0, console=None) -> int:
     """`labels.num_comparisons` best-of-K items of `sampler`'s policy in `batch`, labeled into the store.
 
     labeler: a mock labeler labels them at once; None ('people'): the human evaluators label them in the labeling
     app, and this waits until `online.min_initial_labels` of them are labeled (at most `online.wait_timeout_s`).
-    Resumable: the items the batch already holds are kept and only the rest is created."""
+    Resumable: the items the batch already holds are kept and only the rest is created. Sampling shows its progress
+    (`console`: a live bar on a terminal; piped, or with no console through `log`: a plain line every 30 s)."""
     have = len(store.items(batch=batch))
     t0 = time.time()
     if cfg.labels.num_comparisons > have:
@@ -76,7 +78,11 @@ def collect_labels(cfg: Config, store, sampler, labeler, run_id: str, batch: str
         gen = seeds.generator(cfg.run.seed, seeds.Stream.LABEL_SAMPLING, have, device=sampler.device)
         rng = seeds.rng(cfg.run.seed, seeds.Stream.LABEL_SPLITS, have)
         specs = []
-        for q, group in zip(queries, sampler.continuations(queries, cfg.labels.k, gen, batch_size=cfg.labels.sample_batch_size)):
+        with StageProgress("sampling for the human evaluators", len(queries) * cfg.labels.k, console=console, log=log,
+                           unit="continuations") as progress:
+            groups = sampler.continuations(queries, cfg.labels.k, gen, batch_size=cfg.labels.sample_batch_size,
+                                           progress=progress)
+        for q, group in zip(queries, groups):
             split = "valid" if rng.random() < cfg.labels.valid_fraction else "train"
             specs.append(dict(query_text=q.text, query_token_ids=q.token_ids, split=split, batch=batch,
                               source="offline", run_id=run_id,
@@ -305,7 +311,8 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     dist.run_on_main(open_store)
 
     # 2-3. the human evaluators and the Values Coach
-    dist.run_on_main(collect_labels, cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log)
+    dist.run_on_main(collect_labels, cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log,
+                     console=console)
     coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist, hw)
     coach.eval()
 

@@ -88,6 +88,19 @@ def _file_texts(path: Path) -> list[str]:
     return texts
 
 
+SHIPPED_PROMPTS = ("instructions",)  # prompt files shipped with megacoach (megacoach/prompts/NAME.txt)
+
+
+def shipped_prompts_path(name: str) -> Path:
+    """The prompts file `builtin:NAME` names: one of SHIPPED_PROMPTS, in the package."""
+    from importlib import resources
+
+    if name not in SHIPPED_PROMPTS:
+        raise ConfigError(f"task.query_source: unknown prompts 'builtin:{name}' (shipped: "
+                          f"{', '.join('builtin:' + n for n in SHIPPED_PROMPTS)})")
+    return Path(str(resources.files("megacoach") / "prompts" / f"{name}.txt"))
+
+
 def _hf_texts(spec: str) -> list[str]:
     from datasets import load_dataset
 
@@ -135,7 +148,10 @@ def load_queries(task: TaskConfig, tokenizer, split: str, n: int, seed: int) -> 
     if src == "builtin":
         return builtin_excerpts(tokenizer, split, n, task.query_min_tokens, task.query_length,
                                 seed + (0 if split == "train" else 7919))
-    texts = _hf_texts(src) if src.startswith("hf:") else _file_texts(Path(src))
+    if src.startswith("builtin:"):
+        texts = _file_texts(shipped_prompts_path(src.split(":", 1)[1]))
+    else:
+        texts = _hf_texts(src) if src.startswith("hf:") else _file_texts(Path(src))
     rng = random.Random(seed + (0 if split == "train" else 7919))
     # files have no natural split: the last 10% (at least one) is the eval split
     n_eval = max(1, len(texts) // 10) if len(texts) > 1 else 0

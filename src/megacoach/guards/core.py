@@ -132,7 +132,10 @@ class Guards:
         monitors compare the current Apprentice with."""
         n = self.g.baseline_samples
         qs = [self.trainer.train_queries[self.rng.randrange(len(self.trainer.train_queries))] for _ in range(n)]
+        t0 = time.time()
+        self.log(f"guards: sampling {n} continuations of the initial policy (the live monitors' baseline)")
         s = self._sample(self.ref_generator, qs, 1)
+        self.log(f"guards: baseline sampled ({time.time() - t0:.0f}s)")
         self.baseline = {
             "query_ids": s.query_ids, "truncated": s.truncated, "valid": s.valid,
             "score": self._episode_scores(s.query_ids, s.truncated, s.valid),

@@ -70,6 +70,7 @@ from megacoach.guards.stats import ols, rank_test, reversed_rank_test, sign_test
 from megacoach.lm.adapters import has_adapter
 from megacoach.ppo import episodes, objective
 from megacoach.reward import terms as reward_terms
+from megacoach.progress import StageProgress
 from megacoach.tasks import Query
 
 
@@ -471,11 +472,17 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
                            f"needs at least {need} to test the direction at confidence {gcfg.confidence} "
                            "(raise labels.num_comparisons or labels.valid_fraction)")
 
+    # the ten checks below (check_labels gives two)
+    progress = StageProgress("guards: preflight", 10, log=log, unit="checks", every_s=0.0)
+
     def timed(fn, *a):
         t0 = time.time()
         out = fn(*a)
         c = out[0] if isinstance(out, tuple) else out
         c.seconds = time.time() - t0
+        progress.advance(1, f"{c.name} {'passed' if c.passed else 'FAILED'} in {c.seconds:.0f}s")
+        if isinstance(out, tuple) and isinstance(out[1], Check):  # check_labels gives two checks
+            progress.advance(1, f"{out[1].name} {'passed' if out[1].passed else 'FAILED'}")
         return out
 
     checks.append(timed(check_label_store, store))

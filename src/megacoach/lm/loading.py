@@ -1,6 +1,8 @@
-"""Loading any causal LM + tokenizer with one code path: the built-in model, a local folder, or a hub name.
+"""Loading any causal LM + tokenizer with one code path: the built-in model, a local folder, a GGUF file, or a hub name.
 
-`from_pretrained(name_or_path)` is the only loader; 'builtin' resolves to the folder shipped in the package.
+`from_pretrained(name_or_path)` is the only loader; 'builtin' resolves to the folder shipped in the package, a
+`.gguf` file to its converted folder in megacoach's cache (converted on first use: megacoach/lm/gguf.py), the name
+of a model `megacoach model get` fetches (megacoach/lm/catalog.py) to the folder it wrote.
 The pad token is a dedicated token (never EOS): if a tokenizer has none, `<|pad|>` is added and the
 embeddings are resized (the new row is never sampled: sampling masks it out).
 """
@@ -8,12 +10,14 @@ embeddings are resized (the new row is never sampled: sampling masks it out).
 from __future__ import annotations
 
 import os
+import sys
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from megacoach.errors import ConfigError, DataError
+from megacoach.lm import catalog, gguf
 from megacoach.lm.hf import require_transformers
 
 PAD_TOKEN = "<|pad|>"
@@ -24,18 +28,27 @@ def builtin_model_path() -> Path:
 
 
 def resolve_model_path(name_or_path: str, field: str = "model.name_or_path") -> str:
-    """The folder (or hub name) of `name_or_path`; ConfigError naming `field` for a missing folder."""
+    """The folder (or hub name) of `name_or_path`; ConfigError naming `field` for a missing folder or file. A GGUF
+    file resolves to its converted folder (converted into the cache on first use)."""
     if name_or_path == "builtin":
         p = builtin_model_path()
         if not (p / "config.json").is_file():
             raise ConfigError(f"{field}: the built-in model is missing at {p}; rebuild it with "
                               "`megacoach pretrain --out src/megacoach/lm/builtin_model`")
         return str(p)
+    if name_or_path in catalog.CATALOG:  # a model `megacoach model get` fetches by name
+        return str(catalog.fetched_folder(name_or_path, field))
+    if gguf.is_gguf(name_or_path):
+        return str(gguf.cached_folder(name_or_path, field=field, log=_tell))
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path and Path(name_or_path).exists()
     if looks_local and not Path(name_or_path).expanduser().is_dir():
         raise ConfigError(f"{field}: no model folder at {name_or_path!r} (expected a Hugging Face "
                           "model folder with config.json, 'builtin', or a hub name)")
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def _tell(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def load_tokenizer(name_or_path: str):

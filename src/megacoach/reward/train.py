@@ -29,6 +29,7 @@ import torch
 from megacoach.config import RewardConfig
 from megacoach.distributed import Dist
 from megacoach.errors import DataError
+from megacoach.progress import StageProgress
 from megacoach.reward.data import (Comparison, as_comparisons, comparison_batch, comparison_tensors, labels_from_store,
                                    validate_comparisons)
 from megacoach.reward.loss import best_of_k_loss, blind_to_direction, reversed_choices
@@ -36,6 +37,7 @@ from megacoach.reward.model import RewardModel
 from megacoach.reward.normalize import normalise
 
 Log = Callable[[str], None]
+PROGRESS_EVERY_S = 30.0  # the least time between two progress lines of the Values Coach's training
 
 
 def _vocab_size(model: RewardModel) -> int | None:
@@ -139,7 +141,8 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
     model.train()
     step, loss_sum, acc_sum, seen = 0, 0.0, 0.0, 0
     t_train = time.perf_counter()
-    log_every = max(1, total_steps // 10)
+    progress = StageProgress("Values Coach: training", cfg.epochs * len(train), log=log, unit="comparisons",
+                             every_s=PROGRESS_EVERY_S)  # plain lines through `log`: nothing to enter
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(train), generator=gen, device="cpu").tolist()
         for b in range(steps_per_epoch):
@@ -175,10 +178,8 @@ def train_reward_model(model: RewardModel, train_comparisons, valid_comparisons,
             seen += len(part)
             loss_sum += step_loss * len(part)
             acc_sum += step_acc * len(part)
-            if step % log_every == 0 or step == total_steps:
-                el = time.perf_counter() - t_train
-                log(f"Values Coach: step {step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
-                    f"acc {step_acc:.3f} lr {lr:.2e} ({seen / el:.1f} comparisons/s)")
+            progress.advance(len(part), f"step {step}/{total_steps} epoch {epoch + 1} loss {step_loss:.4f} "
+                                        f"acc {step_acc:.3f} lr {lr:.2e}")
     train_seconds = time.perf_counter() - t_train
     model.eval()
 
