@@ -28,9 +28,17 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | loss-sign           | the clipped policy loss maximised instead of minimised       | -(score - β·KL)        | gibberish           |
 | optimizer-ascent    | the optimiser steps up the loss's gradient                   | -(score - β·KL)        | gibberish           |
 | reward-scaling-sign | the reward whitening (scale only) returns minus the rewards  | -(score - β·KL)        | gibberish           |
+| group-sign          | (rloo, grpo) the group's baseline subtracted the wrong way   | -(score - β·KL)        | gibberish           |
+|                     | round: mean - R instead of R - mean                          |                        |                     |
+| group-mean-kept     | (rloo, grpo) the group's mean not subtracted: each response  | score - β·KL, with no  | the direction kept, |
+|                     | pushed by its whole return                                   | baseline               | noisier, drifting   |
+| zero-variance-group | (grpo) the group's standard deviation without its epsilon: a | NaN where a group's    | a non-finite batch  |
+|                     | group whose K returns are equal is divided by zero           | returns are equal      |                     |
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
-the incident command and the benchmark train a separate Values Coach under those.
+the incident command and the benchmark train a separate Values Coach under those. `estimators` names the
+ppo.advantage settings a kind can act under: the group kinds patch the critic-free estimators' links
+(`objective.rloo_advantages`, `objective.grpo_advantages`), which GAE never calls.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ class Bug:
     outcome: str
     patch: Callable[[ExitStack], None]
     affects_values_coach: bool = False
+    estimators: tuple[str, ...] = ("gae", "rloo", "grpo")
 
 
 def _setattr(stack: ExitStack, obj, name: str, value) -> None:
@@ -140,8 +149,8 @@ def _kl_sign(stack: ExitStack) -> None:
 def _advantage_sign(stack: ExitStack) -> None:
     orig = objective.advantages_and_returns
 
-    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
-        adv, returns = orig(rewards, values, gamma, lam, mask)
+    def advantages_and_returns(*args, **kwargs):
+        adv, returns = orig(*args, **kwargs)
         return -adv, returns
 
     _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
@@ -192,6 +201,34 @@ def _reward_scaling_sign(stack: ExitStack) -> None:
     _setattr(stack, objective, "whiten_rewards", whiten_rewards)
 
 
+def _group_sign(stack: ExitStack) -> None:
+    for name in ("rloo_advantages", "grpo_advantages"):
+        orig = getattr(objective, name)
+
+        def flipped(returns, groups, *args, _orig=orig, **kwargs):
+            return -_orig(returns, groups, *args, **kwargs)  # mean - R: the group's best pushed down
+
+        _setattr(stack, objective, name, flipped)
+
+
+def _group_mean_kept(stack: ExitStack) -> None:
+    def rloo_advantages(returns, groups):
+        return returns.detach().clone()  # no leave-one-out baseline: each response pushed by its whole return
+
+    def grpo_advantages(returns, groups, eps=objective.GRPO_EPS):
+        return returns / (objective.group_std(returns, groups) + eps)  # scaled, but the group's mean left in
+
+    _setattr(stack, objective, "rloo_advantages", rloo_advantages)
+    _setattr(stack, objective, "grpo_advantages", grpo_advantages)
+
+
+def _zero_variance_group(stack: ExitStack) -> None:
+    def grpo_advantages(returns, groups, eps=objective.GRPO_EPS):
+        return (returns - objective.group_mean(returns, groups)) / objective.group_std(returns, groups)  # no eps
+
+    _setattr(stack, objective, "grpo_advantages", grpo_advantages)
+
+
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -212,6 +249,15 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("optimizer-ascent", "the optimiser steps up the gradient", "-(score - β·KL)", "gibberish", _optimizer_ascent),
     Bug("reward-scaling-sign", "the reward scaling (whitening, mean kept) returns minus the rewards",
         "-(score - β·KL)", "gibberish", _reward_scaling_sign),
+    Bug("group-sign", "the group's baseline subtracted the wrong way round (mean − R): the critic-free estimators' "
+        "advantages negated", "-(score - β·KL)", "gibberish", _group_sign, estimators=("rloo", "grpo")),
+    Bug("group-mean-kept", "the group's mean not subtracted: each response pushed by its whole return",
+        "score - β·KL without a baseline", "the right direction with far more noise; every response pushed the "
+        "way the batch's mean return points", _group_mean_kept, estimators=("rloo", "grpo")),
+    Bug("zero-variance-group", "GRPO's division by the group's standard deviation without its epsilon: a group "
+        "whose returns are equal is divided by zero", "NaN in the groups whose returns are equal",
+        "a non-finite batch (identical responses to one query: a confident policy, a saturated score)",
+        _zero_variance_group, estimators=("grpo",)),
 ]}
 
 
