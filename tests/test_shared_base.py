@@ -5,6 +5,7 @@ one frozen base, and compute exactly what separate copies compute."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -203,3 +204,53 @@ def test_a_run_with_lora_on_both_frees_its_coach_and_reads_it_onto_the_shared_ba
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert main(["train", "--resume", str(out), "--set", "run.max_iterations=2", *args]) == 0
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _with_embeddings(saved, out, row: int):
+    """A copy of the saved coach whose adapter file also carries the input embeddings (as PEFT saves them when a pad
+    token was added to the vocabulary), row `row` of them changed."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megacoach.lm.loading import load_causal_lm
+
+    shutil.copytree(saved, out)
+    base, _ = load_causal_lm(json.loads((saved / "reward_config.json").read_text())["base_model"])
+    trunk = base.base_model
+    emb = trunk.get_input_embeddings()
+    name = next(n for n, m in trunk.named_modules() if m is emb)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    weight = emb.weight.detach().clone()
+    weight[row] += 1.0
+    tensors[f"base_model.model.{name}.weight"] = weight
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_an_adapter_file_with_the_embeddings_shares_only_when_they_are_the_apprentices(tiny_model_dir, saved_coach,
+                                                                                      tmp_path, monkeypatch):
+    """The embeddings an adapter file carries are checked against the Apprentice's: a different pad row (a pad token
+    added at each load) shares with exactly the scores of a separate load; any other row keeps the coach apart."""
+    from megacoach.pipeline import build_trainer
+    from megacoach.reward import model as reward_model
+    from megacoach.reward.model import RewardModel
+
+    def run(path):
+        cfg, lm, tok, _, queries = _parts(tiny_model_dir, coach_lora=False)
+        cfg = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"path": str(path)})})
+        return build_trainer(cfg, lm=lm, tok=tok, queries=queries)
+
+    tok = _parts(tiny_model_dir, coach_lora=False)[2]
+    pad_row = _with_embeddings(saved_coach, tmp_path / "pad_row", tok.pad_token_id)
+    other_row = _with_embeddings(saved_coach, tmp_path / "other_row", tok.pad_token_id - 1)
+    apart = run(other_row)
+    assert type(apart.values_coach.trunk).__name__ != "SharedTrunk"
+    separate = RewardModel.from_pretrained(pad_row).eval()
+    with monkeypatch.context() as m:
+        m.setattr(reward_model, "_adapter_trunk", lambda *a, **k: pytest.fail("a second base was loaded"))
+        shared = run(pad_row)
+    assert type(shared.values_coach.trunk).__name__ == "SharedTrunk"
+    ids = _ids(shared)
+    with torch.no_grad():
+        assert torch.equal(shared.values_coach(ids), separate(ids))

@@ -237,31 +237,52 @@ def join_adapter(peft_lm, weights: dict, r: int, alpha: float, dropout: float,
     return SharedTrunk(peft_lm, adapter)
 
 
-def saved_adapter_weights(path: str | Path) -> tuple[dict, dict] | None:
-    """A LoRA adapter saved over a bare trunk (a Values Coach's `save_pretrained`): (its adapter_config.json,
-    trunk layer name -> (A, B, scaling)), read without loading any base weights; None where the files hold
-    something else (another adapter kind, biases, extra tensors)."""
+def saved_adapter_weights(path: str | Path) -> tuple[dict, dict, dict] | None:
+    """A LoRA adapter saved over a bare trunk (a Values Coach's `save_pretrained`), read without loading any base:
+    (its adapter_config.json, trunk layer name -> (A, B, scaling), base weights saved beside the adapter by trunk
+    name: PEFT saves the input embeddings when a pad token was added to them); None where the files hold an adapter
+    that computes otherwise than a plain LoRA (biases, DoRA, rsLoRA, per-layer ranks, modules to save, ...)."""
     import json
 
     from safetensors.torch import load_file
 
     p = Path(path)
     conf = json.loads((p / "adapter_config.json").read_text("utf-8"))
-    if conf.get("peft_type") != "LORA" or conf.get("bias", "none") != "none" or conf.get("use_rslora") \
-            or conf.get("use_dora") or conf.get("modules_to_save") or conf.get("rank_pattern") \
-            or conf.get("alpha_pattern"):
+    if conf.get("peft_type") != "LORA" or conf.get("bias", "none") != "none" or any(
+            conf.get(k) for k in ("use_rslora", "use_dora", "lora_bias", "modules_to_save", "rank_pattern",
+                                  "alpha_pattern", "layer_replication", "alora_invocation_tokens")):
         return None
     tensors = load_file(str(p / "adapter_model.safetensors"))
-    prefix, pairs = "base_model.model.", {}
+    prefix, pairs, base = "base_model.model.", {}, {}
     for key, t in tensors.items():
-        if not key.startswith(prefix) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+        if not key.startswith(prefix):
             return None
-        layer, part = key[len(prefix):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        pairs.setdefault(layer, {})[part] = t
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            layer, part, _ = key[len(prefix):].rsplit(".", 2)
+            pairs.setdefault(layer, {})[part] = t
+        elif "lora_" in key:
+            return None
+        else:
+            base[key[len(prefix):]] = t
     scaling = float(conf["lora_alpha"]) / int(conf["r"])
     if not pairs or any(set(v) != {"lora_A", "lora_B"} for v in pairs.values()):
         return None
-    return conf, {n: (v["lora_A"], v["lora_B"], scaling) for n, v in pairs.items()}
+    return conf, {n: (v["lora_A"], v["lora_B"], scaling) for n, v in pairs.items()}, base
+
+
+def base_holds(peft_lm, saved_base: dict, pad_id: int | None = None) -> bool:
+    """Whether the base weights an adapter file carries (`saved_adapter_weights`) are the Apprentice's own, the pad
+    token's input-embedding row aside (`_same_base`)."""
+    if not saved_base:
+        return True
+    trunk = trunk_of(peft_lm)
+    own = _base_weights(trunk)
+    emb = trunk.get_input_embeddings() if hasattr(trunk, "get_input_embeddings") else None
+    emb_name = next((f"{n.replace('.base_layer', '')}.weight".lstrip(".") for n, m in trunk.named_modules()
+                     if m is emb), None)
+    if not set(saved_base) <= set(own):
+        return False
+    return _same_base({k: own[k] for k in saved_base}, saved_base, emb_name, pad_id)
 
 
 def save_own_adapter(lm, out: str | Path) -> None:

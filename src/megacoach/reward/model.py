@@ -362,7 +362,7 @@ def load_onto_base(path: str | Path, peft_lm, apprentice_base: str, policy_token
     from safetensors.torch import load_file
 
     from megacoach.hardware import weights_dtype
-    from megacoach.lm.adapters import join_adapter, saved_adapter_weights
+    from megacoach.lm.adapters import base_holds, join_adapter, saved_adapter_weights
     from megacoach.lm.hf import trunk_of
 
     p = Path(path)
@@ -388,7 +388,11 @@ def load_onto_base(path: str | Path, peft_lm, apprentice_base: str, policy_token
     saved = saved_adapter_weights(p)
     if saved is None:
         return None
-    conf, weights = saved
+    conf, weights, saved_base = saved
+    if not base_holds(peft_lm, {k: t.to(base.device) for k, t in saved_base.items()},
+                      meta.get("pad_token_id", tok.pad_token_id)):
+        return None  # the embeddings it was trained over are not the Apprentice's
+    del saved_base
     shared = join_adapter(peft_lm, weights, int(conf["r"]), float(conf["lora_alpha"]),
                           float(conf.get("lora_dropout") or 0.0))
     if shared is None:
