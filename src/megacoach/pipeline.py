@@ -10,6 +10,7 @@ Every stage is resumable: labels live in the store, the Values Coach in RUN_DIR/
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import time
@@ -39,7 +40,7 @@ from megacoach.online import OnlineLabeling
 from megacoach.ppo.policy import enable_checkpointing, frozen_reference
 from megacoach.ppo.trainer import PPOTrainer
 from megacoach.reward.data import as_comparisons
-from megacoach.reward.model import RewardModel
+from megacoach.reward.model import RewardModel, load_onto_base
 from megacoach.reward.train import retrain_from_scratch
 from megacoach.runs import RunDir
 from megacoach.sampling import HFGenerator, ResponseGenerator
@@ -141,15 +142,25 @@ def resolve_hardware(cfg: Config, dist: Dist | None = None) -> hardware.Hardware
     return hardware.resolve(cfg, dist.local_rank, dist.processes)
 
 
-def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: Dist | None = None,
-                 hw: hardware.Hardware | None = None):
-    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far, on the run's device.
+def values_coach_path(cfg: Config, run: RunDir) -> Path:
+    """Where the run's Values Coach is read from (reward.path) or saved to (RUN_DIR/values_coach)."""
+    return Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
 
+
+def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: Dist | None = None,
+                 hw: hardware.Hardware | None = None, defer: bool = False):
+    """Stage 3: load RUN_DIR/values_coach (or reward.path) or train it on the labels so far, on the run's device.
+    Returns (the Values Coach, its training metrics or None when loaded).
+
+    `defer` (one process, LoRA on the Apprentice): the Values Coach is not loaded here but in `build_trainer`, from
+    `values_coach_path`, where a LoRA coach on the Apprentice's base joins it without a second copy of the base; one
+    trained here is saved and freed (its copy of the base, its optimiser state) before PPO's models are built.
+    The returned coach is then None.
     Several processes: rank 0 reads the store and the files and hands the comparisons (or the loaded
     Values Coach) to the others; all of them train it together; rank 0 saves it."""
     dist = dist or Dist.single()
     hw = hw or resolve_hardware(cfg, dist)
-    path = Path(cfg.reward.path) if cfg.reward.path else run.path / "values_coach"
+    path = values_coach_path(cfg, run)
 
     def saved() -> bool:
         if (path / "reward_config.json").is_file():
@@ -159,6 +170,9 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
         return False
 
     if dist.run_on_main(saved):
+        if defer:
+            log(f"Values Coach: read from {path} when PPO's models are built")
+            return None, None
         log(f"Values Coach: loaded from {path}")
         coach = dist.run_on_main(RewardModel.from_pretrained, path, policy_tokenizer=tok,  # handed over on the host
                                  read_text=cfg.reward.model is not None)
@@ -180,6 +194,10 @@ def values_coach(cfg: Config, run: RunDir, store, tok, run_id: str, log, dist: D
         (path / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
 
     dist.run_on_main(save)
+    if defer:  # its copy of the base goes now; build_trainer reads the saved coach back (the same weights)
+        del model
+        gc.collect()
+        return None, metrics
     return model.set_precision(hw.values_coach), metrics
 
 
@@ -192,7 +210,7 @@ def train_queries(cfg: Config, tok) -> list[Query]:
 
 def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries: list[Query] | None = None,
                   generator: ResponseGenerator | None = None, dist: Dist | None = None,
-                  hw: hardware.Hardware | None = None) -> PPOTrainer:
+                  hw: hardware.Hardware | None = None, values_coach_path: str | Path | None = None) -> PPOTrainer:
     """The PPO trainer of a run, assembled in one place (`megacoach train`, the guards' scenarios, benchmarks
     and tests all build it here): the Apprentice (`lm`, default `model.name_or_path` loaded), the frozen
     original model for the Coherence Coach, the Values Coach (default: `reward.path`, else a fresh head on the
@@ -201,27 +219,34 @@ def build_trainer(cfg: Config, *, lm=None, tok=None, values_coach=None, queries:
     Every model is put here on the run's device (`hw`, default resolved from `run.device` for this process) in its
     precision (`model.precision`, `model.reference_precision`, `reward.precision`); the Apprentice's log-probs are
     checked once against its own forward (`lm.hf.check_logits`). With `ppo.lora_r` the Apprentice is `lm` with a
-    LoRA adapter (lm.adapters) and the original model is the same weights with the adapter off."""
+    LoRA adapter (lm.adapters) and the original model is the same weights with the adapter off; a LoRA Values Coach
+    over the same base joins it as a second adapter: one saved (`values_coach_path`, default `reward.path`) is read
+    straight onto that base (reward.model.load_onto_base), never loading a second copy of it."""
     hw = hw or resolve_hardware(cfg, dist)
     hardware.check_trainable(hw.apprentice, bool(cfg.ppo.lora_r))  # no half-precision weight trains directly
     if lm is None:
         lm, tok = hardware.load_model(cfg, hw)
     hardware.place(lm, hw.device, hw.apprentice)
     check_logits(lm, tok.pad_token_id)
+    coach_path = values_coach_path or (cfg.reward.path if values_coach is None else None)
+    if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
+        lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
+        ref = AdapterOff(lm)  # (over a bf16 base the adapter trains in float32: lm.adapters.add_lora)
+        if values_coach is None and coach_path and cfg.reward.model is None:  # a saved LoRA Values Coach on this
+            values_coach = load_onto_base(coach_path, lm, cfg.model.name_or_path, tok,  # base: no second copy
+                                          hw.values_coach)
+    else:
+        ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     if values_coach is None:
-        if cfg.reward.path:
-            values_coach = RewardModel.from_pretrained(cfg.reward.path, policy_tokenizer=tok, device=hw.device,
+        if coach_path:
+            values_coach = RewardModel.from_pretrained(coach_path, policy_tokenizer=tok, device=hw.device,
                                                        read_text=cfg.reward.model is not None)
         else:
             values_coach = RewardModel.for_run(cfg.reward, cfg.model.name_or_path, tokenizer=tok, seed=cfg.run.seed)
         values_coach.eval()
     hardware.move(values_coach, hw.device).set_precision(hw.values_coach)
-    if cfg.ppo.lora_r:  # one copy of the weights: the Apprentice adapts it, the original model switches it off
-        lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
-        ref = AdapterOff(lm)  # (over a bf16 base the adapter trains in float32: lm.adapters.add_lora)
+    if cfg.ppo.lora_r:
         values_coach.share_base(lm)  # a LoRA Values Coach on the same base: its adapter joins it (one base copy)
-    else:
-        ref = hardware.set_precision(frozen_reference(lm), hw.reference)
     if cfg.ppo.gradient_checkpointing:  # only the update's backward pass recomputes (sampling is inference)
         enable_checkpointing(lm, cfg.ppo.checkpoint_recompute)
     queries = train_queries(cfg, tok) if queries is None else queries
@@ -313,8 +338,10 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     # 2-3. the human evaluators and the Values Coach
     dist.run_on_main(collect_labels, cfg, store, sampler, labeler, run_id, f"{run_id}/offline", "initial", log,
                      console=console)
-    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist, hw)
-    coach.eval()
+    defer = bool(cfg.ppo.lora_r) and cfg.reward.model is None and dist.processes == 1  # one base copy (build_trainer)
+    coach, coach_metrics = values_coach(cfg, run, store, tok, run_id, log, dist, hw, defer=defer)
+    if coach is not None:
+        coach.eval()
 
     # held-out queries and the initial Apprentice's samples of them (kept for the before/after report)
     held_out = eval_queries(cfg, tok)
@@ -330,7 +357,8 @@ def _train(cfg: Config, resume: bool, console, dist: Dist) -> dict:
     dist.run_on_main(initial_samples)
 
     # 4. PPO
-    trainer = build_trainer(cfg, lm=policy_lm, tok=tok, values_coach=coach, dist=dist, hw=hw)
+    trainer = build_trainer(cfg, lm=policy_lm, tok=tok, values_coach=coach, dist=dist, hw=hw,
+                            values_coach_path=values_coach_path(cfg, run) if coach is None else None)
     if not dist.is_main:
         trainer.lockstep.follow(trainer)  # every iteration rank 0 runs, until it finishes (or halts: raised here too)
         return {}

@@ -136,6 +136,8 @@ class SharedTrunk(nn.Module):
     Values Coach on the Apprentice's base (`share_trunk`). Owns no weights (the base and the adapter are the PEFT
     model's), so nothing is counted, moved or cast twice."""
 
+    shares_base = True  # read by RewardModel: the config is the Apprentice's, left as it is
+
     def __init__(self, peft_model, adapter: str):
         super().__init__()
         object.__setattr__(self, "_peft", peft_model)  # not a submodule
@@ -191,7 +193,6 @@ def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER, pad_id: int 
     `pad_id` aside: `_same_base`), which then stay apart.
     The coach's adapter is copied in frozen; the Apprentice's adapter still trains, and the original model (all
     adapters off) is unchanged. The same scores as the separate trunk, exactly: same weights, same computation."""
-    from peft import LoraConfig
 
     base = coach_trunk.base_model.model
     emb = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
@@ -200,21 +201,33 @@ def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER, pad_id: int 
                       None if emb_name is None else f"{emb_name}.weight".lstrip("."), pad_id):
         return None
     conf = coach_trunk.peft_config["default"]
-    coach_layers = _lora_layers(coach_trunk.base_model.model)
-    peft_lm.add_adapter(adapter, LoraConfig(r=conf.r, lora_alpha=conf.lora_alpha, lora_dropout=conf.lora_dropout,
-                                            bias="none", target_modules=sorted({n.split(".")[-1]
-                                                                                for n in coach_layers})))
+    weights = {}
+    for name, m in _lora_layers(coach_trunk.base_model.model).items():
+        weights[name] = (m.lora_A["default"].weight, m.lora_B["default"].weight, m.scaling["default"])
+    return join_adapter(peft_lm, weights, conf.r, conf.lora_alpha, conf.lora_dropout, adapter)
+
+
+def join_adapter(peft_lm, weights: dict, r: int, alpha: float, dropout: float,
+                 adapter: str = COACH_ADAPTER) -> SharedTrunk | None:
+    """Add a LoRA adapter to the Apprentice's PEFT model `peft_lm`, frozen, from `weights` (trunk layer name ->
+    (A, B, scaling)), and return the trunk that scores through it (`SharedTrunk`); None (nothing added) where the
+    adapter's layers are not exactly the layers its target names select in this trunk."""
+    from peft import LoraConfig
+
+    peft_lm.add_adapter(adapter, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                                            target_modules=sorted({n.split(".")[-1] for n in weights})))
     layers = _lora_layers(trunk_of(peft_lm))
     with torch.no_grad():
-        for name, src in coach_layers.items():
+        for name, (a, b, scaling) in weights.items():
             dst = layers.get(name)
-            if dst is None or adapter not in dst.lora_A:
+            if dst is None or adapter not in dst.lora_A or dst.lora_A[adapter].weight.shape != a.shape \
+                    or dst.lora_B[adapter].weight.shape != b.shape:
                 peft_lm.delete_adapter(adapter)
                 return None
-            dst.lora_A[adapter].weight.copy_(src.lora_A["default"].weight)
-            dst.lora_B[adapter].weight.copy_(src.lora_B["default"].weight)
-            dst.scaling[adapter] = src.scaling["default"]
-        extra = [n for n, m in layers.items() if adapter in m.lora_A and n not in coach_layers]
+            dst.lora_A[adapter].weight.copy_(a)
+            dst.lora_B[adapter].weight.copy_(b)
+            dst.scaling[adapter] = scaling
+        extra = [n for n, m in layers.items() if adapter in m.lora_A and n not in weights]
         if extra:  # the coach's target names matched more modules here than it adapted: not the same function
             peft_lm.delete_adapter(adapter)
             return None
@@ -222,6 +235,54 @@ def share_trunk(peft_lm, coach_trunk, adapter: str = COACH_ADAPTER, pad_id: int 
         if f".{adapter}." in n:
             q.requires_grad_(False)  # the Values Coach does not train in PPO
     return SharedTrunk(peft_lm, adapter)
+
+
+def saved_adapter_weights(path: str | Path) -> tuple[dict, dict, dict] | None:
+    """A LoRA adapter saved over a bare trunk (a Values Coach's `save_pretrained`), read without loading any base:
+    (its adapter_config.json, trunk layer name -> (A, B, scaling), base weights saved beside the adapter by trunk
+    name: PEFT saves the input embeddings when a pad token was added to them); None where the files hold an adapter
+    that computes otherwise than a plain LoRA (biases, DoRA, rsLoRA, per-layer ranks, modules to save, ...)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    conf = json.loads((p / "adapter_config.json").read_text("utf-8"))
+    if conf.get("peft_type") != "LORA" or conf.get("bias", "none") != "none" or any(
+            conf.get(k) for k in ("use_rslora", "use_dora", "lora_bias", "modules_to_save", "rank_pattern",
+                                  "alpha_pattern", "layer_replication", "alora_invocation_tokens")):
+        return None
+    tensors = load_file(str(p / "adapter_model.safetensors"))
+    prefix, pairs, base = "base_model.model.", {}, {}
+    for key, t in tensors.items():
+        if not key.startswith(prefix):
+            return None
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            layer, part, _ = key[len(prefix):].rsplit(".", 2)
+            pairs.setdefault(layer, {})[part] = t
+        elif "lora_" in key:
+            return None
+        else:
+            base[key[len(prefix):]] = t
+    scaling = float(conf["lora_alpha"]) / int(conf["r"])
+    if not pairs or any(set(v) != {"lora_A", "lora_B"} for v in pairs.values()):
+        return None
+    return conf, {n: (v["lora_A"], v["lora_B"], scaling) for n, v in pairs.items()}, base
+
+
+def base_holds(peft_lm, saved_base: dict, pad_id: int | None = None) -> bool:
+    """Whether the base weights an adapter file carries (`saved_adapter_weights`) are the Apprentice's own, the pad
+    token's input-embedding row aside (`_same_base`)."""
+    if not saved_base:
+        return True
+    trunk = trunk_of(peft_lm)
+    own = _base_weights(trunk)
+    emb = trunk.get_input_embeddings() if hasattr(trunk, "get_input_embeddings") else None
+    emb_name = next((f"{n.replace('.base_layer', '')}.weight".lstrip(".") for n, m in trunk.named_modules()
+                     if m is emb), None)
+    if not set(saved_base) <= set(own):
+        return False
+    return _same_base({k: own[k] for k in saved_base}, saved_base, emb_name, pad_id)
 
 
 def save_own_adapter(lm, out: str | Path) -> None:

@@ -99,7 +99,8 @@ class RewardModel(nn.Module):
     def __init__(self, trunk: nn.Module, pad_id: int, base_model: str = "", tokenizer=None,
                  seed: int | None = None, d_model: int | None = None):
         super().__init__()
-        _no_dropout(trunk)
+        if not getattr(trunk, "shares_base", False):  # a view of the Apprentice's trunk: its config is not ours
+            _no_dropout(trunk)
         self.trunk = trunk
         self.d_model = int(d_model or trunk_width(trunk))
         self.pad_id = int(pad_id)
@@ -349,6 +350,72 @@ class RewardModel(nn.Module):
         model.read_from(policy_tokenizer)
         model.eval()
         return model
+
+
+def load_onto_base(path: str | Path, peft_lm, apprentice_base: str, policy_tokenizer=None,
+                   precision: str = "fp32") -> RewardModel | None:
+    """A saved LoRA Values Coach (`path`) loaded straight onto the Apprentice's PEFT model `peft_lm`: its adapter joins
+    that model, frozen (lm.adapters.join_adapter), and its head is read, and no second copy of the base is loaded.
+    Only where it was trained on the Apprentice's base (`apprentice_base`, the same folder), with the same tokenizer,
+    and its precision `precision` keeps the weights of the base as they are (same dtype); None (nothing changed)
+    otherwise, and the caller loads it on its own (`RewardModel.from_pretrained`, then `share_base`)."""
+    from safetensors.torch import load_file
+
+    from megacoach.hardware import weights_dtype
+    from megacoach.lm.adapters import base_holds, join_adapter, saved_adapter_weights
+    from megacoach.lm.hf import trunk_of
+
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file() or not (p / HEAD_FILE).is_file() or not (p / "adapter_config.json").is_file():
+        return None
+    try:
+        meta = json.loads((p / CONFIG_FILE).read_text("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # from_pretrained says what is wrong with it
+    if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) > FORMAT_VERSION or not meta.get("lora"):
+        return None
+    try:
+        same = resolve_model_path(meta.get("base_model") or "") == resolve_model_path(apprentice_base)
+    except ConfigError:
+        return None
+    trunk = trunk_of(peft_lm)
+    base = next(q for n, q in trunk.named_parameters() if "lora_" not in n)
+    if not same or base.dtype != weights_dtype(precision):
+        return None
+    tok = load_tokenizer(str(p))
+    if policy_tokenizer is None or not same_tokenizer(tok, policy_tokenizer):
+        return None
+    saved = saved_adapter_weights(p)
+    if saved is None:
+        return None
+    conf, weights, saved_base = saved
+    if not base_holds(peft_lm, {k: t.to(base.device) for k, t in saved_base.items()},
+                      meta.get("pad_token_id", tok.pad_token_id)):
+        return None  # the embeddings it was trained over are not the Apprentice's
+    del saved_base
+    shared = join_adapter(peft_lm, weights, int(conf["r"]), float(conf["lora_alpha"]),
+                          float(conf.get("lora_dropout") or 0.0))
+    if shared is None:
+        return None
+    device = base.device
+    model = RewardModel(shared, meta.get("pad_token_id", tok.pad_token_id), base_model=meta.get("base_model", ""),
+                        tokenizer=tok, d_model=meta["d_model"])
+    model.to(device)
+    tensors = load_file(str(p / HEAD_FILE), device=str(device))
+    try:
+        with torch.no_grad():
+            model.head.weight.copy_(tensors["head.weight"])
+            model.head.bias.copy_(tensors["head.bias"])
+            model.set_normalisation(tensors["gain"].item(), tensors["bias"].item())
+    except (KeyError, RuntimeError) as err:
+        raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
+                        f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
+    model.normalisation = meta.get("normalisation", {})
+    model.lora = meta.get("lora")
+    set_precision(model.trunk, precision, cast=False)
+    set_precision(model, precision, cast=False)
+    model.eval()
+    return model
 
 
 def _adapter_trunk(path: Path, meta: dict, tokenizer, dtype: str):
