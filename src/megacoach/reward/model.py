@@ -298,6 +298,19 @@ class RewardModel(nn.Module):
         (out / CONFIG_FILE).write_text(json.dumps(self.reward_config(), indent=2))
         return out
 
+    def _read_head(self, head_file: Path, tensors: dict, meta: dict) -> None:
+        """The saved head, normalisation and LoRA record (`head_file`'s `tensors`, the config's `meta`)."""
+        try:
+            with torch.no_grad():
+                self.head.weight.copy_(tensors["head.weight"])
+                self.head.bias.copy_(tensors["head.bias"])
+                self.set_normalisation(tensors["gain"].item(), tensors["bias"].item())
+        except (KeyError, RuntimeError) as err:
+            raise DataError(f"{head_file}: wrong or missing head tensors ({err}); expected head.weight "
+                            f"[1, {self.d_model}], head.bias [1], gain [1], bias [1]") from None
+        self.normalisation = meta.get("normalisation", {})
+        self.lora = meta.get("lora")
+
     @classmethod
     def from_pretrained(cls, path: str | Path, policy_tokenizer=None, dtype: str = "float32",
                         device: torch.device | str | None = None, read_text: bool = False) -> "RewardModel":
@@ -337,16 +350,7 @@ class RewardModel(nn.Module):
             raise DataError(f"Values Coach at {str(p)!r} cannot be loaded: {str(err).splitlines()[0][:300]}") from None
         model = cls(trunk, meta.get("pad_token_id", tok.pad_token_id), base_model=meta.get("base_model", ""),
                     tokenizer=tok, d_model=meta.get("d_model"))
-        try:
-            with torch.no_grad():
-                model.head.weight.copy_(tensors["head.weight"])
-                model.head.bias.copy_(tensors["head.bias"])
-                model.set_normalisation(tensors["gain"].item(), tensors["bias"].item())
-        except (KeyError, RuntimeError) as err:
-            raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
-                            f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
-        model.normalisation = meta.get("normalisation", {})
-        model.lora = meta.get("lora")
+        model._read_head(p / HEAD_FILE, tensors, meta)
         model.read_from(policy_tokenizer)
         model.eval()
         return model
@@ -401,17 +405,7 @@ def load_onto_base(path: str | Path, peft_lm, apprentice_base: str, policy_token
     model = RewardModel(shared, meta.get("pad_token_id", tok.pad_token_id), base_model=meta.get("base_model", ""),
                         tokenizer=tok, d_model=meta["d_model"])
     model.to(device)
-    tensors = load_file(str(p / HEAD_FILE), device=str(device))
-    try:
-        with torch.no_grad():
-            model.head.weight.copy_(tensors["head.weight"])
-            model.head.bias.copy_(tensors["head.bias"])
-            model.set_normalisation(tensors["gain"].item(), tensors["bias"].item())
-    except (KeyError, RuntimeError) as err:
-        raise DataError(f"{p / HEAD_FILE}: wrong or missing head tensors ({err}); expected head.weight "
-                        f"[1, {model.d_model}], head.bias [1], gain [1], bias [1]") from None
-    model.normalisation = meta.get("normalisation", {})
-    model.lora = meta.get("lora")
+    model._read_head(p / HEAD_FILE, load_file(str(p / HEAD_FILE), device=str(device)), meta)
     set_precision(model.trunk, precision, cast=False)
     set_precision(model, precision, cast=False)
     model.eval()
