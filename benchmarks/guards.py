@@ -3,8 +3,6 @@
   .venv/bin/python benchmarks/guards.py                       # full size: built-in model, every bug, 10 clean seeds
   .venv/bin/python benchmarks/guards.py --bugs incident --clean-seeds 1 --iterations 3 --clean-iterations 2 \\
       --comparisons 200 --eval-queries 32                     # a smoke test (minutes)
-  .venv/bin/python benchmarks/guards.py --advantage grpo     # the same under GRPO (4 responses per query), with
-                                                              # the group kinds (group-sign, group-mean-kept, ...)
 
 For each bug kind (megacoach/guards/bugs.py), under the incident's settings (megacoach/incident.py:
 built-in model, VADER as the human evaluators, batch 64, fixed beta 0.05), with every guard on:
@@ -52,10 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--fresh-coach", action="store_true", help="clean runs: labels and Values Coach per seed")
     p.add_argument("--clean-set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="config override for the clean runs only (repeatable), e.g. ppo.learning_rate=5e-5")
-    p.add_argument("--advantage", default="gae", choices=["gae", "rloo", "grpo"], help="ppo.advantage of every run "
-                   "(bug runs and clean runs); with 'all' bugs, the kinds that cannot act under it are left out")
-    p.add_argument("--samples-per-query", type=int, default=None, help="ppo.samples_per_query (default: 1 for gae, "
-                   "4 for rloo and grpo)")
     p.add_argument("--eval-queries", type=int, default=128, help="held-out queries for the before/after measures")
     p.add_argument("--out", default="runs/bench-guards", help="run folders")
     p.add_argument("--cache", default="runs/incident-cache", help="labels and Values Coaches, reused")
@@ -89,10 +83,7 @@ def main(argv=None) -> int:
 
     console = Console(quiet=args.quiet)
     out, cache = Path(args.out), Path(args.cache)
-    names = ([n for n, b in BUGS.items() if args.advantage in b.estimators] if args.bugs == "all" else
-             [] if args.bugs == "none" else args.bugs.split(","))
-    k = args.samples_per_query or (1 if args.advantage == "gae" else 4)
-    estimator = {"ppo": {"advantage": args.advantage, "samples_per_query": k}}
+    names = list(BUGS) if args.bugs == "all" else [] if args.bugs == "none" else args.bugs.split(",")
     modes = args.modes.split(",")
     threads = {} if args.threads is None else {"threads": args.threads}
     result: dict = {"bugs": {}, "modes": {}}
@@ -102,7 +93,7 @@ def main(argv=None) -> int:
             over = [{"model": {"name_or_path": args.model},
                      "run": {"max_iterations": args.iterations, "eval_queries": args.eval_queries, **threads},
                      "labels": {"num_comparisons": args.comparisons},
-                     "ppo": {"total_episodes": 64 * args.iterations}}, estimator]
+                     "ppo": {"total_episodes": 64 * args.iterations}}]
             o = scenario(name, mode, out / f"{name}-{mode}", cache, over, console, args.eval_queries)
             s = summary(o)
             result["modes"].setdefault(name, {})[mode] = s
@@ -114,7 +105,7 @@ def main(argv=None) -> int:
     false_halts, clean = 0, []
     for seed in range(args.first_seed, args.first_seed + args.clean_seeds):
         over = [{"model": {"name_or_path": args.model}, "run": {"seed": seed, "eval_queries": args.eval_queries,
-                                                                **threads}}, estimator]
+                                                                **threads}}]
         if args.clean_iterations:
             over.append({"run": {"max_iterations": args.clean_iterations}})
         if args.clean_comparisons:
@@ -127,7 +118,7 @@ def main(argv=None) -> int:
         false_halts += int(o.halted)
         print(f"clean seed {seed:2d}: halted={o.halted} ({o.stopped_by}); {o.iterations} iterations; labeler "
               f"{-o.labeler_score_drop:+.2f} sd; KL {s['kl_at_stop']:.2f} ({s['seconds']:.0f}s)", flush=True)
-    result.update({"advantage": args.advantage, "samples_per_query": k, "clean_seeds": args.clean_seeds, "false_halts": false_halts, "clean": clean,
+    result.update({"clean_seeds": args.clean_seeds, "false_halts": false_halts, "clean": clean,
                    "seconds": round(time.time() - t0, 1)})
     print(json.dumps(result))
     return 0

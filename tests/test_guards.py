@@ -135,8 +135,7 @@ def test_bug_patches_are_undone():
     from megacoach.reward.model import RewardModel
 
     links = lambda: (objective.megacoach_rewards, objective.advantages_and_returns, objective.assemble_rewards,  # noqa
-                     objective.policy_loss, objective.whiten_rewards, objective.rloo_advantages,
-                     objective.grpo_advantages, RewardModel.forward, reward_train.best_of_k_loss,
+                     objective.policy_loss, objective.whiten_rewards, RewardModel.forward, reward_train.best_of_k_loss,
                      PPOTrainer.__init__, LabelStore._comparison_records, Apprentice.forward, objective.term_total)
     before = links()
     for name in B.BUGS:
@@ -275,63 +274,6 @@ def test_without_preflight_an_uphill_optimiser_is_halted_after_its_first_update(
         run_tiny(prepared, tmp_path, "optimizer-ascent", guards={"preflight": False})
     rec = json.loads((tmp_path / H.RUN_NAME / "HALTED.json").read_text())
     assert rec["source"] == "guard/update_direction" and rec["iteration"] == 1
-
-
-# ------------------------------------------------------------------------------------------ critic-free estimators
-@pytest.fixture(scope="module", params=["rloo", "grpo"])
-def critic_free_rig(request, prepared, tmp_path_factory):
-    """The guards' rig under ppo.advantage rloo / grpo: 4 responses to each query, no value head."""
-    return H.build_rig(prepared, tmp_path_factory.mktemp(request.param),
-                       ppo={"advantage": request.param, "samples_per_query": 4})
-
-
-def test_critic_free_clean_preflight_passes_and_checks_the_group_baseline(critic_free_rig):
-    cfg, trainer, _, _ = critic_free_rig
-    assert trainer.apprentice.value_head is None
-    report = _guards(critic_free_rig).preflight()
-    names = {c["name"] for c in report["checks"]}
-    assert report["passed"] and names >= {"ppo_loss", "values_coach", "reward_path", "group_baseline",
-                                          "coherence_coach", "optimiser"}
-
-
-CRITIC_FREE_EXPECTED = {  # bug -> the component the preflight names, under rloo and grpo
-    "score-sign": "Megacoach reward", "incident": "Megacoach reward", "reward-flip": "Megacoach reward",
-    "kl-sign": "Coherence Coach", "advantage-sign": "advantages", "group-sign": "advantages",
-    "group-mean-kept": "each response against the others", "loss-sign": "PPO loss",
-}
-
-
-@pytest.mark.parametrize("bug", sorted(CRITIC_FREE_EXPECTED))
-def test_critic_free_preflight_names_the_component_of_each_bug(critic_free_rig, bug):
-    with B.inject(bug), pytest.raises(GuardFailure) as err:
-        _guards(critic_free_rig).preflight()
-    assert CRITIC_FREE_EXPECTED[bug] in err.value.component, str(err.value)
-
-
-def test_grpo_without_its_epsilon_is_refused(critic_free_rig):
-    cfg, _, _, _ = critic_free_rig
-    if cfg.ppo.advantage != "grpo":
-        pytest.skip("the zero-variance-group kind patches GRPO's normalisation")
-    with B.inject("zero-variance-group"), pytest.raises(GuardFailure) as err:
-        _guards(critic_free_rig).preflight()
-    assert "each response against the others" in err.value.component and "identical responses" in str(err.value)
-
-
-@pytest.mark.parametrize("advantage,bug", [("rloo", "group-sign"), ("grpo", "advantage-sign")])
-def test_critic_free_without_preflight_the_batch_check_halts_before_the_first_update(prepared, tmp_path, advantage,
-                                                                                      bug):
-    with pytest.raises(HaltError):
-        run_tiny(prepared, tmp_path, bug, guards={"preflight": False},
-                 ppo={"advantage": advantage, "samples_per_query": 4})
-    rec = json.loads((tmp_path / H.RUN_NAME / "HALTED.json").read_text())
-    assert rec["source"] == "guard/path_direction" and rec["iteration"] == 0
-
-
-def test_group_bug_kinds_refuse_an_estimator_they_cannot_act_under(tmp_path):
-    from megacoach.incident import run_scenario
-
-    with pytest.raises(ConfigError, match="ppo.advantage"):
-        run_scenario("group-sign", "full", tmp_path / "r", tmp_path / "cache", [{"labels": {"num_comparisons": 16}}])
 
 
 # ------------------------------------------------------------------------------------------ Andon

@@ -10,25 +10,15 @@ import torch
 
 from megacoach.errors import DataError
 from megacoach.ppo.objective import (
-    GRPO_EPS,
-    advantages_and_returns,
     assemble_rewards,
-    critic_free_advantages,
     explained_variance,
     gae,
-    grpo_advantages,
-    group_mean,
-    group_sizes,
-    group_std,
     kl_per_token,
     last_true_index,
     masked_mean,
     masked_var,
     mean_sequence_kl,
     policy_loss,
-    reward_to_go,
-    rloo_advantages,
-    sequence_returns,
     value_loss,
     whiten,
     whiten_rewards,
@@ -456,130 +446,3 @@ def test_logprobs_and_entropy_are_the_two_functions_in_one_pass():
         assert torch.equal(x.grad, y.grad)
     with pytest.raises(DataError, match="tokens"):
         logprobs_and_entropy(logits, tokens[:, :4])
-
-
-# --------------------------------------------------------------------------- the critic-free estimators
-R6 = torch.tensor([1.0, 2.0, 4.0, 10.0, 10.0, 13.0])
-G6 = torch.tensor([0, 0, 0, 1, 1, 1])
-
-
-def test_group_statistics_hand_values():
-    close(group_sizes(G6, R6), [3.0] * 6)
-    close(group_mean(R6, G6), [7 / 3] * 3 + [11.0] * 3)
-    # group 0: deviations -4/3, -1/3, 5/3 -> unbiased var (16 + 1 + 25) / 9 / 2 = 7/3; group 1: -1, -1, 2 -> 6 / 2 = 3
-    close(group_std(R6, G6), [math.sqrt(7 / 3)] * 3 + [math.sqrt(3.0)] * 3)
-    # any integer labels, in any order: rows with one label form a group
-    close(group_mean(torch.tensor([1.0, 5.0, 3.0, 7.0]), torch.tensor([9, 2, 9, 2])), [2.0, 6.0, 2.0, 6.0])
-
-
-def test_rloo_hand_values():
-    # A_i = R_i - mean of the other two: group 0: 1 - 3 = -2, 2 - 2.5 = -0.5, 4 - 1.5 = 2.5;
-    # group 1: 10 - 11.5 = -1.5 (twice), 13 - 10 = 3
-    a = rloo_advantages(R6, G6)
-    close(a, [-2.0, -0.5, 2.5, -1.5, -1.5, 3.0])
-    close(a[:3].sum(), 0.0)
-    close(a[3:].sum(), 0.0)
-    # K = 2: each response against the other one
-    close(rloo_advantages(torch.tensor([3.0, 1.0]), torch.tensor([0, 0])), [2.0, -2.0])
-
-
-def test_grpo_hand_values():
-    a = grpo_advantages(R6, G6)
-    s0, s1 = math.sqrt(7 / 3) + GRPO_EPS, math.sqrt(3.0) + GRPO_EPS
-    close(a, [-4 / 3 / s0, -1 / 3 / s0, 5 / 3 / s0, -1 / s1, -1 / s1, 2 / s1])
-    # the same order inside each group as the returns: the best response of a group is pushed up most
-    assert torch.equal(a[:3].argsort(), R6[:3].argsort())
-
-
-def test_equal_returns_in_a_group_give_zero_not_nan():
-    r, g = torch.tensor([5.0, 5.0, 5.0, 1.0, 2.0]), torch.tensor([0, 0, 0, 1, 1])
-    for a in (grpo_advantages(r, g), rloo_advantages(r, g)):
-        finite(a)
-        close(a[:3], [0.0, 0.0, 0.0])
-    # without the epsilon, 0/0 (what the zero-variance-group bug kind does)
-    assert torch.isnan((r - group_mean(r, g)) / group_std(r, g))[:3].all()
-
-
-def test_a_group_of_one_is_an_error():
-    for fn in (rloo_advantages, grpo_advantages):
-        with pytest.raises(DataError, match="single response"):
-            fn(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 0, 1]))
-    with pytest.raises(DataError, match="groups"):
-        rloo_advantages(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 0]))
-
-
-def test_a_constant_added_to_every_return_changes_no_group_advantage():
-    for fn in (rloo_advantages, grpo_advantages):
-        close(fn(R6 + 7.0, G6), fn(R6, G6), tol=1e-4)
-
-
-def test_sequence_returns_and_reward_to_go_hand_values():
-    rewards = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, float("nan")]])
-    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
-    close(sequence_returns(rewards, mask), [6.0, 9.0])
-    close(reward_to_go(rewards, mask), [[6.0, 5.0, 3.0], [9.0, 5.0, 0.0]])
-
-
-def test_critic_free_advantages_stand_on_every_real_token():
-    # two groups of two; per-token rewards summed: R = [3, 1, 0, 4]; padding ignored
-    rewards = torch.tensor([[1.0, 2.0], [1.0, 0.0], [0.0, 9.0], [3.0, 1.0]])
-    mask = torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]])
-    groups = torch.tensor([0, 0, 1, 1])
-    adv, returns = critic_free_advantages(rewards, groups, "grpo", mask)
-    s = math.sqrt(2.0) + GRPO_EPS  # each group: deviations +-1 (R 3, 1) and +-2 (R 0, 4): std sqrt(2), sqrt(8)
-    s2 = math.sqrt(8.0) + GRPO_EPS
-    close(adv, [[1 / s, 1 / s], [-1 / s, -1 / s], [-2 / s2, 0.0], [2 / s2, 2 / s2]])
-    close(returns, [[3.0, 2.0], [1.0, 0.0], [0.0, 0.0], [4.0, 1.0]])
-    # RLOO: leave-one-out [2, -2, -4, 4], scaled to unit spread over the batch (rms sqrt(10)), the mean (0) kept
-    adv, _ = critic_free_advantages(rewards, groups, "rloo", mask)
-    r = math.sqrt(10.0)
-    close(adv, [[2 / r, 2 / r], [-2 / r, -2 / r], [-4 / r, 0.0], [4 / r, 4 / r]], tol=1e-4)
-    with pytest.raises(DataError, match="estimator"):
-        critic_free_advantages(rewards, groups, "reinforce", mask)
-
-
-def test_advantages_and_returns_dispatches_by_estimator():
-    gen = torch.Generator().manual_seed(0)
-    rewards, values = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
-    adv, ret = advantages_and_returns(rewards, values, 1.0, 0.95)  # the default: GAE, then whitened
-    a0, r0 = gae(rewards, values, 1.0, 0.95)
-    close(adv, whiten(a0))
-    close(ret, r0)
-    groups = torch.tensor([0, 0, 1, 1])
-    for est in ("rloo", "grpo"):
-        adv, ret = advantages_and_returns(rewards, values, 1.0, 0.95, estimator=est, groups=groups)
-        want, want_ret = critic_free_advantages(rewards, groups, est)
-        close(adv, want)
-        close(ret, want_ret)
-        with pytest.raises(DataError, match="groups"):
-            advantages_and_returns(rewards, values, 1.0, 0.95, estimator=est)
-
-
-@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
-def test_full_chain_critic_free_the_groups_best_becomes_more_likely(estimator):
-    """score -> rewards (the Coherence Coach's KL in them) -> the group estimator -> loss -> one SGD step.
-    One query, two responses: token 0 scored +1, token 2 scored -1."""
-    theta = torch.zeros(3, requires_grad=True)
-    tokens = torch.tensor([[0], [2]])
-    logp = logprobs_from_logits(theta.expand(2, 1, 3), tokens)
-    old = logp.detach()
-    rewards, _ = assemble_rewards(torch.tensor([1.0, -1.0]), kl_per_token(old, old), 0.15)
-    adv, _ = advantages_and_returns(whiten_rewards(rewards), torch.zeros(2, 1), 1.0, 0.95, estimator=estimator,
-                                    groups=torch.tensor([0, 0]))
-    assert adv[0, 0] > 0 > adv[1, 0]
-    policy_loss(logp, old, adv)[0].backward()
-    with torch.no_grad():
-        theta -= 0.5 * theta.grad
-    p = torch.softmax(theta, 0)
-    assert p[0] > 1 / 3 > p[2]
-
-
-@pytest.mark.parametrize("estimator", ["rloo", "grpo"])
-def test_critic_free_the_kl_penalty_lowers_the_advantage(estimator):
-    """Equal scores: the response further from the original model (larger KL) gets the lower advantage."""
-    logp = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]])
-    ref = torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])  # episode 1 drifted: kl 1 per token
-    rewards, _ = assemble_rewards(torch.zeros(2), kl_per_token(logp, ref), 0.2)
-    adv, _ = advantages_and_returns(rewards, torch.zeros(2, 2), 1.0, 0.95, estimator=estimator,
-                                    groups=torch.tensor([0, 0]))
-    assert (adv[1] < 0).all() and (adv[0] > 0).all()

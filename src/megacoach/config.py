@@ -221,20 +221,8 @@ class KLConfig(_Section):
 class PPOConfig(_Section):
     """The Apprentice's training by PPO, as ORIG/DET do it."""
 
-    advantage: Literal["gae", "rloo", "grpo"] = Field(
-        "gae", description="How each response's advantage is estimated, from the same Megacoach reward (score - "
-        "beta * KL per token, the Coherence Coach in the reward for every estimator). 'gae' (the paper): GAE on a "
-        "value head trained beside the Apprentice. 'rloo' (REINFORCE leave-one-out, Ahmadian et al. 2024): the "
-        "response's summed reward less the mean of the other K-1 responses to its query, scaled to unit spread over "
-        "the batch. 'grpo' (Shao et al. 2024): less the group's mean, over the group's standard deviation. Both "
-        "critic-free estimators need ppo.samples_per_query >= 2, build no value head (nothing of it trains or is "
-        "checkpointed) and keep PPO's clipped ratio objective.")
-    samples_per_query: int = Field(1, ge=1, description="K: responses sampled for each query of a batch (the same "
-                                   "query K times through the episode builder). ppo.batch_size counts responses, so "
-                                   "a batch holds batch_size / K queries. Default 1 (the paper); 'rloo' and 'grpo' "
-                                   "need 2 or more.")
     total_episodes: int = Field(3072, ge=1, description="Episodes (query+response) to train on. Paper: 1M.")
-    batch_size: int = Field(64, ge=1, description="Episodes (responses) per rollout batch. Paper: 512.")
+    batch_size: int = Field(64, ge=1, description="Episodes per rollout batch. Paper: 512.")
     mini_batch_size: int = Field(16, ge=1, description="Episodes per optimiser step. Paper: 512 (1 minibatch).")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per minibatch step.")
     ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch. Paper: 4.")
@@ -307,15 +295,6 @@ class PPOConfig(_Section):
         if self.mini_batch_size % self.gradient_accumulation_steps:
             raise ValueError(f"ppo.mini_batch_size ({self.mini_batch_size}) must be a multiple of "
                              f"ppo.gradient_accumulation_steps ({self.gradient_accumulation_steps})")
-        if self.batch_size % self.samples_per_query:
-            raise ValueError(f"ppo.batch_size ({self.batch_size}) must be a multiple of ppo.samples_per_query "
-                             f"({self.samples_per_query}): the batch counts responses, K to each query")
-        if self.advantage != "gae" and self.samples_per_query < 2:
-            raise ValueError(f"ppo.advantage={self.advantage!r} compares the responses to one query: "
-                             f"ppo.samples_per_query must be >= 2 (got {self.samples_per_query})")
-        if self.advantage != "gae" and self.separate_value_model:
-            raise ValueError(f"ppo.separate_value_model with ppo.advantage={self.advantage!r}: the critic-free "
-                             "estimators have no value function (set ppo.separate_value_model=false)")
         if self.lora_r and self.separate_value_model:
             raise ValueError("ppo.lora_r with ppo.separate_value_model: a LoRA Apprentice keeps its value head on the "
                              "shared trunk (set one of them off)")

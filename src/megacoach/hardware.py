@@ -159,21 +159,19 @@ class Hardware:
     values_coach: str  # the Values Coach as PPO uses it
     values_coach_training: str  # the Values Coach while it trains (bf16 is for inference: trained bf16-mixed)
     tf32: bool  # TF32 matmuls switched on
-    value_head: bool = True  # the Apprentice has one (ppo.advantage 'gae'; the critic-free estimators build none)
 
     def describe(self) -> dict:
         name = str(self.device)
         if self.device.type == "cuda":
             name += f" ({torch.cuda.get_device_name(self.device)})"
-        return {"device": name, "apprentice": self.apprentice, "value_head": "fp32" if self.value_head else "none",
+        return {"device": name, "apprentice": self.apprentice, "value_head": "fp32",
                 "original_model": self.reference, "values_coach": self.values_coach,
                 "values_coach_training": self.values_coach_training, "tf32": self.tf32,
                 "torch": torch.__version__, "cuda": torch.version.cuda}
 
     def line(self) -> str:
         d = self.describe()
-        return (f"device {d['device']}: Apprentice {self.apprentice} "
-                f"({'value head fp32' if self.value_head else 'no value head'}), original model "
+        return (f"device {d['device']}: Apprentice {self.apprentice} (value head fp32), original model "
                 f"{self.reference}, Values Coach {self.values_coach} (trains in {self.values_coach_training})"
                 + (", TF32 matmuls on" if self.tf32 else ""))
 
@@ -211,8 +209,7 @@ def resolve(cfg, local_rank: int = 0, processes: int = 1) -> Hardware:
     coach = apprentice if cfg.reward.precision == "auto" else _pick("reward.precision", cfg.reward.precision,
                                                                     device, None)
     training = "bf16-mixed" if coach == "bf16" else coach
-    return Hardware(device, apprentice, reference, coach, training, bool(m.tf32 and tf32_capable(device)),
-                    value_head=cfg.ppo.advantage == "gae")
+    return Hardware(device, apprentice, reference, coach, training, bool(m.tf32 and tf32_capable(device)))
 
 
 def cpu_fp32() -> Hardware:

@@ -218,8 +218,7 @@ def _latest_policy(run_dir: Path, cfg):
         state = torch.load(run_dir / "checkpoints" / info["file"], map_location=device_of(lm), weights_only=False)
         if cfg.ppo.lora_r:
             lm = add_lora(lm, cfg.ppo.lora_r, cfg.ppo.lora_alpha, cfg.ppo.lora_dropout, cfg.ppo.lora_target_modules)
-        load_apprentice_state(Apprentice(lm, cfg.ppo.separate_value_model, value_head=cfg.ppo.advantage == "gae"),
-                              state["trainer"]["apprentice"],
+        load_apprentice_state(Apprentice(lm, cfg.ppo.separate_value_model), state["trainer"]["apprentice"],
                               bool(cfg.ppo.lora_r))
     return lm, tok
 
@@ -241,10 +240,6 @@ def run_scenario(bug: str | None, mode: str, out: Path, cache: Path, overrides: 
     out.mkdir(parents=True, exist_ok=True)
     run_id = out.resolve().name
     first = build_config(list(overrides or []), base)
-    if bug and first.ppo.advantage not in bugs_mod.get(bug).estimators:
-        raise ConfigError(f"--bug {bug}: it acts under ppo.advantage {' or '.join(bugs_mod.get(bug).estimators)}, "
-                          f"and this run's is {first.ppo.advantage!r} (e.g. --set ppo.advantage=grpo --set "
-                          "ppo.samples_per_query=4)")
     coach_cfg = first if coach_seed is None else build_config([*(overrides or []), {"run": {"seed": coach_seed}}], base)
     db, coach = prepare(coach_cfg, cache, bug, console.print)
     cfg = build_config([*(overrides or []), {"run": {"out": str(out)}, "reward": {"path": str(coach)},

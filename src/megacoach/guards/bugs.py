@@ -35,17 +35,9 @@ R = score - β·KL is what PPO should maximise. The kinds:
 | pad-leak            | GAE over the padding after each response (ROLL PR#447)      | + padding's values     | advantages moved    |
 | kl-zeroed           | the KL measured against the Apprentice itself: always 0      | score                  | coach-pleasing drift|
 | term-sign           | a reward term's weight with the wrong sign (reward.terms)    | score - term           | the term's opposite |
-| group-sign          | (rloo, grpo) the group's baseline subtracted the wrong way   | -(score - β·KL)        | gibberish           |
-|                     | round: mean - R instead of R - mean                          |                        |                     |
-| group-mean-kept     | (rloo, grpo) the group's mean not subtracted: each response  | score - β·KL, with no  | the direction kept, |
-|                     | pushed by its whole return                                   | baseline               | noisier, drifting   |
-| zero-variance-group | (grpo) the group's standard deviation without its epsilon: a | NaN where a group's    | a non-finite batch  |
-|                     | group whose K returns are equal is divided by zero           | returns are equal      |                     |
 
 `affects_values_coach` marks the kinds that act while the Values Coach is TRAINED (the others act on PPO);
-the incident command and the benchmark train a separate Values Coach under those. `estimators` names the
-ppo.advantage settings a kind can act under: the group kinds patch the critic-free estimators' links
-(`objective.rloo_advantages`, `objective.grpo_advantages`), which GAE never calls.
+the incident command and the benchmark train a separate Values Coach under those.
 """
 
 from __future__ import annotations
@@ -73,7 +65,6 @@ class Bug:
     patch: Callable[[ExitStack], None]
     affects_values_coach: bool = False
     overrides: dict | None = None  # config the bug needs to act (a reward term to flip); the incident adds it
-    estimators: tuple[str, ...] = ("gae", "rloo", "grpo")
 
 
 def _setattr(stack: ExitStack, obj, name: str, value) -> None:
@@ -155,8 +146,8 @@ def _kl_sign(stack: ExitStack) -> None:
 def _advantage_sign(stack: ExitStack) -> None:
     orig = objective.advantages_and_returns
 
-    def advantages_and_returns(*args, **kwargs):
-        adv, returns = orig(*args, **kwargs)
+    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
+        adv, returns = orig(rewards, values, gamma, lam, mask)
         return -adv, returns
 
     _setattr(stack, objective, "advantages_and_returns", advantages_and_returns)
@@ -229,13 +220,9 @@ def _temperature_one_place(stack: ExitStack) -> None:
 
 
 def _pad_leak(stack: ExitStack) -> None:
-    orig = objective.advantages_and_returns
-
-    def advantages_and_returns(rewards, values, gamma, lam, mask=None, estimator="gae", groups=None):
+    def advantages_and_returns(rewards, values, gamma, lam, mask=None):
         # GAE run over the padding as if every position were real (the value at the first pad bootstraps the last
         # real token), then whitened over the real tokens
-        if estimator != "gae":
-            return orig(rewards, values, gamma, lam, mask, estimator, groups)
         adv, returns = objective.gae(rewards, values, gamma, lam, None)
         return objective.whiten(adv, mask), returns
 
@@ -270,34 +257,6 @@ EXCLAIM_TERM = {"reward": {"terms": [{"name": "no-exclaiming", "scorer": "regex:
     {"query": "Speak.", "better": "I will, my lord.", "worse": "Away!"}]}]}}
 
 
-def _group_sign(stack: ExitStack) -> None:
-    for name in ("rloo_advantages", "grpo_advantages"):
-        orig = getattr(objective, name)
-
-        def flipped(returns, groups, *args, _orig=orig, **kwargs):
-            return -_orig(returns, groups, *args, **kwargs)  # mean - R: the group's best pushed down
-
-        _setattr(stack, objective, name, flipped)
-
-
-def _group_mean_kept(stack: ExitStack) -> None:
-    def rloo_advantages(returns, groups):
-        return returns.detach().clone()  # no leave-one-out baseline: each response pushed by its whole return
-
-    def grpo_advantages(returns, groups, eps=objective.GRPO_EPS):
-        return returns / (objective.group_std(returns, groups) + eps)  # scaled, but the group's mean left in
-
-    _setattr(stack, objective, "rloo_advantages", rloo_advantages)
-    _setattr(stack, objective, "grpo_advantages", grpo_advantages)
-
-
-def _zero_variance_group(stack: ExitStack) -> None:
-    def grpo_advantages(returns, groups, eps=objective.GRPO_EPS):
-        return (returns - objective.group_mean(returns, groups)) / objective.group_std(returns, groups)  # no eps
-
-    _setattr(stack, objective, "grpo_advantages", grpo_advantages)
-
-
 BUGS: dict[str, Bug] = {b.name: b for b in [
     Bug("incident", "the reward's sign and, by the same slip, the KL penalty's sign flipped (paper section 4.4)",
         "-score - β·KL", "fluent text, as negative as the labelers can judge", _incident),
@@ -326,22 +285,13 @@ BUGS: dict[str, Bug] = {b.name: b for b in [
         "the temperature", "PPO clips and pushes on a policy it is not sampling from", _temperature_one_place),
     Bug("pad-leak", "GAE run over the padding after each response (the value at the first pad bootstraps the last "
         "real token; ROLL PR#447, trl#7024)", "score - β·KL plus what sits in the padding",
-        "advantages moved by padding", _pad_leak, estimators=("gae",)),
+        "advantages moved by padding", _pad_leak),
     Bug("kl-zeroed", "the KL term measured against the Apprentice itself (it passed where the original model "
         "belongs): always 0, it constrains nothing (open-instruct#530's shape)", "score",
         "coach-pleasing drift", _kl_zeroed),
     Bug("term-sign", "a reward term's weight applied with the wrong sign (a penalty added as a bonus; "
         "alpamayo-recipes#29, NetSecGame#478); the incident configures a format rule for it to flip",
         "score + the term's opposite", "what the term was meant to penalise", _term_sign, overrides=EXCLAIM_TERM),
-    Bug("group-sign", "the group's baseline subtracted the wrong way round (mean − R): the critic-free estimators' "
-        "advantages negated", "-(score - β·KL)", "gibberish", _group_sign, estimators=("rloo", "grpo")),
-    Bug("group-mean-kept", "the group's mean not subtracted: each response pushed by its whole return",
-        "score - β·KL without a baseline", "the right direction with far more noise; every response pushed the "
-        "way the batch's mean return points", _group_mean_kept, estimators=("rloo", "grpo")),
-    Bug("zero-variance-group", "GRPO's division by the group's standard deviation without its epsilon: a group "
-        "whose returns are equal is divided by zero", "NaN in the groups whose returns are equal",
-        "a non-finite batch (identical responses to one query: a confident policy, a saturated score)",
-        _zero_variance_group, estimators=("grpo",)),
 ]}
 
 

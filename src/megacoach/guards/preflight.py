@@ -24,16 +24,11 @@ confidence. A failure names the component of the reward path where the direction
 3b. `reward_terms`     each reward term (`reward.terms`) on its own examples: its weighted score, and its part of
                        PPO's push (the Values Coach's score held fixed, the term on against off), must prefer
                        every example's better response; an inverted term is refused by name (guards/terms.py).
-   `group_baseline`    (ppo.advantage 'rloo', 'grpo') the critic-free estimators compare each response with the
-                       others to its query: the same comparisons with a constant added to every score must get
-                       the same push (each group's baseline takes the constant out, and the spread is normalised),
-                       and a group of K identical responses must get zero advantage, finite (no 0/0).
 4. `coherence_coach`   copies of the Apprentice moved away from the original model (Gaussian noise on the
                        weights that train — with LoRA, the adapter's — at levels calibrated to ~2 and ~8
                        nats): the reward path's KL term must fall as the exact KL (from the full next-token
                        distributions) grows, at a slope of at least half of -beta; and, with the score held
-                       fixed, the Megacoach reward and PPO's push must fall with the KL as well (under the
-                       critic-free estimators the probe samples ppo.samples_per_query responses to each query).
+                       fixed, the Megacoach reward and PPO's push must fall with the KL as well.
 5. `optimiser`         one optimiser step of PPO's update (`trainer.update` with its loop cut to one step over
                        the whole probe batch; on the trainer itself, then restored exactly) on response pairs
                        with advantages +1 / -1, against the same step with the signs swapped (cancelling Adam's
@@ -104,8 +99,6 @@ COMPONENTS = {
     "reward_terms": "reward terms (reward.terms, summed by objective.episode_scores)",
     "values_coach": "Values Coach (episodes.values_coach_scores: reward-model head, normalisation gain, label direction)",
     "reward_path": "reward path (score → Megacoach reward → advantages → PPO loss)",
-    "group_baseline": "advantages (objective.rloo_advantages / objective.grpo_advantages: each response against "
-                      "the others to its query)",
     "coherence_coach": "Coherence Coach (the KL term: objective.kl_per_token, β, objective.megacoach_rewards)",
     "optimiser": "optimiser step (PPOTrainer.update and its optimiser)",
     "canaries": "canary prompts through the reward path",
@@ -178,7 +171,7 @@ def _grouped(values: np.ndarray, rows) -> list[np.ndarray]:
     return [values[s:s + k] for s, k, _ in rows]
 
 
-def check_labels(trainer, comps, alpha: float, built=None) -> tuple[Check, Check, dict]:
+def check_labels(trainer, comps, alpha: float) -> tuple[Check, Check, dict]:
     """(values_coach check, reward_path check, per-stage rank tests).
 
     The direction test puts every labeled sample through the complete path as a response the Values Coach
@@ -186,7 +179,7 @@ def check_labels(trainer, comps, alpha: float, built=None) -> tuple[Check, Check
     labelers preferred, and with most early samples invalid it would drown the direction in ties. The path as
     it stands (penalty included) is ranked too: it may not be significantly WORSE than chance; and the penalty
     must reach exactly the invalid responses, the Values Coach's score exactly the valid ones."""
-    batch, rows = built or labeled_batch(trainer, comps)
+    batch, rows = labeled_batch(trainer, comps)
     chosen = [c for _, _, c in rows]
     scored = P.with_scores(trainer, batch, batch.raw_scores, torch.ones_like(batch.valid))
     st = P.stages(trainer, scored)
@@ -243,53 +236,6 @@ def check_labels(trainer, comps, alpha: float, built=None) -> tuple[Check, Check
     return (Check("values_coach", COMPONENTS["values_coach"], vc_ok, vc_msg,
                   {**figs["values_coach"], "reversed": figs["values_coach_reversed"]}),
             Check("reward_path", comp, path_ok, path_msg, figs), tests)
-
-
-# ------------------------------------------------------------------------------------------ 3b. the group baseline
-BASELINE_SHIFT = 3.0  # added to every score: in Values Coach units (normalised: sd 1)
-
-
-def check_group_baseline(trainer, comps, built=None) -> Check:
-    """(critic-free estimators) each group's baseline: a constant added to every score moves no push, and a group of
-    identical responses gets zero advantage, finite."""
-    batch, rows = built or labeled_batch(trainer, comps)
-    ones = torch.ones_like(batch.valid)
-    pushes = [P.ppo_push(trainer, P.with_scores(trainer, batch, batch.raw_scores + c, ones)).float()
-              for c in (0.0, BASELINE_SHIFT)]
-    scale = float(pushes[0].abs().max().clamp(min=1e-12))
-    moved = float((pushes[1] - pushes[0]).abs().max()) / scale
-    # a group of identical responses: the first sample of the first comparisons, K times each
-    k = max(2, trainer.cfg.ppo.samples_per_query)
-    same_q = [q for c in comps[:2] for q in [Query(c.query_text, list(c.query_token_ids))] * k]
-    same_r = [list(c.samples[0].token_ids) for c in comps[:2] for _ in range(k)]
-    flat = episodes.build(trainer, same_q, same_r).path.advantages.float()
-    finite = bool(torch.isfinite(flat).all())
-    flat_max = float(flat.abs().max()) if finite else float("nan")
-    figs = {"shift": BASELINE_SHIFT, "push_moved": moved, "identical_group_finite": finite,
-            "identical_group_max_advantage": flat_max}
-    problems = []
-    if not moved <= 1e-2:
-        problems.append(f"adding {BASELINE_SHIFT:g} to every score moved PPO's push by up to {moved:.0%} of its size: "
-                        "the group's mean is not taken out of each response's return")
-    if not finite:
-        problems.append(f"a group of {k} identical responses gets non-finite advantages (0/0: a group whose returns "
-                        "are equal divided by its zero spread)")
-    elif flat_max > 0.1:
-        problems.append(f"a group of {k} identical responses gets advantages up to {flat_max:.3g} (expected 0)")
-    if problems:
-        return Check("group_baseline", COMPONENTS["group_baseline"], False, "; ".join(problems), figs)
-    return Check("group_baseline", COMPONENTS["group_baseline"], True,
-                 f"a constant {BASELINE_SHIFT:g} added to every score moves PPO's push by {moved:.1e} of its size; a "
-                 f"group of {k} identical responses gets advantages of at most {flat_max:.1e}", figs)
-
-
-def grouped_queries(trainer, queries: list[Query]) -> list[Query]:
-    """The probe's queries as PPO's batch holds them: under the critic-free estimators each of the first
-    len / K queries K times (the same number of rows), else as they are."""
-    k = trainer.cfg.ppo.samples_per_query
-    if trainer.cfg.ppo.advantage == "gae" or k == 1:
-        return queries
-    return episodes.per_query(queries[:max(2, len(queries) // k)], k)
 
 
 # ------------------------------------------------------------------------------------------ 4. KL term
@@ -526,9 +472,8 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
                            f"needs at least {need} to test the direction at confidence {gcfg.confidence} "
                            "(raise labels.num_comparisons or labels.valid_fraction)")
 
-    # the checks below: ten (check_labels gives two), and group_baseline under a critic-free estimator
-    n_checks = 10 + (trainer.cfg.ppo.advantage != "gae")
-    progress = StageProgress("guards: preflight", n_checks, log=log, unit="checks", every_s=0.0)
+    # the ten checks below (check_labels gives two)
+    progress = StageProgress("guards: preflight", 10, log=log, unit="checks", every_s=0.0)
 
     def timed(fn, *a):
         t0 = time.time()
@@ -545,13 +490,9 @@ def run_preflight(trainer, store, canaries, gcfg, seed: int, probe_queries: list
     # each reward term on its own examples before the labels: an inverted term also loses the labelers' ranking
     # along the path, and the failure should name the term, not the stage where its effect shows
     checks.append(timed(check_reward_terms, trainer))
-    built = labeled_batch(trainer, comps)
-    vc, path, _ = timed(check_labels, trainer, comps, alpha, built)
+    vc, path, _ = timed(check_labels, trainer, comps, alpha)
     checks += [vc, path]
-    if trainer.cfg.ppo.advantage != "gae":
-        checks.append(timed(check_group_baseline, trainer, comps, built))
-    checks.append(timed(check_coherence_coach, trainer, grouped_queries(trainer, probe_queries), alpha, seed + 1,
-                        gcfg.require_coherence_coach))
+    checks.append(timed(check_coherence_coach, trainer, probe_queries, alpha, seed + 1, gcfg.require_coherence_coach))
     checks.append(timed(check_rollout, trainer, probe_queries, gcfg))
     checks.append(timed(check_padding, trainer, probe_queries, seed + 2))
     checks.append(timed(check_optimiser, trainer, probe_queries, alpha))

@@ -66,8 +66,7 @@ STAGES = {
     "episode_score": "the episode score (objective.episode_scores: the score, or the invalid-response penalty)",
     "megacoach_reward": "the Megacoach reward (objective.megacoach_rewards: score − β·KL, where the score is "
                         "added, reward scaling)",
-    "advantages": "the advantages (objective.advantages_and_returns: GAE and whitening, or the group estimator of "
-                  "ppo.advantage)",
+    "advantages": "the advantages (objective.advantages_and_returns: GAE, whitening)",
     "ppo_push": "the PPO loss (objective.ppo_loss: the direction in which the loss moves log-probabilities)",
 }
 

@@ -10,8 +10,7 @@ An episode is a query, a response, and everything the reward path needs about th
        response (`reward.terms`), and the episode score (`objective.episode_scores`: the score plus the terms'
        weighted sum, or the invalid-response penalty);
     5. the Apprentice's old log-probs and values, the original model's reference log-probs;
-    6. the reward path (`objective.run_reward_path`): score - beta * KL, whitening, the advantages (GAE, or a
-       critic-free estimator over each query's group of responses: `query_groups`).
+    6. the reward path (`objective.run_reward_path`): score - beta * KL, whitening, GAE.
 
 The trainer's rollout (`rollout`), the guards' probes and checks (`build`, `episode_scores`, `sample`), the
 incident's evaluation and the continuations sampler (`sample`) all build episodes here, so the guards' promise
@@ -56,7 +55,6 @@ class Batch:
     entropy: torch.Tensor | None = None  # [B, T] the Apprentice's entropy (built from given responses only)
     mask: torch.Tensor | None = None  # [B, T] bool, real response tokens; None: all are (fixed-length responses)
     terms: torch.Tensor | None = None  # [B, n] the reward terms' values (reward.terms, unweighted); None: no terms
-    groups: torch.Tensor | None = None  # [B] long: rows with one value answer one query (`query_groups`)
 
     @property
     def query_responses(self) -> torch.Tensor:
@@ -80,24 +78,6 @@ class Sampled:
     ids: list[list[int]]  # truncated response tokens without padding
     texts: list[str]
     mask: torch.Tensor | None = None  # [N, T] bool, real response tokens (None: all are)
-
-
-# ------------------------------------------------------------------------------------------ groups
-def per_query(queries: list[Query], k: int) -> list[Query]:
-    """Each query `k` times in a row (ppo.samples_per_query): the episode builder then samples K responses to it."""
-    return [q for q in queries for _ in range(k)]
-
-
-def query_groups(queries: list[Query], device: torch.device | str = "cpu") -> torch.Tensor:
-    """[B] long: the group of each row, a run of consecutive rows with the same query (what `per_query` makes; a
-    labeled comparison's samples; a canary's good and bad continuations). The critic-free estimators
-    (ppo.advantage 'rloo', 'grpo') compare each response with the others of its group."""
-    ids, g = [], -1
-    for i, q in enumerate(queries):
-        if i == 0 or q != queries[i - 1]:
-            g += 1
-        ids.append(g)
-    return torch.tensor(ids, dtype=torch.long, device=device)
 
 
 # ------------------------------------------------------------------------------------------ the task's rules
@@ -315,8 +295,7 @@ def _forward_old(tr, query_responses: torch.Tensor):
     logprobs, entropy = out.logprobs, out.entropy
     ref_logprobs = reference_logprobs_of(tr.ref_lm, query_responses, tr.pad_id, t.response_length, t.temperature,
                                          tr.cfg.ppo.fused_head)
-    values = out.values if out.values is not None else torch.zeros_like(logprobs)  # no value head: no estimate
-    return logprobs, ref_logprobs, values, entropy
+    return logprobs, ref_logprobs, out.values, entropy
 
 
 @torch.inference_mode()
@@ -348,8 +327,7 @@ def reward_path(tr, batch: Batch) -> objective.RewardPath:
     return objective.run_reward_path(batch.raw_scores, batch.valid, batch.logprobs, batch.ref_logprobs,
                                      batch.values, tr.kl_ctl.value, c.task.penalty_reward,
                                      c.ppo.whiten_rewards, c.ppo.gamma, c.ppo.lam, mask=batch.mask,
-                                     terms=batch.terms if weights is not None else None, weights=weights,
-                                     estimator=c.ppo.advantage, groups=batch.groups)
+                                     terms=batch.terms if weights is not None else None, weights=weights)
 
 
 # ------------------------------------------------------------------------------------------ whole batches
@@ -400,7 +378,7 @@ def rollout(tr, queries: list[Query], rng: torch.Generator) -> Batch:
     mask = response_mask(tr.stops, truncated, tr.pad_id)
     batch = Batch(queries, all_query_ids, responses, truncated, valid, raw_scores, real(logprobs, mask),
                   real(ref_logprobs, mask), real(values, mask), texts=texts, mask=mask,
-                  terms=term_values(tr, queries, texts), groups=query_groups(queries, tr.device))
+                  terms=term_values(tr, queries, texts))
     batch.path = reward_path(tr, batch)
     return batch
 
@@ -420,6 +398,6 @@ def build(tr, queries: list[Query], responses: list[list[int]]) -> Batch:
     _, texts = decode(tr.tok, truncated, tr.pad_id, tr.stops.hidden_ids)
     batch = Batch(list(queries), query_ids, resp, truncated, valid, raw, real(lp, mask), real(ref, mask),
                   real(val, mask), texts=texts, entropy=real(ent, mask), mask=mask,
-                  terms=term_values(tr, list(queries), texts), groups=query_groups(queries, tr.device))
+                  terms=term_values(tr, list(queries), texts))
     batch.path = reward_path(tr, batch)
     return batch

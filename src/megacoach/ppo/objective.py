@@ -28,11 +28,8 @@ The path, in the order of this file
     3. reward_bt    = -beta * kl_bt  (+ score_b on the last token)  (the Megacoach reward)
        reward_bt    = whiten_rewards(reward_bt)                     (scale only, mean kept, over the whole
                                                                      rollout batch; optional)
-    4. adv, returns = GAE(reward, values)  ;  adv = whiten(adv)     (ppo.advantage 'gae'; over the whole batch)
-    or adv_b        = R_b - mean of the other K-1 R of its group    ('rloo'; R_b = sum_t reward_bt; scaled)
-    or adv_b        = (R_b - group mean) / (group std + eps)        ('grpo'); on every real token of episode b
-    5. loss         = policy_loss(new_logp, old_logp, adv) + vf_coef * value_loss(...)   (MINIMISED; no value
-                                                                     loss for 'rloo' and 'grpo': no value head)
+    4. adv, returns = GAE(reward, values)  ;  adv = whiten(adv)     (over the whole rollout batch)
+    5. loss         = policy_loss(new_logp, old_logp, adv) + vf_coef * value_loss(...)   (MINIMISED)
 
 The rollout runs steps 1-4 once per batch (`run_reward_path`); the update runs step 5 on each minibatch.
 Every link is looked up through this module at call time (the trainer calls `objective.ppo_loss(...)`, and
@@ -367,115 +364,11 @@ def gae(
     return advantages, returns
 
 
-# The critic-free estimators (ppo.advantage 'rloo' and 'grpo') need no value function: K responses to each query
-# (ppo.samples_per_query) form a GROUP, and each response's sequence return (the sum of its per-token Megacoach
-# rewards: score - beta * KL, the same reward as GAE's) is compared with the others of its group. `groups` is a [B]
-# integer tensor: rows with the same value answer the same query (episodes.query_groups). The sequence advantage
-# then stands on every real token of the response.
-
-
-def sequence_returns(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B] each episode's return: its per-token rewards summed over its real tokens (gamma = 1, no value)."""
-    m = _bool_mask(mask, rewards)
-    return _zero_where_masked(rewards.detach(), m).sum(dim=1)
-
-
-def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """[B, T] ``sum_{t' >= t} r_t'`` over real tokens: the returns of a run without a value function (GAE's
-    returns with V = 0 and lambda = gamma = 1); 0 at masked entries."""
-    m = _bool_mask(mask, rewards)
-    r = _zero_where_masked(rewards.detach(), m)
-    return _zero_where_masked(torch.flip(torch.cumsum(torch.flip(r, [1]), 1), [1]), m)
-
-
-def _group_index(groups: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(each row's group as 0..G-1 on `like`'s device, G)."""
-    if groups.dim() != 1 or groups.shape[0] != like.shape[0]:
-        raise DataError(f"groups: expected shape [{like.shape[0]}], got {tuple(groups.shape)}")
-    _, idx = torch.unique(groups.to(like.device), return_inverse=True)
-    return idx, int(idx.max()) + 1 if idx.numel() else 0
-
-
-def group_sizes(groups: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] how many rows each row's group holds (as `like`'s dtype)."""
-    idx, g = _group_index(groups, like)
-    counts = torch.zeros(g, dtype=like.dtype, device=like.device).index_add_(0, idx, torch.ones_like(like))
-    return counts[idx]
-
-
-def group_mean(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[B] the mean of `x` [B] over each row's group."""
-    idx, g = _group_index(groups, x)
-    sums = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, idx, x)
-    return sums[idx] / group_sizes(groups, x)
-
-
-def group_std(x: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[B] the standard deviation of `x` [B] over each row's group, unbiased (divides by n - 1; groups have at
-    least 2 rows)."""
-    idx, g = _group_index(groups, x)
-    sq = (x - group_mean(x, groups)) ** 2
-    sums = torch.zeros(g, dtype=x.dtype, device=x.device).index_add_(0, idx, sq)
-    return (sums[idx] / (group_sizes(groups, x) - 1).clamp(min=1)).sqrt()
-
-
-def _check_groups(returns: torch.Tensor, groups: torch.Tensor, estimator: str) -> None:
-    if bool((group_sizes(groups, returns) < 2).any()):
-        raise DataError(f"groups: {estimator} compares each response with the others to its query, and a group has "
-                        "a single response (ppo.samples_per_query must be >= 2)")
-
-
-def rloo_advantages(returns: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """[B] REINFORCE leave-one-out (Ahmadian et al. 2024): each response's return less the mean return of the
-    OTHER K-1 responses of its group, ``A_i = R_i - (sum_g R - R_i) / (K - 1)``; the advantages of a group sum
-    to 0. Raises DataError for a group of one."""
-    _check_groups(returns, groups, "rloo")
-    k = group_sizes(groups, returns)
-    others = (group_mean(returns, groups) * k - returns) / (k - 1)
-    return returns - others
-
-
-GRPO_EPS = 1e-4  # added to each group's standard deviation: a group whose returns are all equal gets 0, not 0/0
-
-
-def grpo_advantages(returns: torch.Tensor, groups: torch.Tensor, eps: float = GRPO_EPS) -> torch.Tensor:
-    """[B] group-normalised advantages (GRPO, Shao et al. 2024): ``A_i = (R_i - mean_g R) / (std_g R + eps)``,
-    the unbiased standard deviation of the group's K returns; a group whose returns are all equal gets 0.
-    Raises DataError for a group of one."""
-    _check_groups(returns, groups, "grpo")
-    return (returns - group_mean(returns, groups)) / (group_std(returns, groups) + eps)
-
-
-def critic_free_advantages(rewards: torch.Tensor, groups: torch.Tensor, estimator: str,
-                           mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T] advantages, [B, T] returns) of 'rloo' or 'grpo' from the per-token rewards: the group estimator on
-    the sequence returns, its advantage on every real token. RLOO's advantages are then scaled to unit spread over
-    the batch (``whiten`` with the mean kept, which is 0: they sum to 0 in each group), as GAE's are whitened, so
-    one learning rate serves every estimator; GRPO's are normalised in each group already. The returns are the
-    rewards-to-go (`reward_to_go`), for the metrics: no value function learns from them."""
-    seq = sequence_returns(rewards, mask)
-    if estimator == "rloo":
-        adv = whiten(rloo_advantages(seq, groups), shift_mean=False)
-    elif estimator == "grpo":
-        adv = grpo_advantages(seq, groups)
-    else:
-        raise DataError(f"estimator: expected 'rloo' or 'grpo', got {estimator!r}")
-    m = _bool_mask(mask, rewards)
-    return _zero_where_masked(adv[:, None].expand_as(rewards), m), reward_to_go(rewards, mask)
-
-
-def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float, lam: float,
-                           mask: torch.Tensor | None = None, estimator: str = "gae",
-                           groups: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """([B, T] advantages, [B, T] returns) by `estimator` (ppo.advantage): 'gae' -- GAE on the value head's
-    estimates, then whitened over every real token of the batch given; 'rloo' / 'grpo' -- the group estimators
-    (`critic_free_advantages`; `groups` [B] says which rows answer the same query, `values` is not read)."""
-    if estimator == "gae":
-        adv, returns = gae(rewards, values, gamma, lam, mask)
-        return whiten(adv, mask), returns
-    if groups is None:
-        raise DataError(f"groups: the {estimator} estimator needs each row's group (rows answering the same query)")
-    return critic_free_advantages(rewards, groups, estimator, mask)
+def advantages_and_returns(rewards: torch.Tensor, values: torch.Tensor, gamma: float,
+                           lam: float, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages whitened over every real token of the batch given, returns): GAE, then `whiten`."""
+    adv, returns = gae(rewards, values, gamma, lam, mask)
+    return whiten(adv, mask), returns
 
 
 # --------------------------------------------------------------------------- 5. the loss
@@ -616,15 +509,13 @@ class RewardPath:
 
 def run_reward_path(raw_scores, valid, logprobs, ref_logprobs, values, kl_coef: float, penalty_reward: float,
                     whiten_rewards: bool, gamma: float, lam: float, mask: torch.Tensor | None = None,
-                    terms: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                    estimator: str = "gae", groups: torch.Tensor | None = None) -> RewardPath:
+                    terms: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> RewardPath:
     """Steps 1-4, in the order the trainer uses them, once for the whole rollout batch (`mask`: each episode's real
     tokens; None: all): the reward scaling and the advantages' whitening take their statistics over all of it.
-    `terms` [B, n] and `weights` [n]: the reward terms beside the Values Coach's score (None: none). `estimator`
-    (ppo.advantage) and `groups` (the rows answering the same query) as in `advantages_and_returns`."""
+    `terms` [B, n] and `weights` [n]: the reward terms beside the Values Coach's score (None: none)."""
     scores = episode_scores(raw_scores, valid, penalty_reward, terms, weights)
     rewards, kl, non_score = megacoach_rewards(scores, logprobs, ref_logprobs, kl_coef, whiten_rewards, mask=mask)
-    adv, returns = advantages_and_returns(rewards, values, gamma, lam, mask=mask, estimator=estimator, groups=groups)
+    adv, returns = advantages_and_returns(rewards, values, gamma, lam, mask=mask)
     return RewardPath(scores, kl, non_score, rewards, adv, returns)
 
 
@@ -679,8 +570,7 @@ def iteration_metrics(batch, stats: dict[str, float], kl_coef: float, lr: float,
         "ppo/val/vpred": stats.get("vpred", 0.0),
         "ppo/val/error": stats.get("error", 0.0),
         "ppo/val/clipfrac": stats.get("vf_clipfrac", 0.0),
-        "ppo/val/var_explained": (float(explained_variance(batch.values, path.returns, mask)) if "vf_loss" in stats
-                                  else 0.0),  # 'rloo' and 'grpo': no value head
+        "ppo/val/var_explained": float(explained_variance(batch.values, path.returns, mask)),
         "ppo/returns/mean": float(returns_mean),
         "ppo/returns/var": float(returns_var),
         "ppo/lr": float(lr),

@@ -301,20 +301,17 @@ class Apprentice(nn.Module):
     """A causal LM plus a scalar value head (initialised to zero, as the paper does).
 
     The value head is float32 on the LM's device, whatever the LM's precision, and reads the hidden state the LM
-    head reads (`hidden_size_of`: e.g. OPT's projected width). `value_head=False` (the critic-free estimators,
-    ppo.advantage 'rloo' and 'grpo'): none is built, so none trains or is checkpointed; `values_from` then gives
-    zeros (the batch's values: no estimate) and `forward` gives no values."""
+    head reads (`hidden_size_of`: e.g. OPT's projected width)."""
 
-    def __init__(self, lm, separate_value_model: bool = False, fused_head: bool = False, value_head: bool = True):
+    def __init__(self, lm, separate_value_model: bool = False, fused_head: bool = False):
         super().__init__()
         self.lm = lm
-        self.value_head = None
-        if value_head:
-            self.value_head = nn.Linear(hidden_size_of(lm), 1, device=next(lm.parameters()).device,
-                                        dtype=torch.float32)
-            nn.init.zeros_(self.value_head.weight)
-            nn.init.zeros_(self.value_head.bias)
-        self.value_trunk = copy.deepcopy(trunk_of(lm)) if separate_value_model and value_head else None
+        d = hidden_size_of(lm)
+        device = next(lm.parameters()).device
+        self.value_head = nn.Linear(d, 1, device=device, dtype=torch.float32)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.value_trunk = copy.deepcopy(trunk_of(lm)) if separate_value_model else None
         # the update's response head: the fused one (ppo.fused_head) where the model's head is a scaled float32
         # linear map, else autograd's (which run.compile may compile)
         self.fused_head = fused_head and linear_head(lm) is not None
@@ -340,10 +337,7 @@ class Apprentice(nn.Module):
         self.head = head
 
     def values_from(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T] float32 values from hidden states [B, T, d] (of the policy's trunk, or the value trunk); zeros
-        without a value head."""
-        if self.value_head is None:
-            return torch.zeros(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
+        """[B, T] float32 values from hidden states [B, T, d] (of the policy's trunk, or the value trunk)."""
         return self.value_head(hidden.float()).squeeze(-1)
 
     def forward(self, input_ids: torch.Tensor, pad_id: int, response_length: int, temperature: float,
@@ -351,8 +345,7 @@ class Apprentice(nn.Module):
         """input_ids = [left-padded query | sampled response]; returns logits/values for the T response tokens, or,
         given `responses` (the last T tokens of input_ids), their log-probs and entropies instead of the logits."""
         T = response_length
-        inputs = lm_inputs(input_ids.to(next(self.lm.parameters()).device), pad_id)
-        with_values = with_values and self.value_head is not None
+        inputs = lm_inputs(input_ids.to(self.value_head.weight.device), pad_id)
         with autocast(self.lm):
             hidden = trunk_of(self.lm)(**inputs).last_hidden_state
             vh = None

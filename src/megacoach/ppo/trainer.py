@@ -1,11 +1,9 @@
 """PPO for the Apprentice: the flat loop of the paper's reference code, one iteration at a time.
 
 One iteration (`PPOTrainer.step`, ORIG's `PPOTrainer.step()`), read top to bottom:
-  1-6. the rollout (ppo/episodes.py): a batch of queries (ppo.batch_size / K, each K = ppo.samples_per_query
-       times); the Apprentice samples responses (fixed length, or up
+  1-6. the rollout (ppo/episodes.py): a batch of queries; the Apprentice samples responses (fixed length, or up
        to a stop; temperature); truncation and validity (with stops: the mask of each episode's real tokens); the Values Coach scores the truncated text; the old and reference
-       log-probs; the reward path (ppo/objective.py): score - beta * KL, whitening, the advantages (ppo.advantage:
-       GAE on the value head, or RLOO / GRPO over each query's K responses, without a value head);
+       log-probs; the reward path (ppo/objective.py): score - beta * KL, whitening, GAE;
   7.   the guards look at what is about to be optimised;
   8.   `ppo_epochs` x minibatches of clipped PPO updates (with gradient accumulation); before the first optimiser
        step, the trainer's log-probs of the first minibatch's tokens against the rollout's own (ratio 1 by
@@ -77,8 +75,7 @@ class PPOTrainer:
         self.ddp = self.dist.processes > 1  # as nanoGPT's `if ddp:` — one process never talks to the others
         check_world(cfg, self.dist)
         self.pad_id = tokenizer.pad_token_id
-        self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model, cfg.ppo.fused_head,
-                                     value_head=cfg.ppo.advantage == "gae")  # 'rloo', 'grpo': critic-free
+        self.apprentice = Apprentice(policy_lm, cfg.ppo.separate_value_model, cfg.ppo.fused_head)
         if self.ddp:
             self.dist.broadcast_module(self.apprentice)  # every replica starts from rank 0's weights
         self.ref_lm = ref_lm
@@ -150,11 +147,9 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ rollout (steps 1-6)
     def next_queries(self) -> list[Query]:
-        """The batch's queries: batch_size / K drawn, each K times in a row (ppo.samples_per_query)."""
-        k = self.cfg.ppo.samples_per_query
-        idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size // k,),
-                            generator=self.gens["queries"], device="cpu")
-        return episodes.per_query([self.train_queries[i] for i in idx.tolist()], k)
+        idx = torch.randint(0, len(self.train_queries), (self.cfg.ppo.batch_size,), generator=self.gens["queries"],
+                            device="cpu")
+        return [self.train_queries[i] for i in idx.tolist()]
 
     def rollout(self, queries: list[Query]) -> Batch:
         return episodes.rollout(self, queries, self.gens["sample"])
