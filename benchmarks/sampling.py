@@ -84,7 +84,7 @@ def main(argv=None) -> int:
                           f"tokens in {best:.2f} s, {best_cpu:.2f} CPU s)", flush=True)
     finally:
         sampling.sample_categorical = inverse_cdf
-    peak = matmul_peak_gflops(a.threads)
+    peak = matmul_peak_gflops(torch.device("cpu"), torch.float32, a.threads)
     print(f"this machine's fp32 matmul peak: {peak:.0f} GFLOP/s ({a.threads} threads)")
     print(json.dumps({"samples_per_s": rate, "cpu_s": cpu, "matmul_peak_gflop_per_s": round(peak, 1),
                       "threads": a.threads, "k": a.k, "queries": a.queries}))

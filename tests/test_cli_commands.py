@@ -12,10 +12,10 @@ import typer
 from megacoach.cli import app, main
 from megacoach.config import build_config, save_config
 
-TOP = ["pretrain", "sample", "export-merged", "incident", "train", "andon", "config", "label", "reward"]
+TOP = ["pretrain", "sample", "export-merged", "incident", "train", "andon", "config", "label", "reward", "model"]
 GROUPS = {"config": ["show"], "label": ["auto", "export", "import", "serve", "create-admin", "reset-password", "invite",
                     "token"],
-          "reward": ["train", "eval"]}
+          "reward": ["train", "eval"], "model": ["import", "get"]}
 
 
 def _names(group) -> list[str]:

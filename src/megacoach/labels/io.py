@@ -152,14 +152,18 @@ def _refuse_repeat(store: LabelStore, sha: str, what: str) -> None:
                             f"{entry.at:%Y-%m-%d %H:%M} UTC); pass allow_duplicate=True to import them again")
 
 
-def _verify_choices(store: LabelStore, ids: Sequence[int], chosen_tokens: Sequence[Sequence[int]], what: str) -> None:
+def _verify_choices(store: LabelStore, ids: Sequence[int], chosen_tokens: Sequence[Sequence[int] | None],
+                    what: str) -> None:
     """Read the labels just written (ids, in order) back through `LabelStore.comparisons`, the path the Values Coach
-    trains from, inside the import's transaction: each must choose the sample the file chose, else DataError (and
-    nothing is imported). A path that reads the choice reversed would otherwise be learnt, then scored as agreement."""
+    trains from (every label, ties and decided items included: `view="all"`), inside the import's transaction: each
+    must choose the sample the file chose, else DataError (and nothing is imported). A path that reads the choice
+    reversed would otherwise be learnt, then scored as agreement. None: a tie or "none acceptable" (no choice)."""
     if not ids:
         return
-    back = {c.id: c for c in store.comparisons(after_id=min(ids) - 1, upto_id=max(ids))}
+    back = {c.id: c for c in store.comparisons(after_id=min(ids) - 1, upto_id=max(ids), view="all")}
     for n, (cid, want) in enumerate(zip(ids, chosen_tokens)):
+        if want is None:
+            continue
         c = back.get(cid)
         if c is None or list(c.samples[c.chosen].token_ids) != list(want):
             got = "nothing" if c is None else f"sample {c.chosen}"
@@ -404,7 +408,8 @@ def import_jsonl(store: LabelStore, path: Union[str, Path], *, actor: str = "imp
             if m:
                 raise type(e)(f"{rows[int(m.group(1))]['where']}: {m.group(2)}") from None
             raise
-        _verify_choices(store, ids, [specs[r["item_key"]]["samples"][r["chosen"]].token_ids for r in rows], str(path))
+        chosen = [None if r["chosen"] is None else specs[r["item_key"]]["samples"][r["chosen"]].token_ids for r in rows]
+        _verify_choices(store, ids, chosen, str(path))
         batches = sorted({s["batch"] for s in specs.values()})
         store.append_audit(actor, "labels.import", {
             "format": "jsonl", "source": str(path), "sha256": sha, "items": len(contents), "comparisons": len(ids),
