@@ -166,3 +166,28 @@ def need_chromium():
         pytest.skip("browser tests need Debian's chromium at /usr/bin/chromium (apt-get install -y chromium; "
                     ".ci/services.sh installs it)")
     pytest.importorskip("playwright.sync_api", reason="browser tests need the playwright package (pip install playwright)")
+
+
+@pytest.fixture
+def browser():
+    """Debian's Chromium driven by Playwright (the browser tests skip without it)."""
+    need_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def keyboard_login(page, base: str, name: str) -> None:
+    """Log in as `name` (password PASSWORD) with the keyboard alone, starting from the autofocused name field."""
+    page.goto(base + "/login")
+    page.wait_for_function("document.activeElement && document.activeElement.name === 'name'")  # autofocus
+    page.keyboard.type(name)
+    page.keyboard.press("Tab")
+    page.keyboard.type(PASSWORD)
+    with page.expect_navigation():
+        page.keyboard.press("Enter")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_app_support import CHROMIUM, CHROMIUM_ARGS, FAST, PASSWORD, live_server, make_person, make_store, need_chromium
+from test_app_support import FAST, browser, keyboard_login, live_server, make_person, make_store  # noqa: F401 (browser: a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -43,27 +43,8 @@ def seed(store) -> tuple[int, int]:
     return disputed.item.id, gold.item.id
 
 
-@pytest.fixture
-def browser():
-    need_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
-def _login(page, base: str, name: str) -> None:
-    page.goto(base + "/login")
-    page.wait_for_function("document.activeElement && document.activeElement.name === 'name'")
-    page.keyboard.type(name)
-    page.keyboard.press("Tab")
-    page.keyboard.type(PASSWORD)
-    with page.expect_navigation():
-        page.keyboard.press("Enter")
 
 
 def _position(page, text: str) -> str:
@@ -89,7 +70,7 @@ def test_tie_gold_feedback_and_adjudication_with_the_keyboard(tmp_path, browser)
         page.set_default_timeout(10_000)
         errors: list[str] = []
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        _login(page, base, "alice")
+        keyboard_login(page, base, "alice")
         assert page.url.endswith("/label")
         done = set()
         while len(done) < 2:
@@ -127,7 +108,7 @@ def test_tie_gold_feedback_and_adjudication_with_the_keyboard(tmp_path, browser)
 
         # carol, an adjudicator, decides the disagreement with the keyboard
         page.context.clear_cookies()
-        _login(page, base, "carol")
+        keyboard_login(page, base, "carol")
         with page.expect_navigation():
             page.click("#adjudicate-link")
         rows = page.locator("#dispute-labels").inner_text()
@@ -147,7 +128,7 @@ def test_tie_gold_feedback_and_adjudication_with_the_keyboard(tmp_path, browser)
 
         # the admin's dashboard shows the decision and the labelers' disagreement and gold accuracy
         page.context.clear_cookies()
-        _login(page, base, "root")
+        keyboard_login(page, base, "root")
         assert page.url.endswith("/admin")
         assert page.locator("#disputes-open").inner_text() == "0"
         people = page.locator("#people").inner_text()

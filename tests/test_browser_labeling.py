@@ -16,14 +16,13 @@ from pathlib import Path
 import pytest
 
 from test_app_support import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     FAST,
     PASSWORD,
+    browser,  # noqa: F401 (a fixture)
+    keyboard_login,
     live_server,
     make_person,
     make_store,
-    need_chromium,
 )
 
 pytestmark = pytest.mark.browser
@@ -61,27 +60,8 @@ def seed(store, n_extra: int = 6) -> None:
     store.set_run_status("run-b", "running", iteration=3)
 
 
-@pytest.fixture
-def browser():
-    need_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
-def _login(page, base: str, name: str) -> None:
-    page.goto(base + "/login")
-    page.wait_for_function("document.activeElement && document.activeElement.name === 'name'")  # autofocus
-    page.keyboard.type(name)
-    page.keyboard.press("Tab")
-    page.keyboard.type(PASSWORD)
-    with page.expect_navigation():
-        page.keyboard.press("Enter")
 
 
 def test_labeler_keyboard_only_flag_skip_andon_and_admin_export(tmp_path, browser):
@@ -98,7 +78,7 @@ def test_labeler_keyboard_only_flag_skip_andon_and_admin_export(tmp_path, browse
         page.set_default_timeout(10_000)
         console_errors: list[str] = []
         page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
-        _login(page, base, "alice")
+        keyboard_login(page, base, "alice")
         assert page.url.endswith("/label")
         assert page.locator("#prompt").inner_text().strip()
 
@@ -169,7 +149,7 @@ def test_labeler_keyboard_only_flag_skip_andon_and_admin_export(tmp_path, browse
         actx = browser.new_context(accept_downloads=True)
         admin = actx.new_page()
         admin.set_default_timeout(10_000)
-        _login(admin, base, "root")
+        keyboard_login(admin, base, "root")
         assert admin.url.endswith("/admin")
         assert "PAUSED" in admin.locator("#run-banner").inner_text()
         assert "every continuation repeats" in admin.locator("#andon-pulls").inner_text()
